@@ -1,0 +1,1 @@
+"""Client library and command-line tools for SurfShard."""

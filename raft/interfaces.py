@@ -1,0 +1,75 @@
+"""The seams between the Raft driver and the world around it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+from raft.types import Entry, HardState, Message, Snapshot
+
+
+class IStateMachine(Interface):
+    """What a replicated service plugs into ``raft.node.RaftNode``.
+
+    ``apply`` must be deterministic: every replica applies the same commands
+    in the same order and must reach the same state and the same results.
+    """
+
+    def apply(command: bytes) -> Any:
+        """Apply one committed command; the return value is handed to the
+        proposer's Deferred (so it should be CBOR-encodable data, or an
+        exception instance to fail it)."""
+
+    def snapshot() -> bytes:
+        """Serialize the whole state as of the last applied command."""
+
+    def restore(data: bytes) -> None:
+        """Replace the whole state with a snapshot from ``snapshot()``."""
+
+
+class IStorage(Interface):
+    """Stable storage for one Raft node: hard state, log entries, snapshot.
+
+    ``append`` may overwrite: entries whose index is <= the stored last index
+    replace the stored suffix from that index on (a follower resolving a
+    conflict). Nothing is durable until ``sync`` returns.
+    """
+
+    def load() -> tuple[HardState, Snapshot | None, list[Entry]]:
+        """What was stored: the hard state, the latest snapshot (or None) and
+        the entries after the snapshot, in index order."""
+
+    def append(entries: list[Entry]) -> None:
+        """Store entries, truncating any stored suffix they replace."""
+
+    def set_hard_state(state: HardState) -> None:
+        """Store the hard state."""
+
+    def save_snapshot(snapshot: Snapshot) -> None:
+        """Store a snapshot and drop every entry it covers (index <= its index);
+        entries after it that agree with it stay."""
+
+    def sync() -> None:
+        """Make everything stored so far durable (one fsync per batch)."""
+
+    def close() -> None:
+        """Release files."""
+
+    fsyncs = Attribute("Number of fsync rounds performed (for tests and benchmarks).")
+
+
+class ITransport(Interface):
+    """Delivers Raft messages between the nodes of one group.
+
+    Delivery is best effort: messages may be lost, delayed, duplicated or
+    reordered, and Raft copes. Received messages are handed to the handler
+    registered with ``set_handler``; a reply the peer sends back (e.g. an
+    error that it is crashed) is not a Raft message and is dropped.
+    """
+
+    def send(message: Message) -> None:
+        """Send ``message`` to node ``message.to``, never blocking or raising."""
+
+    def set_handler(handler: Any) -> None:
+        """Register ``handler(message)`` for messages addressed to this node."""

@@ -1,0 +1,1 @@
+"""The Raft-replicated ShardMaster: numbered shard maps, Join/Leave/Move/Query."""
