@@ -29,6 +29,10 @@ from surfshard.errors import BadRequest
 #: Size of the hash space shards partition: hashes are 64-bit.
 HASH_SPACE = 1 << 64
 
+#: Most shards a cluster may have. shard_of works for any count; this bounds
+#: what a config or a shard map off the wire may ask every node to hold.
+MAX_SHARDS = 1 << 16
+
 #: Longest filename accepted, in UTF-8 bytes (a common PATH_MAX).
 MAX_FILENAME_BYTES = 4096
 
