@@ -1,0 +1,659 @@
+"""Stable storage for a Raft node: ``MemoryStorage`` for tests, ``DiskStorage``
+for real nodes.
+
+``DiskStorage`` keeps, in one directory:
+
+- ``wal``: an append-only write-ahead log. An 8-byte magic header, then
+  records framed as ``length (u32 BE) | crc32 (u32 BE) | CBOR map``. The CRC
+  covers the record's file offset and length as well as its payload, so a
+  valid-looking record copied to another place (inside an entry's opaque data,
+  say) never validates there, and a corrupt length field is caught like a
+  corrupt payload.
+- ``snapshot``: the latest snapshot, same framing after its own header,
+  replaced atomically (temp file, fsync, rename, fsync of the directory).
+- ``LOCK``: held with ``flock`` while the storage is open, so two processes
+  never write the same log.
+
+WAL records (the ``t`` key says which):
+
+- ``b`` (base): first record of a compacted WAL, the snapshot it follows.
+- ``h``: a hard state, replacing the previous one.
+- ``e``: a run of contiguous entries; replaces the stored suffix from its first
+  index on (a follower resolving a conflict).
+
+Writes are buffered until ``sync()``, which issues one ``write`` and one
+``fsync`` for everything since the previous sync: group commit. ``save_snapshot``
+is durable when it returns: it first syncs what is pending (so a crash before
+the WAL is compacted leaves a WAL that is complete up to the snapshot), writes
+the snapshot file, then rewrites the WAL to hold only what follows the
+snapshot -- O(remaining entries).
+
+Recovery (``load``): read the snapshot, replay the WAL. A record that fails
+validation with no valid record after it is a write torn by a crash: it is
+truncated away and logged. A bad record *followed by* valid ones is real
+corruption of data that may have been acknowledged: ``StorageCorrupt``, naming
+the file and offset, rather than silently dropping what follows.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import zlib
+from typing import Any
+
+import cbor2
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from raft.errors import RaftError, StorageCorrupt
+from raft.interfaces import IStorage
+from raft.types import Entry, HardState, Snapshot, SnapshotMeta
+
+log = Logger()
+
+WAL_MAGIC = b"RAFTWAL\x01"
+SNAPSHOT_MAGIC = b"RAFTSNP\x01"
+_HEADER_LEN = 8
+_FRAME = struct.Struct(">II")  # payload length, crc
+_CRC_PREFIX = struct.Struct(">QI")  # record offset, payload length
+# Compaction writes the remaining entries in chunks so no single record (and
+# no single CBOR decode on recovery) grows with the log.
+_ENTRIES_PER_COMPACTED_RECORD = 1024
+
+
+class StorageLocked(RaftError):
+    """Another process (or another open storage object) holds the directory."""
+
+
+class StorageFailed(RaftError):
+    """An earlier write or fsync failed. The storage refuses further work: after
+    a failed fsync the kernel may have dropped dirty pages, so retrying could
+    report durability that does not exist (restart and recover instead)."""
+
+
+class StorageClosed(RaftError):
+    """The storage was closed."""
+
+
+# --------------------------------------------------------------------------
+# The logical content shared by both storages.
+
+
+class _LogState:
+    """Hard state, snapshot and the entries after it, with the overwrite and
+    compaction rules of ``IStorage``. Both storages keep one in memory;
+    ``DiskStorage`` rebuilds it by replaying its WAL."""
+
+    __slots__ = ("entries", "hard_state", "snapshot")
+
+    def __init__(self) -> None:
+        self.hard_state = HardState()
+        self.snapshot: Snapshot | None = None
+        self.entries: list[Entry] = []
+
+    def copy(self) -> _LogState:
+        other = _LogState()
+        other.hard_state = self.hard_state
+        other.snapshot = self.snapshot
+        other.entries = list(self.entries)
+        return other
+
+    @property
+    def snapshot_meta(self) -> SnapshotMeta:
+        return self.snapshot.meta if self.snapshot is not None else SnapshotMeta()
+
+    @property
+    def last_index(self) -> int:
+        return self.entries[-1].index if self.entries else self.snapshot_meta.index
+
+    def term_at(self, index: int) -> int | None:
+        meta = self.snapshot_meta
+        if index == meta.index:
+            return meta.term
+        offset = index - meta.index - 1
+        if 0 <= offset < len(self.entries):
+            return self.entries[offset].term
+        return None
+
+    def check_append(self, entries: list[Entry]) -> list[Entry]:
+        """Validate a batch against the stored log; returns the part not
+        already covered by the snapshot (those entries are committed, so they
+        agree with it and storing them again would only waste space)."""
+        for prev, nxt in zip(entries, entries[1:], strict=False):
+            if nxt.index != prev.index + 1:
+                raise ValueError(f"entries to append are not contiguous: {prev.index} then {nxt.index}")
+        if not entries:
+            return []
+        if entries[0].index < 1:
+            raise ValueError(f"entry index must be >= 1, got {entries[0].index}")
+        if entries[0].index > self.last_index + 1:
+            raise ValueError(
+                f"append would leave a gap: first new index {entries[0].index}, last stored {self.last_index}"
+            )
+        snap_index = self.snapshot_meta.index
+        return [e for e in entries if e.index > snap_index]
+
+    def append(self, entries: list[Entry]) -> None:
+        """Apply a batch that passed ``check_append``."""
+        if not entries:
+            return
+        keep = entries[0].index - self.snapshot_meta.index - 1
+        del self.entries[keep:]
+        self.entries.extend(entries)
+
+    def check_snapshot(self, snapshot: Snapshot) -> None:
+        if snapshot.meta.index < self.snapshot_meta.index:
+            raise ValueError(
+                f"snapshot at index {snapshot.meta.index} is older than the stored one "
+                f"at {self.snapshot_meta.index}"
+            )
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Install ``snapshot``: entries it covers go; entries after it stay
+        only if our log agrees with it at its index (otherwise our log is a
+        stale branch and all of it goes, as in the thesis' InstallSnapshot)."""
+        meta = snapshot.meta
+        agrees = self.term_at(meta.index) == meta.term
+        if agrees:
+            del self.entries[: meta.index - self.snapshot_meta.index]
+        else:
+            self.entries = []
+        self.snapshot = snapshot
+
+    def view(self) -> tuple[HardState, Snapshot | None, list[Entry]]:
+        """What ``load`` returns. The commit index is raised to the snapshot
+        index: a snapshot only ever holds committed state, and the snapshot is
+        durable before the hard state that goes with it is synced."""
+        hs = self.hard_state
+        snap_index = self.snapshot_meta.index
+        if hs.commit < snap_index:
+            hs = HardState(hs.term, hs.vote, snap_index)
+        return hs, self.snapshot, list(self.entries)
+
+
+# --------------------------------------------------------------------------
+# MemoryStorage
+
+
+@implementer(IStorage)
+class MemoryStorage:
+    """In-memory ``IStorage`` for tests.
+
+    Hand the same object to a restarted node and it finds everything stored.
+    ``simulate_crash()`` additionally drops what was stored but never synced,
+    the way a power loss would, to catch a driver that acknowledges before
+    ``sync()``. ``save_snapshot`` is durable at once (and makes what preceded
+    it durable), like ``DiskStorage``'s.
+    """
+
+    def __init__(self) -> None:
+        self._current = _LogState()
+        self._durable = _LogState()
+        # Operations since the last sync, replayed onto ``_durable`` by sync():
+        # O(work since the last sync) instead of copying the whole log.
+        self._pending: list[tuple[str, Any]] = []
+        #: sync() calls that had something to make durable.
+        self.fsyncs = 0
+
+    def load(self) -> tuple[HardState, Snapshot | None, list[Entry]]:
+        return self._current.view()
+
+    def append(self, entries: list[Entry]) -> None:
+        entries = self._current.check_append(list(entries))
+        if entries:
+            self._current.append(entries)
+            self._pending.append(("append", entries))
+
+    def set_hard_state(self, state: HardState) -> None:
+        if state != self._current.hard_state:
+            self._current.hard_state = state
+            self._pending.append(("hard_state", state))
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        self._current.check_snapshot(snapshot)
+        self._make_durable()
+        self._current.save_snapshot(snapshot)
+        self._durable.save_snapshot(snapshot)
+
+    def sync(self) -> None:
+        if self._pending:
+            self._make_durable()
+            self.fsyncs += 1
+
+    def close(self) -> None:
+        self.sync()
+
+    def simulate_crash(self) -> None:
+        """Forget everything not yet synced (a power loss right now)."""
+        self._pending.clear()
+        self._current = self._durable.copy()
+
+    def _make_durable(self) -> None:
+        for kind, arg in self._pending:
+            if kind == "append":
+                self._durable.append(arg)
+            else:
+                self._durable.hard_state = arg
+        self._pending.clear()
+
+
+# --------------------------------------------------------------------------
+# File access seam
+
+
+class Syscalls:
+    """The file operations ``DiskStorage`` uses to change the disk.
+
+    A seam for fault injection: tests substitute a subclass that "dies" after
+    k operations or k bytes. Each method looks its ``os`` function up at call
+    time so monkeypatching ``os.fsync`` is seen too.
+    """
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# Framing
+
+
+def _record_crc(offset: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(_CRC_PREFIX.pack(offset, len(payload))))
+
+
+def _frame(offset: int, payload: bytes) -> bytes:
+    """One record as it sits at ``offset`` in its file."""
+    return _FRAME.pack(len(payload), _record_crc(offset, payload)) + payload
+
+
+def _read_record(buf: memoryview, pos: int) -> memoryview | None:
+    """The payload of a valid record at ``pos``, or None."""
+    if len(buf) - pos < _FRAME.size:
+        return None
+    length, crc = _FRAME.unpack_from(buf, pos)
+    start = pos + _FRAME.size
+    if length == 0 or length > len(buf) - start:
+        return None
+    payload = buf[start : start + length]
+    if _record_crc(pos, payload) != crc:
+        return None
+    return payload
+
+
+def _next_valid_record(buf: memoryview, start: int) -> int | None:
+    """Offset of the first valid record at or after ``start``, or None.
+
+    Only on the error path. Every payload we write is a CBOR map, so most
+    offsets are rejected on one byte before any CRC is computed."""
+    last = len(buf) - _FRAME.size - 1
+    for pos in range(start, last + 1):
+        if 0xA0 <= buf[pos + _FRAME.size] <= 0xBF and _read_record(buf, pos) is not None:
+            return pos
+    return None
+
+
+def _fs_path(directory: str | FilePath) -> str:
+    if isinstance(directory, FilePath):
+        return os.fsdecode(directory.path)
+    return os.fspath(directory)
+
+
+# --------------------------------------------------------------------------
+# DiskStorage
+
+
+@implementer(IStorage)
+class DiskStorage:
+    """``IStorage`` on a directory: WAL + snapshot file (see the module doc).
+
+    ``fsync=False`` makes ``sync()`` write to the OS without fsyncing (and
+    skips the snapshot/directory fsyncs): for tests and benchmarks only.
+    The directory is locked from construction until ``close()``.
+    """
+
+    WAL_NAME = "wal"
+    SNAPSHOT_NAME = "snapshot"
+    LOCK_NAME = "LOCK"
+    _TMP_SUFFIX = ".tmp"
+
+    def __init__(
+        self, directory: str | FilePath, fsync: bool = True, *, syscalls: Syscalls | None = None
+    ) -> None:
+        self.directory = _fs_path(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self._sys = syscalls if syscalls is not None else Syscalls()
+        self._fsync = fsync
+        self._lock_fd: int | None = self._acquire_lock()
+        self._wal_path = os.path.join(self.directory, self.WAL_NAME)
+        self._snapshot_path = os.path.join(self.directory, self.SNAPSHOT_NAME)
+        self._state: _LogState | None = None  # None until load()
+        self._wal_fd: int | None = None
+        self._wal_end = 0  # where the next record goes: file size + pending bytes
+        self._pending = bytearray()
+        self._failed: BaseException | None = None
+        self._closed = False
+        #: sync rounds that had something to write; with fsync=True each is
+        #: exactly one os.fsync of the WAL (snapshot/compaction fsyncs aside).
+        self.fsyncs = 0
+
+    # -- IStorage
+
+    def load(self) -> tuple[HardState, Snapshot | None, list[Entry]]:
+        return self._loaded_state().view()
+
+    def append(self, entries: list[Entry]) -> None:
+        state = self._loaded_state()
+        entries = state.check_append(list(entries))
+        if entries:
+            self._add_record({"t": "e", "e": [e.to_wire() for e in entries]})
+            state.append(entries)
+
+    def set_hard_state(self, state: HardState) -> None:
+        log_state = self._loaded_state()
+        if state != log_state.hard_state:
+            self._add_record({"t": "h", "h": state.to_wire()})
+            log_state.hard_state = state
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        state = self._loaded_state()
+        state.check_snapshot(snapshot)
+        self.sync()
+        try:
+            self._write_snapshot_file(snapshot)
+            state.save_snapshot(snapshot)
+            self._compact_wal(state)
+        except BaseException as e:
+            self._failed = e
+            raise
+
+    def sync(self) -> None:
+        self._check_usable()
+        if not self._pending or self._wal_fd is None:
+            return
+        try:
+            self._write_all(self._wal_fd, self._pending)
+            if self._fsync:
+                self._sys.fsync(self._wal_fd)
+        except BaseException as e:
+            self._failed = e
+            raise
+        # A fresh buffer, not clear(): a traceback may still hold a view of the old one.
+        self._pending = bytearray()
+        self.fsyncs += 1
+
+    def close(self) -> None:
+        """Sync what is pending (a clean shutdown loses nothing), release files."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None and self._state is not None:
+                self.sync()
+        finally:
+            self._release()
+
+    # -- extras
+
+    def simulate_crash(self) -> None:
+        """Release the files without writing what is pending: what a process
+        killed at this point leaves on disk (crash tests)."""
+        if not self._closed:
+            self._pending = bytearray()
+            self._release()
+
+    @property
+    def wal_bytes(self) -> int:
+        """Size of the WAL including records not yet synced."""
+        return self._wal_end
+
+    # -- internals: lifecycle
+
+    def _acquire_lock(self) -> int:
+        path = os.path.join(self.directory, self.LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                log.error("storage {directory} is locked by another process", directory=self.directory)
+                raise StorageLocked(f"{self.directory} is in use by another process") from e
+            raise
+        return fd
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._wal_fd is not None:
+            fd, self._wal_fd = self._wal_fd, None
+            os.close(fd)
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise StorageFailed(
+                f"storage {self.directory} failed earlier: {self._failed!r}"
+            ) from self._failed
+        if self._closed:
+            raise StorageClosed(f"storage {self.directory} is closed")
+
+    def _loaded_state(self) -> _LogState:
+        self._check_usable()
+        if self._state is None:
+            try:
+                self._state = self._recover()
+            except BaseException as e:
+                # Unusable until the cause is fixed: let go of the files (and
+                # the lock) now so an operator or a retry can get at them.
+                self._failed = e
+                self._release()
+                raise
+        return self._state
+
+    # -- internals: recovery
+
+    def _recover(self) -> _LogState:
+        for name in (self.WAL_NAME, self.SNAPSHOT_NAME):
+            tmp = os.path.join(self.directory, name + self._TMP_SUFFIX)
+            if os.path.exists(tmp):
+                # A crash before the rename: the old file is still the truth.
+                log.info("removing unfinished {tmp}", tmp=tmp)
+                self._sys.unlink(tmp)
+        snapshot = self._read_snapshot_file()
+        if not os.path.exists(self._wal_path):
+            if snapshot is not None:
+                raise StorageCorrupt(f"{self._wal_path}: missing although a snapshot exists")
+            self._replace_file(self._wal_path, WAL_MAGIC)
+        with open(self._wal_path, "rb") as f:
+            data = f.read()
+        state, valid_end = self._replay_wal(data, snapshot)
+        self._wal_fd = self._sys.open(self._wal_path, os.O_WRONLY | os.O_APPEND)
+        if valid_end < len(data):
+            log.warn(
+                "{path}: torn record at offset {offset} ({dropped} bytes, a crash mid-write); truncating",
+                path=self._wal_path,
+                offset=valid_end,
+                dropped=len(data) - valid_end,
+            )
+            self._sys.ftruncate(self._wal_fd, valid_end)
+            if self._fsync:
+                self._sys.fsync(self._wal_fd)
+        self._wal_end = valid_end
+        return state
+
+    def _read_snapshot_file(self) -> Snapshot | None:
+        try:
+            with open(self._snapshot_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        # Written atomically, so any defect here is corruption, never a torn write.
+        if data[:_HEADER_LEN] != SNAPSHOT_MAGIC:
+            raise StorageCorrupt(f"{self._snapshot_path}: bad header at offset 0")
+        payload = _read_record(memoryview(data), _HEADER_LEN)
+        if payload is None or _HEADER_LEN + _FRAME.size + len(payload) != len(data):
+            raise StorageCorrupt(f"{self._snapshot_path}: corrupt record at offset {_HEADER_LEN}")
+        try:
+            return Snapshot.from_wire(cbor2.loads(payload))
+        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError) as e:
+            raise StorageCorrupt(
+                f"{self._snapshot_path}: undecodable snapshot at offset {_HEADER_LEN}: {e}"
+            ) from e
+
+    def _replay_wal(self, data: bytes, snapshot: Snapshot | None) -> tuple[_LogState, int]:
+        """Rebuild the state from the WAL; returns it and the end of the last
+        valid record (the file is cut there if it is longer)."""
+        path = self._wal_path
+        if data[:_HEADER_LEN] != WAL_MAGIC:
+            # The header is written with the file, atomically: never torn.
+            raise StorageCorrupt(f"{path}: bad header at offset 0")
+        buf = memoryview(data)
+        state = _LogState()
+        pos = _HEADER_LEN
+        while pos < len(buf):
+            payload = _read_record(buf, pos)
+            if payload is None:
+                following = _next_valid_record(buf, pos + 1)
+                if following is not None:
+                    raise StorageCorrupt(
+                        f"{path}: corrupt record at offset {pos} followed by a valid record at offset "
+                        f"{following}; refusing to drop what may be acknowledged entries"
+                    )
+                break
+            try:
+                self._apply_record(state, cbor2.loads(payload), pos)
+            except StorageCorrupt:
+                raise
+            except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                raise StorageCorrupt(f"{path}: undecodable record at offset {pos}: {e}") from e
+            pos += _FRAME.size + len(payload)
+        base = state.snapshot_meta
+        if snapshot is None:
+            if base.index:
+                raise StorageCorrupt(f"{path}: follows a snapshot at index {base.index} but there is none")
+        elif base.index > snapshot.meta.index or (
+            base.index == snapshot.meta.index and base.term != snapshot.meta.term
+        ):
+            raise StorageCorrupt(
+                f"{path}: follows snapshot ({base.index}, term {base.term}) but the snapshot file holds "
+                f"({snapshot.meta.index}, term {snapshot.meta.term})"
+            )
+        elif base.index == snapshot.meta.index:
+            state.snapshot = snapshot  # the WAL was compacted against this very snapshot
+        else:
+            # A crash after the snapshot was written, before the WAL was
+            # compacted: the WAL is complete up to the snapshot, apply it now.
+            state.save_snapshot(snapshot)
+        return state, pos
+
+    def _apply_record(self, state: _LogState, record: Any, pos: int) -> None:
+        kind = record["t"]
+        if kind == "e":
+            entries = [Entry.from_wire(w) for w in record["e"]]
+            try:
+                state.append(state.check_append(entries))
+            except ValueError as e:
+                raise StorageCorrupt(
+                    f"{self._wal_path}: inconsistent entries record at offset {pos}: {e}"
+                ) from e
+        elif kind == "h":
+            hs = HardState.from_wire(record["h"])
+            if hs.vote is not None and not isinstance(hs.vote, int):
+                raise ValueError(f"vote must be an integer, got {hs.vote!r}")
+            state.hard_state = hs
+        elif kind == "b":
+            if pos != _HEADER_LEN:
+                raise StorageCorrupt(f"{self._wal_path}: base record at offset {pos}, not first")
+            # Only the meta matters while replaying; the snapshot file has the data.
+            state.snapshot = Snapshot(SnapshotMeta.from_wire(record["meta"]), b"")
+        else:
+            raise StorageCorrupt(f"{self._wal_path}: unknown record type {kind!r} at offset {pos}")
+
+    # -- internals: writing
+
+    def _add_record(self, record: dict[str, Any]) -> None:
+        self._check_usable()
+        frame = _frame(self._wal_end, cbor2.dumps(record))
+        self._pending += frame
+        self._wal_end += len(frame)
+
+    def _write_all(self, fd: int, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._sys.write(fd, view)
+            view = view[written:]
+
+    def _write_snapshot_file(self, snapshot: Snapshot) -> None:
+        payload = cbor2.dumps(snapshot.to_wire())
+        self._replace_file(self._snapshot_path, SNAPSHOT_MAGIC + _frame(_HEADER_LEN, payload))
+
+    def _compact_wal(self, state: _LogState) -> None:
+        """Rewrite the WAL as base + hard state + the entries after the
+        snapshot. Everything pending was synced before, so nothing is lost."""
+        out = bytearray(WAL_MAGIC)
+
+        def put(record: dict[str, Any]) -> None:
+            out.extend(_frame(len(out), cbor2.dumps(record)))
+
+        put({"t": "b", "meta": state.snapshot_meta.to_wire()})
+        if state.hard_state != HardState():
+            put({"t": "h", "h": state.hard_state.to_wire()})
+        for i in range(0, len(state.entries), _ENTRIES_PER_COMPACTED_RECORD):
+            chunk = state.entries[i : i + _ENTRIES_PER_COMPACTED_RECORD]
+            put({"t": "e", "e": [e.to_wire() for e in chunk]})
+        self._replace_file(self._wal_path, bytes(out))
+        old_fd, self._wal_fd = self._wal_fd, None
+        if old_fd is not None:
+            self._sys.close(old_fd)
+        self._wal_fd = self._sys.open(self._wal_path, os.O_WRONLY | os.O_APPEND)
+        self._wal_end = len(out)
+        log.debug(
+            "{path}: compacted to {n} entries after snapshot {index}",
+            path=self._wal_path,
+            n=len(state.entries),
+            index=state.snapshot_meta.index,
+        )
+
+    def _replace_file(self, path: str, data: bytes) -> None:
+        """Atomically make ``path`` hold ``data``: temp file, fsync, rename,
+        fsync the directory (so the rename itself survives a power loss)."""
+        tmp = path + self._TMP_SUFFIX
+        fd = self._sys.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            self._write_all(fd, data)
+            if self._fsync:
+                self._sys.fsync(fd)
+        finally:
+            self._sys.close(fd)
+        self._sys.replace(tmp, path)
+        if self._fsync:
+            self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
+        fd = self._sys.open(self.directory, os.O_RDONLY)
+        try:
+            self._sys.fsync(fd)
+        finally:
+            self._sys.close(fd)
