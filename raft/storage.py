@@ -603,6 +603,8 @@ class DiskStorage:
         view = memoryview(data)
         while view:
             written = self._sys.write(fd, view)
+            if written <= 0:  # never seen on a regular file, but never spin either
+                raise OSError(f"write to {self.directory} made no progress")
             view = view[written:]
 
     def _write_snapshot_file(self, snapshot: Snapshot) -> None:
