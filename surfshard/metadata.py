@@ -1,0 +1,437 @@
+"""The replicated SurfStore metadata state machine of one replica group.
+
+Every replica applies the same committed commands in the same order, so
+everything here is pure and deterministic: no clock, no randomness, no
+iteration over unordered sets, and no exception ever escapes ``apply`` (a
+replica must never crash on a committed entry: every replica would crash on
+it, forever, on every restart).
+
+The state is kept per shard, because a shard is the unit that moves between
+groups: each shard holds its files ``name -> (version, hashlist)`` and its
+dedup sessions, and ``export_shard``/``import_shard`` carry both.
+
+Update rule (DESIGN.md "Metadata semantics"): ``updatefile`` succeeds only
+when ``version == stored + 1`` (a new file is stored version 0, so it needs
+1). The tombstone ``["0"]`` deletes a file by storing it like any hash list:
+the name keeps its version, so a later re-create is version + 1, and clients
+comparing versions see the deletion as one more change.
+
+Dedup (exactly-once writes for retried requests): every update carries
+``(client_id, seq)``. Each shard keeps, per client, the answers to that
+client's ``DEDUP_WINDOW`` most recent sequence numbers and a ``floor``:
+
+- a seq already answered gets the stored first answer again, without being
+  applied again, so a retried CAS never reports a false version mismatch;
+- a seq that is not stored and is at or below ``floor``, or below every
+  stored seq of a full window, is refused as a stale sequence (BAD_REQUEST)
+  and not applied. Such a seq may have been applied long ago (its answer
+  since forgotten) or never: to the client "stale" means "not applied by
+  this call, outcome of earlier attempts unknown";
+- any other seq is applied and its answer stored; when the window overflows
+  the lowest stored seq (never the one just applied) is evicted and becomes
+  the new floor.
+
+This is the Kafka idempotent-producer scheme (a window of in-flight
+sequences) rather than etcd/Raft-thesis "latest seq only": a client may keep
+up to ``DEDUP_WINDOW`` writes per shard in flight and have them commit in any
+order. A client with more concurrent writes to one shard than that may see
+"stale sequence" errors for the oldest ones, never a double apply.
+
+The number of sessions per shard is bounded (``MAX_SESSIONS_PER_SHARD``,
+least recently used evicted first, in log order so every replica evicts the
+same one). A client evicted while a retry is still pending loses
+exactly-once for that retry: the retry is applied as new and, the file
+having moved on, answers with a version mismatch. The CAS rule keeps the
+file itself correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from raft.interfaces import IStateMachine
+from surfshard.errors import BadRequest, ErrorCode, WrongGroup
+from surfshard.keyspace import (
+    MAX_SHARDS,
+    MAX_VERSION,
+    TOMBSTONE,
+    shard_of,
+    validate_filename,
+    validate_hashlist,
+    validate_version,
+)
+
+#: Version of the snapshot and shard-export encodings.
+FORMAT = 1
+
+#: Answers kept per client per shard: how many writes one client may have in
+#: flight to one shard and still get exactly-once.
+DEDUP_WINDOW = 32
+
+#: Clients remembered per shard before the least recently used is forgotten.
+MAX_SESSIONS_PER_SHARD = 4096
+
+#: Longest client id accepted, in UTF-8 bytes (a UUID is 32 hex characters).
+MAX_CLIENT_ID_BYTES = 128
+
+OP_UPDATE = "update"
+_UPDATE_KEYS = frozenset({"op", "name", "version", "hashlist", "client", "seq"})
+
+FileInfo = tuple[int, tuple[str, ...]]
+
+_TOMBSTONE_LIST: tuple[str, ...] = (TOMBSTONE,)
+
+
+def validate_client(client_id: Any, seq: Any) -> tuple[str, int]:
+    """Accept a dedup identity: a non-empty client id string and a seq >= 1."""
+    if not isinstance(client_id, str) or not client_id:
+        raise BadRequest("client id must be a non-empty string")
+    if len(client_id.encode("utf-8", "surrogatepass")) > MAX_CLIENT_ID_BYTES:
+        raise BadRequest(f"client id is longer than {MAX_CLIENT_ID_BYTES} bytes")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_VERSION:
+        raise BadRequest(f"seq must be an integer 1..{MAX_VERSION}, not {seq!r}")
+    return client_id, seq
+
+
+def encode_update(
+    name: str, version: int, hashlist: list[str] | tuple[str, ...], client_id: str, seq: int
+) -> bytes:
+    """The command for ``updatefile(name, version, hashlist)`` sent by
+    ``(client_id, seq)``. Validates first (``BadRequest``), so nothing
+    malformed is ever proposed from here."""
+    validate_client(client_id, seq)
+    command = {
+        "op": OP_UPDATE,
+        "name": validate_filename(name),
+        "version": validate_version(version),
+        "hashlist": validate_hashlist(hashlist),
+        "client": client_id,
+        "seq": seq,
+    }
+    return cbor2.dumps(command, canonical=True)
+
+
+# -- results ------------------------------------------------------------------
+
+
+def _ok(version: int) -> dict[str, Any]:
+    return {"ok": True, "version": version}
+
+
+def _mismatch(current: int) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "code": ErrorCode.VERSION_MISMATCH.value,
+        "message": f"version mismatch: stored version is {current}",
+        "current": current,
+    }
+
+
+def _error(code: ErrorCode, message: str, **details: Any) -> dict[str, Any]:
+    return {"ok": False, "code": code.value, "message": message, **details}
+
+
+# An answer as stored in a session: (ok, version if ok else current version).
+# Stored compactly since there may be DEDUP_WINDOW of them per client.
+_Answer = tuple[bool, int]
+
+
+def _answer_result(answer: _Answer) -> dict[str, Any]:
+    ok, number = answer
+    return _ok(number) if ok else _mismatch(number)
+
+
+@dataclass
+class _Session:
+    floor: int = 0
+    answers: dict[int, _Answer] = field(default_factory=dict)
+
+
+@dataclass
+class _ShardState:
+    files: dict[str, FileInfo] = field(default_factory=dict)
+    # Insertion order is recency order (least recent first): touching a
+    # session moves it to the end, so eviction is the same on every replica.
+    sessions: dict[str, _Session] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "files": {name: [v, list(h)] for name, (v, h) in self.files.items()},
+            "sessions": [
+                [client, s.floor, [[seq, ok, n] for seq, (ok, n) in sorted(s.answers.items())]]
+                for client, s in self.sessions.items()
+            ],
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Any, shard: int, nshards: int) -> _ShardState:
+        """Rebuild a shard from ``to_wire`` output, checking everything: the
+        data may come from another group over the network."""
+        if not isinstance(wire, dict) or set(wire) != {"files", "sessions"}:
+            raise BadRequest(f"shard {shard}: expected a map with files and sessions")
+        files_w, sessions_w = wire["files"], wire["sessions"]
+        if not isinstance(files_w, dict) or not isinstance(sessions_w, list):
+            raise BadRequest(f"shard {shard}: files must be a map and sessions a list")
+        state = cls()
+        for name, info in files_w.items():
+            validate_filename(name)
+            if shard_of(name, nshards) != shard:
+                raise BadRequest(f"shard {shard}: file {name!r} belongs to shard {shard_of(name, nshards)}")
+            if not isinstance(info, list) or len(info) != 2:
+                raise BadRequest(f"shard {shard}: file {name!r} must be [version, hashlist]")
+            version = validate_version(info[0])
+            hashes = validate_hashlist(info[1])
+            state.files[name] = (version, _TOMBSTONE_LIST if hashes == [TOMBSTONE] else tuple(hashes))
+        if len(sessions_w) > MAX_SESSIONS_PER_SHARD:
+            raise BadRequest(f"shard {shard}: more than {MAX_SESSIONS_PER_SHARD} sessions")
+        for entry in sessions_w:
+            if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[2], list):
+                raise BadRequest(f"shard {shard}: session must be [client, floor, answers]")
+            client, floor, answers_w = entry
+            validate_client(client, 1)
+            if client in state.sessions:
+                raise BadRequest(f"shard {shard}: client {client!r} has two sessions")
+            if not isinstance(floor, int) or isinstance(floor, bool) or not 0 <= floor <= MAX_VERSION:
+                raise BadRequest(f"shard {shard}: bad session floor {floor!r}")
+            if len(answers_w) > DEDUP_WINDOW:
+                raise BadRequest(
+                    f"shard {shard}: session of {client!r} holds more than {DEDUP_WINDOW} answers"
+                )
+            session = _Session(floor)
+            for a in answers_w:
+                if not (isinstance(a, list) and len(a) == 3 and isinstance(a[1], bool)):
+                    raise BadRequest(f"shard {shard}: answer must be [seq, ok, number]")
+                seq, ok, number = a
+                validate_client(client, seq)
+                if seq <= floor or seq in session.answers:
+                    raise BadRequest(f"shard {shard}: answer seq {seq} of {client!r} is stale or repeated")
+                if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= MAX_VERSION:
+                    raise BadRequest(f"shard {shard}: bad answer number {number!r}")
+                session.answers[seq] = (ok, number)
+            state.sessions[client] = session
+        return state
+
+
+def _decode(data: Any, what: str) -> Any:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise BadRequest(f"{what} must be bytes, not {type(data).__name__}")
+    try:
+        return cbor2.loads(bytes(data))
+    except Exception as e:  # cbor2 raises several types on garbage (and RecursionError on nesting)
+        raise BadRequest(f"{what} is not valid CBOR: {type(e).__name__}: {e}") from None
+
+
+@implementer(IStateMachine)
+class MetadataStateMachine:
+    """SurfStore's file map for the shards this group owns, plus dedup.
+
+    ``nshards`` is the cluster's fixed shard count; ``owned`` the shards this
+    group starts with (default: all of them, for a static single-group
+    cluster). Shard ownership then changes only through ``import_shard`` and
+    ``release_shard``, which the caller must run at the same log position on
+    every replica (from an applied command), like ``apply`` itself.
+
+    Reads (``getfileinfo``, ``getfileinfomap``, ``version_of``) return
+    applied state as is: the server calls them only after a ReadIndex round
+    confirmed leadership, which is what makes them linearizable.
+    """
+
+    log = Logger()
+
+    def __init__(self, nshards: int = 1, owned: Iterable[int] | None = None) -> None:
+        if not isinstance(nshards, int) or isinstance(nshards, bool) or not 1 <= nshards <= MAX_SHARDS:
+            raise ValueError(f"nshards must be an integer 1..{MAX_SHARDS}, not {nshards!r}")
+        self.nshards = nshards
+        shards = range(nshards) if owned is None else owned
+        self._shards: dict[int, _ShardState] = {}
+        for s in sorted(set(shards)):
+            self._check_shard(s)
+            self._shards[s] = _ShardState()
+
+    # -- ownership ---------------------------------------------------------
+
+    @property
+    def owned_shards(self) -> frozenset[int]:
+        return frozenset(self._shards)
+
+    def owns(self, shard: int) -> bool:
+        return shard in self._shards
+
+    def _check_shard(self, shard: Any) -> int:
+        if not isinstance(shard, int) or isinstance(shard, bool) or not 0 <= shard < self.nshards:
+            raise ValueError(f"shard must be an integer in [0, {self.nshards}), not {shard!r}")
+        return shard
+
+    def _owned_state(self, name: str) -> _ShardState:
+        shard = shard_of(name, self.nshards)
+        state = self._shards.get(shard)
+        if state is None:
+            raise WrongGroup(f"this group does not serve shard {shard} (file {name!r})", shard=shard)
+        return state
+
+    def export_shard(self, shard: int) -> bytes:
+        """One owned shard's files and dedup sessions, for another group's
+        ``import_shard``. The shard stays owned here until ``release_shard``."""
+        self._check_shard(shard)
+        state = self._shards.get(shard)
+        if state is None:
+            raise WrongGroup(f"this group does not hold shard {shard}", shard=shard)
+        wire = {"format": FORMAT, "nshards": self.nshards, "shard": shard, **state.to_wire()}
+        return cbor2.dumps(wire, canonical=True)
+
+    def import_shard(self, shard: int, data: bytes) -> None:
+        """Take ownership of ``shard`` with the content ``export_shard`` gave,
+        replacing anything held for it. ``BadRequest`` (and no change) if the
+        data is malformed or is for another shard or shard count."""
+        self._check_shard(shard)
+        wire = _decode(data, "shard export")
+        if not isinstance(wire, dict) or not {"format", "nshards", "shard"} <= wire.keys():
+            raise BadRequest("shard export must be a map with format, nshards and shard")
+        if wire["format"] != FORMAT:
+            raise BadRequest(f"shard export has format {wire['format']!r}, this node reads {FORMAT}")
+        if wire["nshards"] != self.nshards or wire["shard"] != shard:
+            raise BadRequest(
+                f"shard export is shard {wire['shard']!r} of {wire['nshards']!r}, not shard {shard} of {self.nshards}"
+            )
+        body = {k: v for k, v in wire.items() if k not in ("format", "nshards", "shard")}
+        self._shards[shard] = _ShardState.from_wire(body, shard, self.nshards)
+        self._shards = dict(sorted(self._shards.items()))
+
+    def release_shard(self, shard: int) -> None:
+        """Drop a shard (after it was handed to its new group)."""
+        self._check_shard(shard)
+        self._shards.pop(shard, None)
+
+    # -- IStateMachine -------------------------------------------------------
+
+    def apply(self, command: bytes) -> dict[str, Any]:
+        """Apply one committed command and return its result map; never raises."""
+        try:
+            return self._apply(command)
+        except BadRequest as e:
+            self.log.warn("refused a malformed command: {error}", error=e.message)
+            return _error(ErrorCode.BAD_REQUEST, e.message)
+        except Exception as e:
+            # A bug, not bad input. Every replica hits it identically, so the
+            # replicas stay in step; the proposer gets an INTERNAL error.
+            self.log.failure("metadata state machine failed applying a command")
+            return _error(ErrorCode.INTERNAL, f"{type(e).__name__} applying a command")
+
+    def _apply(self, command: bytes) -> dict[str, Any]:
+        wire = _decode(command, "command")
+        if not isinstance(wire, dict):
+            raise BadRequest(f"command must be a map, not {type(wire).__name__}")
+        op = wire.get("op")
+        if op != OP_UPDATE:
+            raise BadRequest(f"unknown command op {op!r}")
+        if set(wire) != _UPDATE_KEYS:
+            raise BadRequest(f"update command must have exactly the keys {sorted(_UPDATE_KEYS)}")
+        name = validate_filename(wire["name"])
+        version = validate_version(wire["version"])
+        hashes = validate_hashlist(wire["hashlist"])
+        client, seq = validate_client(wire["client"], wire["seq"])
+
+        shard = shard_of(name, self.nshards)
+        state = self._shards.get(shard)
+        if state is None:
+            return _error(ErrorCode.WRONG_GROUP, f"this group does not serve shard {shard}", shard=shard)
+
+        session = state.sessions.pop(client, None)
+        if session is None:
+            session = _Session()
+        state.sessions[client] = session  # (re)inserted last: most recently used
+        while len(state.sessions) > MAX_SESSIONS_PER_SHARD:
+            del state.sessions[next(iter(state.sessions))]
+
+        if seq in session.answers:
+            return _answer_result(session.answers[seq])
+        if seq <= session.floor or (len(session.answers) >= DEDUP_WINDOW and seq < min(session.answers)):
+            # Too old to tell: either applied with its answer forgotten, or
+            # overtaken by a full window of newer writes (storing it would
+            # evict it at once, so a retry could not be told it applied).
+            return _error(
+                ErrorCode.BAD_REQUEST,
+                f"stale sequence {seq} for client {client!r}: older than the writes this shard"
+                f" remembers for it (window {DEDUP_WINDOW}); not applied",
+            )
+
+        stored = state.files.get(name)
+        current = stored[0] if stored is not None else 0
+        if version != current + 1:
+            answer: _Answer = (False, current)
+        else:
+            state.files[name] = (version, _TOMBSTONE_LIST if hashes == [TOMBSTONE] else tuple(hashes))
+            answer = (True, version)
+
+        session.answers[seq] = answer
+        if len(session.answers) > DEDUP_WINDOW:
+            oldest = min(session.answers)
+            del session.answers[oldest]
+            session.floor = max(session.floor, oldest)
+        return _answer_result(answer)
+
+    def snapshot(self) -> bytes:
+        """Every owned shard, in canonical CBOR (equal states, equal bytes)."""
+        wire = {
+            "format": FORMAT,
+            "nshards": self.nshards,
+            "shards": {shard: state.to_wire() for shard, state in self._shards.items()},
+        }
+        return cbor2.dumps(wire, canonical=True)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with ``snapshot()`` output. ``BadRequest``
+        (and no change) if it is malformed or for another shard count."""
+        wire = _decode(data, "snapshot")
+        if not isinstance(wire, dict) or set(wire) != {"format", "nshards", "shards"}:
+            raise BadRequest("snapshot must be a map with format, nshards and shards")
+        if wire["format"] != FORMAT:
+            raise BadRequest(f"snapshot has format {wire['format']!r}, this node reads {FORMAT}")
+        if wire["nshards"] != self.nshards:
+            raise BadRequest(f"snapshot is for {wire['nshards']!r} shards, this cluster has {self.nshards}")
+        shards_w = wire["shards"]
+        if not isinstance(shards_w, dict):
+            raise BadRequest("snapshot shards must be a map")
+        shards: dict[int, _ShardState] = {}
+        for shard, shard_w in shards_w.items():
+            try:
+                self._check_shard(shard)
+            except ValueError as e:
+                raise BadRequest(f"snapshot: {e}") from None
+            shards[shard] = _ShardState.from_wire(shard_w, shard, self.nshards)
+        self._shards = dict(sorted(shards.items()))
+
+    # -- reads ----------------------------------------------------------------
+
+    def getfileinfo(self, name: str) -> FileInfo | None:
+        """``(version, hashlist)`` of ``name``, or None if it never existed
+        (SurfStore's version 0). Tombstoned files return ``(v, ("0",))``.
+        ``WrongGroup`` if this group does not serve the name's shard."""
+        validate_filename(name)
+        return self._owned_state(name).files.get(name)
+
+    def version_of(self, name: str) -> int:
+        """The stored version of ``name`` (0 if it never existed)."""
+        info = self.getfileinfo(name)
+        return info[0] if info is not None else 0
+
+    def getfileinfomap(self) -> dict[str, FileInfo]:
+        """Every file of every owned shard, tombstones included."""
+        result: dict[str, FileInfo] = {}
+        for state in self._shards.values():
+            result.update(state.files)
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        """Sizes for status pages and benchmarks."""
+        return {
+            "owned_shards": sorted(self._shards),
+            "files": sum(len(s.files) for s in self._shards.values()),
+            "sessions": sum(len(s.sessions) for s in self._shards.values()),
+        }
