@@ -138,13 +138,12 @@ def is_tombstone(hashlist: Sequence[str]) -> bool:
 
 
 def validate_hashlist(value: Any) -> list[str]:
-    """Accept a hash list: 1..MAX_HASHLIST block hashes, or exactly ``["0"]``
-    (the tombstone). "0" mixed with real hashes is refused: it would be
-    neither a file nor a deletion."""
+    """Accept a hash list: up to MAX_HASHLIST block hashes (none for an empty
+    file, as SurfStore clients send it), or exactly ``["0"]`` (the
+    tombstone). "0" mixed with real hashes is refused: it would be neither a
+    file nor a deletion."""
     if not isinstance(value, list | tuple):
         raise BadRequest(f"hashlist must be a list, not {type(value).__name__}")
-    if not value:
-        raise BadRequest('hashlist must not be empty (use ["0"] to delete a file)')
     if len(value) > MAX_HASHLIST:
         raise BadRequest(f"hashlist has {len(value)} entries, more than the limit of {MAX_HASHLIST}")
     if is_tombstone(value):

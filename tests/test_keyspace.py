@@ -176,13 +176,14 @@ class HashlistValidationTests(SynchronousTestCase):
         self.assertEqual(validate_hashlist([HASH]), [HASH])
         self.assertEqual(validate_hashlist((HASH, HASH)), [HASH, HASH])
         self.assertEqual(validate_hashlist(["0"]), ["0"])
+        self.assertEqual(validate_hashlist([]), [])  # an empty file has no blocks
         self.assertEqual(len(validate_hashlist([HASH] * MAX_HASHLIST)), MAX_HASHLIST)
         self.assertTrue(keyspace.is_tombstone(["0"]))
         self.assertFalse(keyspace.is_tombstone([HASH]))
 
     def test_refuses(self) -> None:
         cases = [
-            ([], "empty"),
+            ("", "must be a list"),
             ([HASH] * (MAX_HASHLIST + 1), "limit"),
             (["0", HASH], "hashlist[0]"),
             ([HASH, "0"], "hashlist[1]"),

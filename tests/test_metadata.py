@@ -102,7 +102,7 @@ class SurfStoreRuleTests(SynchronousTestCase):
     def test_encode_update_validates(self) -> None:
         self.assertRaises(BadRequest, encode_update, "", 1, [H1], "c", 1)
         self.assertRaises(BadRequest, encode_update, "a", 0, [H1], "c", 1)
-        self.assertRaises(BadRequest, encode_update, "a", 1, [], "c", 1)
+        self.assertRaises(BadRequest, encode_update, "a", 1, ["0", "0"], "c", 1)
         self.assertRaises(BadRequest, encode_update, "a", 1, [H1], "", 1)
         self.assertRaises(BadRequest, encode_update, "a", 1, [H1], "c", 0)
         self.assertRaises(BadRequest, encode_update, "a", 1, [H1], "c" * 129, 1)
@@ -222,7 +222,7 @@ class MalformedCommandTests(SynchronousTestCase):
             cbor2.dumps({**good, "version": True}),
             cbor2.dumps({**good, "version": 0}),
             cbor2.dumps({**good, "version": 1.0}),
-            cbor2.dumps({**good, "hashlist": []}),
+            cbor2.dumps({**good, "hashlist": [H1, "0"]}),
             cbor2.dumps({**good, "hashlist": ["0", H1]}),
             cbor2.dumps({**good, "hashlist": H1}),
             cbor2.dumps({**good, "client": ""}),
