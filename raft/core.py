@@ -1,0 +1,1002 @@
+"""The I/O-free Raft core: a deterministic state machine in the manner of
+etcd's raft (``raft.go``).
+
+It is fed logical clock ticks (``tick``), peer messages (``step``) and
+client requests (``propose``, ``read_index``, ``transfer_leader``) and hands
+back, through ``ready()``, one ``Ready`` batch at a time: what to persist,
+what to send, what is committed. It never touches a clock, a socket or a
+file; the driver (``raft.node``) does, and calls ``advance(ready)`` once a
+batch is done. The Ready contract (persist, then send, then apply) is what
+lets the core answer votes and appends in the same batch as the state they
+depend on.
+
+Implemented from the Raft paper and Ongaro's thesis: elections with
+randomized timeouts (§5.2), pre-vote and check-quorum with leader lease
+(thesis 9.6), replication with batching, pipelining and fast backtracking
+(§5.3), commitment of current-term entries only (§5.4.2), ReadIndex (thesis
+6.4), leader transfer (thesis 3.10) and chunked InstallSnapshot (§7).
+Membership is fixed (``RaftConfig.peers``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from raft.errors import NotLeaderError
+from raft.log import LogError, RaftLog
+from raft.progress import Progress, ProgressState, ReadIndexTracker
+from raft.types import (
+    Entry,
+    HardState,
+    Message,
+    MessageType,
+    RaftConfig,
+    ReadState,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    SoftState,
+)
+
+_logger = logging.getLogger(__name__)
+
+#: ``Message.context`` of the votes of a leader-transfer campaign: they
+#: override the leader lease, because the leader itself asked for them.
+TRANSFER_CONTEXT = b"transfer"
+
+_VOTE_REQUESTS = (MessageType.VOTE, MessageType.PRE_VOTE)
+_FROM_LEADER = (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT)
+
+
+@dataclass(slots=True)
+class _IncomingSnapshot:
+    """A snapshot a follower is assembling from chunks. Keyed by the
+    sending leader and its term too: two leaders may serialize the same
+    state differently, so chunks from different senders never mix."""
+
+    key: tuple[int, int, SnapshotMeta]
+    data: bytearray
+
+
+def _validate_config(config: RaftConfig) -> tuple[int, ...]:
+    peers = tuple(sorted(set(config.peers)))
+    if len(peers) != len(config.peers):
+        raise ValueError(f"duplicate ids in peers {config.peers}")
+    if config.id not in peers:
+        raise ValueError(f"node id {config.id} is not among the peers {peers}")
+    if any(not isinstance(p, int) or isinstance(p, bool) or p <= 0 for p in peers):
+        raise ValueError(f"peer ids must be positive integers: {peers}")
+    if config.heartbeat_ticks < 1 or config.election_ticks <= config.heartbeat_ticks:
+        raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
+    if config.max_entries_per_msg < 1 or config.max_bytes_per_msg < 1 or config.max_inflight_msgs < 1:
+        raise ValueError("message limits and inflight window must be positive")
+    if config.snapshot_chunk_bytes < 1:
+        raise ValueError("snapshot_chunk_bytes must be positive")
+    return peers
+
+
+class RaftCore:
+    """One Raft node's protocol state. See ``docs``/the module docstring for
+    the Ready contract; every public method is cheap and never blocks."""
+
+    def __init__(
+        self,
+        config: RaftConfig,
+        *,
+        hard_state: HardState = HardState(),  # noqa: B008 -- frozen dataclass, safe as a default
+        snapshot: Snapshot | None = None,
+        entries: Sequence[Entry] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cfg = config
+        self._id = config.id
+        self._peers = _validate_config(config)
+        self._quorum = len(self._peers) // 2 + 1
+        self._rng = rng if rng is not None else random.Random()
+
+        if snapshot is None:
+            snapshot = Snapshot(SnapshotMeta(0, 0, self._peers), b"")
+        # The latest snapshot we hold, sent to followers that lag behind it.
+        self._snapshot = snapshot
+        self._log = RaftLog(snapshot.meta.index, snapshot.meta.term, entries, hard_state.commit)
+        if hard_state.term < self._log.last_term:
+            raise LogError(
+                f"hard state term {hard_state.term} is below the last log term {self._log.last_term}"
+            )
+        if hard_state.vote is not None and hard_state.vote not in self._peers:
+            raise LogError(f"hard state vote {hard_state.vote} is not a peer")
+
+        self._term = hard_state.term
+        self._vote: int | None = hard_state.vote
+        self._role = Role.FOLLOWER
+        self._leader: int | None = None
+
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_election_timeout = self._cfg.election_ticks
+        self._votes: dict[int, bool] = {}
+        self._progress: dict[int, Progress] = {}
+        self._lead_transferee: int | None = None
+        self._reads = ReadIndexTracker(self._id, self._quorum)
+        # Reads asked of a leader before it committed an entry of its term:
+        # its commit index may still be behind the previous leader's.
+        self._deferred_reads: list[bytes] = []
+        self._incoming_snapshot: _IncomingSnapshot | None = None
+        # Leader: new entries / a new commit index wait for the next ready()
+        # so that proposals made together leave in one message per follower.
+        self._bcast_entries = False
+        self._bcast_commit = False
+
+        self._msgs: list[Message] = []
+        self._read_states: list[ReadState] = []
+        self._unpersisted_snapshot: Snapshot | None = None
+        self._prev_soft = SoftState(None, Role.FOLLOWER)
+        self._prev_hard = hard_state
+        #: Messages refused as malformed or misaddressed (for tests/metrics).
+        self.refused = 0
+
+        self._reset(self._term)
+
+    # -- read-only state ---------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def term(self) -> int:
+        return self._term
+
+    @property
+    def vote(self) -> int | None:
+        return self._vote
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def leader(self) -> int | None:
+        return self._leader
+
+    @property
+    def commit_index(self) -> int:
+        return self._log.committed
+
+    @property
+    def applied_index(self) -> int:
+        return self._log.applied
+
+    @property
+    def last_index(self) -> int:
+        return self._log.last_index
+
+    @property
+    def snapshot_meta(self) -> SnapshotMeta:
+        return self._snapshot.meta
+
+    @property
+    def peers(self) -> tuple[int, ...]:
+        return self._peers
+
+    @property
+    def lead_transferee(self) -> int | None:
+        """The peer a leader transfer is in progress to, if any."""
+        return self._lead_transferee
+
+    def log_term(self, index: int) -> int | None:
+        """Term of the entry at ``index`` (None if compacted or absent)."""
+        return self._log.term(index)
+
+    def log_entries(self, lo: int, hi: int) -> list[Entry]:
+        """In-memory entries [lo, hi), clipped to what the log holds."""
+        lo = max(lo, self._log.first_index)
+        return self._log.slice(lo, hi) if lo < hi else []
+
+    def status(self) -> dict[str, object]:
+        st: dict[str, object] = {
+            "id": self._id,
+            "term": self._term,
+            "vote": self._vote,
+            "role": self._role.value,
+            "leader": self._leader,
+            "commit": self._log.committed,
+            "applied": self._log.applied,
+            "last_index": self._log.last_index,
+            "snapshot_index": self._snapshot.meta.index,
+        }
+        if self._role == Role.LEADER:
+            st["progress"] = {pid: pr.describe() for pid, pr in self._progress.items() if pid != self._id}
+            st["lead_transferee"] = self._lead_transferee
+            st["pending_reads"] = self._reads.pending_count() + len(self._deferred_reads)
+        return st
+
+    # -- inputs ------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One logical clock tick."""
+        if self._role == Role.LEADER:
+            self._tick_leader()
+        else:
+            self._tick_election()
+
+    def campaign(self) -> None:
+        """Start an election now (a pre-vote round first when enabled)."""
+        self._hup(transfer=False)
+
+    def broadcast_heartbeat(self) -> None:
+        """Leader: send a heartbeat round now; others: nothing."""
+        if self._role == Role.LEADER:
+            self._bcast_heartbeat()
+
+    def propose(self, data: bytes) -> tuple[int, int]:
+        """Append ``data`` to the leader's log; returns its (index, term).
+        It is replicated with the next ``ready()``."""
+        if self._role != Role.LEADER:
+            raise NotLeaderError(self._leader)
+        if self._lead_transferee is not None:
+            # The transferee is about to take over: send the client there.
+            raise NotLeaderError(self._lead_transferee)
+        if not isinstance(data, bytes):
+            raise TypeError(f"proposal data must be bytes, not {type(data).__name__}")
+        entry = Entry(self._term, self._log.last_index + 1, data)
+        self._log.append([entry])
+        self._bcast_entries = True
+        if len(self._peers) == 1:
+            # Nobody to send to; the entry commits once persisted (advance).
+            self._bcast_entries = False
+        return entry.index, entry.term
+
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read point; it shows up later as a
+        ``ReadState`` with this ``context`` in ``Ready.read_states``."""
+        if self._role != Role.LEADER:
+            raise NotLeaderError(self._leader)
+        if not isinstance(context, bytes):
+            raise TypeError("read context must be bytes")
+        if not self._committed_in_current_term():
+            self._deferred_reads.append(context)
+            return
+        self._enqueue_read(context)
+
+    def transfer_leader(self, to: int) -> None:
+        """Hand leadership to ``to`` (thesis 3.10). Proposals are refused
+        until the transfer completes or is aborted (after one election
+        timeout)."""
+        if self._role != Role.LEADER:
+            raise NotLeaderError(self._leader)
+        if to not in self._peers:
+            raise ValueError(f"cannot transfer leadership to unknown node {to}")
+        if self._lead_transferee is not None:
+            if self._lead_transferee == to:
+                return
+            self._abort_leader_transfer()
+        if to == self._id:
+            return
+        self._election_elapsed = 0
+        self._lead_transferee = to
+        pr = self._progress[to]
+        if pr.match == self._log.last_index:
+            self._send_timeout_now(to)
+        else:
+            self._send_append(to)
+
+    def compact(self, index: int, data: bytes) -> Snapshot:
+        """Record a snapshot of the state machine as of ``index`` (already
+        applied) and drop the log entries it covers."""
+        if index <= self._log.snapshot_index:
+            raise ValueError(f"log already compacted through {self._log.snapshot_index}")
+        if index > self._log.applying:
+            raise ValueError(f"cannot snapshot at {index}: only applied through {self._log.applying}")
+        term = self._log.compact(index)
+        # Everything compacted was persisted and applied by the driver.
+        self._log.snapshot_persisted(index)
+        self._snapshot = Snapshot(SnapshotMeta(index, term, self._peers), bytes(data))
+        return self._snapshot
+
+    def step(self, msg: Message) -> None:
+        """Handle one message from a peer. Misaddressed or malformed ones are
+        refused (logged, counted), never half-applied."""
+        problem = self._check_message(msg)
+        if problem:
+            self._refuse(msg, problem)
+            return
+        if not self._step_term(msg):
+            return
+        if msg.type in _VOTE_REQUESTS:
+            self._handle_vote_request(msg)
+        elif self._role == Role.LEADER:
+            self._step_leader(msg)
+        elif self._role in (Role.CANDIDATE, Role.PRE_CANDIDATE):
+            self._step_candidate(msg)
+        else:
+            self._step_follower(msg)
+
+    # -- Ready ---------------------------------------------------------------
+
+    def has_ready(self) -> bool:
+        if self._msgs or self._read_states or self._unpersisted_snapshot is not None:
+            return True
+        if SoftState(self._leader, self._role) != self._prev_soft:
+            return True
+        if self._hard_state() != self._prev_hard:
+            return True
+        if self._log.handed < self._log.last_index or self._log.has_committed_to_hand():
+            return True
+        return self._role == Role.LEADER and (
+            self._bcast_entries or self._bcast_commit or bool(self._reads.queued)
+        )
+
+    def ready(self) -> Ready:
+        """Everything accumulated since the previous ``ready()``. Hand each
+        Ready back to ``advance`` in order once it has been processed."""
+        self._flush()
+        rd = Ready()
+        soft = SoftState(self._leader, self._role)
+        if soft != self._prev_soft:
+            rd.soft_state = soft
+            self._prev_soft = soft
+        hard = self._hard_state()
+        if hard != self._prev_hard:
+            rd.hard_state = hard
+            rd.must_sync = hard.term != self._prev_hard.term or hard.vote != self._prev_hard.vote
+            self._prev_hard = hard
+        rd.entries = self._log.unhanded_entries()
+        self._log.mark_handed()
+        if self._unpersisted_snapshot is not None:
+            rd.snapshot = self._unpersisted_snapshot
+            self._unpersisted_snapshot = None
+        rd.committed_entries = self._log.committed_to_hand()
+        rd.messages = self._msgs
+        self._msgs = []
+        rd.read_states = self._read_states
+        self._read_states = []
+        rd.must_sync = rd.must_sync or bool(rd.entries) or rd.snapshot is not None
+        return rd
+
+    def advance(self, ready: Ready) -> None:
+        """The driver persisted, sent and applied ``ready``."""
+        if ready.snapshot is not None:
+            self._log.snapshot_persisted(ready.snapshot.meta.index)
+            self._log.applied_to(ready.snapshot.meta.index)
+        if ready.entries:
+            last = ready.entries[-1]
+            self._log.stable_to(last.index, last.term)
+        if ready.committed_entries:
+            self._log.applied_to(ready.committed_entries[-1].index)
+        if self._role == Role.LEADER:
+            # Persist before ack: the leader's own entries count towards a
+            # quorum only once they are on its disk.
+            if self._progress[self._id].maybe_update(self._log.stable) and self._maybe_commit():
+                self._bcast_commit = len(self._peers) > 1
+
+    # -- message intake ------------------------------------------------------
+
+    def _check_message(self, m: Message) -> str:
+        if not isinstance(m, Message) or not isinstance(m.type, MessageType):
+            return "not a raft message"
+        if m.to != self._id:
+            return f"addressed to {m.to}"
+        if m.frm == self._id or m.frm not in self._peers:
+            return f"from unknown node {m.frm}"
+        if not isinstance(m.term, int) or m.term < 0:
+            return "bad term"
+        if m.term == 0 and not (m.type == MessageType.PRE_VOTE_RESP and m.reject):
+            # Only a node that never saw an election refuses a pre-vote at
+            # term 0; everything else is sent in some term >= 1.
+            return "missing term"
+        if m.type == MessageType.APPEND:
+            expected = m.index + 1
+            prev_term = m.log_term
+            for e in m.entries:
+                if not isinstance(e, Entry) or e.index != expected:
+                    return "append entries not contiguous after index"
+                if e.term < prev_term or e.term > m.term:
+                    return "append entry terms out of order"
+                if e.data is not None and not isinstance(e.data, bytes):
+                    return "append entry data not bytes"
+                expected += 1
+                prev_term = e.term
+        elif m.type == MessageType.SNAPSHOT:
+            meta = m.snapshot_meta
+            if meta is None or meta.term > m.term or meta.index <= 0:
+                return "snapshot chunk without a valid snapshot_meta"
+        return ""
+
+    def _refuse(self, m: Message, reason: str) -> None:
+        self.refused += 1
+        _logger.warning(
+            "raft node {id}: refused {type} from {frm}: {reason}".format(
+                id=self._id, type=getattr(m, "type", "?"), frm=getattr(m, "frm", "?"), reason=reason
+            )
+        )
+
+    def _step_term(self, m: Message) -> bool:
+        """Apply the term rules common to every role; False if the message
+        is to be dropped."""
+        if m.term > self._term:
+            if m.type in _VOTE_REQUESTS:
+                forced = m.context == TRANSFER_CONTEXT
+                if not forced and self._in_lease():
+                    # Leader lease: we heard from a live leader less than an
+                    # election timeout ago, so this candidate is disruptive
+                    # (e.g. just rejoined from a partition). Ignore it
+                    # without adopting its term.
+                    return False
+            if m.type == MessageType.PRE_VOTE:
+                pass  # a pre-vote never changes our term
+            elif m.type == MessageType.PRE_VOTE_RESP and not m.reject:
+                pass  # granted for a term we have not started yet
+            elif m.type in _FROM_LEADER:
+                self._become_follower(m.term, m.frm)
+            else:
+                self._become_follower(m.term, None)
+            return True
+        if m.term < self._term:
+            if (self._cfg.check_quorum or self._cfg.pre_vote) and m.type in (
+                MessageType.APPEND,
+                MessageType.HEARTBEAT,
+            ):
+                # A stale leader (e.g. healed partition) may never hear a
+                # higher term otherwise when pre-vote keeps us from
+                # campaigning: tell it ours so it steps down.
+                self._send(Message(MessageType.APPEND_RESP, to=m.frm, frm=self._id, term=self._term))
+            elif m.type == MessageType.PRE_VOTE:
+                self._send(
+                    Message(MessageType.PRE_VOTE_RESP, to=m.frm, frm=self._id, term=self._term, reject=True)
+                )
+            return False
+        return True
+
+    def _in_lease(self) -> bool:
+        return (
+            self._cfg.check_quorum
+            and self._leader is not None
+            and self._election_elapsed < self._cfg.election_ticks
+        )
+
+    def _handle_vote_request(self, m: Message) -> None:
+        resp_type = MessageType.VOTE_RESP if m.type == MessageType.VOTE else MessageType.PRE_VOTE_RESP
+        can_vote = (
+            self._vote == m.frm
+            or (self._vote is None and self._leader is None)
+            or (m.type == MessageType.PRE_VOTE and m.term > self._term)
+        )
+        if can_vote and self._log.is_up_to_date(m.index, m.log_term):
+            self._send(Message(resp_type, to=m.frm, frm=self._id, term=m.term))
+            if m.type == MessageType.VOTE:
+                self._election_elapsed = 0
+                self._vote = m.frm
+        else:
+            self._send(Message(resp_type, to=m.frm, frm=self._id, term=self._term, reject=True))
+
+    def _step_follower(self, m: Message) -> None:
+        if m.type in _FROM_LEADER:
+            self._election_elapsed = 0
+            self._leader = m.frm
+            self._handle_from_leader(m)
+        elif m.type == MessageType.TIMEOUT_NOW:
+            _logger.info(f"raft node {self._id}: leader {m.frm} asked us to take over (term {self._term})")
+            self._hup(transfer=True)
+
+    def _step_candidate(self, m: Message) -> None:
+        if m.type in _FROM_LEADER:
+            # Someone won this term.
+            self._become_follower(m.term, m.frm)
+            self._handle_from_leader(m)
+        elif m.type == MessageType.PRE_VOTE_RESP and self._role == Role.PRE_CANDIDATE:
+            # Granted answers carry the term we would campaign in; refusals
+            # carry the voter's term, which is ours (higher ones already
+            # made us follower).
+            wanted = self._term if m.reject else self._term + 1
+            if m.term == wanted:
+                self._poll(m.frm, not m.reject)
+        elif m.type == MessageType.VOTE_RESP and self._role == Role.CANDIDATE:
+            self._poll(m.frm, not m.reject)
+
+    def _step_leader(self, m: Message) -> None:
+        pr = self._progress[m.frm]
+        if m.type == MessageType.APPEND_RESP:
+            pr.recent_active = True
+            self._handle_append_resp(m, pr)
+        elif m.type == MessageType.HEARTBEAT_RESP:
+            pr.recent_active = True
+            self._handle_heartbeat_resp(m, pr)
+        elif m.type == MessageType.SNAPSHOT_RESP:
+            pr.recent_active = True
+            self._handle_snapshot_resp(m, pr)
+        elif m.type in _FROM_LEADER:
+            self._refuse(m, f"another leader in our term {self._term}")
+
+    # -- elections -----------------------------------------------------------
+
+    def _tick_election(self) -> None:
+        self._election_elapsed += 1
+        if self._election_elapsed >= self._randomized_election_timeout:
+            self._election_elapsed = 0
+            self._hup(transfer=False)
+
+    def _tick_leader(self) -> None:
+        self._heartbeat_elapsed += 1
+        self._election_elapsed += 1
+        if self._election_elapsed >= self._cfg.election_ticks:
+            self._election_elapsed = 0
+            if self._cfg.check_quorum:
+                if not self._quorum_active():
+                    _logger.info(
+                        f"raft node {self._id}: lost contact with a quorum, stepping down (term {self._term})"
+                    )
+                    self._become_follower(self._term, None)
+                    return
+                for pid, pr in self._progress.items():
+                    pr.recent_active = pid == self._id
+            if self._lead_transferee is not None:
+                _logger.info(f"raft node {self._id}: leader transfer to {self._lead_transferee} timed out")
+                self._abort_leader_transfer()
+        if self._heartbeat_elapsed >= self._cfg.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._bcast_heartbeat()
+
+    def _quorum_active(self) -> bool:
+        return sum(1 for pr in self._progress.values() if pr.recent_active) >= self._quorum
+
+    def _hup(self, *, transfer: bool) -> None:
+        if self._role == Role.LEADER:
+            return
+        if self._cfg.pre_vote and not transfer:
+            self._campaign(pre_vote=True, transfer=False)
+        else:
+            self._campaign(pre_vote=False, transfer=transfer)
+
+    def _campaign(self, *, pre_vote: bool, transfer: bool) -> None:
+        if pre_vote:
+            self._become_pre_candidate()
+            vote_type, vote_term = MessageType.PRE_VOTE, self._term + 1
+        else:
+            self._become_candidate()
+            vote_type, vote_term = MessageType.VOTE, self._term
+        if self._poll(self._id, True):
+            return  # single-voter group: already decided
+        for pid in self._peers:
+            if pid == self._id:
+                continue
+            self._send(
+                Message(
+                    vote_type,
+                    to=pid,
+                    frm=self._id,
+                    term=vote_term,
+                    index=self._log.last_index,
+                    log_term=self._log.last_term,
+                    context=TRANSFER_CONTEXT if transfer else b"",
+                )
+            )
+
+    def _poll(self, voter: int, granted: bool) -> bool:
+        """Count a vote; returns True if the election was decided."""
+        self._votes.setdefault(voter, granted)
+        yes = sum(1 for v in self._votes.values() if v)
+        no = len(self._votes) - yes
+        if yes >= self._quorum:
+            if self._role == Role.PRE_CANDIDATE:
+                self._campaign(pre_vote=False, transfer=False)
+            else:
+                self._become_leader()
+            return True
+        if no > len(self._peers) - self._quorum:
+            self._become_follower(self._term, None)
+            return True
+        return False
+
+    # -- role changes --------------------------------------------------------
+
+    def _reset(self, term: int) -> None:
+        if term != self._term:
+            self._term = term
+            self._vote = None
+        self._leader = None
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_election_timeout = self._rng.randrange(
+            self._cfg.election_ticks, 2 * self._cfg.election_ticks
+        )
+        self._lead_transferee = None
+        self._votes = {}
+        next_index = self._log.last_index + 1
+        self._progress = {pid: Progress(next_index, self._cfg.max_inflight_msgs) for pid in self._peers}
+        self._progress[self._id].match = self._log.stable
+        # Reads in flight die with the leadership they were confirming; the
+        # driver sees the role change in soft_state and fails them.
+        self._reads.reset()
+        self._deferred_reads = []
+        self._bcast_entries = False
+        self._bcast_commit = False
+
+    def _become_follower(self, term: int, leader: int | None) -> None:
+        was = self._role
+        self._reset(term)
+        self._role = Role.FOLLOWER
+        self._leader = leader
+        if was == Role.LEADER:
+            _logger.info(f"raft node {self._id}: no longer leader (term {term}, leader {leader})")
+
+    def _become_pre_candidate(self) -> None:
+        # Not a reset: the term and vote stay until a real election starts.
+        self._role = Role.PRE_CANDIDATE
+        self._votes = {}
+        self._leader = None
+
+    def _become_candidate(self) -> None:
+        self._reset(self._term + 1)
+        self._vote = self._id
+        self._role = Role.CANDIDATE
+
+    def _become_leader(self) -> None:
+        self._reset(self._term)
+        self._role = Role.LEADER
+        self._leader = self._id
+        me = self._progress[self._id]
+        me.become_replicate()
+        me.recent_active = True
+        _logger.info(f"raft node {self._id}: became leader for term {self._term}")
+        # The no-op of §5.4.2/thesis 6.4: committing it commits every
+        # earlier entry and tells us the cluster's commit index.
+        self._log.append([Entry(self._term, self._log.last_index + 1, None)])
+        self._bcast_entries = len(self._peers) > 1
+
+    # -- leader: replication -------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send what proposals, reads and commits accumulated since the last
+        Ready: one append per follower for all of them."""
+        if self._role != Role.LEADER:
+            return
+        round_id = self._reads.open_round()
+        if round_id is not None:
+            self._bcast_heartbeat(ReadIndexTracker.encode(round_id))
+        if self._bcast_entries or self._bcast_commit:
+            send_if_empty = self._bcast_commit
+            self._bcast_entries = self._bcast_commit = False
+            for pid in self._peers:
+                if pid != self._id:
+                    self._send_all_appends(pid, send_if_empty)
+
+    def _send_all_appends(self, to: int, send_if_empty: bool) -> None:
+        """Fill the follower's pipeline (bounded by the inflight window and
+        by the log's end)."""
+        sent = self._send_append(to, send_if_empty=send_if_empty)
+        limit = self._cfg.max_inflight_msgs
+        while sent and limit > 0:
+            sent = self._send_append(to, send_if_empty=False)
+            limit -= 1
+
+    def _send_append(self, to: int, *, send_if_empty: bool = True) -> bool:
+        pr = self._progress[to]
+        if pr.is_paused():
+            return False
+        if pr.next > self._log.last_index + 1:
+            pr.next = self._log.last_index + 1
+        prev = pr.next - 1
+        prev_term = self._log.term(prev)
+        if prev_term is None:
+            # The entries this follower needs are compacted away.
+            return self._start_snapshot(to, pr)
+        entries: list[Entry] = []
+        if pr.state != ProgressState.REPLICATE or not pr.inflights.full():
+            entries = self._log.slice(
+                pr.next,
+                self._log.last_index + 1,
+                self._cfg.max_entries_per_msg,
+                self._cfg.max_bytes_per_msg,
+            )
+        if not entries and not send_if_empty:
+            return False
+        self._send(
+            Message(
+                MessageType.APPEND,
+                to=to,
+                frm=self._id,
+                term=self._term,
+                index=prev,
+                log_term=prev_term,
+                entries=entries,
+                commit=self._log.committed,
+            )
+        )
+        if entries:
+            if pr.state == ProgressState.REPLICATE:
+                last = entries[-1].index
+                pr.optimistic_update(last)
+                pr.inflights.add(last)
+            elif pr.state == ProgressState.PROBE:
+                pr.probe_sent = True
+        return True
+
+    def _handle_append_resp(self, m: Message, pr: Progress) -> None:
+        if m.reject:
+            match_hint = self._match_hint(m)
+            if pr.maybe_decr_to(m.index, match_hint):
+                if pr.state == ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.frm)
+            return
+        if m.index > self._log.last_index:
+            self._refuse(m, f"acknowledges index {m.index} beyond our last {self._log.last_index}")
+            return
+        was_paused = pr.is_paused()
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state == ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state == ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot:
+            pr.become_probe()
+            pr.become_replicate()
+        elif pr.state == ProgressState.REPLICATE:
+            pr.inflights.free_le(m.index)
+        if self._maybe_commit():
+            self._bcast_commit = True
+        elif was_paused:
+            self._send_append(m.frm)
+        self._send_all_appends(m.frm, send_if_empty=False)
+        if m.frm == self._lead_transferee and pr.match == self._log.last_index:
+            self._send_timeout_now(m.frm)
+
+    def _match_hint(self, m: Message) -> int:
+        """Fast backtracking (§5.3): the highest index at which our log may
+        match the follower's, from its hint. With a conflicting term we skip
+        the follower's whole run of that term, or jump to the end of ours."""
+        if m.hint_term == 0:
+            return m.reject_hint  # the follower's log is shorter: its last index
+        last_of_term = self._log.last_index_of_term(m.hint_term)
+        if last_of_term is not None:
+            return last_of_term
+        return m.reject_hint - 1
+
+    def _handle_heartbeat_resp(self, m: Message, pr: Progress) -> None:
+        pr.probe_sent = False
+        if pr.state == ProgressState.REPLICATE and pr.inflights.full():
+            # An ack may have been lost: let one more append through.
+            pr.inflights.free_first_one()
+        if pr.state == ProgressState.SNAPSHOT:
+            self._maybe_resend_snapshot_chunk(m.frm, pr)
+        elif pr.match < self._log.last_index:
+            self._send_append(m.frm)
+        round_id = ReadIndexTracker.decode(m.context)
+        if round_id is not None:
+            self._read_states.extend(self._reads.ack(m.frm, round_id))
+
+    def _maybe_commit(self) -> bool:
+        matches = sorted((pr.match for pr in self._progress.values()), reverse=True)
+        if not self._log.maybe_commit(matches[self._quorum - 1], self._term):
+            return False
+        if self._deferred_reads:
+            deferred, self._deferred_reads = self._deferred_reads, []
+            for context in deferred:
+                self._enqueue_read(context)
+        return True
+
+    def _committed_in_current_term(self) -> bool:
+        return self._log.term(self._log.committed) == self._term
+
+    def _enqueue_read(self, context: bytes) -> None:
+        read = ReadState(self._log.committed, context)
+        if len(self._peers) == 1:
+            self._read_states.append(read)
+        else:
+            self._reads.enqueue(read)
+
+    def _bcast_heartbeat(self, context: bytes | None = None) -> None:
+        if context is None:
+            # Re-ask for the newest unconfirmed read round, in case its
+            # heartbeats or their answers were lost.
+            latest = self._reads.latest_round()
+            context = ReadIndexTracker.encode(latest) if latest is not None else b""
+        for pid, pr in self._progress.items():
+            if pid == self._id:
+                continue
+            self._send(
+                Message(
+                    MessageType.HEARTBEAT,
+                    to=pid,
+                    frm=self._id,
+                    term=self._term,
+                    commit=min(pr.match, self._log.committed),
+                    context=context,
+                )
+            )
+
+    # -- leader: transfer ----------------------------------------------------
+
+    def _send_timeout_now(self, to: int) -> None:
+        self._send(Message(MessageType.TIMEOUT_NOW, to=to, frm=self._id, term=self._term))
+
+    def _abort_leader_transfer(self) -> None:
+        self._lead_transferee = None
+
+    # -- leader: snapshots ---------------------------------------------------
+
+    def _start_snapshot(self, to: int, pr: Progress) -> bool:
+        if not pr.recent_active:
+            # Do not stream a snapshot at a node that may well be down;
+            # its first heartbeat answer brings us back here.
+            return False
+        _logger.info(
+            f"raft node {self._id}: sending snapshot {self._snapshot.meta.index} to {to} (its next {pr.next})"
+        )
+        pr.become_snapshot(self._snapshot)
+        self._send_snapshot_chunk(to, pr)
+        return True
+
+    def _send_snapshot_chunk(self, to: int, pr: Progress) -> None:
+        snap = pr.snapshot
+        assert snap is not None
+        offset = min(pr.snapshot_offset, len(snap.data))
+        chunk = snap.data[offset : offset + self._cfg.snapshot_chunk_bytes]
+        pr.snapshot_stalled = False
+        self._send(
+            Message(
+                MessageType.SNAPSHOT,
+                to=to,
+                frm=self._id,
+                term=self._term,
+                snapshot_meta=snap.meta,
+                offset=offset,
+                data=chunk,
+                done=offset + len(chunk) >= len(snap.data),
+            )
+        )
+
+    def _maybe_resend_snapshot_chunk(self, to: int, pr: Progress) -> None:
+        # A chunk (or its ack) may be lost: resend after two heartbeat
+        # answers in a row saw no progress, not on every one (which would
+        # keep two chunks in flight).
+        if pr.snapshot_stalled:
+            self._send_snapshot_chunk(to, pr)
+        else:
+            pr.snapshot_stalled = True
+
+    def _handle_snapshot_resp(self, m: Message, pr: Progress) -> None:
+        current = pr.state == ProgressState.SNAPSHOT and pr.snapshot is not None
+        if m.done:
+            if m.reject or m.index > self._log.last_index:
+                return
+            pr.maybe_update(m.index)
+            if pr.state == ProgressState.SNAPSHOT:
+                pr.become_probe()
+                if pr.match >= pr.next - 1:
+                    pr.become_replicate()
+            self._send_all_appends(m.frm, send_if_empty=True)
+            return
+        if not current or m.snapshot_meta != pr.snapshot.meta:
+            return  # about a snapshot we are no longer sending
+        total = len(pr.snapshot.data)
+        if m.reject:
+            pr.snapshot_offset = min(m.index, total)
+            self._send_snapshot_chunk(m.frm, pr)
+        elif pr.snapshot_offset < m.index <= total:
+            pr.snapshot_offset = m.index
+            self._send_snapshot_chunk(m.frm, pr)
+
+    # -- follower: appends, heartbeats, snapshots -----------------------------
+
+    def _handle_from_leader(self, m: Message) -> None:
+        if m.type == MessageType.APPEND:
+            self._handle_append(m)
+        elif m.type == MessageType.HEARTBEAT:
+            self._log.commit_to(m.commit)
+            self._send(
+                Message(
+                    MessageType.HEARTBEAT_RESP, to=m.frm, frm=self._id, term=self._term, context=m.context
+                )
+            )
+        else:
+            self._handle_snapshot_chunk(m)
+
+    def _handle_append(self, m: Message) -> None:
+        if m.index < self._log.committed:
+            # Everything through our commit index matches any leader's log.
+            self._send(
+                Message(
+                    MessageType.APPEND_RESP,
+                    to=m.frm,
+                    frm=self._id,
+                    term=self._term,
+                    index=self._log.committed,
+                )
+            )
+            return
+        try:
+            last_new = self._log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        except LogError as e:
+            self._refuse(m, str(e))
+            return
+        if last_new is not None:
+            self._send(
+                Message(MessageType.APPEND_RESP, to=m.frm, frm=self._id, term=self._term, index=last_new)
+            )
+            return
+        if m.index > self._log.last_index:
+            hint, hint_term = self._log.last_index, 0
+        else:
+            hint_term = self._log.term(m.index) or 0
+            hint = self._log.first_index_of_term(hint_term, m.index) if hint_term else m.index
+        self._send(
+            Message(
+                MessageType.APPEND_RESP,
+                to=m.frm,
+                frm=self._id,
+                term=self._term,
+                index=m.index,
+                reject=True,
+                reject_hint=hint,
+                hint_term=hint_term,
+            )
+        )
+
+    def _handle_snapshot_chunk(self, m: Message) -> None:
+        meta = m.snapshot_meta
+        assert meta is not None  # checked in _check_message
+
+        def reply(index: int, *, done: bool = False, reject: bool = False) -> None:
+            self._send(
+                Message(
+                    MessageType.SNAPSHOT_RESP,
+                    to=m.frm,
+                    frm=self._id,
+                    term=self._term,
+                    index=index,
+                    snapshot_meta=meta,
+                    done=done,
+                    reject=reject,
+                )
+            )
+
+        if meta.index <= self._log.committed:
+            # We already have (at least) this state.
+            self._incoming_snapshot = None
+            reply(self._log.committed, done=True)
+            return
+        key = (m.frm, m.term, meta)
+        inc = self._incoming_snapshot
+        if inc is None or inc.key != key:
+            if m.offset != 0:
+                reply(0, reject=True)
+                return
+            inc = self._incoming_snapshot = _IncomingSnapshot(key, bytearray())
+        have = len(inc.data)
+        if m.offset > have:
+            reply(have, reject=True)
+            return
+        end = m.offset + len(m.data)
+        if end > have:
+            inc.data += m.data[have - m.offset :]
+        if m.done and end == len(inc.data):
+            self._incoming_snapshot = None
+            self._install_snapshot(Snapshot(meta, bytes(inc.data)))
+            reply(self._log.committed, done=True)
+        else:
+            reply(len(inc.data))
+
+    def _install_snapshot(self, snap: Snapshot) -> None:
+        meta = snap.meta
+        if self._log.match_term(meta.index, meta.term):
+            # Our log already has the snapshot's last entry, hence all before
+            # it: just learn that they are committed.
+            self._log.commit_to(meta.index)
+            return
+        _logger.info(f"raft node {self._id}: installing snapshot at index {meta.index} term {meta.term}")
+        self._log.restore(meta.index, meta.term)
+        self._snapshot = snap
+        self._unpersisted_snapshot = snap
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _send(self, m: Message) -> None:
+        self._msgs.append(m)
+
+    def _hard_state(self) -> HardState:
+        return HardState(self._term, self._vote, self._log.committed)
