@@ -4,6 +4,7 @@
     python3 dev.py up [ARGS...]     start a whole local cluster (surfshard up ARGS)
     python3 dev.py test [ARGS...]   run the whole test suite with trial
     python3 dev.py bench NAME       run benchmarks/NAME.py
+    python3 dev.py setup            only create or refresh .venv
 
 Both create ``.venv`` on first use (and refresh it when setup.py changes), so
 a second run reuses the environment. Only Python 3.11+ is needed.
@@ -88,6 +89,8 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     os.chdir(ROOT)
     ensure_env()
+    if command == "setup":
+        return 0
     if command == "test":
         return run_tests(rest)
     if command == "up":

@@ -1,0 +1,379 @@
+"""What every Raft-replicated SurfShard service has in common.
+
+A metadata group replica and a ShardMaster replica are both "a state machine
+behind a RaftNode behind one port". This module holds that shared part:
+
+- ``ReplicaControl``: the calls every replica answers whatever its state
+  machine (status, leadership, the ChaosMonkey switch) and the helper that
+  runs a call on the leader, waiting out elections within a timeout;
+- ``ReplicaService``: the process-level assembly (storage in the node's data
+  directory, the Raft transport over the native protocol, the method table,
+  the HTTP side, the listening port), a ``MultiService`` for twistd.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+
+from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
+from raft.interfaces import IStateMachine
+from raft.node import RaftNode
+from raft.storage import DiskStorage
+from raft.types import RaftConfig
+from surfshard import errors
+from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
+from surfshard.port import NodeRoot, listen, make_site, node_factory
+from surfshard.raft_transport import RpcRaftTransport
+from surfshard.rpc import Arg, MethodTable, RpcClientPool, RpcServerFactory
+from surfshard.tls import TLSFiles
+
+#: How long a call waits for a leader or a commit when the caller gives no timeout.
+DEFAULT_CALL_TIMEOUT = 30.0
+#: Upper bound on a caller-supplied timeout, so no request can pin server
+#: resources for longer than this.
+MAX_CALL_TIMEOUT = 300.0
+
+#: The optional ``timeout`` every leader-bound native call accepts: how long
+#: the server may wait for a leader or a majority before answering TIMEOUT.
+TIMEOUT_ARG = Arg("timeout", float, required=False, min=0.0, max=MAX_CALL_TIMEOUT)
+
+
+def sleep(reactor: IReactorTime, seconds: float) -> defer.Deferred:
+    """A Deferred that fires after ``seconds`` on ``reactor``; cancelling it
+    cancels the timer."""
+    call = None
+
+    def cancel(_: defer.Deferred) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+    d: defer.Deferred = defer.Deferred(cancel)
+    call = reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class ReplicaControl:
+    """The calls every replica answers, over a ``RaftNode``.
+
+    ``addresses`` maps Raft ids to the ``host:port`` clients use, so errors
+    can name the leader. ``transfer(leader_id, to_id)`` asks the leader to
+    hand over leadership (an RPC, wired by the service).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        node: RaftNode,
+        addresses: Mapping[int, str],
+        reactor: IReactorTime,
+        *,
+        chaos: bool = False,
+        poll_interval: float = 0.02,
+        transfer: Callable[[int, int], defer.Deferred] | None = None,
+    ) -> None:
+        self.node = node
+        self.addresses = dict(addresses)
+        self.reactor = reactor
+        self.chaos = chaos
+        self.poll_interval = poll_interval
+        self._transfer = transfer
+
+    # -- helpers for subclasses -------------------------------------------
+
+    def leader_address(self) -> str | None:
+        leader = self.node.leader_id
+        return self.addresses.get(leader) if leader is not None else None
+
+    def not_leader(self) -> errors.NotLeader:
+        return errors.NotLeader("this node is not the leader", leader=self.leader_address())
+
+    def check_alive(self) -> None:
+        if self.node.crashed:
+            raise errors.Crashed("node is crashed")
+
+    @staticmethod
+    def clamp_timeout(timeout: float | None) -> float:
+        if timeout is None:
+            return DEFAULT_CALL_TIMEOUT
+        return max(0.0, min(float(timeout), MAX_CALL_TIMEOUT))
+
+    @defer.inlineCallbacks
+    def as_leader(self, attempt: Callable[[float], defer.Deferred], timeout: float | None):
+        """Run ``attempt(remaining_seconds)`` on this node while it leads.
+
+        While no leader is known (an election, or a majority down) this
+        waits, bounded by the deadline, rather than answering wrongly; after
+        a lost leadership it tries again if this node leads again; once
+        another node is known to lead it answers NOT_LEADER naming it.
+        Re-running ``attempt`` must be safe: writes carry a client id and
+        sequence number so the state machine answers a repeat from its
+        dedup table.
+        """
+        deadline = self.reactor.seconds() + self.clamp_timeout(timeout)
+        while True:
+            self.check_alive()
+            remaining = deadline - self.reactor.seconds()
+            if remaining <= 0:
+                raise errors.Timeout("no answer from a majority within the timeout")
+            if self.node.is_leader:
+                try:
+                    result = yield attempt(remaining)
+                except (ProposalDropped, ReadAborted, NotLeaderError):
+                    pass  # leadership changed under us: look again
+                except RaftTimeout as e:
+                    raise errors.Timeout("no answer from a majority within the timeout") from e
+                except NodeCrashed as e:
+                    raise errors.Crashed("node is crashed") from e
+                else:
+                    return result
+            elif self.node.leader_id is not None:
+                raise self.not_leader()
+            yield sleep(self.reactor, min(self.poll_interval, max(remaining, 0.0)))
+
+    # -- calls ------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        # A crashed node does not act as leader, whatever its frozen role.
+        return self.node.is_leader and not self.node.crashed
+
+    def is_crashed(self) -> bool:
+        return bool(self.node.crashed)
+
+    def status(self) -> dict[str, Any]:
+        status = dict(self.node.status())
+        status["leader_address"] = self.leader_address()
+        status["chaos"] = self.chaos
+        return plain(status)
+
+    def _check_chaos(self, what: str) -> None:
+        if not self.chaos:
+            self.log.warn("refused {what}: chaos calls are disabled on this node", what=what)
+            raise errors.Forbidden(f"{what} refused: chaos calls are disabled on this node")
+
+    def crash(self) -> bool:
+        self._check_chaos("crash")
+        self.node.crash()
+        self.log.info("node crashed by request (simulated)")
+        return True
+
+    def restore(self) -> bool:
+        self._check_chaos("restore")
+        self.node.restore()
+        self.log.info("node restored by request")
+        return True
+
+    def send_heartbeat(self) -> bool:
+        self.check_alive()
+        if not self.node.is_leader:
+            raise self.not_leader()
+        self.node.send_heartbeat()
+        return True
+
+    def transfer_leadership(self, to: int) -> bool:
+        """Leader side of set_leader: start a transfer to Raft node ``to``."""
+        self.check_alive()
+        if to not in self.addresses:
+            raise errors.BadRequest(f"unknown node id {to}")
+        if not self.node.is_leader:
+            raise self.not_leader()
+        if to != self.node.node_id:
+            self.node.transfer_leader(to)
+        return True
+
+    @defer.inlineCallbacks
+    def set_leader(self, timeout: float | None = None):
+        """Make this node the leader (SurfStore ``SetLeader``): ask the
+        current leader to transfer to us, then wait until we lead."""
+        self._check_chaos("set_leader")
+        self.check_alive()
+        deadline = self.reactor.seconds() + self.clamp_timeout(timeout)
+        asked_at = float("-inf")
+        # Bounded by the deadline; the leader is asked again every second in
+        # case a transfer was aborted (e.g. we were briefly unreachable).
+        while not self.node.is_leader:
+            self.check_alive()
+            now = self.reactor.seconds()
+            if now >= deadline:
+                raise errors.Timeout("leadership transfer did not complete within the timeout")
+            leader = self.node.leader_id
+            if leader is not None and now - asked_at >= 1.0 and self._transfer is not None:
+                asked_at = now
+                try:
+                    yield self._transfer(leader, self.node.node_id)
+                except errors.SurfShardError as e:
+                    self.log.info("transfer request to {leader} failed: {e}", leader=leader, e=e)
+            yield sleep(self.reactor, self.poll_interval)
+        return True
+
+    def add_methods(self, table: MethodTable) -> None:
+        """Register the common calls on a service's method table."""
+        table.add("status", self.status)
+        table.add("is_leader", self.is_leader)
+        table.add("is_crashed", self.is_crashed)
+        table.add("crash", self.crash)
+        table.add("restore", self.restore)
+        table.add("send_heartbeat", self.send_heartbeat)
+        table.add("set_leader", self.set_leader, [TIMEOUT_ARG])
+        table.add("transfer_leadership", self.transfer_leadership, [Arg("to", int, min=0, max=1 << 16)])
+
+
+def plain(value: Any) -> Any:
+    """Status dicts go over CBOR, JSON and XML-RPC: keep to plain builtins."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    if isinstance(value, str):
+        return str(value)  # StrEnum members become plain str
+    return value
+
+
+class StatusResource(Resource):
+    """``GET /status``: the node's status as JSON, for humans and scripts."""
+
+    isLeaf = True
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self._status(), sort_keys=True).encode("utf-8")
+
+
+class ReplicaService(service.MultiService):
+    """One replica process: RaftNode + state machine + port.
+
+    Subclasses (or callers) add their own methods to ``self.table`` and
+    resources to ``self.root`` before the service starts.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        kind: NodeKind,
+        gid: int,
+        index: int,
+        state_machine: IStateMachine,
+        reactor: Any,
+        *,
+        chaos: bool | None = None,
+        fsync: bool | None = None,
+        listen_interface: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        addresses = cluster.nodes_of(kind, gid)
+        if not 0 <= index < len(addresses):
+            raise ValueError(f"node index {index} out of range: the config lists {len(addresses)} nodes")
+        self.cluster = cluster
+        self.kind = kind
+        self.gid = gid
+        self.index = index
+        self.name = node_name(kind, gid, index)
+        self.address = addresses[index]
+        self.reactor = reactor
+        # Raft ids are 1-based so that "no node" can never be confused with node 0.
+        self.raft_addresses = {i + 1: a for i, a in enumerate(addresses)}
+        raft_id = index + 1
+        timings = cluster.raft
+        self.tls_files = _tls_files(cluster, self.name)
+        self.pool = RpcClientPool(reactor, tls=self.tls_files)
+        self.data_dir = Path(cluster.node_data_dir(kind, gid, index))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = DiskStorage(
+            str(self.data_dir / "raft"), fsync=timings.fsync if fsync is None else fsync
+        )
+        self.transport = RpcRaftTransport(
+            self.pool, raft_id, self.raft_addresses, group=self.name.rsplit("-", 1)[0]
+        )
+        self.state_machine = state_machine
+        self.node = RaftNode(
+            RaftConfig(
+                id=raft_id,
+                peers=tuple(sorted(self.raft_addresses)),
+                election_ticks=timings.election_ticks,
+                heartbeat_ticks=timings.heartbeat_ticks,
+            ),
+            self.storage,
+            self.transport,
+            state_machine,
+            reactor,
+            tick_interval=timings.tick_ms / 1000.0,
+            snapshot_entries=timings.snapshot_entries,
+            rng=rng,
+        )
+        self.node.setServiceParent(self)
+        self.table = MethodTable(service=self.name)
+        self.table.add("raft", self.transport.deliver, RpcRaftTransport.method_args())
+        self.table.add("ping", lambda: True)
+        self.control = self.make_control(cluster.chaos if chaos is None else chaos)
+        self.control.add_methods(self.table)
+        self.root = NodeRoot()
+        self.root.add("status", StatusResource(self.status))
+        host, self.port_number = parse_address(self.address)
+        self.listen_interface = host if listen_interface is None else listen_interface
+        self.listening_port: Any = None
+
+    def make_control(self, chaos: bool) -> ReplicaControl:
+        return ReplicaControl(
+            self.node, self.raft_addresses, self.reactor, chaos=chaos, transfer=self._ask_transfer
+        )
+
+    def _ask_transfer(self, leader: int, to: int) -> defer.Deferred:
+        return self.pool.call(self.raft_addresses[leader], "transfer_leadership", {"to": to}, timeout=2.0)
+
+    def status(self) -> dict[str, Any]:
+        status = self.control.status()
+        status.update(
+            name=self.name, kind=self.kind.value, gid=self.gid, index=self.index, address=self.address
+        )
+        return plain(status)
+
+    @defer.inlineCallbacks
+    def startService(self):
+        super().startService()
+        factory = node_factory(
+            RpcServerFactory(self.table, self.reactor),
+            make_site(self.root, clock=self.reactor),
+            self.reactor,
+            tls=self.tls_files,
+        )
+        try:
+            self.listening_port = yield listen(self.reactor, self.port_number, factory, self.listen_interface)
+        except Exception as e:
+            self.log.critical(
+                "{name}: cannot listen on {address}: {e}", name=self.name, address=self.address, e=e
+            )
+            raise
+        self.log.info("{name} serving on {address}", name=self.name, address=self.address)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        if self.listening_port is not None:
+            yield self.listening_port.stopListening()
+            self.listening_port = None
+        yield self.pool.close()
+        yield super().stopService()
+        self.storage.close()
+
+
+def _tls_files(cluster: ClusterConfig, name: str) -> TLSFiles | None:
+    if cluster.tls is None:
+        return None
+    cert, key = cluster.tls.cert_paths(name)
+    return TLSFiles(ca=str(cluster.tls.ca), cert=str(cert), key=str(key))

@@ -1,0 +1,72 @@
+"""The metadata group replica server: native methods and ``/RPC2`` on one port."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from surfshard.config import ClusterConfig, NodeKind
+from surfshard.facade import RPC2
+from surfshard.group import MetadataReplica
+from surfshard.keyspace import MAX_HASHLIST
+from surfshard.metadata import MetadataStateMachine
+from surfshard.replica import TIMEOUT_ARG, ReplicaService
+from surfshard.rpc import Arg, Value
+
+NAME_ARG = Arg("name", str, min_len=1, max_bytes=4096)
+
+
+class MetadataService(ReplicaService):
+    """Replica ``index`` of metadata group ``gid``."""
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        gid: int,
+        index: int,
+        reactor: Any,
+        *,
+        chaos: bool | None = None,
+        fsync: bool | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        # A static cluster (no shard master) has one group serving every
+        # shard; a sharded group starts owning none and learns its shards
+        # from the shard map.
+        owned = range(cluster.shards) if cluster.static else ()
+        self.machine = MetadataStateMachine(cluster.shards, owned)
+        super().__init__(
+            cluster, NodeKind.GROUP, gid, index, self.machine, reactor, chaos=chaos, fsync=fsync, rng=rng
+        )
+        replica = self.replica
+        t = self.table
+        t.add(
+            "updatefile",
+            replica.updatefile,
+            [
+                NAME_ARG,
+                Arg("version", int, min=1),
+                Arg("hashlist", Value(list, max_len=MAX_HASHLIST, items=Value(str, max_len=64))),
+                Arg("client_id", str, required=False, min_len=1, max_len=128),
+                Arg("seq", int, required=False, min=1),
+                TIMEOUT_ARG,
+            ],
+        )
+        t.add("getfileinfo", replica.getfileinfo, [NAME_ARG, TIMEOUT_ARG])
+        t.add("getfileinfomap", replica.getfileinfomap, [TIMEOUT_ARG])
+        t.add("tester_getversion", replica.tester_getversion, [NAME_ARG])
+        self.root.add("RPC2", RPC2(replica))
+
+    @property
+    def replica(self) -> MetadataReplica:
+        return self.control  # type: ignore[return-value]
+
+    def make_control(self, chaos: bool) -> MetadataReplica:
+        return MetadataReplica(
+            self.node,
+            self.machine,
+            self.raft_addresses,
+            self.reactor,
+            chaos=chaos,
+            transfer=self._ask_transfer,
+        )

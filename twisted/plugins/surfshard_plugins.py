@@ -1,0 +1,14 @@
+"""twistd plugins: ``twistd -n surfshard|shardmaster|surfblock ...``.
+
+``ServiceMaker`` imports the real module only when the plugin is used, so
+``twistd --help`` stays fast and a broken optional part cannot hide the others.
+"""
+
+from twisted.application.service import ServiceMaker
+
+surfshard = ServiceMaker(
+    "SurfShard metadata replica",
+    "surfshard.tap",
+    "One replica of a SurfShard metadata group (SurfStore metadata on Raft).",
+    "surfshard",
+)
