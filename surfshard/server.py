@@ -11,7 +11,7 @@ from surfshard.group import MetadataReplica
 from surfshard.keyspace import MAX_HASHLIST
 from surfshard.metadata import MetadataStateMachine
 from surfshard.replica import TIMEOUT_ARG, ReplicaService
-from surfshard.rpc import Arg, Value
+from surfshard.rpc import Arg, MethodTable, Value
 
 NAME_ARG = Arg("name", str, min_len=1, max_bytes=4096)
 
@@ -38,24 +38,8 @@ class MetadataService(ReplicaService):
         super().__init__(
             cluster, NodeKind.GROUP, gid, index, self.machine, reactor, chaos=chaos, fsync=fsync, rng=rng
         )
-        replica = self.replica
-        t = self.table
-        t.add(
-            "updatefile",
-            replica.updatefile,
-            [
-                NAME_ARG,
-                Arg("version", int, min=1),
-                Arg("hashlist", Value(list, max_len=MAX_HASHLIST, items=Value(str, max_len=64))),
-                Arg("client_id", str, required=False, min_len=1, max_len=128),
-                Arg("seq", int, required=False, min=1),
-                TIMEOUT_ARG,
-            ],
-        )
-        t.add("getfileinfo", replica.getfileinfo, [NAME_ARG, TIMEOUT_ARG])
-        t.add("getfileinfomap", replica.getfileinfomap, [TIMEOUT_ARG])
-        t.add("tester_getversion", replica.tester_getversion, [NAME_ARG])
-        self.root.add("RPC2", RPC2(replica))
+        self.table.include(metadata_methods(self.replica))
+        self.root.add("RPC2", RPC2(self.replica))
 
     @property
     def replica(self) -> MetadataReplica:
@@ -70,3 +54,25 @@ class MetadataService(ReplicaService):
             chaos=chaos,
             transfer=self._ask_transfer,
         )
+
+
+def metadata_methods(replica: MetadataReplica) -> MethodTable:
+    """The SurfStore methods of a metadata replica, with their argument
+    schemas (the common replica calls are added by ``ReplicaControl``)."""
+    t = MethodTable(service="metadata")
+    t.add(
+        "updatefile",
+        replica.updatefile,
+        [
+            NAME_ARG,
+            Arg("version", int, min=1),
+            Arg("hashlist", Value(list, max_len=MAX_HASHLIST, items=Value(str, max_len=64))),
+            Arg("client_id", str, required=False, min_len=1, max_len=128),
+            Arg("seq", int, required=False, min=1),
+            TIMEOUT_ARG,
+        ],
+    )
+    t.add("getfileinfo", replica.getfileinfo, [NAME_ARG, TIMEOUT_ARG])
+    t.add("getfileinfomap", replica.getfileinfomap, [TIMEOUT_ARG])
+    t.add("tester_getversion", replica.tester_getversion, [NAME_ARG])
+    return t
