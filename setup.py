@@ -17,6 +17,7 @@ setup(
         "cryptography>=41.0.0",
         "cbor2>=5.6.0",
         "zope.interface>=6.0",
+        "rich>=13.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.90.0", "ruff>=0.5.0"],

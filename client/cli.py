@@ -1,0 +1,289 @@
+"""The ``surfshard`` command: one entry point, a subcommand per job.
+
+Every subcommand takes ``--config`` (default: the built-in local cluster)
+and ``--json`` for scripts; errors go to stderr with a non-zero exit status.
+Network work runs on the Twisted reactor through ``task.react``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from twisted.internet import defer, task
+
+from surfshard import errors
+from surfshard.config import ClusterConfig, ConfigError, default_config_path, load_config, node_name
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+err_console = Console(stderr=True)
+
+
+def console() -> Console:
+    """stdout console; wide enough for the status table when piped."""
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
+def _load(args: argparse.Namespace) -> ClusterConfig:
+    return load_config(args.config or default_config_path())
+
+
+def _emit(args: argparse.Namespace, value: Any, human: Callable[[], None]) -> None:
+    if args.json:
+        print(json.dumps(value, sort_keys=True, default=str))
+    else:
+        human()
+
+
+def _react(body: Callable[[Any], defer.Deferred]) -> int:
+    """Run ``body(reactor)`` on the reactor; SurfShard errors become exit 1."""
+    outcome: dict[str, int] = {}
+
+    @defer.inlineCallbacks
+    def main(reactor: Any):
+        try:
+            code = yield body(reactor)
+        except errors.SurfShardError as e:
+            err_console.print(f"[red]error:[/red] {e}")
+            code = EXIT_FAILED
+        outcome["code"] = EXIT_OK if code is None else code
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else EXIT_FAILED
+    return outcome.get("code", EXIT_FAILED)
+
+
+# -- subcommands --------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from client.launcher import run_up
+
+    cluster = _load(args)
+    return _react(
+        lambda reactor: run_up(reactor, cluster, str(args.config or default_config_path()), args.seconds)
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from client.cluster import ClusterClient
+    from client.status import collect_status, status_json, status_table
+
+    cluster = _load(args)
+
+    @defer.inlineCallbacks
+    def body(reactor: Any):
+        client = ClusterClient(cluster, reactor)
+        try:
+            rows = yield collect_status(cluster, client.pool)
+        finally:
+            yield client.close()
+        _emit(
+            args,
+            status_json(rows),
+            lambda: console().print(status_table(rows, title=f"cluster {cluster.name}")),
+        )
+        return EXIT_OK if all(status is not None for _, status, _ in rows) else EXIT_FAILED
+
+    return _react(body)
+
+
+def _with_client(args: argparse.Namespace, call: Callable[[Any], defer.Deferred]) -> int:
+    from client.cluster import ClusterClient
+
+    cluster = _load(args)
+
+    @defer.inlineCallbacks
+    def body(reactor: Any):
+        client = ClusterClient(cluster, reactor, timeout=args.timeout)
+        try:
+            result = yield call(client)
+        finally:
+            yield client.close()
+        return result
+
+    return _react(body)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    @defer.inlineCallbacks
+    def call(client: Any):
+        version, hashlist = yield client.getfileinfo(args.name)
+        _emit(
+            args,
+            {"name": args.name, "version": version, "hashlist": hashlist},
+            lambda: print(f"{args.name}\tversion {version}\t{' '.join(hashlist) or '(no blocks)'}"),
+        )
+        return EXIT_OK
+
+    return _with_client(args, call)
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    @defer.inlineCallbacks
+    def call(client: Any):
+        try:
+            version = yield client.updatefile(args.name, args.version, args.hashes)
+        except errors.VersionMismatch as e:
+            current = e.current
+            _emit(
+                args,
+                {"name": args.name, "ok": False, "current": current},
+                lambda: err_console.print(f"version mismatch: {args.name} is at version {current}"),
+            )
+            return EXIT_FAILED
+        _emit(
+            args,
+            {"name": args.name, "ok": True, "version": version},
+            lambda: print(f"{args.name}\tversion {version}"),
+        )
+        return EXIT_OK
+
+    return _with_client(args, call)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    @defer.inlineCallbacks
+    def call(client: Any):
+        files = yield client.getfileinfomap()
+
+        def human() -> None:
+            for name in sorted(files):
+                version, hashlist = files[name]
+                state = "deleted" if hashlist == ["0"] else f"{len(hashlist)} blocks"
+                print(f"{version}\t{state}\t{name}")
+
+        _emit(args, files, human)
+        return EXIT_OK
+
+    return _with_client(args, call)
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from client.chaos import chaos_call, random_schedule
+    from client.cluster import ClusterClient
+    from client.status import collect_status, status_json, status_table
+
+    cluster = _load(args)
+    if args.action in ("crash", "restore") and not args.target:
+        err_console.print(f"usage: surfshard chaos {args.action} HOST:PORT")
+        return EXIT_USAGE
+    known = {n.address: n for n in cluster.all_nodes()}
+    if args.target and args.target not in known:
+        err_console.print(f"[red]error:[/red] {args.target} is not a node of {cluster.source}")
+        return EXIT_USAGE
+
+    @defer.inlineCallbacks
+    def body(reactor: Any):
+        client = ClusterClient(cluster, reactor)
+        say = (lambda line: err_console.print(line)) if args.json else print
+        try:
+            if args.action == "random":
+                seed = args.seed if args.seed is not None else int(reactor.seconds() * 1000) % (2**31)
+                actions, rows = yield random_schedule(reactor, cluster, client.pool, args.seconds, seed, say)
+                value: Any = {"seed": seed, "actions": actions, "status": status_json(rows)}
+            else:
+                node = known[args.target]
+                yield chaos_call(client.pool, args.target, args.action)
+                say(f"{args.action}: {node_name(node.kind, node.gid, node.index)} ({args.target})")
+                rows = yield collect_status(cluster, client.pool)
+                value = {"action": args.action, "target": args.target, "status": status_json(rows)}
+        finally:
+            yield client.close()
+        _emit(args, value, lambda: console().print(status_table(rows, title="after chaos")))
+        return EXIT_OK
+
+    return _react(body)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from client.cluster import CLIENT_CERT_NAME
+    from surfshard.config import parse_address
+    from surfshard.tls import generate_dev_pki
+
+    cluster = _load(args)
+    names: dict[str, str] = {}
+    for node in cluster.all_nodes():
+        names[node_name(node.kind, node.gid, node.index)] = parse_address(node.address)[0]
+    out = generate_dev_pki(args.out, [*names, CLIENT_CERT_NAME], {n: h for n, h in names.items()})
+    _emit(
+        args,
+        {name: {"ca": f.ca, "cert": f.cert, "key": f.key} for name, f in out.items()},
+        lambda: print(
+            f"wrote a development CA and {len(out)} certificates to {args.out}\n"
+            f'enable TLS with:\n\n[tls]\nca = "{args.out}/ca.pem"\ncert_dir = "{args.out}"'
+        ),
+    )
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surfshard", description="SurfShard: sharded, fault-tolerant SurfStore metadata"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", help="cluster config (default: the built-in local cluster)")
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("up", cmd_up, "start every node of the config locally, show state; Ctrl-C stops all")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+    command("status", cmd_status, "each node: role, term, leader, commit/applied index, shards served")
+    for name, func, help in (
+        ("get", cmd_get, "getfileinfo NAME, routed by filename"),
+        ("put", cmd_put, "updatefile NAME VERSION HASH..., routed by filename"),
+        ("ls", cmd_ls, "getfileinfomap over all shards"),
+    ):
+        p = command(name, func, help)
+        p.add_argument(
+            "--timeout", type=float, default=30.0, help="give up after this many seconds (default 30)"
+        )
+        if name in ("get", "put"):
+            p.add_argument("name", metavar="NAME")
+        if name == "put":
+            p.add_argument("version", metavar="VERSION", type=int)
+            p.add_argument("hashes", metavar="HASH", nargs="*", help='block hashes; "0" alone deletes')
+    p = command("chaos", cmd_chaos, "crash or restore nodes (ChaosMonkey); needs chaos enabled on the nodes")
+    p.add_argument("action", choices=["crash", "restore", "random"])
+    p.add_argument("target", nargs="?", metavar="HOST:PORT")
+    p.add_argument("--seconds", type=float, default=30.0, help="random: how long to run (default 30)")
+    p.add_argument("--seed", type=int, help="random: schedule seed (printed, for replay)")
+    p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
+    p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        err_console.print(f"[red]config error:[/red] {e}")
+        return EXIT_USAGE
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Collecting and showing every node's status (``surfshard status``, ``up``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from twisted.internet import defer
+
+from surfshard import errors
+from surfshard.config import ClusterConfig, NodeRef, node_name
+
+STATUS_TIMEOUT = 2.0
+
+
+@defer.inlineCallbacks
+def collect_status(cluster: ClusterConfig, pool: Any, nodes: list[NodeRef] | None = None):
+    """``[(node, status dict or None, error str or None)]`` for every node,
+    asked in parallel; a node that does not answer has its error instead."""
+    nodes = list(cluster.all_nodes()) if nodes is None else nodes
+    calls = [pool.call(n.address, "status", {}, timeout=STATUS_TIMEOUT) for n in nodes]
+    results = yield defer.DeferredList(calls, consumeErrors=True)
+    rows = []
+    for node, (ok, value) in zip(nodes, results, strict=True):
+        if ok:
+            rows.append((node, value, None))
+        else:
+            error = value.value
+            reason = error.code.value if isinstance(error, errors.SurfShardError) else type(error).__name__
+            rows.append((node, None, reason))
+    return rows
+
+
+def status_json(rows: list[tuple[NodeRef, Any, str | None]]) -> list[dict[str, Any]]:
+    out = []
+    for node, status, error in rows:
+        entry: dict[str, Any] = {
+            "name": node_name(node.kind, node.gid, node.index),
+            "kind": node.kind.value,
+            "gid": node.gid,
+            "index": node.index,
+            "address": node.address,
+        }
+        if status is not None:
+            entry["status"] = status
+        else:
+            entry["error"] = error
+        out.append(entry)
+    return out
+
+
+def status_table(rows: list[tuple[NodeRef, Any, str | None]], title: str = "") -> Table:
+    table = Table(title=title or None)
+    for column in ("node", "address", "role", "term", "leader", "commit", "applied", "log", "shards"):
+        table.add_column(
+            column, justify="right" if column in ("term", "commit", "applied", "log") else "left"
+        )
+    for node, status, error in rows:
+        name = node_name(node.kind, node.gid, node.index)
+        if status is None:
+            table.add_row(name, node.address, f"[red]{error}[/red]", "", "", "", "", "", "")
+            continue
+        role = str(status.get("role", "?"))
+        if status.get("crashed"):
+            role = "[red]crashed[/red]"
+        elif role == "leader":
+            role = "[bold green]leader[/bold green]"
+        shards = status.get("owned_shards")
+        table.add_row(
+            name,
+            node.address,
+            role,
+            str(status.get("term", "")),
+            str(status.get("leader_address") or "-"),
+            str(status.get("commit", "")),
+            str(status.get("applied", "")),
+            str(status.get("log_size", "")),
+            _ranges(shards) if isinstance(shards, list) else "",
+        )
+    return table
+
+
+def _ranges(shards: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    if not shards:
+        return "-"
+    parts = []
+    start = prev = shards[0]
+    for s in shards[1:] + [None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    return ",".join(parts)
