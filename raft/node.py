@@ -1,0 +1,538 @@
+"""The Twisted driver of a Raft node.
+
+``RaftNode`` gives an I/O-free ``raft.core.RaftCore`` what it lacks: a clock
+(a ``LoopingCall`` on the injected ``IReactorTime``), stable storage
+(``IStorage``), a transport (``ITransport``) and a state machine
+(``IStateMachine``) to apply committed commands to.  It turns the core's
+``Ready`` batches into I/O in the order Raft's safety needs (persist, then
+send, then apply) and turns proposals and linearizable reads into Deferreds.
+
+Group commit: work is never done inline.  A proposal or a peer message only
+marks the node dirty and schedules one ``callLater(0, ...)``; everything that
+arrived in the same reactor turn is handled in ONE ``Ready``, hence one
+``storage.sync()`` and one AppendEntries batch per follower.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from raft.core import RaftCore
+from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
+from raft.interfaces import IStateMachine, IStorage, ITransport
+from raft.types import Entry, Message, RaftConfig, Ready, Role, Snapshot
+
+#: ``callback(role, leader)`` run after every change of this node's role or of
+#: the leader it believes in (the new values; ``leader`` may be None).
+RoleObserver = Callable[[Role, "int | None"], None]
+#: ``callback(entry, result)`` run after each committed entry is applied
+#: (no-ops included, with result None): for metrics and test harnesses.
+ApplyObserver = Callable[[Entry, Any], None]
+
+
+class _Waiter:
+    """One caller waiting on the node: a Deferred plus its optional timeout.
+
+    Settling is idempotent so a timeout racing an apply (or a stop) can never
+    fire a Deferred twice.
+    """
+
+    __slots__ = ("deferred", "index", "term", "_timer", "_forget")
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        timeout: float | None,
+        term: int,
+        index: int,
+        forget: Callable[[_Waiter], None],
+        what: str,
+    ) -> None:
+        self.term = term
+        self.index = index
+        self._forget = forget
+        # Cancelling only abandons the wait: a proposal already in the log
+        # may still be applied, which is the caller's to live with.
+        self.deferred: defer.Deferred[Any] = defer.Deferred(lambda _d: self._forget(self))
+        self._timer: IDelayedCall | None = None
+        if timeout is not None:
+            self._timer = reactor.callLater(timeout, self._expire, what, timeout)
+
+    @property
+    def settled(self) -> bool:
+        return self.deferred.called
+
+    def _expire(self, what: str, timeout: float) -> None:
+        self._timer = None
+        self._forget(self)
+        self.fail(RaftTimeout(f"{what} did not complete within {timeout} s"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def succeed(self, result: Any) -> None:
+        self._stop_timer()
+        if not self.deferred.called:
+            self.deferred.callback(result)
+
+    def fail(self, error: BaseException | Failure) -> None:
+        self._stop_timer()
+        if not self.deferred.called:
+            self.deferred.errback(error)
+
+
+class RaftNode(service.Service):
+    """One member of a Raft group, driven by the reactor it is given.
+
+    A simulated crash (``crash()``) freezes the node in place, the way the
+    SurfStore tests expect: it keeps its memory, ignores ticks, refuses peers'
+    messages and new work; ``restore()`` resumes exactly where it stopped.  A
+    real restart is ``stopService()`` and a new ``RaftNode`` over the same
+    storage (the storage is not closed by ``stopService``: its owner closes it).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: RaftConfig,
+        storage: IStorage,
+        transport: ITransport,
+        state_machine: IStateMachine,
+        reactor: IReactorTime,
+        *,
+        tick_interval: float = 0.05,
+        snapshot_entries: int = 10000,
+        rng: random.Random | None = None,
+    ) -> None:
+        if tick_interval <= 0:
+            raise ValueError("tick_interval must be positive")
+        if snapshot_entries < 1:
+            raise ValueError("snapshot_entries must be at least 1")
+        self.config = config
+        self.storage = storage
+        self.transport = transport
+        self.state_machine = state_machine
+        self.reactor = reactor
+        self.tick_interval = tick_interval
+        self.snapshot_entries = snapshot_entries
+        self._rng = rng
+        self._core: RaftCore | None = None
+        self._ticker: task.LoopingCall | None = None
+        self._process_call: IDelayedCall | None = None
+        self._crashed = False
+        #: The exception that made the node fail-stop (storage error, bug), if any.
+        self.fatal_error: Failure | None = None
+        self._applied = 0
+        self._snapshot_index = 0
+        self._proposals: dict[int, _Waiter] = {}
+        self._reads_unconfirmed: dict[bytes, _Waiter] = {}
+        self._reads_confirmed: list[_Waiter] = []
+        self._read_seq = 0
+        #: (waiter, succeeded, result or error) to settle once the Ready is done.
+        self._settle: list[tuple[_Waiter, bool, Any]] = []
+        self._role = Role.FOLLOWER
+        self._leader: int | None = None
+        #: Callbacks ``(role, leader)`` run when the role or known leader changes.
+        self.on_role_change: list[RoleObserver] = []
+        #: Callbacks ``(entry, result)`` run after each entry is applied.
+        self.on_apply: list[ApplyObserver] = []
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def startService(self) -> None:
+        hard_state, snapshot, entries = self.storage.load()
+        if snapshot is not None:
+            self.state_machine.restore(snapshot.data)
+            self._applied = self._snapshot_index = snapshot.meta.index
+        self._core = RaftCore(
+            self.config, hard_state=hard_state, snapshot=snapshot, entries=entries, rng=self._rng
+        )
+        self._role, self._leader = self._core.role, self._core.leader
+        self.transport.set_handler(self._on_message)
+        super().startService()
+        self._ticker = task.LoopingCall(self._tick)
+        self._ticker.clock = self.reactor
+        self._ticker.start(self.tick_interval, now=False)
+        # Entries committed before the restart but not in the snapshot are
+        # handed out by the first Ready: apply them without waiting for a tick.
+        self._schedule()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        self._ticker = None
+        if self._process_call is not None and self._process_call.active():
+            self._process_call.cancel()
+        self._process_call = None
+        result = super().stopService()
+        # After ``running`` is cleared: a callback that retries at once is refused.
+        self._fail_all(ProposalDropped("node stopped"), ReadAborted("node stopped"))
+        return result
+
+    # -- simulated crash -----------------------------------------------------
+
+    def crash(self) -> None:
+        """Freeze: ignore ticks and peers, refuse new work, keep everything."""
+        self._crashed = True
+        self.log.info("raft node {id}: crashed (simulated)", id=self.config.id)
+
+    def restore(self) -> None:
+        """Resume a crashed node from the state it froze in."""
+        if self.fatal_error is not None:
+            raise NodeCrashed("node stopped after a fatal error; restart it instead")
+        self._crashed = False
+        self.log.info("raft node {id}: restored", id=self.config.id)
+        self._schedule()
+
+    @property
+    def crashed(self) -> bool:
+        return self._crashed
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def core(self) -> RaftCore:
+        """The core, for status and tests; never mutate it from outside."""
+        if self._core is None:
+            raise RuntimeError("RaftNode not started")
+        return self._core
+
+    @property
+    def node_id(self) -> int:
+        return self.config.id
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node's core believes it leads (a crashed leader still
+        reports what it believed when it froze, as SurfStore's isLeader does)."""
+        return self._core is not None and self._core.role == Role.LEADER
+
+    @property
+    def leader_id(self) -> int | None:
+        return None if self._core is None else self._core.leader
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied
+
+    def propose(self, command: bytes, timeout: float | None = None) -> defer.Deferred[Any]:
+        """Replicate ``command``; fires with ``IStateMachine.apply``'s result.
+
+        Fails with NotLeaderError (at once), NodeCrashed, ProposalDropped
+        (leadership lost: outcome unknown), RaftTimeout (outcome unknown), or
+        the exception instance ``apply`` returned.
+        """
+        if not isinstance(command, bytes):
+            return defer.fail(TypeError("a proposal must be bytes"))
+        refused = self._refusal()
+        if refused is not None:
+            return defer.fail(refused)
+        core = self.core
+        try:
+            index, term = core.propose(command)
+        except NotLeaderError as e:
+            return defer.fail(e)
+        old = self._proposals.pop(index, None)
+        if old is not None:  # cannot normally happen: the old term's waiters are failed on step-down
+            old.fail(ProposalDropped(f"index {index} was reused by term {term}"))
+        waiter = _Waiter(self.reactor, timeout, term, index, self._forget_proposal, "proposal")
+        self._proposals[index] = waiter
+        self._schedule()
+        return waiter.deferred
+
+    def read(self, timeout: float | None = None) -> defer.Deferred[None]:
+        """Fires (with None) once a linearizable read may run against the
+        state machine (ReadIndex: leadership confirmed by a majority after the
+        call and the state machine has applied the commit index seen then).
+        Fails with NotLeaderError, NodeCrashed, ReadAborted or RaftTimeout."""
+        refused = self._refusal()
+        if refused is not None:
+            return defer.fail(refused)
+        core = self.core
+        self._read_seq += 1
+        context = self._read_seq.to_bytes(8, "big")
+        try:
+            core.read_index(context)
+        except NotLeaderError as e:
+            return defer.fail(e)
+        waiter = _Waiter(self.reactor, timeout, core.term, 0, self._forget_read, "read")
+        self._reads_unconfirmed[context] = waiter
+        self._schedule()
+        return waiter.deferred
+
+    def transfer_leader(self, to: int) -> None:
+        """Hand leadership to ``to`` (thesis 3.10); proposals are refused
+        meanwhile.  Raises NotLeaderError if this node is not the leader."""
+        refused = self._refusal()
+        if refused is not None:
+            raise refused
+        if to not in self.config.peers:
+            raise ValueError(f"{to} is not a member of this group")
+        if not self.is_leader:
+            raise NotLeaderError(self.leader_id)
+        self.core.transfer_leader(to)
+        self._schedule()
+
+    def send_heartbeat(self) -> None:
+        """Leader: run a heartbeat round now (SurfStore's SendHeartbeat)."""
+        refused = self._refusal()
+        if refused is not None:
+            raise refused
+        if not self.is_leader:
+            raise NotLeaderError(self.leader_id)
+        self.core.broadcast_heartbeat()
+        self._schedule()
+
+    def campaign(self) -> None:
+        """Start an election now (tests and operators)."""
+        refused = self._refusal()
+        if refused is not None:
+            raise refused
+        self.core.campaign()
+        self._schedule()
+
+    def take_snapshot(self) -> Snapshot | None:
+        """Snapshot the state machine as of the last applied entry and compact
+        the log now (None if nothing was applied since the last snapshot)."""
+        if self._core is None or self._applied <= self._snapshot_index:
+            return None
+        snapshot = self._core.compact(self._applied, self.state_machine.snapshot())
+        self.storage.save_snapshot(snapshot)
+        self.storage.sync()
+        self._snapshot_index = snapshot.meta.index
+        return snapshot
+
+    def status(self) -> dict[str, Any]:
+        if self._core is None:
+            return {"id": self.config.id, "running": False, "crashed": self._crashed}
+        status = dict(self._core.status())
+        status["crashed"] = self._crashed
+        status["running"] = bool(self.running)
+        status["log_size"] = self._core.last_index - self._core.snapshot_meta.index
+        return status
+
+    # -- reactor-facing callbacks ------------------------------------------------
+
+    def _refusal(self) -> Exception | None:
+        if self.fatal_error is not None:
+            return NodeCrashed(f"node stopped after a fatal error: {self.fatal_error.getErrorMessage()}")
+        if self._crashed:
+            return NodeCrashed("node is crashed")
+        if not self.running or self._core is None:
+            return NodeCrashed("node is not running")
+        return None
+
+    def _on_message(self, message: Message) -> None:
+        """Transport handler.  Raises NodeCrashed when crashed or stopped
+        (the message is not looked at); any other exception is a bug that the
+        transport logs."""
+        if self._crashed or not self.running or self._core is None or self.fatal_error is not None:
+            raise NodeCrashed("node is crashed")
+        self._core.step(message)
+        if self._core.has_ready():
+            self._schedule()
+
+    def _tick(self) -> None:
+        if self._crashed or self._core is None or self.fatal_error is not None:
+            return
+        try:
+            self._core.tick()
+        except Exception:
+            self._fail_stop(Failure())
+            return
+        if self._core.has_ready():
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._process_call is None and self.running and not self._crashed and self.fatal_error is None:
+            self._process_call = self.reactor.callLater(0, self._process)
+
+    def _process(self) -> None:
+        self._process_call = None
+        core = self._core
+        if self._crashed or not self.running or core is None or self.fatal_error is not None:
+            return
+        if core.has_ready():
+            try:
+                self._handle_ready(core.ready())
+            except Exception:
+                self._fail_stop(Failure())
+                return
+        self._notify_role_change()
+        if core.has_ready():
+            # Work produced by advance() (e.g. a commit the leader's own
+            # persisted entries completed) goes in the next turn, batched
+            # with whatever else arrives meanwhile.
+            self._schedule()
+
+    # -- the Ready loop -----------------------------------------------------------
+
+    def _handle_ready(self, rd: Ready) -> None:
+        # Callers' Deferreds fire only after core.advance(): their callbacks
+        # may propose or read again, which must find the core between Readys.
+        try:
+            self._handle_ready_steps(rd)
+        finally:
+            settle, self._settle = self._settle, []
+            for waiter, ok, value in settle:
+                if ok:
+                    waiter.succeed(value)
+                else:
+                    waiter.fail(value)
+
+    def _handle_ready_steps(self, rd: Ready) -> None:
+        core = self.core
+        # 1. Persist before anything that depends on it leaves the node.
+        if rd.snapshot is not None:
+            self.storage.save_snapshot(rd.snapshot)
+        if rd.entries:
+            self.storage.append(rd.entries)
+        if rd.hard_state is not None:
+            self.storage.set_hard_state(rd.hard_state)
+        if rd.must_sync:
+            self.storage.sync()
+        # 2. Send.
+        for message in rd.messages:
+            self.transport.send(message)
+        # 3. Install a snapshot received from the leader.
+        if rd.snapshot is not None and rd.snapshot.meta.index > self._applied:
+            self.state_machine.restore(rd.snapshot.data)
+            self._applied = self._snapshot_index = rd.snapshot.meta.index
+            for index in [i for i in self._proposals if i <= self._applied]:
+                self._settle.append(
+                    (
+                        self._proposals.pop(index),
+                        False,
+                        ProposalDropped(f"entry {index} was replaced by an installed snapshot"),
+                    )
+                )
+        # 4. Apply committed entries, settling the proposals they answer.
+        for entry in rd.committed_entries:
+            self._apply(entry)
+        # Proposals left over from a term we no longer lead cannot be
+        # answered by us any more (they may still commit: outcome unknown).
+        self._drop_stale_waiters(core)
+        # 5. Reads whose heartbeat round a majority acknowledged.
+        for read_state in rd.read_states:
+            waiter = self._reads_unconfirmed.pop(read_state.context, None)
+            if waiter is not None and not waiter.settled:
+                waiter.index = read_state.index
+                self._reads_confirmed.append(waiter)
+        self._serve_reads()
+        core.advance(rd)
+        # 6. Compact once enough has been applied since the last snapshot.
+        if self._applied - self._snapshot_index >= self.snapshot_entries:
+            self.take_snapshot()
+
+    def _apply(self, entry: Entry) -> None:
+        if entry.index <= self._applied:
+            return  # already covered by an installed snapshot
+        if entry.index != self._applied + 1:
+            raise RuntimeError(f"committed entry {entry.index} does not follow applied index {self._applied}")
+        result: Any = None
+        if entry.data is not None:
+            try:
+                result = self.state_machine.apply(entry.data)
+            except Exception as e:
+                # A state machine must return errors, not raise them; failing
+                # the proposer keeps the node up (every replica does the same).
+                self.log.failure("state machine raised applying entry {index}", index=entry.index)
+                result = e
+        self._applied = entry.index
+        for observer in list(self.on_apply):
+            try:
+                observer(entry, result)
+            except Exception:
+                self.log.failure("apply observer {observer!r} failed", observer=observer)
+        waiter = self._proposals.pop(entry.index, None)
+        if waiter is None:
+            return
+        if waiter.term != entry.term:
+            error = ProposalDropped(
+                f"entry {entry.index} of term {waiter.term} was replaced by term {entry.term}"
+            )
+            self._settle.append((waiter, False, error))
+        else:
+            self._settle.append((waiter, not isinstance(result, Exception), result))
+
+    def _drop_stale_waiters(self, core: RaftCore) -> None:
+        leading = core.role == Role.LEADER
+        for index, waiter in list(self._proposals.items()):
+            if not leading or waiter.term != core.term:
+                del self._proposals[index]
+                error = ProposalDropped(
+                    f"leadership of term {waiter.term} lost before entry {index} committed"
+                )
+                self._settle.append((waiter, False, error))
+        for context, waiter in list(self._reads_unconfirmed.items()):
+            if not leading or waiter.term != core.term:
+                del self._reads_unconfirmed[context]
+                error = ReadAborted(f"leadership of term {waiter.term} lost before the read was confirmed")
+                self._settle.append((waiter, False, error))
+
+    def _serve_reads(self) -> None:
+        if not self._reads_confirmed:
+            return
+        waiting = []
+        for waiter in self._reads_confirmed:
+            if waiter.settled:
+                continue
+            if waiter.index <= self._applied:
+                self._settle.append((waiter, True, None))
+            else:
+                waiting.append(waiter)
+        self._reads_confirmed = waiting
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _forget_proposal(self, waiter: _Waiter) -> None:
+        if self._proposals.get(waiter.index) is waiter:
+            del self._proposals[waiter.index]
+
+    def _forget_read(self, waiter: _Waiter) -> None:
+        for context, w in list(self._reads_unconfirmed.items()):
+            if w is waiter:
+                del self._reads_unconfirmed[context]
+        if waiter in self._reads_confirmed:
+            self._reads_confirmed.remove(waiter)
+
+    def _fail_all(self, proposal_error: Exception, read_error: Exception) -> None:
+        proposals, self._proposals = self._proposals, {}
+        unconfirmed, self._reads_unconfirmed = self._reads_unconfirmed, {}
+        confirmed, self._reads_confirmed = self._reads_confirmed, []
+        for waiter in proposals.values():
+            waiter.fail(proposal_error)
+        for waiter in [*unconfirmed.values(), *confirmed]:
+            waiter.fail(read_error)
+
+    def _fail_stop(self, failure: Failure) -> None:
+        """Storage or a bug broke the Ready loop half-way: continuing could
+        send messages about state that was never persisted, so stop for good."""
+        self.fatal_error = failure
+        self.log.failure("raft node {id}: fatal error, node stopped", failure, id=self.config.id)
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        error = NodeCrashed(f"node stopped after a fatal error: {failure.getErrorMessage()}")
+        self._fail_all(error, error)
+
+    def _notify_role_change(self) -> None:
+        core = self._core
+        if core is None or (core.role, core.leader) == (self._role, self._leader):
+            return
+        self._role, self._leader = core.role, core.leader
+        for observer in list(self.on_role_change):
+            try:
+                observer(self._role, self._leader)
+            except Exception:
+                self.log.failure("role-change observer {observer!r} failed", observer=observer)
