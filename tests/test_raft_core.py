@@ -19,6 +19,8 @@ import os
 import random
 from collections.abc import Callable, Iterable
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from raft.core import RaftCore
@@ -58,8 +60,16 @@ class MemStore:
             self.hard = rd.hard_state
 
     def save_snapshot(self, snap: Snapshot) -> None:
+        # The IStorage contract: entries after the snapshot stay only if the
+        # log agrees with it at its index; otherwise they are a stale branch.
+        meta = snap.meta
+        agrees = any(e.index == meta.index and e.term == meta.term for e in self.entries) or (
+            self.snapshot is not None
+            and self.snapshot.meta.index == meta.index
+            and self.snapshot.meta.term == meta.term
+        )
         self.snapshot = snap
-        self.entries = [e for e in self.entries if e.index > snap.meta.index]
+        self.entries = [e for e in self.entries if e.index > meta.index] if agrees else []
 
 
 class Invariants:
@@ -72,6 +82,10 @@ class Invariants:
         self.committed_seen_at_term: dict[int, int] = {}
         self.state_after: dict[int, bytes] = {}
         self.leader_of_term: dict[int, int] = {}
+        # ReadIndex: a read must reflect every write committed (anywhere)
+        # before it was asked: context -> highest commit index at that time
+        self.read_floor: dict[bytes, int] = {}
+        self.reads_served = 0
 
     def record_committed(self, index: int, term: int, data: bytes | None, now_term: int, where: str) -> None:
         known = self.committed.setdefault(index, (term, data))
@@ -120,6 +134,9 @@ class Harness:
         self.read_states: list[ReadState] = []
         self.soft_changes = 0
         self.snapshots_received: list[Snapshot] = []
+        # How many Readies to take before advancing any (a driver that
+        # pipelines Ready handling); 1 is the plain loop.
+        self.readies_per_batch = 1
 
     def restart(self) -> None:
         """Crash and restart from the store: volatile state is lost."""
@@ -142,22 +159,34 @@ class Harness:
         for _ in range(100):
             if not self.core.has_ready():
                 return out
-            rd = self.core.ready()
-            self.store.save(rd)
-            out.extend(rd.messages)
-            if rd.snapshot is not None:
-                self.snapshots_received.append(rd.snapshot)
-                self.sm.restore(rd.snapshot.data, rd.snapshot.meta.index)
-            for e in rd.committed_entries:
-                self.inv.record_committed(e.index, e.term, e.data, self.core.term, f"node {self.id} apply")
-                self.sm.apply(e)
-                known = self.inv.state_after.setdefault(e.index, self.sm.digest)
-                assert known == self.sm.digest, f"node {self.id}: state after {e.index} differs"
-            self.read_states.extend(rd.read_states)
-            if rd.soft_state is not None:
-                self.soft_changes += 1
-            self.core.advance(rd)
+            batch = [self.core.ready()]
+            while len(batch) < self.readies_per_batch and self.core.has_ready():
+                batch.append(self.core.ready())
+            for rd in batch:
+                self._handle(rd, out)
+            for rd in batch:
+                self.core.advance(rd)
         raise AssertionError(f"node {self.id}: ready() never drained")
+
+    def _handle(self, rd: Ready, out: list[Message]) -> None:
+        self.store.save(rd)
+        out.extend(rd.messages)
+        if rd.snapshot is not None:
+            self.snapshots_received.append(rd.snapshot)
+            self.sm.restore(rd.snapshot.data, rd.snapshot.meta.index)
+        for e in rd.committed_entries:
+            self.inv.record_committed(e.index, e.term, e.data, self.core.term, f"node {self.id} apply")
+            self.sm.apply(e)
+            known = self.inv.state_after.setdefault(e.index, self.sm.digest)
+            assert known == self.sm.digest, f"node {self.id}: state after {e.index} differs"
+        for rs in rd.read_states:
+            floor = self.inv.read_floor.pop(rs.context, None)
+            if floor is not None:  # reads the randomized test tracks
+                assert rs.index >= floor, f"node {self.id}: stale read {rs.context!r} at {rs.index} < {floor}"
+                self.inv.reads_served += 1
+        self.read_states.extend(rd.read_states)
+        if rd.soft_state is not None:
+            self.soft_changes += 1
 
     def compact(self) -> Snapshot:
         snap = self.core.compact(self.sm.index, self.sm.snapshot())
@@ -754,6 +783,56 @@ class ReplicationTests(SynchronousTestCase):
         self.assertEqual(net.core(1).commit_index, x_index)
 
 
+def _sorted_terms(choices: list[int], max_size: int) -> st.SearchStrategy[list[int]]:
+    return st.lists(st.sampled_from(choices), max_size=max_size).map(sorted)
+
+
+class BacktrackingPropertyTests(SynchronousTestCase):
+    @settings(deadline=None, max_examples=60)
+    @given(
+        prefix=_sorted_terms([1, 2, 3], 12),
+        shared=_sorted_terms([4, 5], 10),
+        extra_of_shared_term=st.integers(0, 6),
+        leader_tail=_sorted_terms([6, 8, 10, 12], 40),
+        follower_tail=_sorted_terms([7, 9, 11, 13, 15], 60),
+    )
+    def test_divergent_follower_converges_in_o_terms_probes(
+        self,
+        prefix: list[int],
+        shared: list[int],
+        extra_of_shared_term: int,
+        leader_tail: list[int],
+        follower_tail: list[int],
+    ) -> None:
+        # Logs that Raft could have produced: a committed prefix, entries
+        # both hold, then tails whose terms differ at every index (leader
+        # tails use even terms, the follower's odd ones). The follower may
+        # also hold more entries of the last shared term than the leader got.
+        common = [Entry(t, i + 1, b"c%d" % (i + 1)) for i, t in enumerate(prefix + shared)]
+        extra = [shared[-1]] * extra_of_shared_term if shared else []
+        base = len(common)
+        leader_log = common + [Entry(t, base + k + 1, b"s%d" % k) for k, t in enumerate(leader_tail)]
+        follower_log = common + [
+            Entry(t, base + k + 1, b"s%d" % k) for k, t in enumerate(extra + follower_tail)
+        ]
+        net = Network(3, seed=17)
+        for i, log in ((1, leader_log), (2, follower_log), (3, leader_log)):
+            net.nodes[i].store.hard = HardState(20, None, len(prefix))
+            net.nodes[i].store.entries = list(log)
+            net.restart(i)
+        net.elect(1)
+        leader = net.core(1)
+        last = leader.last_index
+        self.assertEqual(net.core(2).log_entries(1, last + 1), leader.log_entries(1, last + 1))
+        self.assertEqual(net.core(2).commit_index, last)
+        rejects = [m for m in net.delivered if m.type == MessageType.APPEND_RESP and m.frm == 2 and m.reject]
+        # one probe per conflicting term of the follower, plus one if it was shorter
+        conflicting_terms = len(set(extra + follower_tail))
+        self.assertLessEqual(
+            len(rejects), conflicting_terms + 1, [(m.index, m.reject_hint, m.hint_term) for m in rejects]
+        )
+
+
 class ReadIndexTests(SynchronousTestCase):
     def test_read_confirmed_only_after_majority_ack(self) -> None:
         net = Network(5, seed=20)
@@ -1132,10 +1211,14 @@ class RobustnessTests(SynchronousTestCase):
 
 def _seeds() -> list[int]:
     env = os.environ.get("RAFT_CORE_SEED")
-    return [int(env)] if env else list(range(1, 9))
+    return [int(env)] if env else list(range(1, 25))
 
 
-def run_random_schedule(seed: int, steps: int = 3000) -> Network:
+_ACTIONS = ("deliver", "tick", "propose", "partition", "heal", "crash", "compact", "read", "transfer")
+_WEIGHTS = (55, 20, 12, 1.5, 2, 2, 2, 4, 0.5)
+
+
+def run_random_schedule(seed: int, steps: int = 4000) -> Network:
     """Random ticks, deliveries (with loss, reordering, duplication),
     partitions, crashes/restarts, compactions and proposals; the safety
     invariants are checked after every step."""
@@ -1150,74 +1233,79 @@ def run_random_schedule(seed: int, steps: int = 3000) -> Network:
         pre_vote=rnd.random() < 0.8,
         check_quorum=rnd.random() < 0.8,
     )
+    for h in net.nodes.values():
+        h.readies_per_batch = rnd.choice((1, 1, 3))
     pending: list[Message] = []
     proposed = 0
+    reads = 0
     for _ in range(steps):
-        r = rnd.random()
-        if r < 0.35 and pending:
-            m = pending.pop(rnd.randrange(len(pending)))
-            if rnd.random() < 0.1:
-                pass  # lost
-            else:
-                if rnd.random() < 0.05:
-                    pending.append(m)  # duplicated
+        action = rnd.choices(_ACTIONS, _WEIGHTS)[0]
+        if action == "deliver" and pending:
+            # mostly in order, sometimes reordered, lost or duplicated
+            m = pending.pop(0 if rnd.random() < 0.7 else rnd.randrange(len(pending)))
+            if rnd.random() >= 0.08:
+                if rnd.random() < 0.04:
+                    pending.append(m)
                 net.deliver(m)
-        elif r < 0.6:
+        elif action == "tick":
             i = rnd.choice(net.ids)
             if i not in net.down:
                 net.core(i).tick()
-        elif r < 0.75:
+        elif action == "propose":
             leaders = net.leaders()
             if leaders:
-                c = net.core(rnd.choice(leaders))
                 try:
-                    c.propose(b"v%d" % proposed)
+                    net.core(rnd.choice(leaders)).propose(b"v%d" % proposed)
                     proposed += 1
                 except NotLeaderError:
-                    pass
-        elif r < 0.78:
+                    pass  # transfer in progress
+        elif action == "partition":
             ids = list(net.ids)
             rnd.shuffle(ids)
             k = rnd.randrange(1, n)
             net.partition(ids[:k], ids[k:])
-        elif r < 0.83:
+        elif action == "heal":
             net.heal()
-        elif r < 0.85:
+        elif action == "crash":
             i = rnd.choice(net.ids)
             if i in net.down:
                 net.restart(i)
             elif len(net.down) < (n - 1) // 2:
                 net.down.add(i)
-        elif r < 0.87:
-            i = rnd.choice(net.ids)
-            h = net.nodes[i]
-            if i not in net.down and h.sm.index > h.core.snapshot_meta.index:
+        elif action == "compact":
+            h = net.nodes[rnd.choice(net.ids)]
+            if h.id not in net.down and h.sm.index > h.core.snapshot_meta.index:
                 h.compact()
-        elif r < 0.89:
+        elif action == "read":
             leaders = net.leaders()
             if leaders:
-                c = net.core(rnd.choice(leaders))
-                try:
-                    c.read_index(b"r")
-                except NotLeaderError:
-                    pass
-        elif r < 0.9:
+                context = b"read%d" % reads
+                reads += 1
+                net.inv.read_floor[context] = max(net.core(i).commit_index for i in net.ids)
+                net.core(rnd.choice(leaders)).read_index(context)
+        elif action == "transfer":
             leaders = net.leaders()
             if leaders:
-                c = net.core(rnd.choice(leaders))
-                c.transfer_leader(rnd.choice(net.ids))
+                net.core(rnd.choice(leaders)).transfer_leader(rnd.choice(net.ids))
         for i in net.ids:
             if i not in net.down:
                 pending.extend(net.nodes[i].process())
-        if len(pending) > 400:
-            del pending[: len(pending) - 400]
+        if len(pending) > 300:
+            del pending[: len(pending) - 300]
         net.check()
     # liveness after the storm: heal everything and the cluster makes progress
     for i in list(net.down):
         net.restart(i)
     net.heal()
-    leader = net.wait_leader(max_ticks=300)
-    idx, _ = net.core(leader).propose(b"final")
+    for _ in range(50):
+        leader = net.wait_leader(max_ticks=300)
+        try:
+            idx, _ = net.core(leader).propose(b"final")
+            break
+        except NotLeaderError:
+            net.tick()  # a leader transfer is still in progress
+    else:
+        raise AssertionError("no leader accepted the final proposal")
     for _ in range(100):
         net.tick()
         if all(net.core(i).commit_index >= idx for i in net.ids):
@@ -1229,6 +1317,7 @@ def run_random_schedule(seed: int, steps: int = 3000) -> Network:
 
 class RandomizedSafetyTests(SynchronousTestCase):
     def test_random_schedules_keep_safety(self) -> None:
+        served = 0
         for seed in _seeds():
             try:
                 net = run_random_schedule(seed)
@@ -1237,3 +1326,6 @@ class RandomizedSafetyTests(SynchronousTestCase):
             # the schedule must have exercised the protocol, not idled
             self.assertGreater(len(net.inv.committed), 20, f"seed {seed}")
             self.assertGreater(len(net.inv.leader_of_term), 1, f"seed {seed}")
+            served += net.inv.reads_served
+        if len(_seeds()) > 1:
+            self.assertGreater(served, 20)  # reads were exercised, not all dropped
