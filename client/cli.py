@@ -207,6 +207,91 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return _react(body)
 
 
+def shard_map_table(shard_map: Any) -> Any:
+    """Shards grouped into runs with their hash range, owner and its nodes."""
+    from rich.table import Table
+
+    from surfshard.keyspace import shard_range
+
+    table = Table(title=f"shard map {shard_map.num} ({shard_map.nshards} shards)")
+    for column in ("shards", "hash range", "group", "nodes"):
+        table.add_column(column)
+    runs: list[tuple[int, int, int]] = []
+    for shard, gid in enumerate(shard_map.shards):
+        if runs and runs[-1][2] == gid and runs[-1][1] == shard - 1:
+            runs[-1] = (runs[-1][0], shard, gid)
+        else:
+            runs.append((shard, shard, gid))
+    for first, last, gid in runs:
+        lo = shard_range(first, shard_map.nshards)[0]
+        hi = shard_range(last, shard_map.nshards)[1]
+        nodes = " ".join(shard_map.groups.get(gid, ())) if gid else "-"
+        table.add_row(
+            str(first) if first == last else f"{first}-{last}",
+            f"{lo:016x}..{hi - 1:016x}",
+            str(gid) if gid else "[yellow]unassigned[/yellow]",
+            nodes,
+        )
+    return table
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from client.cluster import ClusterClient
+
+    cluster = _load(args)
+    if not cluster.shardmaster:
+        err_console.print(f"[red]error:[/red] {cluster.source} has no [shardmaster]: it is a static cluster")
+        return EXIT_USAGE
+    action, rest = args.action, args.params
+    try:
+        if action in ("show",):
+            if rest:
+                raise ValueError("show takes no arguments")
+        elif action == "query":
+            if len(rest) > 1:
+                raise ValueError("query takes at most one map number")
+            num = int(rest[0]) if rest else -1
+        elif action == "join":
+            if len(rest) < 2:
+                raise ValueError("join needs GID and at least one HOST:PORT")
+            groups = {int(rest[0]): rest[1:]}
+        elif action == "leave":
+            if not rest:
+                raise ValueError("leave needs at least one GID")
+            gids = [int(g) for g in rest]
+        elif action == "move":
+            if len(rest) != 2:
+                raise ValueError("move needs SHARD GID")
+            shard, gid = int(rest[0]), int(rest[1])
+    except ValueError as e:
+        err_console.print(f"usage: surfshard admin {action} ...: {e}")
+        return EXIT_USAGE
+
+    @defer.inlineCallbacks
+    def body(reactor: Any):
+        client = ClusterClient(cluster, reactor, timeout=args.timeout)
+        sm = client.shardmaster
+        try:
+            if action == "show":
+                shard_map = yield sm.query(-1)
+            elif action == "query":
+                shard_map = yield sm.query(num)
+            else:
+                if action == "join":
+                    new_num = yield sm.join(groups)
+                elif action == "leave":
+                    new_num = yield sm.leave(gids)
+                else:
+                    new_num = yield sm.move(shard, gid)
+                shard_map = yield sm.query(new_num)
+        finally:
+            yield client.close()
+        _emit(args, shard_map.to_wire(), lambda: console().print(shard_map_table(shard_map)))
+        return EXIT_OK
+
+    return _react(body)
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from client.cluster import CLIENT_CERT_NAME
     from surfshard.config import parse_address
@@ -267,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", metavar="HOST:PORT")
     p.add_argument("--seconds", type=float, default=30.0, help="random: how long to run (default 30)")
     p.add_argument("--seed", type=int, help="random: schedule seed (printed, for replay)")
+    p = command(
+        "admin",
+        cmd_admin,
+        "ShardMaster: show | query [NUM] | join GID HOST:PORT... | leave GID... | move SHARD GID",
+    )
+    p.add_argument("action", choices=["show", "query", "join", "leave", "move"])
+    p.add_argument("params", nargs="*", metavar="ARG")
+    p.add_argument("--timeout", type=float, default=30.0, help="give up after this many seconds (default 30)")
     p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
     p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")
     return parser

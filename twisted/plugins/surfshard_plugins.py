@@ -12,3 +12,10 @@ surfshard = ServiceMaker(
     "One replica of a SurfShard metadata group (SurfStore metadata on Raft).",
     "surfshard",
 )
+
+shardmaster = ServiceMaker(
+    "SurfShard ShardMaster replica",
+    "shardmaster.tap",
+    "One replica of the SurfShard ShardMaster (the Raft-replicated shard map).",
+    "shardmaster",
+)

@@ -1,0 +1,147 @@
+"""The ShardMaster replica server: join/leave/move/query over Raft, one port."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from typing import Any
+
+from twisted.internet import defer
+
+from shardmaster.state import ShardMasterStateMachine, encode_join, encode_leave, encode_move
+from surfshard import errors
+from surfshard.config import ClusterConfig, NodeKind
+from surfshard.metadata import validate_client
+from surfshard.replica import TIMEOUT_ARG, ReplicaControl, ReplicaService
+from surfshard.rpc import Arg, MethodTable, Value
+
+CLIENT_ARGS = [
+    Arg("client_id", str, required=False, min_len=1, max_len=128),
+    Arg("seq", int, required=False, min=1),
+]
+
+
+class ShardMasterReplica(ReplicaControl):
+    """The ShardMaster calls, as Deferred-returning methods.
+
+    Arguments are checked against the latest applied map before proposing,
+    for a fast clear error; the state machine checks again at apply time,
+    since the map may change in between.
+    """
+
+    def __init__(self, node: Any, machine: ShardMasterStateMachine, *args: Any, **kwargs: Any) -> None:
+        super().__init__(node, *args, **kwargs)
+        self.machine = machine
+        self._anonymous_id = f"anon-{uuid.uuid4().hex}"
+        self._anonymous_seq = itertools.count(1)
+
+    def _identity(self, client_id: str | None, seq: int | None) -> tuple[str, int]:
+        if client_id is None or seq is None:
+            return self._anonymous_id, next(self._anonymous_seq)
+        return validate_client(client_id, seq)
+
+    def _write(self, command: bytes, timeout: float | None) -> defer.Deferred:
+        def attempt(remaining: float) -> defer.Deferred:
+            return self.node.propose(command, timeout=remaining)
+
+        return self.as_leader(attempt, timeout).addCallback(_map_number)
+
+    def join(
+        self, groups: dict, client_id: str | None = None, seq: int | None = None, timeout: float | None = None
+    ):
+        """Add groups ``{gid: [host:port...]}``; fires with the new map's number."""
+        self.machine.validate_join(groups)
+        return self._write(encode_join(groups, *self._identity(client_id, seq)), timeout)
+
+    def leave(
+        self, gids: list, client_id: str | None = None, seq: int | None = None, timeout: float | None = None
+    ):
+        """Remove groups; their shards are rebalanced onto the others."""
+        self.machine.validate_leave(gids)
+        return self._write(encode_leave(gids, *self._identity(client_id, seq)), timeout)
+
+    def move(
+        self,
+        shard: int,
+        gid: int,
+        client_id: str | None = None,
+        seq: int | None = None,
+        timeout: float | None = None,
+    ):
+        """Pin ``shard`` to group ``gid`` until the next join or leave."""
+        self.machine.validate_move(shard, gid)
+        return self._write(encode_move(shard, gid, *self._identity(client_id, seq)), timeout)
+
+    def query(self, num: int = -1, timeout: float | None = None) -> defer.Deferred:
+        """Map ``num`` (-1: the latest), after a ReadIndex round."""
+
+        def attempt(remaining: float) -> defer.Deferred:
+            d = self.node.read(timeout=remaining)
+            d.addCallback(lambda _: self.machine.query(num).to_wire())
+            return d
+
+        return self.as_leader(attempt, timeout)
+
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        status.update(self.machine.stats())
+        return status
+
+
+def _map_number(result: Any) -> int:
+    if isinstance(result, dict) and result.get("ok"):
+        return int(result["num"])
+    raise errors.error_from_wire(result)
+
+
+def shardmaster_methods(replica: ShardMasterReplica) -> MethodTable:
+    t = MethodTable(service="shardmaster")
+    addresses = Value(list, min_len=1, max_len=32, items=Value(str, min_len=1, max_len=300))
+    t.add(
+        "join",
+        replica.join,
+        [
+            Arg("groups", Value(dict, min_len=1, max_len=1024, keys=Value(int), values=addresses)),
+            *CLIENT_ARGS,
+            TIMEOUT_ARG,
+        ],
+    )
+    t.add(
+        "leave",
+        replica.leave,
+        [Arg("gids", Value(list, min_len=1, max_len=1024, items=Value(int))), *CLIENT_ARGS, TIMEOUT_ARG],
+    )
+    t.add("move", replica.move, [Arg("shard", int), Arg("gid", int), *CLIENT_ARGS, TIMEOUT_ARG])
+    t.add("query", replica.query, [Arg("num", int, default=-1), TIMEOUT_ARG])
+    return t
+
+
+class ShardMasterService(ReplicaService):
+    """Replica ``index`` of the ShardMaster."""
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        index: int,
+        reactor: Any,
+        *,
+        chaos: bool | None = None,
+        fsync: bool | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.machine = ShardMasterStateMachine(cluster.shards)
+        super().__init__(
+            cluster, NodeKind.SHARDMASTER, 0, index, self.machine, reactor, chaos=chaos, fsync=fsync, rng=rng
+        )
+        self.table.include(shardmaster_methods(self.control))  # type: ignore[arg-type]
+
+    def make_control(self, chaos: bool) -> ShardMasterReplica:
+        return ShardMasterReplica(
+            self.node,
+            self.machine,
+            self.raft_addresses,
+            self.reactor,
+            chaos=chaos,
+            transfer=self._ask_transfer,
+        )
