@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from client.cluster import ClusterClient
 from client.status import collect_status, status_table
+from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
 
 #: Which twistd plugin runs each kind of node, and its arguments.
@@ -132,6 +133,32 @@ class Launcher:
             self.console.print(status_table(rows, title=f"cluster {self.cluster.name}"))
 
     @defer.inlineCallbacks
+    def join_groups(self, deadline: float = 60.0):
+        """On a fresh cluster, join every group of the config to the
+        ShardMaster in one step, so their shards are assigned at once."""
+        if self.cluster.static or not self.cluster.shardmaster:
+            return None
+        if not any(c.node.kind is NodeKind.SHARDMASTER for c in self.children.values()):
+            return None
+        sm = self.client.shardmaster
+        end = self.reactor.seconds() + deadline
+        while True:
+            try:
+                latest = yield sm.query(-1)
+                break
+            except errors.SurfShardError as e:
+                if self.reactor.seconds() > end:
+                    self.console.print(f"[red]shard master did not answer: {e}[/red]")
+                    return None
+        if latest.groups:
+            self.console.print(f"shard map {latest.num} already has groups {sorted(latest.groups)}")
+            return latest
+        groups = {gid: list(addresses) for gid, addresses in sorted(self.cluster.groups.items())}
+        num = yield sm.join(groups)
+        self.console.print(f"joined groups {sorted(groups)}: shard map {num}")
+        return num
+
+    @defer.inlineCallbacks
     def stop(self):
         """SIGTERM every child we started, SIGKILL what is left after the grace period."""
         self._stopping = True
@@ -188,6 +215,9 @@ def run_up(
     if seconds is not None:
         reactor.callLater(seconds, finish)
     launcher.console.print("[bold]Ctrl-C stops every node[/bold]")
+    launcher.join_groups().addErrback(
+        lambda f: launcher.console.print(f"[red]joining groups failed: {f.value}[/red]")
+    )
 
     @defer.inlineCallbacks
     def shutdown(_: Any):

@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from client.retry import LeaderCaller
+from surfshard.leader import LeaderCaller
 
 
 class MetadataClient:

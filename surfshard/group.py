@@ -58,6 +58,7 @@ class MetadataReplica(ReplicaControl):
 
         d = self.as_leader(attempt, timeout)
         d.addCallback(update_result)
+        d.addErrback(self._name_map)
         return d
 
     def getfileinfo(self, name: str, timeout: float | None = None) -> defer.Deferred:
@@ -70,7 +71,14 @@ class MetadataReplica(ReplicaControl):
             d.addCallback(lambda _: fileinfo(self.machine.getfileinfo(name)))
             return d
 
-        return self.as_leader(attempt, timeout)
+        return self.as_leader(attempt, timeout).addErrback(self._name_map)
+
+    def _name_map(self, failure: Any) -> Any:
+        """WRONG_GROUP answers carry the shard map number this group is at,
+        so a client can tell whether its own map is older or newer."""
+        failure.trap(errors.WrongGroup)
+        error = failure.value
+        raise errors.WrongGroup(error.message, **{**error.details, "num": self.machine.config_num})
 
     def getfileinfomap(self, timeout: float | None = None) -> defer.Deferred:
         """Fires with ``{name: [version, hashlist]}`` for every file, tombstones included."""

@@ -82,6 +82,20 @@ MAX_CLIENT_ID_BYTES = 128
 
 OP_UPDATE = "update"
 _UPDATE_KEYS = frozenset({"op", "name", "version", "hashlist", "client", "seq"})
+#: Move this group to shard map ``num``: take ownership of ``adopt`` (shards
+#: that were unassigned, so they start empty). Moving a shard that holds data
+#: between groups needs migration, which is not implemented yet: such maps
+#: are not proposed (see ``surfshard.shardwatch``).
+OP_CONFIG = "config"
+_CONFIG_KEYS = frozenset({"op", "num", "adopt"})
+
+
+def encode_config(num: int, adopt: Iterable[int]) -> bytes:
+    """The command moving a group to shard map ``num``, adopting empty shards."""
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise BadRequest(f"shard map number must be an integer >= 1, not {num!r}")
+    return cbor2.dumps({"op": OP_CONFIG, "num": num, "adopt": sorted(set(adopt))}, canonical=True)
+
 
 FileInfo = tuple[int, tuple[str, ...]]
 
@@ -250,6 +264,8 @@ class MetadataStateMachine:
         self.nshards = nshards
         shards = range(nshards) if owned is None else owned
         self._shards: dict[int, _ShardState] = {}
+        #: The shard map number this group has moved to (0: none yet).
+        self.config_num = 0
         for s in sorted(set(shards)):
             self._check_shard(s)
             self._shards[s] = _ShardState()
@@ -328,6 +344,8 @@ class MetadataStateMachine:
         if not isinstance(wire, dict):
             raise BadRequest(f"command must be a map, not {type(wire).__name__}")
         op = wire.get("op")
+        if op == OP_CONFIG:
+            return self._apply_config(wire)
         if op != OP_UPDATE:
             raise BadRequest(f"unknown command op {op!r}")
         if set(wire) != _UPDATE_KEYS:
@@ -376,6 +394,33 @@ class MetadataStateMachine:
             session.floor = max(session.floor, oldest)
         return _answer_result(answer)
 
+    def _apply_config(self, wire: dict[str, Any]) -> dict[str, Any]:
+        if set(wire) != _CONFIG_KEYS:
+            raise BadRequest(f"config command must have exactly the keys {sorted(_CONFIG_KEYS)}")
+        num, adopt = wire["num"], wire["adopt"]
+        if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+            raise BadRequest(f"config num must be an integer >= 1, not {num!r}")
+        if not isinstance(adopt, list):
+            raise BadRequest("config adopt must be a list of shards")
+        for shard in adopt:
+            try:
+                self._check_shard(shard)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        if num != self.config_num + 1:
+            # A duplicate or out-of-order proposal (e.g. from a deposed
+            # leader): maps are taken one at a time, in order.
+            return _error(
+                ErrorCode.BAD_REQUEST,
+                f"group is at map {self.config_num}, not {num - 1}",
+                num=self.config_num,
+            )
+        for shard in adopt:
+            self._shards.setdefault(shard, _ShardState())
+        self._shards = dict(sorted(self._shards.items()))
+        self.config_num = num
+        return {"ok": True, "num": num}
+
     def snapshot(self) -> bytes:
         """Every owned shard, in canonical CBOR (equal states, equal bytes)."""
         wire = {
@@ -383,14 +428,24 @@ class MetadataStateMachine:
             "nshards": self.nshards,
             "shards": {shard: state.to_wire() for shard, state in self._shards.items()},
         }
+        if self.config_num:
+            wire["config"] = self.config_num
         return cbor2.dumps(wire, canonical=True)
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with ``snapshot()`` output. ``BadRequest``
         (and no change) if it is malformed or for another shard count."""
         wire = _decode(data, "snapshot")
-        if not isinstance(wire, dict) or set(wire) != {"format", "nshards", "shards"}:
-            raise BadRequest("snapshot must be a map with format, nshards and shards")
+        if not isinstance(wire, dict) or not {"format", "nshards", "shards"} <= set(wire) <= {
+            "format",
+            "nshards",
+            "shards",
+            "config",
+        }:
+            raise BadRequest("snapshot must be a map with format, nshards, shards and optionally config")
+        config_num = wire.get("config", 0)
+        if not isinstance(config_num, int) or isinstance(config_num, bool) or config_num < 0:
+            raise BadRequest(f"snapshot config must be a map number, not {config_num!r}")
         if wire["format"] != FORMAT:
             raise BadRequest(f"snapshot has format {wire['format']!r}, this node reads {FORMAT}")
         if wire["nshards"] != self.nshards:
@@ -406,6 +461,7 @@ class MetadataStateMachine:
                 raise BadRequest(f"snapshot: {e}") from None
             shards[shard] = _ShardState.from_wire(shard_w, shard, self.nshards)
         self._shards = dict(sorted(shards.items()))
+        self.config_num = config_num
 
     # -- reads ----------------------------------------------------------------
 
@@ -432,6 +488,7 @@ class MetadataStateMachine:
         """Sizes for status pages and benchmarks."""
         return {
             "owned_shards": sorted(self._shards),
+            "shard_map": self.config_num,
             "files": sum(len(s.files) for s in self._shards.values()),
             "sessions": sum(len(s.sessions) for s in self._shards.values()),
         }

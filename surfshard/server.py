@@ -9,9 +9,11 @@ from surfshard.config import ClusterConfig, NodeKind
 from surfshard.facade import RPC2
 from surfshard.group import MetadataReplica
 from surfshard.keyspace import MAX_HASHLIST
+from surfshard.leader import LeaderCaller
 from surfshard.metadata import MetadataStateMachine
 from surfshard.replica import TIMEOUT_ARG, ReplicaService
 from surfshard.rpc import Arg, MethodTable, Value
+from surfshard.shardwatch import ShardMapWatcher
 
 NAME_ARG = Arg("name", str, min_len=1, max_bytes=4096)
 
@@ -39,6 +41,9 @@ class MetadataService(ReplicaService):
             cluster, NodeKind.GROUP, gid, index, self.machine, reactor, chaos=chaos, fsync=fsync, rng=rng
         )
         self.table.include(metadata_methods(self.replica))
+        if not cluster.static:
+            shardmaster = LeaderCaller(self.pool, cluster.shardmaster, reactor, timeout=2.0, rng=rng)
+            ShardMapWatcher(gid, self.node, self.machine, shardmaster, reactor).setServiceParent(self)
         self.root.add("RPC2", RPC2(self.replica))
 
     @property

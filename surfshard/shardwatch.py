@@ -1,0 +1,128 @@
+"""A metadata group following the ShardMaster's maps, one at a time.
+
+The group's leader polls the ShardMaster for the map after the one the group
+has applied. When that map only gives this group shards that were
+unassigned (so they hold no data yet), the leader proposes a ``config``
+command and every replica adopts them at the same log position. A map that
+moves a shard holding data between groups needs shard migration, which is
+not built yet: the group then stays at its current map, serving what it
+has, and says so in its log (once per map).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from surfshard import errors
+from surfshard.leader import LeaderCaller
+from surfshard.metadata import MetadataStateMachine, encode_config
+from surfshard.shardmap import UNASSIGNED, ShardMap
+
+POLL_INTERVAL = 0.25
+
+
+def plan_config(gid: int, current: ShardMap, following: ShardMap) -> tuple[list[int], list[int], list[int]]:
+    """``(adopt, incoming, outgoing)`` for moving group ``gid`` from
+    ``current`` to ``following``: shards gained from nobody, shards gained
+    from another group, shards given away."""
+    adopt, incoming, outgoing = [], [], []
+    for shard, (old, new) in enumerate(zip(current.shards, following.shards, strict=True)):
+        if new == gid and old != gid:
+            (adopt if old == UNASSIGNED else incoming).append(shard)
+        elif old == gid and new != gid:
+            outgoing.append(shard)
+    return adopt, incoming, outgoing
+
+
+class ShardMapWatcher(service.Service):
+    """Runs on every replica; acts only while its node leads."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        gid: int,
+        node: Any,
+        machine: MetadataStateMachine,
+        shardmaster: LeaderCaller,
+        reactor: Any,
+        interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.gid = gid
+        self.node = node
+        self.machine = machine
+        self.shardmaster = shardmaster
+        self.reactor = reactor
+        self.interval = interval
+        self._loop: task.LoopingCall | None = None
+        self._maps: dict[int, ShardMap] = {0: ShardMap.initial(machine.nshards)}
+        self._blocked_at: int | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._poll)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: self.log.failure("shard map watcher stopped", f)
+        )
+
+    def stopService(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    @defer.inlineCallbacks
+    def _map(self, num: int):
+        cached = self._maps.get(num)
+        if cached is not None:
+            return cached
+        wire = yield self.shardmaster.call("query", {"num": num}, timeout=2.0)
+        shard_map = ShardMap.from_wire(wire)
+        if shard_map.num == num:
+            self._maps = {k: v for k, v in self._maps.items() if k >= num - 1}
+            self._maps[num] = shard_map
+        return shard_map
+
+    @defer.inlineCallbacks
+    def _poll(self):
+        if not self.node.is_leader or self.node.crashed:
+            return
+        current_num = self.machine.config_num
+        try:
+            following = yield self._map(current_num + 1)
+            if following.num != current_num + 1:
+                return  # nothing newer yet
+            current = yield self._map(current_num)
+        except errors.SurfShardError as e:
+            self.log.debug("shard master not reachable: {e}", e=e)
+            return
+        adopt, incoming, outgoing = plan_config(self.gid, current, following)
+        if incoming or outgoing:
+            if self._blocked_at != following.num:
+                self._blocked_at = following.num
+                self.log.warn(
+                    "group {gid} stays at shard map {num}: map {next} moves shards with data "
+                    "(in {incoming}, out {outgoing}), and shard migration is not implemented yet",
+                    gid=self.gid,
+                    num=current_num,
+                    next=following.num,
+                    incoming=incoming,
+                    outgoing=outgoing,
+                )
+            return
+        try:
+            yield self.node.propose(encode_config(following.num, adopt), timeout=5.0)
+        except Exception as e:  # leadership lost, timeout: the next poll retries
+            self.log.info("proposing shard map {num} failed: {e}", num=following.num, e=e)
+            return
+        if adopt:
+            self.log.info(
+                "group {gid} moved to shard map {num}, adopting shards {adopt}",
+                gid=self.gid,
+                num=following.num,
+                adopt=adopt,
+            )
