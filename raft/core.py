@@ -80,8 +80,9 @@ def _validate_config(config: RaftConfig) -> tuple[int, ...]:
 
 
 class RaftCore:
-    """One Raft node's protocol state. See ``docs``/the module docstring for
-    the Ready contract; every public method is cheap and never blocks."""
+    """One Raft node's protocol state (see the module docstring for the
+    Ready contract). Every method is cheap, synchronous and deterministic
+    given the ``rng``; nothing here blocks or does I/O."""
 
     def __init__(
         self,

@@ -220,13 +220,6 @@ class ReadIndexTracker:
             safe.extend(self._rounds.pop(rid).reads)
         return safe
 
-    def release_all(self) -> list[ReadState]:
-        """Single-voter group: every read is safe as soon as asked."""
-        safe = [r for rid in sorted(self._rounds) for r in self._rounds.pop(rid).reads]
-        safe.extend(self.queued)
-        self.queued = []
-        return safe
-
     @staticmethod
     def encode(round_id: int) -> bytes:
         return b"ri:%d" % round_id
