@@ -19,3 +19,10 @@ shardmaster = ServiceMaker(
     "One replica of the SurfShard ShardMaster (the Raft-replicated shard map).",
     "shardmaster",
 )
+
+surfblock = ServiceMaker(
+    "SurfShard block store",
+    "surfshard.blocktap",
+    "A SurfStore block store: content-addressed blocks by SHA-256.",
+    "surfblock",
+)

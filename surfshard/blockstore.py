@@ -1,0 +1,204 @@
+"""The block store: SurfStore's content-addressed blocks, on disk.
+
+Blocks are immutable and named by their SHA-256, so storing one is
+idempotent and needs no coordination: a block store is not replicated by
+Raft (a client that cares puts a block on several stores). A block is
+written to a temporary file, fsynced and renamed into place, so a crash
+leaves either the whole block or nothing; a block read back is checked
+against its name, so silent disk corruption is reported, never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import xmlrpc
+
+from surfshard import errors
+from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
+from surfshard.keyspace import validate_block_hash
+from surfshard.port import NodeRoot, listen, make_site, node_factory
+from surfshard.rpc import Arg, MethodTable, RpcServerFactory, Value
+from surfshard.tls import TLSFiles
+
+#: Largest block accepted (SurfStore clients use 4 KiB blocks by default).
+MAX_BLOCK_BYTES = 4 * 1024 * 1024
+#: Most hashes one hasblocks call may ask about.
+MAX_HASBLOCKS = 100_000
+
+
+class BlockStore:
+    """Blocks in ``directory/<first 2 hex>/<hash>``."""
+
+    log = Logger()
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+
+    def _path(self, block_hash: str) -> Path:
+        return self.directory / block_hash[:2] / block_hash
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; returns its hash (storing it again is a no-op)."""
+        if not isinstance(data, bytes):
+            raise errors.BadRequest("a block must be bytes")
+        if len(data) > MAX_BLOCK_BYTES:
+            raise errors.BadRequest(f"block of {len(data)} bytes is over the limit of {MAX_BLOCK_BYTES}")
+        block_hash = hashlib.sha256(data).hexdigest()
+        path = self._path(block_hash)
+        if path.exists():
+            return block_hash
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return block_hash
+
+    def get(self, block_hash: str) -> bytes:
+        validate_block_hash(block_hash)
+        try:
+            data = self._path(block_hash).read_bytes()
+        except FileNotFoundError:
+            raise errors.BadRequest(f"no block {block_hash}", missing=block_hash) from None
+        if hashlib.sha256(data).hexdigest() != block_hash:
+            self.log.error("block {hash} is corrupt on disk", hash=block_hash)
+            raise errors.Internal(f"block {block_hash} is corrupt on this store")
+        return data
+
+    def has(self, hashes: list[str]) -> list[str]:
+        """The subset of ``hashes`` stored here, in the order given."""
+        for h in hashes:
+            validate_block_hash(h)
+        return [h for h in hashes if self._path(h).exists()]
+
+
+def blockstore_methods(store: BlockStore) -> MethodTable:
+    t = MethodTable(service="blockstore")
+    # Handlers get the wire argument names as keywords.
+    t.add("putblock", lambda data: store.put(data), [Arg("data", bytes, max_bytes=MAX_BLOCK_BYTES)])
+    t.add("getblock", lambda hash: store.get(hash), [Arg("hash", str, min_len=64, max_len=64)])
+    t.add(
+        "hasblocks",
+        lambda hashes: store.has(hashes),
+        [Arg("hashes", Value(list, max_len=MAX_HASBLOCKS, items=Value(str, max_len=64)))],
+    )
+    t.add("ping", lambda: True)
+    return t
+
+
+class BlockStoreXMLRPC(xmlrpc.XMLRPC):
+    """SurfStore's ``surfstore.getblock/putblock/hasblocks/ping``."""
+
+    def __init__(self, store: BlockStore) -> None:
+        super().__init__(allowNone=True)
+        self.store = store
+
+    def _guard(self, call: Any, *args: Any) -> defer.Deferred:
+        from surfshard.facade import to_fault
+
+        def fault(failure: Any) -> Any:
+            if failure.check(errors.SurfShardError):
+                return to_fault(failure.value)
+            return to_fault(errors.Internal("internal error"))
+
+        return defer.maybeDeferred(call, *args).addErrback(fault)
+
+    def xmlrpc_ping(self) -> Any:
+        return True
+
+    def xmlrpc_putblock(self, block: Any) -> Any:
+        def call() -> bool:
+            data = block.data if isinstance(block, xmlrpc.Binary) else block
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            self.store.put(data)
+            return True
+
+        return self._guard(call)
+
+    def xmlrpc_getblock(self, block_hash: Any) -> Any:
+        def call() -> xmlrpc.Binary:
+            if not isinstance(block_hash, str):
+                raise errors.BadRequest("hash must be a string")
+            return xmlrpc.Binary(self.store.get(block_hash))
+
+        return self._guard(call)
+
+    def xmlrpc_hasblocks(self, hashes: Any) -> Any:
+        def call() -> list[str]:
+            if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+                raise errors.BadRequest("hashlist must be a list of strings")
+            if len(hashes) > MAX_HASBLOCKS:
+                raise errors.BadRequest(f"at most {MAX_HASBLOCKS} hashes per call")
+            return self.store.has(hashes)
+
+        return self._guard(call)
+
+
+class BlockStoreService(service.Service):
+    """Block store ``index`` of the config, on its port."""
+
+    log = Logger()
+
+    def __init__(
+        self, cluster: ClusterConfig, index: int, reactor: Any, *, fsync: bool | None = None
+    ) -> None:
+        self.cluster = cluster
+        self.reactor = reactor
+        self.name = node_name(NodeKind.BLOCKSTORE, 0, index)
+        self.address = cluster.node_address(NodeKind.BLOCKSTORE, 0, index)
+        data_dir = Path(cluster.node_data_dir(NodeKind.BLOCKSTORE, 0, index))
+        self.store = BlockStore(data_dir / "blocks", fsync=cluster.raft.fsync if fsync is None else fsync)
+        self.table = blockstore_methods(self.store)
+        self.table.add("status", lambda: {"role": "blockstore", "name": self.name, "address": self.address})
+        self.root = NodeRoot()
+        rpc2 = xmlrpc.XMLRPC(allowNone=True)
+        rpc2.putSubHandler("surfstore", BlockStoreXMLRPC(self.store))
+        self.root.add("RPC2", rpc2)
+        self.tls_files = None
+        if cluster.tls is not None:
+            cert, key = cluster.tls.cert_paths(self.name)
+            self.tls_files = TLSFiles(ca=str(cluster.tls.ca), cert=str(cert), key=str(key))
+        self.listening_port: Any = None
+
+    @defer.inlineCallbacks
+    def startService(self):
+        super().startService()
+        host, port = parse_address(self.address)
+        factory = node_factory(
+            RpcServerFactory(self.table, self.reactor),
+            make_site(self.root, clock=self.reactor),
+            self.reactor,
+            tls=self.tls_files,
+        )
+        self.listening_port = yield listen(self.reactor, port, factory, host)
+        self.log.info("{name} serving blocks on {address}", name=self.name, address=self.address)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        if self.listening_port is not None:
+            yield self.listening_port.stopListening()
+        yield super().stopService()
