@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from raft.errors import NodeCrashed
+from raft.errors import NodeCrashed, NotLeaderError
 from raft.interfaces import IStateMachine, IStorage, ITransport
 from raft.node import RaftNode
 from raft.types import Entry, Message, MessageType, RaftConfig, Role
@@ -45,11 +45,14 @@ log = Logger()
 
 def sim_seeds(default_count: int) -> list[int]:
     """The seeds a randomized test should run: ``RAFT_SEED=n`` replays seed n
-    alone; otherwise ``RAFT_SEEDS`` (default ``default_count``) seeds 0..N-1."""
+    alone; otherwise ``RAFT_SEEDS`` (default ``default_count``) seeds starting
+    at ``RAFT_SEED_BASE`` (default 0), to explore beyond the CI seeds."""
     one = os.environ.get("RAFT_SEED", "").strip()
     if one:
         return [int(one)]
-    return list(range(int(os.environ.get("RAFT_SEEDS", "").strip() or default_count)))
+    count = int(os.environ.get("RAFT_SEEDS", "").strip() or default_count)
+    base = int(os.environ.get("RAFT_SEED_BASE", "").strip() or 0)
+    return list(range(base, base + count))
 
 
 class InvariantViolation(AssertionError):
@@ -363,6 +366,7 @@ class SimCluster:
         #: Commands whose proposal was acknowledged (Deferred fired with a result).
         self.acked: list[bytes] = []
         self.violations: list[str] = []
+        self._progress_seen: dict[int, tuple[RaftNode, tuple[int, int, int]]] = {}
         if start:
             for i in self.ids:
                 self.start(i)
@@ -374,6 +378,20 @@ class SimCluster:
 
     def _violation(self, message: str) -> None:
         self.violations.append(f"t={self.clock.seconds():.3f}: {message}")
+
+    def _check_monotonic(self) -> None:
+        """Within one incarnation of a node, term, commit and applied index
+        never go back (across a power-loss restart only what was synced counts)."""
+        for i, node in self.nodes.items():
+            if not node.running:
+                continue
+            core = node.core
+            now = (core.term, core.commit_index, node.applied_index)
+            before = self._progress_seen.get(i)
+            if before is not None and before[0] is node:
+                if any(a < b for a, b in zip(now, before[1], strict=True)):
+                    self._violation(f"node {i} went back from (term, commit, applied) {before[1]} to {now}")
+            self._progress_seen[i] = (node, now)
 
     def _raise_if_broken(self) -> None:
         if self.violations:
@@ -459,6 +477,7 @@ class SimCluster:
         (small steps, so zero-delay calls do not all collapse into one)."""
         for _ in range(max(1, math.ceil(seconds / step - 1e-9))):
             self.clock.advance(step)
+            self._check_monotonic()
             self._raise_if_broken()
 
     def run_until(self, predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
@@ -468,6 +487,7 @@ class SimCluster:
             if predicate():
                 return True
             self.clock.advance(step)
+            self._check_monotonic()
             self._raise_if_broken()
         return predicate()
 
@@ -582,18 +602,31 @@ class SimCluster:
         expected = len(self.ids) if expected is None else expected
         deadline = self.clock.seconds() + timeout
         proposed = False
-        while self.clock.seconds() < deadline:
-            if not proposed or retry:
-                leader = self.leader()
-                if leader is not None:
-                    d = self.propose(leader, command)
-                    d.addErrback(lambda _f: None)  # the outcome is read from the state machines
-                    proposed = True
-            if self.run_until(lambda: len(self.applied_on(command)) >= expected, 2.0):
-                index = self._index_of_command[command]
-                return index
-            if not retry and proposed:
+
+        def done() -> bool:
+            return len(self.applied_on(command)) >= expected
+
+        while self.clock.seconds() < deadline and not done():
+            if proposed and not retry:
+                self.run_until(done, deadline - self.clock.seconds())
                 break
+            leader = self.leader()
+            if leader is None:
+                self.run(0.05)
+                continue
+            refused: list[Failure] = []
+            self.propose(leader, command).addErrback(
+                lambda f, refused=refused: refused.append(f) if f.check(NotLeaderError, NodeCrashed) else None
+            )
+            proposed = True
+            # Wait for the outcome in the state machines.  A refused proposal
+            # (never in any log) is retried at once; a dropped one may still
+            # commit, so it gets the full 2 s before being proposed again.
+            self.run_until(
+                lambda refused=refused: done() or bool(refused), min(2.0, deadline - self.clock.seconds())
+            )
+        if done():
+            return self._index_of_command[command]
         raise self.fail(
             f"one({command!r}) failed to reach {expected} nodes: applied on {self.applied_on(command)}, "
             f"status {self.status()}"
@@ -635,11 +668,14 @@ class SimCluster:
         self._raise_if_broken()
         logs: dict[int, dict[int, Entry]] = {}
         commits: dict[int, int] = {}
+        snapshot_indexes: dict[int, int] = {}
         for i, storage in self.storages.items():
-            hard_state, _snapshot, entries = storage.load()
+            hard_state, snapshot, entries = storage.load()
             logs[i] = {e.index: e for e in entries}
             commits[i] = hard_state.commit
+            snapshot_indexes[i] = snapshot.meta.index if snapshot is not None else 0
         self._check_log_matching(logs)
+        self._check_committed_on_majority(logs, snapshot_indexes)
         for i, log_ in logs.items():
             for index, entry in log_.items():
                 seen = self.committed.get(index)
@@ -650,6 +686,23 @@ class SimCluster:
         self._check_leader_completeness(logs)
         self._check_recorded_histories()
         self._raise_if_broken()
+
+    def _check_committed_on_majority(
+        self, logs: dict[int, dict[int, Entry]], snapshot_indexes: dict[int, int]
+    ) -> None:
+        """Whatever was applied anywhere is stored (in the log or covered by a
+        snapshot) on a majority: persist-before-ack on leader and followers."""
+        for index, (term, data) in self.committed.items():
+            holders = 0
+            for i, log_ in logs.items():
+                entry = log_.get(index)
+                if snapshot_indexes[i] >= index or (
+                    entry is not None and (entry.term, entry.data) == (term, data)
+                ):
+                    holders += 1
+            if holders * 2 <= len(self.ids):
+                self._violation(f"committed index {index} {(term, data)!r} is stored on only {holders} nodes")
+                return
 
     def _check_log_matching(self, logs: dict[int, dict[int, Entry]]) -> None:
         ids = sorted(logs)
