@@ -129,7 +129,7 @@ class _SimConnection:
         self._next_id = 1
         self.protocol = RpcServerProtocol(server.table, net.clock, server.limits)
         self.protocol.makeConnection(_ServerTransport(self))
-        server.connections.add(self)
+        server.connections[self] = None
 
     def call(self, method: str, args: Any, timeout: float | None) -> Deferred[Any]:
         call_id = self._next_id
@@ -189,7 +189,7 @@ class _SimConnection:
         if not self.alive:
             return
         self.alive = False
-        self.server.connections.discard(self)
+        self.server.connections.pop(self, None)
         self.pool._forget_connection(self)
         self.protocol.connectionLost(Failure(ConnectionLost(why)))
         if notify_after > 0:
@@ -211,7 +211,7 @@ class _SimConnection:
         if not self.alive:
             return
         self.alive = False
-        self.server.connections.discard(self)
+        self.server.connections.pop(self, None)
         self.protocol.connectionLost(Failure(ConnectionDone("client closed")))
         pending, self.pending = self.pending, {}
         for call in pending.values():
@@ -227,7 +227,9 @@ class _Server:
         self.address = address
         self.table = table
         self.limits = limits
-        self.connections: set[_SimConnection] = set()
+        # A dict, not a set: iteration order must not depend on object ids,
+        # or a seeded run would not replay.
+        self.connections: dict[_SimConnection, None] = {}
 
 
 # ---------------------------------------------------------------------------
