@@ -1,0 +1,342 @@
+"""Round trips per second through the native RPC protocol, next to a bare
+Twisted protocol moving the same bytes.
+
+    python3 benchmarks/rpc.py [--seconds 5] [--rounds 3] [--payload 64] [--profile]
+
+Server and client run in this one process, on one reactor, over 127.0.0.1:
+a round trip costs the client's and the server's CPU together and nothing
+runs in parallel on another core, so the ratio compares the total work per
+call of the two stacks.
+
+- native: an ``echo`` method in a MethodTable behind the shared node port
+  (first-bytes sniffing included), called through RpcClientPool.call with a
+  per-call timeout: CBOR encode/decode both ways, argument validation,
+  dispatch, id matching, a Deferred per call, timeouts.
+- bare: a Protocol that echoes length-prefixed frames, and a client that
+  frames each request and parses each reply; it sends exactly the bytes the
+  native client sends for a call, so both move the same bytes per call.
+
+Each is run with 1 and with 64 calls in flight.  The machine may be shared,
+so each measurement is cut into ``--rounds`` slices interleaved with the
+other stack's, rates are counted per second of this process's CPU time
+(user + system; wall-clock rates are printed too) and the best slice is
+kept.  The ratio native/bare is computed from the CPU-time rates.
+
+The last line measures what CBOR alone costs per round trip (encode and
+decode of one request and one reply, nothing else) against the bare round
+trip: that caps the ratio any CBOR-based protocol can reach here.
+``--profile`` runs the native 64-in-flight case under cProfile and prints
+the top functions.  Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import struct
+import sys
+import time
+
+import cbor2
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+
+from surfshard import wire
+from surfshard.port import listen, make_site, node_factory
+from surfshard.rpc import Arg, MethodTable, RpcClientPool, RpcServerFactory
+
+LEVELS = (1, 64)
+_PREFIX = struct.Struct(">I")
+
+
+# -- bare length-prefixed echo ------------------------------------------------
+
+
+class BareEchoServer(Protocol):
+    """Echo each whole frame back: framing only, nothing decoded."""
+
+    def connectionMade(self) -> None:
+        self._buf = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        end = len(buf)
+        write = self.transport.write
+        while end - pos >= 4:
+            (length,) = _PREFIX.unpack_from(buf, pos)
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            write(buf[pos:stop])
+            pos = stop
+        self._buf = buf[pos:]
+
+
+class BareClient(Protocol):
+    """Keeps ``in_flight`` requests outstanding; frames each request and
+    takes each reply's payload out, as any length-prefixed client must."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.count = 0
+        self.running = True
+        self._buf = b""
+        self._outstanding = 0
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def send(self) -> None:
+        self._outstanding += 1
+        payload = self.payload
+        self.transport.write(_PREFIX.pack(len(payload)) + payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (length,) = _PREFIX.unpack_from(buf, pos)
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            reply = buf[pos + 4 : stop]
+            del reply
+            pos = stop
+            self.count += 1
+            self._outstanding -= 1
+            if self.running:
+                self.send()
+            elif self._outstanding == 0 and not self.done.called:
+                self.done.callback(None)
+        self._buf = buf[pos:]
+
+
+class Meter:
+    """Counts calls over one slice of time, in wall and CPU seconds."""
+
+    def __init__(self, count: int) -> None:
+        self.count0 = count
+        self.wall0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+
+    def rates(self, count: int) -> tuple[float, float]:
+        calls = count - self.count0
+        return calls / (time.perf_counter() - self.wall0), calls / max(1e-9, time.process_time() - self.cpu0)
+
+
+class BareRun:
+    @defer.inlineCallbacks
+    def start(self, in_flight: int, payload: bytes):
+        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(BareEchoServer)
+        )
+        self.client = BareClient(payload)
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port).connect(
+            Factory.forProtocol(lambda: self.client)
+        )
+        for _ in range(in_flight):
+            self.client.send()
+
+    def count(self) -> int:
+        return self.client.count
+
+    def pause(self) -> None:
+        self.client.running = False
+
+    @defer.inlineCallbacks
+    def resume(self, in_flight: int):
+        yield self.client.done
+        self.client.done = defer.Deferred()
+        self.client.running = True
+        for _ in range(in_flight):
+            self.client.send()
+
+    @defer.inlineCallbacks
+    def stop(self):
+        self.client.running = False
+        yield self.client.done
+        self.client.transport.loseConnection()
+        yield self.port.stopListening()
+
+
+# -- native --------------------------------------------------------------------
+
+
+def echo_table() -> MethodTable:
+    table = MethodTable("bench")
+    table.add("echo", lambda data: data, [Arg("data", bytes, max_len=1 << 20)])
+    return table
+
+
+class NativeRun:
+    @defer.inlineCallbacks
+    def start(self, in_flight: int, payload: bytes):
+        rpc = RpcServerFactory(echo_table(), reactor)
+        self.port = yield listen(
+            reactor, 0, node_factory(rpc, make_site(clock=reactor), reactor), "127.0.0.1"
+        )
+        self.address = f"127.0.0.1:{self.port.getHost().port}"
+        self.pool = RpcClientPool(reactor)
+        self.args = {"data": payload}
+        yield self.pool.call(self.address, "echo", self.args, timeout=10)  # connect outside the timing
+        self.calls = 0
+        self.outstanding = 0
+        self.running = True
+        self.done: defer.Deferred[None] = defer.Deferred()
+        for _ in range(in_flight):
+            self.issue()
+
+    def issue(self) -> None:
+        self.outstanding += 1
+        self.pool.call(self.address, "echo", self.args, timeout=10).addCallbacks(self.answered, self.failed)
+
+    def answered(self, _result: object) -> None:
+        self.calls += 1
+        self.outstanding -= 1
+        if self.running:
+            self.issue()
+        elif self.outstanding == 0 and not self.done.called:
+            self.done.callback(None)
+
+    def failed(self, failure) -> None:
+        print("call failed:", failure.getErrorMessage(), file=sys.stderr)
+        self.running = False
+        self.answered(None)
+
+    def count(self) -> int:
+        return self.calls
+
+    def pause(self) -> None:
+        self.running = False
+
+    @defer.inlineCallbacks
+    def resume(self, in_flight: int):
+        yield self.done
+        self.done = defer.Deferred()
+        self.running = True
+        for _ in range(in_flight):
+            self.issue()
+
+    @defer.inlineCallbacks
+    def stop(self):
+        self.running = False
+        yield self.done
+        yield self.pool.close()
+        yield self.port.stopListening()
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+@defer.inlineCallbacks
+def measure(level: int, seconds: float, rounds: int, payload: bytes):
+    """Interleave slices of both stacks; best (wall, cpu) rate of each."""
+    runs = {"bare": BareRun(), "native": NativeRun()}
+    best = {name: (0.0, 0.0) for name in runs}
+    for run in runs.values():
+        yield run.start(level, payload)
+        run.pause()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            yield run.resume(level)
+            yield sleep(0.05)  # let the pipeline fill
+            meter = Meter(run.count())
+            yield sleep(seconds / rounds)
+            wall, cpu = meter.rates(run.count())
+            run.pause()
+            best[name] = (max(best[name][0], wall), max(best[name][1], cpu))
+    for run in runs.values():
+        yield run.stop()
+    return best
+
+
+def cbor_floor(payload: bytes, seconds: float) -> float:
+    """Seconds per round trip spent in CBOR alone (best of a few batches)."""
+    request = {"id": 12345, "method": "echo", "args": {"data": payload}}
+    reply = {"id": 12345, "ok": payload}
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.process_time()
+        for _ in range(2000):
+            cbor2.loads(cbor2.dumps(request))
+            cbor2.loads(cbor2.dumps(reply))
+        best = min(best, (time.process_time() - start) / 2000)
+    return best
+
+
+@defer.inlineCallbacks
+def run_profile(seconds: float, payload: bytes):
+    run = NativeRun()
+    profile = cProfile.Profile()
+    yield run.start(max(LEVELS), payload)
+    profile.enable()
+    yield sleep(seconds)
+    profile.disable()
+    calls = run.count()
+    yield run.stop()
+    print(f"\nprofile of native, {max(LEVELS)} in flight ({calls} calls):")
+    pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+
+
+@defer.inlineCallbacks
+def main(options: argparse.Namespace):
+    payload = b"x" * options.payload
+    frame = wire.encode_frame({"id": 1, "method": "echo", "args": {"data": payload}})
+    print(
+        f"loopback, one process; {options.seconds:.1f}s per stack and level in {options.rounds} interleaved "
+        f"slices; payload {options.payload} bytes ({len(frame)}-byte request frames)"
+    )
+    print("rates are calls per CPU-second of this process (best slice); wall-clock calls/s in brackets")
+    try:
+        bare_cpu_64 = None
+        for level in LEVELS:
+            best = yield measure(level, options.seconds, options.rounds, payload)
+            (native_wall, native_cpu), (bare_wall, bare_cpu) = best["native"], best["bare"]
+            if level == max(LEVELS):
+                bare_cpu_64 = bare_cpu
+            print(
+                f"{level:>3} in flight: native {native_cpu:>9,.0f} ({native_wall:>9,.0f})   "
+                f"bare {bare_cpu:>9,.0f} ({bare_wall:>9,.0f})   native/bare {native_cpu / bare_cpu:.2f}"
+            )
+        floor = cbor_floor(payload, 1.0)
+        bare_rt = 1.0 / bare_cpu_64
+        print(
+            f"CBOR alone: {floor * 1e6:.1f} us per round trip vs {bare_rt * 1e6:.1f} us for a whole bare round trip "
+            f"at {max(LEVELS)} in flight: even with everything else free, native/bare <= "
+            f"{bare_rt / (bare_rt + floor):.2f}"
+        )
+        if options.profile:
+            yield run_profile(options.seconds, payload)
+    finally:
+        reactor.stop()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="time per stack and level (default 5; 4 of them)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved slices per measurement (default 3)"
+    )
+    parser.add_argument("--payload", type=int, default=64, help="bytes echoed per call (default 64)")
+    parser.add_argument("--profile", action="store_true", help="also profile the native 64-in-flight run")
+    options = parser.parse_args(argv)
+    if options.seconds <= 0 or options.payload < 0 or options.rounds < 1:
+        parser.error("--seconds must be positive, --rounds at least 1, --payload not negative")
+    return options
+
+
+if __name__ == "__main__":
+    reactor.callWhenRunning(main, parse_args())
+    reactor.run()

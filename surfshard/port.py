@@ -1,0 +1,268 @@
+"""One port, two protocols: native RPC frames and HTTP, told apart by the
+first bytes of each connection (the way etcd serves gRPC and HTTP on one
+port).
+
+An HTTP request starts with a method token and a space (``GET /...``); a
+native frame starts with a 4-byte big-endian length, whose first byte is 0
+or 1 for any frame under the 16 MiB default limit and never an uppercase
+ASCII letter for any plausible limit.  Whatever is not HTTP goes to the
+native protocol, whose decoder refuses (and logs) garbage.
+
+The decision is made once per connection: the sniffing protocol then hands
+the transport to the chosen protocol and steps out of the data path, so a
+native connection pays nothing per frame for sharing the port.  Wrapped in
+TLS (``surfshard.tls.wrap_server_factory``) the sniffing happens on the
+decrypted stream, so both protocols work over TLS on the same port.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.server import Request, Site
+
+from surfshard.rpc import RpcServerFactory, format_peer
+from surfshard.tls import TLSFiles, wrap_server_factory
+
+__all__ = [
+    "HTTP_METHODS",
+    "HealthResource",
+    "NodePortFactory",
+    "NodeRoot",
+    "classify_first_bytes",
+    "listen",
+    "make_site",
+    "node_factory",
+]
+
+log = Logger()
+
+HTTP_METHODS = (b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE", b"PATCH", b"TRACE", b"CONNECT")
+_HTTP_PREFIXES = tuple(method + b" " for method in HTTP_METHODS)
+#: Enough bytes to recognise the longest method token and its space.
+SNIFF_BYTES = max(len(prefix) for prefix in _HTTP_PREFIXES)
+#: How long a new connection may stay silent before it is dropped.
+DEFAULT_FIRST_BYTES_TIMEOUT = 30.0
+#: HTTP keep-alive connections idle longer than this are closed.
+DEFAULT_HTTP_TIMEOUT = 60.0
+
+HTTP = "http"
+NATIVE = "native"
+
+
+def classify_first_bytes(head: bytes) -> str | None:
+    """``"http"``, ``"native"``, or None while ``head`` is too short to tell."""
+    head = head[:SNIFF_BYTES]
+    if head.startswith(_HTTP_PREFIXES):
+        return HTTP
+    if any(prefix.startswith(head) for prefix in _HTTP_PREFIXES):
+        return None
+    return NATIVE
+
+
+# ---------------------------------------------------------------------------
+# HTTP side
+# ---------------------------------------------------------------------------
+
+
+def _json_response(request: Request, body: Any) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+class HealthResource(Resource):
+    """``/health``: the process is up and serving HTTP."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json_response(request, {"ok": True})
+
+
+class NodeRoot(Resource):
+    """The root of a node's HTTP side.  Later layers hang their resources
+    here: ``root.add("RPC2", xmlrpc_resource)``, ``root.add("status", ...)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add("health", HealthResource())
+
+    def add(self, path: str, resource: IResource) -> None:
+        """Serve ``resource`` at ``/path`` (one path segment)."""
+        if not path or "/" in path:
+            raise ValueError(f"{path!r} is not a single path segment")
+        if path.encode("utf-8") in self.children:
+            raise ValueError(f"/{path} is already served")
+        self.putChild(path.encode("utf-8"), resource)
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"":
+            return self
+        return NoResource()
+
+    def render_GET(self, request: Request) -> bytes:
+        paths = sorted("/" + name.decode("utf-8", "replace") for name in self.children)
+        return _json_response(request, {"paths": paths})
+
+
+def make_site(
+    root: NodeRoot | None = None, *, clock: IReactorTime, timeout: float = DEFAULT_HTTP_TIMEOUT
+) -> Site:
+    """A Site over ``root`` whose timers run on ``clock``.
+
+    Form parsing is off: nothing on a node takes form uploads, and parsing
+    them would buffer whole multipart bodies in memory.
+    """
+    return Site(root or NodeRoot(), timeout=timeout, reactor=clock, parsePOSTFormSubmission=False)
+
+
+# ---------------------------------------------------------------------------
+# The shared port
+# ---------------------------------------------------------------------------
+
+
+class _SniffingProtocol(Protocol):
+    """Reads until the first bytes say which protocol this is, then hands
+    the transport (and the bytes read so far) to that protocol for good."""
+
+    def __init__(self, factory: NodePortFactory, addr: Any) -> None:
+        self.factory = factory
+        self.addr = addr
+        self.peer = "unknown"
+        self._head = b""
+        self._timer: Any = None
+        self._decided = False
+
+    def connectionMade(self) -> None:
+        self.peer = format_peer(self.transport)
+        timeout = self.factory.first_bytes_timeout
+        if timeout is not None:
+            self._timer = self.factory.clock.callLater(timeout, self._silent)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._head += data
+        kind = classify_first_bytes(self._head)
+        if kind is not None:
+            self._hand_over(kind)
+
+    def _hand_over(self, kind: str) -> None:
+        self._decided = True
+        self._cancel_timer()
+        factory = self.factory.site if kind == HTTP else self.factory.rpc
+        inner = factory.buildProtocol(self.addr)
+        if inner is None:
+            log.warn("port: refused {kind} connection from {peer}: no protocol", kind=kind, peer=self.peer)
+            self.transport.loseConnection()
+            return
+        # The transport keeps calling *our* methods; pointing them at the
+        # inner protocol's bound methods takes us out of the data path.
+        self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
+        self.connectionLost = inner.connectionLost  # type: ignore[method-assign]
+        for optional in ("readConnectionLost", "writeConnectionLost"):
+            method = getattr(inner, optional, None)
+            if method is not None:
+                setattr(self, optional, method)
+        head, self._head = self._head, b""
+        inner.makeConnection(self.transport)
+        if head:
+            inner.dataReceived(head)
+
+    def _silent(self) -> None:
+        self._timer = None
+        if not self._decided:
+            log.warn(
+                "port: refused {what} from {peer}: {why}",
+                what="silent connection",
+                peer=self.peer,
+                why=f"{len(self._head)} bytes in {self.factory.first_bytes_timeout}s, not enough to tell the protocol",
+            )
+            self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Only reached before a hand-over (afterwards the inner one is called).
+        self._cancel_timer()
+        if reason.check(SSL.Error):
+            log.warn(
+                "port: refused {what} from {peer}: {why}",
+                what="TLS peer",
+                peer=self.peer,
+                why=_ssl_reason(reason),
+            )
+
+
+def _ssl_reason(reason: Failure) -> str:
+    error = reason.value
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        return "; ".join(" ".join(str(part) for part in item if part) for item in args[0] if item)
+    return reason.getErrorMessage() or type(error).__name__
+
+
+class NodePortFactory(ServerFactory):
+    """Serves the native protocol (``rpc``) and HTTP (``site``) on one port."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        rpc: RpcServerFactory,
+        site: Site,
+        clock: IReactorTime,
+        *,
+        first_bytes_timeout: float | None = DEFAULT_FIRST_BYTES_TIMEOUT,
+    ) -> None:
+        self.rpc = rpc
+        self.site = site
+        self.clock = clock
+        self.first_bytes_timeout = first_bytes_timeout
+
+    def buildProtocol(self, addr: Any) -> _SniffingProtocol:
+        return _SniffingProtocol(self, addr)
+
+    # The inner factories are never listened on directly: start and stop
+    # them with us (the Site schedules its log-timestamp timer on start).
+    def startFactory(self) -> None:
+        self.rpc.doStart()
+        self.site.doStart()
+
+    def stopFactory(self) -> None:
+        self.site.doStop()
+        self.rpc.doStop()
+
+
+def node_factory(
+    rpc: RpcServerFactory,
+    site: Site,
+    clock: IReactorTime,
+    *,
+    tls: TLSFiles | None = None,
+    first_bytes_timeout: float | None = DEFAULT_FIRST_BYTES_TIMEOUT,
+) -> IProtocolFactory:
+    """The factory to listen with: the shared port, inside TLS if ``tls``."""
+    factory: IProtocolFactory = NodePortFactory(rpc, site, clock, first_bytes_timeout=first_bytes_timeout)
+    if tls is not None:
+        factory = wrap_server_factory(factory, tls)
+    return factory
+
+
+def listen(
+    reactor: Any, port: int, factory: IProtocolFactory, interface: str = ""
+) -> Deferred[IListeningPort]:
+    """Listen on TCP ``interface:port`` (port 0: any free port)."""
+    return TCP4ServerEndpoint(reactor, port, interface=interface).listen(factory)
