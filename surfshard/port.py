@@ -22,7 +22,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -264,5 +264,8 @@ def node_factory(
 def listen(
     reactor: Any, port: int, factory: IProtocolFactory, interface: str = ""
 ) -> Deferred[IListeningPort]:
-    """Listen on TCP ``interface:port`` (port 0: any free port)."""
+    """Listen on TCP ``interface:port`` (port 0: any free port; an IPv6
+    interface listens on IPv6)."""
+    if ":" in interface:
+        return TCP6ServerEndpoint(reactor, port, interface=interface).listen(factory)
     return TCP4ServerEndpoint(reactor, port, interface=interface).listen(factory)

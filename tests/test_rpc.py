@@ -196,6 +196,10 @@ class ValidationTests(SynchronousTestCase):
         self.check(schema, {"n": 10})
         self.assert_refused(schema, {"n": 0}, "must be >= 1")
         self.assert_refused(schema, {"n": 2**80}, "must be <= 10")
+        floats = Schema([Arg("x", float, min=0.0, max=1.0)])
+        self.check(floats, {"x": 1})
+        self.assert_refused(floats, {"x": float("nan")}, "NaN")
+        self.assert_refused(floats, {"x": float("inf")}, "must be <= 1.0")
 
     def test_sizes(self):
         schema = Schema([Arg("s", str, max_len=3), Arg("u", str, max_bytes=4, required=False)])
@@ -498,6 +502,16 @@ class ServerProtocolTests(SynchronousTestCase):
         self.server.connectionLost(Failure(ConnectionRefusedError()))
         [event] = self.logs.refused("truncated frame")
         self.assertIn("7 bytes", event["why"])
+
+    def test_buggy_check_fails_the_request_not_the_connection(self):
+        def buggy(value: str) -> None:
+            raise KeyError("oops")
+
+        self.server.table.add("checked", lambda s: s, [Arg("s", str, check=buggy)])
+        [reply] = self.exchange(request(1, "checked", {"s": "x"}))
+        self.assertEqual(reply["error"]["code"], "INTERNAL")
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self.exchange(request(2, "add", {"a": 1})), [{"id": 2, "ok": 1}])
 
     def test_context_names_the_peer(self):
         self.assertEqual(self.exchange(request(1, "whoami")), [{"id": 1, "ok": "127.0.0.1:4242"}])

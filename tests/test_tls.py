@@ -167,7 +167,7 @@ class MutualTLSTests(TestCase):
     def call_with(self, creator: Any, method: str = "add", args: Any = None):
         connection = yield self.endpoint(creator).connect(Factory.forProtocol(lambda: RpcConnection(reactor)))
         self.connections.append(connection)
-        result = yield connection.call(method, args or {"a": 1, "b": 2}, timeout=10)
+        result = yield connection.call(method, {"a": 1, "b": 2} if args is None else args, timeout=10)
         return result
 
     @defer.inlineCallbacks
@@ -183,6 +183,16 @@ class MutualTLSTests(TestCase):
             (yield self.call_with(client_options_from_files(self.files["node1"], "localhost"))), 3
         )
         self.assertEqual(self.logs.refused("TLS peer"), [])
+
+    @defer.inlineCallbacks
+    def test_handlers_can_see_the_client_certificate(self):
+        self.rpc.table.add(
+            "who",
+            lambda ctx: ctx.peer_certificate().get_subject().commonName,
+            pass_context=True,
+        )
+        name = yield self.call_with(client_options_from_files(self.files["client"], "127.0.0.1"), "who", {})
+        self.assertEqual(name, "client")
 
     @defer.inlineCallbacks
     def assert_refused(self, creator: Any):
