@@ -468,8 +468,11 @@ class DeposedLeaderTests(GroupTestCase):
 
 
 class ExactlyOnceTests(GroupTestCase):
-    def exactly_once(self, seed: int, updates_per_client: int = 12, clients: int = 4) -> None:
-        g = self.group(3, seed)
+    def exactly_once(
+        self, seed: int, updates_per_client: int = 12, clients: int = 4, fail_leaders: bool = False
+    ) -> None:
+        # Small snapshots: dedup sessions must survive snapshot install and restarts.
+        g = self.group(3, seed, snapshot_entries=16)
         g.wait_for_leader()
         # Lose 40% of replies and 10% of requests: many writes commit while
         # their caller hears nothing and retries with the same (client, seq).
@@ -490,6 +493,8 @@ class ExactlyOnceTests(GroupTestCase):
 
         names = [f"c{k}" for k in range(clients)]
         done = [writer(name) for name in names]
+        if fail_leaders:
+            self.fail_leaders_until(g, seed, done)
         self.assertTrue(g.settle(done, 120.0), f"seed={seed}: writers did not finish")
         for name in names:
             self.assertEqual(
@@ -522,8 +527,33 @@ class ExactlyOnceTests(GroupTestCase):
                     machine.version_of(f"own-{name}"), updates_per_client, f"seed={seed} node {i}"
                 )
 
+    def fail_leaders_until(self, g: SimReplicaGroup, seed: int, done: list[Deferred[Any]]) -> None:
+        """Every second or so, restart, crash (for a while) or depose the
+        leader, while the writers are still writing: retried writes then
+        reach a new leader, whose dedup table must know them."""
+        rng = random.Random(f"leaders:{seed}")
+        for _ in range(60):  # bounded; the writers normally finish long before
+            if all(d.called for d in done):
+                return
+            g.run(rng.uniform(0.5, 1.5))
+            leader = g.cluster.leader()
+            if leader is None:
+                continue
+            r = rng.random()
+            if r < 0.4:
+                g.restart(leader)
+            elif r < 0.7:
+                g.crash(leader)
+                g.run(rng.uniform(0.5, 1.5))
+                g.restore(leader)
+            else:
+                g.node(leader).transfer_leader(rng.choice([i for i in g.ids if i != leader]))
+
     def test_every_acknowledged_update_applied_exactly_once(self) -> None:
         self.seeded(sim_seeds(2), self.exactly_once)
+
+    def test_exactly_once_across_leader_failures(self) -> None:
+        self.seeded(sim_seeds(2), lambda seed: self.exactly_once(seed, fail_leaders=True))
 
 
 # ---------------------------------------------------------------------------
@@ -681,7 +711,7 @@ class ChaosLinearizabilityTests(GroupTestCase):
 
     def test_concurrent_clients_under_chaos_are_linearizable(self) -> None:
         totals: Counter[str] = Counter()
-        for seed in sim_seeds(4):
+        for seed in sim_seeds(6):
             try:
                 totals.update(self.chaos_run(seed))
             except InvariantViolation:
