@@ -90,8 +90,9 @@ class LeaderCaller:
 
     @defer.inlineCallbacks
     def call(self, method: str, args: dict[str, Any], timeout: float | None = None):
-        """Call ``method`` on the leader; fires with its result or fails with
-        the last error once the deadline passes (Timeout if none)."""
+        """Call ``method`` on the leader; fires with its result, fails at once
+        with a non-retryable error (VersionMismatch, BadRequest...), or fails
+        with Timeout (naming the last error seen) once the deadline passes."""
         total = self.timeout if timeout is None else timeout
         deadline = self.reactor.seconds() + total
         backoff = Backoff(rng=self.rng)
@@ -101,9 +102,13 @@ class LeaderCaller:
         while True:
             remaining = deadline - self.reactor.seconds()
             if remaining <= 0:
-                if last_error is not None and not isinstance(last_error, errors.NotLeader):
-                    raise last_error
-                raise errors.Timeout(f"{method}: no leader answered within {total:.1f}s")
+                # The group as a whole did not answer in time: that is a
+                # Timeout, whichever replica happened to be tried last (its
+                # own error, e.g. one node's Unavailable, is only a detail).
+                detail = f" (last error: {last_error})" if last_error is not None else ""
+                raise errors.Timeout(
+                    f"{method}: no leader answered within {total:.1f}s{detail}"
+                ) from last_error
             address = self._guess()
             per_attempt = min(self.attempt_timeout, remaining)
             call_args = dict(args)
