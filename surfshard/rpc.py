@@ -55,6 +55,7 @@ from surfshard.errors import (
     UnknownMethod,
     error_from_wire,
 )
+from surfshard.tls import TLSFiles, client_options_from_files
 
 __all__ = [
     "Arg",
@@ -1078,8 +1079,9 @@ class _Peer:
 class RpcClientPool:
     """One lazily made, reused connection per ``host:port``.
 
-    After a failed connect (or TLS handshake) calls to that address fail fast with Unavailable until a backoff
-    delay has passed: ``backoff_initial * 2**(failures-1)``, capped at
+    After a failed connect (or TLS handshake) calls to that address fail
+    fast with Unavailable until a backoff delay has passed:
+    ``backoff_initial * 2**(failures-1)``, capped at
     ``backoff_max``, scaled by a random factor in [0.5, 1] so that many
     clients do not reconnect in lockstep.  The first call after the delay
     tries again.
@@ -1088,7 +1090,7 @@ class RpcClientPool:
     def __init__(
         self,
         reactor: Any,
-        tls: Any = None,
+        tls: TLSFiles | None = None,
         *,
         connect_timeout: float = 5.0,
         backoff_initial: float = 0.05,
@@ -1251,8 +1253,6 @@ class RpcClientPool:
         if self.tls is not None:
             creator = self._tls_creators.get(host)
             if creator is None:
-                from surfshard.tls import client_options_from_files
-
                 creator = self._tls_creators[host] = client_options_from_files(self.tls, host)
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
