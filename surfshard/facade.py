@@ -10,6 +10,8 @@ node faults every call except ``isCrashed``, ``isLeader`` and
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from twisted.internet import defer
@@ -43,10 +45,13 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
 
     def _guard(self, call, *args: Any) -> defer.Deferred:
         """Run a replica call, turning SurfShard errors (raised or in the
-        Deferred) into XML-RPC faults with a stable code."""
+        Deferred) into XML-RPC faults with a stable code; bad input is
+        logged as refused (the native protocol logs it the same way)."""
 
         def fault(failure):
             if failure.check(errors.SurfShardError):
+                if failure.check(errors.BadRequest):
+                    self.log.warn("XML-RPC: refused a call: {error}", error=failure.value)
                 return to_fault(failure.value)
             self.log.failure("internal error in XML-RPC call", failure)
             return to_fault(errors.Internal("internal error"))
@@ -127,10 +132,22 @@ class RPC2(xmlrpc.XMLRPC):
     """The ``/RPC2`` resource: ``surfstore.*`` lives in a sub-handler, and
     the standard ``system.listMethods`` introspection is on."""
 
+    log = Logger()
+
     def __init__(self, replica: MetadataReplica) -> None:
         super().__init__(allowNone=True)
         self.putSubHandler("surfstore", SurfStoreHandler(replica))
         xmlrpc.addIntrospection(self)
+
+    def lookupProcedure(self, procedurePath):
+        try:
+            function = super().lookupProcedure(procedurePath)
+        except xmlrpc.Fault as f:
+            self.log.warn(
+                "XML-RPC: refused {method}: {why}", method=_short(procedurePath), why=_short(f.faultString)
+            )
+            raise
+        return _arity_checked(procedurePath, function, self.log)
 
     def render_POST(self, request):
         # Refuse huge bodies before the XML parser sees them.
@@ -139,3 +156,29 @@ class RPC2(xmlrpc.XMLRPC):
             request.setResponseCode(413)
             return b"request body too large"
         return super().render_POST(request)
+
+
+def _short(text: Any, limit: int = 100) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _arity_checked(name: str, function: Any, log: Logger) -> Any:
+    """A wrong argument count is the caller's mistake: answer BAD_REQUEST and
+    log the refusal, where Twisted would answer a bare "error" fault and log
+    a critical traceback."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return function
+
+    @functools.wraps(function)
+    def checked(*args: Any) -> Any:
+        try:
+            signature.bind(*args)
+        except TypeError as e:
+            log.warn("XML-RPC: refused {method}: {why}", method=_short(name), why=e)
+            return to_fault(errors.BadRequest(f"{_short(name)}: {e}"))
+        return function(*args)
+
+    return checked
