@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import struct
 from typing import Any
 
@@ -1011,6 +1012,17 @@ class LiveTests(TestCase):
         self.waits.pending.clear()
         # And the pool reconnects for the next call.
         self.assertEqual((yield self.pool.call(self.server.address, "add", {"a": 2}, timeout=5)), 2)
+
+    @defer.inlineCallbacks
+    def test_both_ends_detect_dead_peers_in_the_kernel(self):
+        yield self.pool.call(self.server.address, "add", {"a": 1}, timeout=5)
+        [server_side] = self.rpc.connections
+        client_side = self.pool.connection(self.server.address)
+        for transport in (server_side.transport, client_side.transport):
+            sock = transport.socket
+            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 30_000)
 
     @defer.inlineCallbacks
     def test_connection_refused_is_quick(self):

@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from surfshard.errors import Unavailable
 from surfshard.port import make_site, node_factory
-from surfshard.rpc import RpcClientPool, RpcConnection, RpcServerFactory, ServerLimits
+from surfshard.rpc import RpcClientPool, RpcConnection, RpcServerFactory, ServerLimits, tune_socket
 from surfshard.tls import TLSFiles, client_options, client_options_from_files, generate_dev_pki
 from tests.test_port import http_get
 from tests.test_rpc import capture_logs, make_table, wait_for
@@ -193,6 +194,10 @@ class MutualTLSTests(TestCase):
         )
         name = yield self.call_with(client_options_from_files(self.files["client"], "127.0.0.1"), "who", {})
         self.assertEqual(name, "client")
+        # Dead-peer detection reaches the TCP socket under the TLS layer.
+        tls_transport = self.connections[-1].transport
+        self.assertEqual(tls_transport.transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertTrue(tune_socket(tls_transport))
 
     @defer.inlineCallbacks
     def assert_refused(self, creator: Any):
