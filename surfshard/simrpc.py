@@ -69,14 +69,22 @@ class _SimPeer:
 
 
 class _ServerTransport:
-    """The transport ``RpcServerProtocol`` writes its replies to: each write
-    is one whole frame, handed to the network as one reply message."""
+    """The transport ``RpcServerProtocol`` writes its replies to. The
+    protocol may batch several replies into one write; each frame is handed
+    to the network as its own reply message."""
 
     def __init__(self, connection: _SimConnection) -> None:
         self._connection = connection
 
     def write(self, data: bytes) -> None:
-        self._connection.net._send_reply(self._connection, data)
+        prefix = wire.LENGTH_PREFIX_BYTES
+        offset = 0
+        # Bounded: every pass consumes at least the prefix of one frame.
+        while offset < len(data):
+            length = int.from_bytes(data[offset : offset + prefix], "big")
+            end = offset + prefix + length
+            self._connection.net._send_reply(self._connection, data[offset:end])
+            offset = end
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
