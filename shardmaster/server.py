@@ -25,9 +25,13 @@ CLIENT_ARGS = [
 class ShardMasterReplica(ReplicaControl):
     """The ShardMaster calls, as Deferred-returning methods.
 
-    Arguments are checked against the latest applied map before proposing,
-    for a fast clear error; the state machine checks again at apply time,
-    since the map may change in between.
+    Before proposing, a write's arguments are checked on their own (types,
+    gid and shard ranges, address syntax: ``encode_*``), for a fast clear
+    error. Whether they fit the map (gid known or new, shard below the
+    shard count) is decided only by the state machine at apply time: this
+    node's applied map may be stale (a deposed or newly elected leader, a
+    follower), and a retried write that already applied must get its first
+    answer from the dedup table, not "group already exists".
     """
 
     def __init__(self, node: Any, machine: ShardMasterStateMachine, *args: Any, **kwargs: Any) -> None:
@@ -51,14 +55,12 @@ class ShardMasterReplica(ReplicaControl):
         self, groups: dict, client_id: str | None = None, seq: int | None = None, timeout: float | None = None
     ):
         """Add groups ``{gid: [host:port...]}``; fires with the new map's number."""
-        self.machine.validate_join(groups)
         return self._write(encode_join(groups, *self._identity(client_id, seq)), timeout)
 
     def leave(
         self, gids: list, client_id: str | None = None, seq: int | None = None, timeout: float | None = None
     ):
         """Remove groups; their shards are rebalanced onto the others."""
-        self.machine.validate_leave(gids)
         return self._write(encode_leave(gids, *self._identity(client_id, seq)), timeout)
 
     def move(
@@ -70,7 +72,6 @@ class ShardMasterReplica(ReplicaControl):
         timeout: float | None = None,
     ):
         """Pin ``shard`` to group ``gid`` until the next join or leave."""
-        self.machine.validate_move(shard, gid)
         return self._write(encode_move(shard, gid, *self._identity(client_id, seq)), timeout)
 
     def query(self, num: int = -1, timeout: float | None = None) -> defer.Deferred:
@@ -92,6 +93,10 @@ class ShardMasterReplica(ReplicaControl):
 def _map_number(result: Any) -> int:
     if isinstance(result, dict) and result.get("ok"):
         return int(result["num"])
+    if isinstance(result, dict):
+        # The state machine's refusal: {"ok": False, "code", "message"}; "ok"
+        # is not a detail of the error.
+        result = {k: v for k, v in result.items() if k != "ok"}
     raise errors.error_from_wire(result)
 
 
