@@ -1,0 +1,251 @@
+"""The ShardMaster as real processes, driven by ``surfshard admin``.
+
+Three ``twistd -n shardmaster`` processes on free loopback ports (a TOML
+config in a temp dir), and the operator command run as a subprocess
+(``python -m client.cli admin ... --json``), the way an operator or a script
+uses it: join, query, move, leave and show print the map; refused requests
+exit non-zero with the reason on stderr; SIGKILLing the leader leaves the
+other two serving, and the killed node restarts from its data directory and
+catches up.
+
+Blocking helpers from ``tests.procs``; every process started here is killed
+by pid in cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from surfshard.errors import Unavailable
+from tests.procs import (
+    REPO_ROOT,
+    NativeClient,
+    NodeExited,
+    NodeProcess,
+    addresses_of,
+    free_ports,
+    is_connection_error,
+    twistd_command,
+    wait_until,
+)
+
+NSHARDS = 6
+#: Generous: each admin run imports Twisted and friends on a loaded machine.
+ADMIN_TIMEOUT = 90.0
+START_TIMEOUT = 60.0
+
+
+def write_config(directory: Path, shardmaster_ports: list[int], group_ports: list[int]) -> Path:
+    """A cluster with a 3-node ShardMaster and one (never started) group."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def nodes(ports: list[int]) -> str:
+        return ", ".join(f'"{a}"' for a in addresses_of(ports))
+
+    text = "\n".join(
+        [
+            "[cluster]",
+            'name = "smproc"',
+            f"shards = {NSHARDS}",
+            'data_dir = "data"',
+            "chaos = false",
+            "",
+            "[shardmaster]",
+            f"nodes = [{nodes(shardmaster_ports)}]",
+            "",
+            "[groups.1]",
+            f"nodes = [{nodes(group_ports)}]",
+            "",
+            "[raft]",
+            "tick_ms = 50",
+            "heartbeat_ticks = 2",
+            "election_ticks = 6",
+            "fsync = true",
+            "",
+        ]
+    )
+    path = directory / "cluster.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class ShardMasterProcessTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).resolve()
+        ports = free_ports(6)
+        self.addresses = addresses_of(ports[:3])
+        self.group_addresses = addresses_of(ports[3:])
+        self.config = write_config(self.directory, ports[:3], ports[3:])
+        self.nodes = [
+            NodeProcess(
+                f"shardmaster-{i}",
+                [
+                    *twistd_command(),
+                    "--nodaemon",
+                    "--pidfile=",
+                    "--logfile=-",
+                    "shardmaster",
+                    "--config",
+                    str(self.config),
+                    "--node",
+                    str(i),
+                ],
+                self.directory / "logs" / f"shardmaster-{i}.log",
+                address,
+            )
+            for i, address in enumerate(self.addresses)
+        ]
+        self.addCleanup(self.kill_all)
+
+    def kill_all(self) -> None:
+        # Only our own processes, by pid (NodeProcess signals its Popen only).
+        for node in self.nodes:
+            node.kill()
+
+    # -- helpers ----------------------------------------------------------
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {n.describe()} -----\n{n.log_tail()}" for n in self.nodes)
+
+    def native(self, i: int, method: str, args: dict[str, Any] | None = None) -> Any:
+        """One native call to node ``i``; None if it does not answer."""
+        try:
+            with NativeClient(self.addresses[i], timeout=3.0) as client:
+                return client.call(method, args)
+        except Unavailable:
+            return None
+        except OSError as e:
+            if is_connection_error(e):
+                return None
+            raise
+
+    def wait_serving(self, i: int) -> None:
+        node = self.nodes[i]
+
+        def serving() -> bool:
+            if not node.running:
+                raise NodeExited(f"{node.describe()} exited while starting\n{self.logs()}")
+            return self.native(i, "ping") is True
+
+        wait_until(serving, START_TIMEOUT, 0.1, lambda: f"{node.describe()} never answered\n{self.logs()}")
+
+    def leader(self, among: list[int]) -> int:
+        """The one node of ``among`` that says it leads."""
+
+        def one() -> int | None:
+            found = [i for i in among if self.native(i, "is_leader")]
+            return found[0] + 1 if len(found) == 1 else None  # +1: node 0 is falsy
+
+        return wait_until(one, 20.0, 0.1, lambda: f"no single leader among {among}\n{self.logs()}") - 1
+
+    def admin(self, *args: str, json_output: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "client.cli", "admin", "--config", str(self.config), "--timeout", "20"]
+        if json_output:
+            argv.append("--json")
+        argv += list(args)
+        return subprocess.run(
+            argv,
+            cwd=str(REPO_ROOT),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=ADMIN_TIMEOUT,
+            check=False,
+        )
+
+    def admin_map(self, *args: str) -> dict[str, Any]:
+        """Run an admin command that must succeed; its JSON map."""
+        done = self.admin(*args)
+        self.assertEqual(
+            done.returncode,
+            0,
+            f"surfshard admin {' '.join(args)} failed:\nstdout: {done.stdout}\nstderr: {done.stderr}\n{self.logs()}",
+        )
+        result = json.loads(done.stdout)
+        self.assertEqual(set(result), {"num", "shards", "groups"}, done.stdout)
+        return result
+
+    def admin_fails(self, expected: str, *args: str, code: int = 1) -> str:
+        """Run an admin command that must fail: exit ``code``, ``expected`` on
+        stderr, nothing on stdout; returns stderr."""
+        done = self.admin(*args)
+        where = f"surfshard admin {' '.join(args)}: stdout {done.stdout!r} stderr {done.stderr!r}"
+        self.assertEqual(done.returncode, code, where)
+        self.assertIn(expected, " ".join(done.stderr.split()), where)
+        self.assertEqual(done.stdout, "", where)
+        return done.stderr
+
+    # -- the test -----------------------------------------------------------
+
+    def test_admin_command_against_three_real_replicas(self) -> None:
+        for i in range(3):
+            self.nodes[i].start()
+        for i in range(3):
+            self.wait_serving(i)
+        self.leader([0, 1, 2])
+
+        m = self.admin_map("show")
+        self.assertEqual(m, {"num": 0, "shards": [0] * NSHARDS, "groups": {}})
+
+        m = self.admin_map("join", "1", *self.group_addresses)
+        self.assertEqual(m, {"num": 1, "shards": [1] * NSHARDS, "groups": {"1": self.group_addresses}})
+
+        m = self.admin_map("join", "2", "127.0.0.1:1", "127.0.0.1:2")
+        self.assertEqual(m["num"], 2)
+        self.assertEqual(sorted(m["shards"]), [1, 1, 1, 2, 2, 2])
+        self.assertEqual(m["groups"], {"1": self.group_addresses, "2": ["127.0.0.1:1", "127.0.0.1:2"]})
+        map2 = m
+
+        self.assertEqual(self.admin_map("query", "1")["num"], 1)
+        self.assertEqual(self.admin_map("query", "1")["shards"], [1] * NSHARDS)
+
+        m = self.admin_map("move", "0", "2")
+        self.assertEqual(m["num"], 3)
+        self.assertEqual(m["shards"], [2, *map2["shards"][1:]])
+        map3 = m
+
+        # Refusals: a non-zero exit, the reason on stderr, no new map.
+        self.admin_fails("already exists", "join", "1", "127.0.0.1:9")
+        self.admin_fails("group 99 is unknown", "leave", "99")
+        self.admin_fails("out of range", "move", str(NSHARDS), "1")
+        self.admin_fails("out of range", "move", "-1", "1")
+        self.admin_fails("malformed address", "join", "5", "not-an-address")
+        self.admin_fails("reserved", "join", "0", "127.0.0.1:9")
+        self.admin_fails("invalid literal", "join", "five", "127.0.0.1:9", code=2)
+        self.admin_fails("needs GID and at least one HOST:PORT", "join", "5", code=2)
+        self.assertEqual(self.admin_map("show"), map3)
+
+        # The human form: a table naming the map, the groups and their nodes.
+        done = self.admin("show", json_output=False)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("shard map 3", done.stdout)
+        for address in self.group_addresses:
+            self.assertIn(address, done.stdout)
+
+        # SIGKILL the leader: the other two elect a leader and keep serving.
+        old = self.leader([0, 1, 2])
+        self.nodes[old].kill()
+        rest = [i for i in range(3) if i != old]
+        self.leader(rest)
+        m = self.admin_map("leave", "1")
+        self.assertEqual(
+            (m["num"], m["shards"], m["groups"]), (4, [2] * NSHARDS, {"2": ["127.0.0.1:1", "127.0.0.1:2"]})
+        )
+        self.assertEqual(self.admin_map("show"), m)
+        self.assertEqual(self.admin_map("query", "3"), map3)
+
+        # The killed node restarts from its data directory and catches up.
+        self.nodes[old].start()
+        self.wait_serving(old)
+
+        def caught_up() -> bool:
+            status = self.native(old, "status")
+            return status is not None and status.get("latest") == 4
+
+        wait_until(caught_up, 30.0, 0.2, lambda: f"restarted node {old} did not catch up\n{self.logs()}")
