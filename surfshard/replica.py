@@ -23,6 +23,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
@@ -344,8 +345,7 @@ class ReplicaService(service.MultiService):
         )
         return plain(status)
 
-    @defer.inlineCallbacks
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         factory = node_factory(
             RpcServerFactory(self.table, self.reactor),
@@ -353,13 +353,23 @@ class ReplicaService(service.MultiService):
             self.reactor,
             tls=self.tls_files,
         )
-        try:
-            self.listening_port = yield listen(self.reactor, self.port_number, factory, self.listen_interface)
-        except Exception as e:
+        # A TCP endpoint listens at once, so the outcome is known here: a port
+        # we cannot have must fail twistd's start-up (it exits non-zero with
+        # the reason) rather than leave a process running Raft with no port,
+        # which is what a failure inside a Deferred nobody waits for did.
+        outcome: list[Any] = []
+        listen(self.reactor, self.port_number, factory, self.listen_interface).addBoth(outcome.append)
+        if not outcome:  # pragma: no cover - an endpoint that listens later
+            raise RuntimeError(f"{self.name}: listening on {self.address} did not complete at once")
+        if isinstance(outcome[0], Failure):
             self.log.critical(
-                "{name}: cannot listen on {address}: {e}", name=self.name, address=self.address, e=e
+                "{name}: cannot listen on {address}: {e}",
+                name=self.name,
+                address=self.address,
+                e=outcome[0].value,
             )
-            raise
+            outcome[0].raiseException()
+        self.listening_port = outcome[0]
         self.log.info("{name} serving on {address}", name=self.name, address=self.address)
 
     @defer.inlineCallbacks

@@ -27,6 +27,8 @@ import http.client
 import itertools
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -511,35 +513,54 @@ class Cluster:
         *,
         launcher: str = "twistd",
         chaos: bool = False,
+        write_config: Callable[[Sequence[int]], Path] | None = None,
     ) -> None:
         if launcher not in ("run-server", "twistd"):
             raise ValueError(f"unknown launcher {launcher!r}")
-        self.directory = directory = Path(directory).resolve()
-        self.config = config = Path(config).resolve()
+        self.directory = Path(directory).resolve()
+        self.launcher = launcher
+        self.chaos = chaos
+        # Rewrites the config for new ports, so start_all can retry after a
+        # port collision.
+        self._write_config = write_config
+        self.nodes: list[NodeProcess] = []
+        self._configure(Path(config), ports)
+
+    def _configure(self, config: Path, ports: Sequence[int]) -> None:
+        self.config = config = config.resolve()
         self.ports = list(ports)
         self.addresses = addresses_of(ports)
-        self.launcher = launcher
-        self.nodes: list[NodeProcess] = []
+        self.nodes = []
         for i, address in enumerate(self.addresses):
             argv = (
                 run_server_argv(config, i)
-                if launcher == "run-server"
-                else twistd_node_argv(config, i, chaos=chaos)
+                if self.launcher == "run-server"
+                else twistd_node_argv(config, i, chaos=self.chaos)
             )
-            self.nodes.append(NodeProcess(f"node{i}", argv, directory / "logs" / f"node{i}.log", address))
+            log = self.directory / "logs" / f"node{i}.log"
+            self.nodes.append(NodeProcess(f"node{i}", argv, log, address))
 
     @classmethod
     def surfstore(cls, directory: Path, size: int, *, launcher: str = "run-server") -> Cluster:
+        """A SurfStore ``M: N`` config (chaos calls on, default Raft timings)."""
         directory = Path(directory).resolve()
+
+        def write(ports: Sequence[int]) -> Path:
+            return write_surfstore_config(directory, ports)
+
         ports = free_ports(size)
-        return cls(directory, write_surfstore_config(directory, ports), ports, launcher=launcher, chaos=True)
+        return cls(directory, write(ports), ports, launcher=launcher, chaos=True, write_config=write)
 
     @classmethod
     def toml(cls, directory: Path, size: int, *, chaos: bool = False, **options: Any) -> Cluster:
+        """A static one-group TOML config; ``options`` go to ``write_toml_config``."""
         directory = Path(directory).resolve()
+
+        def write(ports: Sequence[int]) -> Path:
+            return write_toml_config(directory, ports, chaos=chaos, **options)
+
         ports = free_ports(size)
-        config = write_toml_config(directory, ports, chaos=chaos, **options)
-        return cls(directory, config, ports, launcher="twistd", chaos=chaos)
+        return cls(directory, write(ports), ports, launcher="twistd", chaos=chaos, write_config=write)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -578,8 +599,39 @@ class Cluster:
             serving, timeout, 0.1, lambda: f"{node.describe()} never answered\n{self.logs_report([i])}"
         )
 
+    def start_all(self, timeout: float = START_TIMEOUT, attempts: int = 3) -> None:
+        """Start every node at once and wait until all of them serve.
+
+        If a node finds its port taken (something grabbed it after
+        ``free_ports``), every node is killed, the data directories (which
+        hold nothing yet) are removed, and the group starts again on new
+        ports with a rewritten config, up to ``attempts`` times.
+        """
+        for attempt in range(1, attempts + 1):
+            for node in self.nodes:
+                node.start()
+            try:
+                for i in range(len(self.nodes)):
+                    self.wait_serving(i, timeout)
+                return
+            except PortCollision:
+                if attempt == attempts or self._write_config is None:
+                    raise
+            self.cleanup()
+            shutil.rmtree(self.directory / "data", ignore_errors=True)
+            ports = free_ports(len(self.nodes))
+            self._configure(self._write_config(ports), ports)
+
     def kill(self, i: int) -> None:
         self.nodes[i].kill()
+
+    def pause(self, i: int) -> None:
+        """SIGSTOP: the process keeps its sockets but answers nothing (a GC
+        pause or an overloaded host, as peers see it)."""
+        self.nodes[i].signal(signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        self.nodes[i].signal(signal.SIGCONT)
 
     def terminate(self, i: int) -> int | None:
         return self.nodes[i].terminate()

@@ -42,8 +42,8 @@ class LiveNode:
         self.test = test
         self.cluster = procs.Cluster.toml(Path(test.mktemp()), 1, name="badinput", chaos=False)
         test.addCleanup(self.cluster.cleanup)
+        self.cluster.start_all()
         self.address = self.cluster.addresses[0]
-        self.cluster.start(0)
         self.native = procs.NativeClient(self.address, timeout=30.0)
         test.addCleanup(self.native.close)
         procs.wait_until(self._leads, 10.0, 0.05, "the single node never led")

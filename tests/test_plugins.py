@@ -10,6 +10,8 @@ the source tree.
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -101,3 +103,53 @@ class PluginCommandLineTests(SynchronousTestCase):
         result = self.run_command([str(procs.RUN_SERVER), "only-one-argument"])
         self.assertEqual(result.returncode, 2, result.stderr)
         self.assertIn("usage:", result.stderr)
+
+
+class ServerProcessLifecycleTests(SynchronousTestCase):
+    """A replica process started by twistd, as an operator sees it: a port
+    it cannot have is a non-zero exit with the reason (not a process that
+    runs Raft with no port), SIGTERM is a clean exit, and the test helper
+    moves a group off a port something else took."""
+
+    def setUp(self) -> None:
+        self.cluster = procs.Cluster.toml(Path(self.mktemp()), 1, name="lifecycle")
+        self.addCleanup(self.cluster.cleanup)
+
+    def hold_port(self, port: int) -> None:
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(holder.close)
+        holder.bind((procs.HOST, port))
+        holder.listen()
+
+    def test_port_in_use_exits_non_zero(self) -> None:
+        self.hold_port(self.cluster.ports[0])
+        node = self.cluster.nodes[0]
+        node.start()
+        procs.wait_until(
+            lambda: not node.running, COMMAND_TIMEOUT, 0.05, "the node kept running without a port"
+        )
+        self.assertNotEqual(node.returncode, 0)
+        log = node.log_text()
+        self.assertIn(f"cannot listen on {self.cluster.addresses[0]}", log)
+        self.assertIn("Address already in use", log)
+
+    def test_start_all_moves_off_a_taken_port(self) -> None:
+        taken = self.cluster.ports[0]
+        self.hold_port(taken)
+        self.cluster.start_all()
+        self.assertNotEqual(self.cluster.ports[0], taken)
+        self.assertIn(str(self.cluster.ports[0]), self.cluster.config.read_text())
+        self.assertIs(self.cluster.proxy(0).surfstore.ping(), True)
+
+    def test_sigterm_is_a_clean_exit(self) -> None:
+        self.cluster.start_all()
+        # twistd shuts the services down, then re-raises the signal so the
+        # parent sees how it ended.
+        self.assertEqual(self.cluster.terminate(0), -signal.SIGTERM)
+        log = self.cluster.nodes[0].log_text()
+        self.assertIn("Received SIGTERM, shutting down.", log)
+        self.assertIn("Server Shut Down", log)
+        self.assertNotIn("Traceback", log)
+        # The data directory is free again (its lock released): it restarts.
+        self.cluster.start(0)
+        self.assertIs(self.cluster.proxy(0).surfstore.ping(), True)

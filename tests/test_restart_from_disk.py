@@ -225,10 +225,7 @@ class RestartFromDiskTests(SynchronousTestCase):
     def test_kill_majority_mid_load_then_cold_restart(self) -> None:
         cluster = self.cluster
         with cluster.logs_on_failure():
-            for i in range(NODES):
-                cluster.start(i, wait=False)
-            for i in range(NODES):
-                cluster.wait_serving(i)
+            cluster.start_all()
             self.leader()
 
             self.writers = [Writer(k, cluster.addresses, self.stop) for k in range(WRITERS)]
