@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from twisted.internet import defer, task
 
 from surfshard import errors
@@ -52,7 +53,7 @@ def _react(body: Callable[[Any], defer.Deferred]) -> int:
         try:
             code = yield body(reactor)
         except errors.SurfShardError as e:
-            err_console.print(f"[red]error:[/red] {e}")
+            err_console.print(f"[red]error:[/red] {escape(str(e))}")
             code = EXIT_FAILED
         outcome["code"] = EXIT_OK if code is None else code
 
@@ -240,7 +241,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
     cluster = _load(args)
     if not cluster.shardmaster:
-        err_console.print(f"[red]error:[/red] {cluster.source} has no [shardmaster]: it is a static cluster")
+        err_console.print(
+            f"[red]error:[/red] {escape(str(cluster.source))} has no \\[shardmaster]: it is a static cluster"
+        )
         return EXIT_USAGE
     action, rest = args.action, args.params
     try:
@@ -264,7 +267,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 raise ValueError("move needs SHARD GID")
             shard, gid = int(rest[0]), int(rest[1])
     except ValueError as e:
-        err_console.print(f"usage: surfshard admin {action} ...: {e}")
+        err_console.print(f"usage: surfshard admin {action} ...: {escape(str(e))}")
         return EXIT_USAGE
 
     @defer.inlineCallbacks
@@ -371,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        err_console.print(f"[red]config error:[/red] {e}")
+        err_console.print(f"[red]config error:[/red] {escape(str(e))}")
         return EXIT_USAGE
     except OSError as e:
-        err_console.print(f"[red]error:[/red] {e}")
+        err_console.print(f"[red]error:[/red] {escape(str(e))}")
         return EXIT_FAILED
 
 

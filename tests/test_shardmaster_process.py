@@ -217,9 +217,18 @@ class ShardMasterProcessTests(SynchronousTestCase):
         self.admin_fails("out of range", "move", "-1", "1")
         self.admin_fails("malformed address", "join", "5", "not-an-address")
         self.admin_fails("reserved", "join", "0", "127.0.0.1:9")
+        # Bracketed text in a message is printed as is, not eaten as markup.
+        self.admin_fails("'[fe80::1]:99999' has port 99999 outside", "join", "5", "[fe80::1]:99999")
         self.admin_fails("invalid literal", "join", "five", "127.0.0.1:9", code=2)
         self.admin_fails("needs GID and at least one HOST:PORT", "join", "5", code=2)
         self.assertEqual(self.admin_map("show"), map3)
+
+        # A config without a ShardMaster has nothing to administer.
+        static = self.directory / "static.toml"
+        static.write_text('[cluster]\nname = "s"\nshards = 2\n\n[groups.1]\nnodes = ["127.0.0.1:1"]\n')
+        self.admin_fails(
+            "has no [shardmaster]: it is a static cluster", "--config", str(static), "show", code=2
+        )
 
         # The human form: a table naming the map, the groups and their nodes.
         done = self.admin("show", json_output=False)
