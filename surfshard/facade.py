@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -23,6 +26,12 @@ from surfshard.group import MetadataReplica
 
 #: XML-RPC faults carry an integer code; these are stable, one per ErrorCode.
 FAULT_CODES: dict[errors.ErrorCode, int] = {code: 100 + i for i, code in enumerate(errors.ErrorCode)}
+
+#: ``forward(address, method, args, timeout)``: a native call to another node.
+Forward = Callable[[str, str, dict[str, Any], float], defer.Deferred]
+
+#: How long an update finished on a new leader may take there.
+FORWARD_TIMEOUT = 10.0
 
 #: Upper bound on the XML-RPC request body: a hashlist of 100,000 hashes is
 #: about 10 MB of XML.
@@ -39,9 +48,14 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
 
     log = Logger()
 
-    def __init__(self, replica: MetadataReplica) -> None:
+    def __init__(self, replica: MetadataReplica, forward: Forward | None = None) -> None:
         super().__init__(allowNone=True)
         self.replica = replica
+        self.forward = forward
+        # XML-RPC callers carry no identity: each updatefile gets one here,
+        # kept if the call has to be finished on another node (see below).
+        self._client_id = f"xmlrpc-{uuid.uuid4().hex}"
+        self._seq = itertools.count(1)
 
     def _guard(self, call, *args: Any) -> defer.Deferred:
         """Run a replica call, turning SurfShard errors (raised or in the
@@ -76,11 +90,44 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
         def call():
             self._alive()
             _check_types(filename, version, hashlist)
-            d = self.replica.updatefile(filename, version, list(hashlist))
+            # SurfStore clients send updatefile to the leader and expect it to
+            # block through a majority outage, then answer. Raft may hand the
+            # leadership to another node meanwhile (this one steps down when
+            # it loses its quorum); a call taken while leading, or while no
+            # leader was known, is then finished on the new leader with the
+            # same client id and seq, so the dedup table answers it if it had
+            # committed here. A call to a known follower still answers
+            # NOT_LEADER at once, as SurfStore's followers do.
+            ours = self.replica.is_leader() or self.replica.leader_address() is None
+            client_id, seq = self._client_id, next(self._seq)
+            d = self.replica.updatefile(filename, version, list(hashlist), client_id, seq)
+            if ours and self.forward is not None:
+                update = {
+                    "name": filename,
+                    "version": version,
+                    "hashlist": list(hashlist),
+                    "client_id": client_id,
+                    "seq": seq,
+                }
+                d.addErrback(self._finish_on_leader, update)
             d.addCallbacks(lambda _: True, _mismatch_is_false)
             return d
 
         return self._guard(call)
+
+    def _finish_on_leader(self, failure: Any, update: dict[str, Any]) -> Any:
+        failure.trap(errors.NotLeader)
+        leader = failure.value.leader
+        if not leader or self.forward is None:
+            return failure
+        self.log.info(
+            "XML-RPC updatefile {name}: leadership moved to {leader} while it waited; finishing it there",
+            name=update["name"],
+            leader=leader,
+        )
+        return self.forward(
+            leader, "updatefile", dict(update, timeout=FORWARD_TIMEOUT), FORWARD_TIMEOUT + 2.0
+        )
 
     def xmlrpc_tester_getversion(self, filename: Any) -> Any:
         def call():
@@ -130,13 +177,15 @@ def _check_types(filename: Any, version: Any, hashlist: Any) -> None:
 
 class RPC2(xmlrpc.XMLRPC):
     """The ``/RPC2`` resource: ``surfstore.*`` lives in a sub-handler, and
-    the standard ``system.listMethods`` introspection is on."""
+    the standard ``system.listMethods`` introspection is on. ``forward``
+    (e.g. ``RpcClientPool.call``) lets a blocked update finish on a new
+    leader."""
 
     log = Logger()
 
-    def __init__(self, replica: MetadataReplica) -> None:
+    def __init__(self, replica: MetadataReplica, forward: Forward | None = None) -> None:
         super().__init__(allowNone=True)
-        self.putSubHandler("surfstore", SurfStoreHandler(replica))
+        self.putSubHandler("surfstore", SurfStoreHandler(replica, forward))
         xmlrpc.addIntrospection(self)
 
     def lookupProcedure(self, procedurePath):

@@ -44,7 +44,7 @@ class MetadataService(ReplicaService):
         if not cluster.static:
             shardmaster = LeaderCaller(self.pool, cluster.shardmaster, reactor, timeout=2.0, rng=rng)
             ShardMapWatcher(gid, self.node, self.machine, shardmaster, reactor).setServiceParent(self)
-        self.root.add("RPC2", RPC2(self.replica))
+        self.root.add("RPC2", RPC2(self.replica, forward=self.pool.call))
 
     @property
     def replica(self) -> MetadataReplica:
