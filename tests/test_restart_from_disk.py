@@ -261,6 +261,9 @@ class RestartFromDiskTests(SynchronousTestCase):
             for w in self.writers:
                 self.assertEqual(w.problems, [], f"writer {w.index}")
                 self.assertFalse(w.thread.is_alive(), f"writer {w.index} did not stop")
+            # The outage made writers retry (the same seq, on other nodes).
+            retries = sum(w.attempts - w.acked for w in self.writers)
+            self.assertGreater(retries, 0, "no write was retried across the outage")
             files = self.check_files(self.leader(), "after the majority restart")
             self.wait_all_nodes(files)
 
