@@ -19,8 +19,8 @@ from typing import Any
 from twisted.internet import defer
 
 from surfshard import errors
-from surfshard.keyspace import validate_filename, validate_hashlist, validate_version
-from surfshard.metadata import MetadataStateMachine, encode_update, validate_client
+from surfshard.keyspace import validate_filename
+from surfshard.metadata import MetadataStateMachine, encode_update
 from surfshard.replica import ReplicaControl
 
 
@@ -45,13 +45,11 @@ class MetadataReplica(ReplicaControl):
         timeout: float | None = None,
     ) -> defer.Deferred:
         """Fires with the new version, or fails with VersionMismatch(current)."""
-        validate_filename(name)
-        validate_version(version)
-        validate_hashlist(hashlist)
         if client_id is None or seq is None:
             client_id, seq = self._anonymous_id, next(self._anonymous_seq)
-        validate_client(client_id, seq)
-        command = encode_update(name, version, list(hashlist), client_id, seq)
+        # encode_update validates every field (BadRequest) before encoding;
+        # validating here as well cost ~10 us of a leader's ~100 us per write.
+        command = encode_update(name, version, hashlist, client_id, seq)
 
         def attempt(remaining: float) -> defer.Deferred:
             return self.node.propose(command, timeout=remaining)

@@ -109,8 +109,7 @@ class ReplicaControl:
             return DEFAULT_CALL_TIMEOUT
         return max(0.0, min(float(timeout), MAX_CALL_TIMEOUT))
 
-    @defer.inlineCallbacks
-    def as_leader(self, attempt: Callable[[float], defer.Deferred], timeout: float | None):
+    def as_leader(self, attempt: Callable[[float], defer.Deferred], timeout: float | None) -> defer.Deferred:
         """Run ``attempt(remaining_seconds)`` on this node while it leads.
 
         While no leader is known (an election, or a majority down) this
@@ -122,6 +121,38 @@ class ReplicaControl:
         dedup table.
         """
         deadline = self.reactor.seconds() + self.clamp_timeout(timeout)
+        node = self.node
+        if not (node.is_leader and not node.crashed and deadline > self.reactor.seconds()):
+            return self._as_leader_loop(attempt, deadline)
+        # The common case, a leader answering: run the attempt at once and
+        # only go through the waiting loop if it fails in a way that calls
+        # for another look. Every write and read takes this path; the loop's
+        # generator and Deferreds cost ~14 us of a leader's ~100 us per write.
+        try:
+            d = attempt(deadline - self.reactor.seconds())
+        except Exception:
+            return defer.fail()
+        if not isinstance(d, defer.Deferred):
+            return defer.succeed(d)  # as the loop's ``yield`` accepts a plain value
+        return d.addErrback(self._attempt_failed, attempt, deadline)
+
+    def _attempt_failed(
+        self, failure: Failure, attempt: Callable[[float], defer.Deferred], deadline: float
+    ) -> Any:
+        if failure.check(ProposalDropped, ReadAborted, NotLeaderError):
+            # Leadership changed under us: look again after a pause, as the loop does.
+            d = sleep(self.reactor, min(self.poll_interval, max(deadline - self.reactor.seconds(), 0.0)))
+            return d.addCallback(lambda _: self._as_leader_loop(attempt, deadline))
+        if failure.check(RaftTimeout):
+            raise errors.Timeout("no answer from a majority within the timeout") from failure.value
+        if failure.check(NodeCrashed):
+            raise errors.Crashed("node is crashed") from failure.value
+        return failure
+
+    @defer.inlineCallbacks
+    def _as_leader_loop(self, attempt: Callable[[float], defer.Deferred], deadline: float):
+        """``as_leader`` when the first look does not find this node leading
+        (or its attempt lost the leadership): poll until the deadline."""
         while True:
             self.check_alive()
             remaining = deadline - self.reactor.seconds()
