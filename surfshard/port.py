@@ -124,7 +124,17 @@ def make_site(
     Form parsing is off: nothing on a node takes form uploads, and parsing
     them would buffer whole multipart bodies in memory.
     """
-    return Site(root or NodeRoot(), timeout=timeout, reactor=clock, parsePOSTFormSubmission=False)
+    return _NodeSite(root or NodeRoot(), timeout=timeout, reactor=clock, parsePOSTFormSubmission=False)
+
+
+class _NodeSite(Site):
+    """No access log: status polls and XML-RPC calls come several times a
+    second (lines that would drown the node's own log), and the reactor's
+    clock is monotonic in servers, so their dates would be wrong anyway.
+    Refusals are logged where they are made."""
+
+    def log(self, request: Request) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------
