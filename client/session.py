@@ -1,0 +1,54 @@
+"""What every client of a Raft-replicated SurfShard service holds: a leader
+finder and an identity (client id + sequence numbers) for its writes."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+
+from surfshard.leader import LeaderCaller
+
+
+class GroupClient:
+    """Base of the per-service clients.
+
+    Every write gets this client's id and the next sequence number, kept
+    across retries, so a retried write whose first attempt committed is
+    answered from the service's dedup table instead of being applied twice.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        addresses: Sequence[str],
+        reactor: IReactorTime,
+        *,
+        client_id: str | None = None,
+        timeout: float = 30.0,
+        attempt_timeout: float = 2.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client_id = client_id or uuid.uuid4().hex
+        self._seq = itertools.count(1)
+        self.pool = pool
+        self.caller = LeaderCaller(
+            pool, addresses, reactor, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
+        )
+
+    def write(self, method: str, args: dict[str, Any]) -> defer.Deferred:
+        """Call a write method on the leader with this client's identity."""
+        return self.caller.call(method, dict(args, client_id=self.client_id, seq=next(self._seq)))
+
+    def read(self, method: str, args: dict[str, Any]) -> defer.Deferred:
+        return self.caller.call(method, args)
+
+    @property
+    def leader(self) -> str | None:
+        """The address this client currently believes leads."""
+        return self.caller.leader
