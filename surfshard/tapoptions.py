@@ -1,0 +1,46 @@
+"""What the twistd plugins' command lines share: ``--config`` and ``--node``,
+the config loaded and the node index checked before anything starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from surfshard.config import ClusterConfig, ConfigError, default_config_path, load_config
+
+
+class NodeOptions(usage.Options):
+    """Base of the plugins' options. Subclasses list their own parameters
+    and implement ``nodes(cluster)``: the addresses ``--node`` indexes."""
+
+    optParameters: list[list[Any]] = [
+        ["config", "c", None, "cluster config file (default: the built-in local cluster)"],
+        ["node", "n", None, "node index, from 0", int],
+    ]
+    optFlags: list[list[Any]] = [
+        ["no-fsync", None, "do not fsync (faster, not crash-safe; for benchmarks)"],
+    ]
+
+    def nodes(self, cluster: ClusterConfig) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def postOptions(self) -> None:
+        if self["node"] is None:
+            raise usage.UsageError("--node is required")
+        try:
+            cluster = self["cluster"] = load_config(self["config"] or default_config_path())
+        except (ConfigError, OSError) as e:
+            raise usage.UsageError(str(e)) from e
+        nodes = self.nodes(cluster)
+        if not 0 <= self["node"] < len(nodes):
+            raise usage.UsageError(
+                f"{cluster.source}: node {self['node']} does not exist (valid: nodes 0..{len(nodes) - 1})"
+                if nodes
+                else f"{cluster.source}: the config lists no such nodes"
+            )
+
+    @property
+    def fsync(self) -> bool | None:
+        """False when --no-fsync was given, else None (the config decides)."""
+        return False if self["no-fsync"] else None
