@@ -1,7 +1,7 @@
 """updatefile throughput, latency and failover of a real 3-node metadata group,
 next to a PySyncObj cluster doing the same work.
 
-    python3 dev.py bench metadata [--seconds 4] [--warmup 1] [--trials 10]
+    python3 dev.py bench metadata [--seconds 3] [--warmup 1] [--rounds 2] [--trials 10]
         [--quick] [--clients 1,16,64] [--only surfshard|pysyncobj|none]
         [--no-failover] [--pysyncobj-batch] [--profile] [--keep] [--json FILE]
 
@@ -31,7 +31,9 @@ What runs (everything on 127.0.0.1, free ports, state in a temp dir):
 - Per fsync mode both clusters are up at once and the two systems are
   measured back to back at each concurrency, in alternating order, so a
   change in the machine's other load (it is shared) hits both alike; the
-  idle cluster only exchanges heartbeats meanwhile.
+  idle cluster only exchanges heartbeats meanwhile. The sweep over the
+  concurrency levels is repeated ``--rounds`` times and each figure is the
+  median over the rounds (the ops/s of every round are printed too).
 - Load: ONE load-generator process per cluster
   (``benchmarks/_metadata_load.py``), separate from the servers: N writers
   (a ``MetadataClient`` each: own client id and files, version = previous
@@ -160,13 +162,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process (0 if it is gone)."""
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a live process ((0, 0) if it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -254,12 +256,12 @@ class Cluster:
         for i in range(3):
             self.procs.stop(self.key(i))
 
-    def cpu_by_node(self) -> list[float]:
-        """CPU seconds used so far by each node's current process."""
+    def cpu_by_node(self) -> list[tuple[float, float]]:
+        """(user, system) CPU seconds used so far by each node's current process."""
         cpu = []
         for i in range(3):
             proc = self.procs.children.get(self.key(i))
-            cpu.append(proc_cpu_seconds(proc.pid) if proc is not None else 0.0)
+            cpu.append(proc_cpu_seconds(proc.pid) if proc is not None else (0.0, 0.0))
         return cpu
 
     def check_alive(self) -> None:
@@ -433,13 +435,36 @@ def measure(cluster: Cluster, load: LoadGenerator, clients: int, warmup: float, 
     result = load.ask(
         {"cmd": "measure", "clients": clients, "warmup": warmup, "seconds": seconds}, warmup + seconds + 60
     )
-    cpu = [after - start for after, start in zip(cluster.cpu_by_node(), cpu0, strict=True)]
+    user = [after[0] - start[0] for after, start in zip(cluster.cpu_by_node(), cpu0, strict=True)]
+    system = [after[1] - start[1] for after, start in zip(cluster.cpu_by_node(), cpu0, strict=True)]
+    cpu = [u + s for u, s in zip(user, system, strict=True)]
     writes = result["total_ok"] - before
-    result["server_cpu_us"] = sum(cpu) / writes * 1e6 if writes else float("nan")
+    nan = float("nan")
+    result["server_cpu_us"] = sum(cpu) / writes * 1e6 if writes else nan
     # The leader does most of the work: its CPU per write caps throughput.
-    result["leader_cpu_us"] = cpu[leader] / writes * 1e6 if writes and leader is not None else float("nan")
+    result["leader_cpu_us"] = cpu[leader] / writes * 1e6 if writes and leader is not None else nan
+    # The kernel's share (socket calls, loopback delivery, fsync) of the leader's CPU.
+    result["leader_sys_share"] = system[leader] / cpu[leader] if leader is not None and cpu[leader] else nan
     cluster.check_alive()
     return result
+
+
+def combine(cells: list[dict]) -> dict:
+    """One cell from its rounds: the median of each figure (errors summed),
+    plus the throughput of every round so the spread shows."""
+    combined: dict[str, Any] = {}
+    for field in cells[0]:
+        values = [c[field] for c in cells]
+        if field == "errors":
+            total: dict[str, int] = {}
+            for errs in values:
+                for name, count in errs.items():
+                    total[name] = total.get(name, 0) + count
+            combined[field] = total
+        elif all(isinstance(v, int | float) for v in values):
+            combined[field] = statistics.median(values)
+    combined["rounds"] = [c["throughput"] for c in cells]
+    return combined
 
 
 def failover(cluster: Cluster, load: LoadGenerator, trials: int, say: Callable[[str], None]) -> list[float]:
@@ -541,7 +566,7 @@ def report(results: dict, failovers: dict, levels: list[int], args: argparse.Nam
     lines.append("")
     lines.append(
         f"updatefile, 3 replicas on {HOST}, one load-generator process; "
-        f"{args.seconds:g} s per cell after {args.warmup:g} s warm-up"
+        f"median of {args.rounds} round(s) of {args.seconds:g} s per cell, each after {args.warmup:g} s warm-up"
     )
     lines.append(
         "(cpuus = CPU microseconds of the 3 server processes per successful write; ldrus = the leader's share)"
@@ -555,7 +580,20 @@ def report(results: dict, failovers: dict, levels: list[int], args: argparse.Nam
             theirs = results.get(("PySyncObj", durable, n))
             lines.append(f"{label:<22}{n:>7} | {fmt_cell(ours)} | {fmt_cell(theirs)} | {ratio(ours, theirs)}")
     lines.append("")
-    lines.append("like-for-like durability (neither fsyncs): SurfShard fsync off vs PySyncObj journal:")
+    lines.append("ops/s of each round (the spread shows how much the shared machine moves the figures):")
+    for durable, label in modes:
+        for n in levels:
+            cells = [results.get((system, durable, n)) for system in ("SurfShard", "PySyncObj")]
+            spread = "  ".join(
+                f"{system} " + "/".join(f"{t:.0f}" for t in cell["rounds"])
+                for system, cell in zip(("SurfShard", "PySyncObj"), cells, strict=True)
+                if cell
+            )
+            lines.append(f"  {label:<20}{n:>4}: {spread}")
+    lines.append(
+        "like-for-like durability (neither fsyncs): SurfShard fsync off vs PySyncObj journal "
+        "(measured in different phases, so less reliable than the rows above):"
+    )
     for n in levels:
         lines.append(
             f"  {n:>3} clients: {ratio(results.get(('SurfShard', False, n)), results.get(('PySyncObj', True, n)))}"
@@ -604,8 +642,14 @@ def report(results: dict, failovers: dict, levels: list[int], args: argparse.Nam
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per cell (default 4)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round (default 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per cell (default 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="measure every cell this many times, take the median (default 2)",
+    )
     parser.add_argument("--trials", type=int, default=10, help="failover trials per system (default 10)")
     parser.add_argument("--clients", default="1,16,64", help="concurrency levels (default 1,16,64)")
     parser.add_argument("--quick", action="store_true", help="short cells and 3 failover trials (~1 min)")
@@ -623,14 +667,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup, args.trials = (
+        args.seconds, args.warmup, args.trials, args.rounds = (
             min(args.seconds, 1.5),
             min(args.warmup, 0.5),
             min(args.trials, 3),
+            1,
         )
     levels = [int(x) for x in args.clients.split(",")]
-    if args.seconds <= 0 or args.trials < 0 or any(n < 1 for n in levels):
-        parser.error("need --seconds > 0, --trials >= 0 and client counts >= 1")
+    if args.seconds <= 0 or args.trials < 0 or args.rounds < 1 or any(n < 1 for n in levels):
+        parser.error("need --seconds > 0, --trials >= 0, --rounds >= 1 and client counts >= 1")
 
     workdir = Path(tempfile.mkdtemp(prefix="surfshard-bench-"))
     procs = Processes()
@@ -638,8 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    # SIGINT too: a shell starting us in the background sets it to "ignore".
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
 
     def say(text: str) -> None:
         print(text, flush=True)
@@ -664,19 +710,24 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.ExitStack() as stack:
                 loads = [stack.enter_context(running(c, procs)) for c in clusters]
                 pairs = list(zip(clusters, loads, strict=True))
-                for k, n in enumerate(levels):
+                rounds: dict[tuple[str, bool, int], list[dict]] = {}
+                sweep = [n for _ in range(args.rounds) for n in levels]
+                for k, n in enumerate(sweep):
                     # Both systems are up: measure them back to back, in
                     # alternating order, so a change in the machine's other
                     # load hits both alike.
                     for cluster, load in pairs if k % 2 == 0 else pairs[::-1]:
                         r = measure(cluster, load, n, args.warmup, args.seconds)
-                        results[(cluster.system, durable, n)] = r
+                        rounds.setdefault((cluster.system, durable, n), []).append(r)
                         say(
                             f"  {cluster.system:<9} {n:>3} clients: {r['throughput']:6.0f} ops/s  "
                             f"p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
-                            f"server cpu {r['server_cpu_us']:4.0f} us/write (leader {r['leader_cpu_us']:3.0f})  "
+                            f"server cpu {r['server_cpu_us']:4.0f} us/write (leader {r['leader_cpu_us']:3.0f}, "
+                            f"{r['leader_sys_share'] * 100:2.0f}% kernel)  "
                             f"client cpu {r['client_cpu']:.2f}  errors {r['errors'] or 0}"
                         )
+                for key, cells in rounds.items():
+                    results[key] = combine(cells)
                 if durable and args.trials and not args.no_failover:
                     for cluster, load in pairs:
                         say(f"{cluster.system}: failover, {args.trials} trials")
@@ -688,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted: stopping every process started")
         return 130
     finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         procs.stop_all()
         if args.keep:
             say(f"kept {workdir}")
