@@ -24,7 +24,7 @@ from twisted.web import xmlrpc
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
 from surfshard.keyspace import validate_block_hash
-from surfshard.port import NodeRoot, listen, make_site, node_factory
+from surfshard.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.rpc import Arg, MethodTable, RpcServerFactory, Value
 from surfshard.tls import TLSFiles
 
@@ -184,8 +184,7 @@ class BlockStoreService(service.Service):
             self.tls_files = TLSFiles(ca=str(cluster.tls.ca), cert=str(cert), key=str(key))
         self.listening_port: Any = None
 
-    @defer.inlineCallbacks
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         host, port = parse_address(self.address)
         factory = node_factory(
@@ -194,7 +193,13 @@ class BlockStoreService(service.Service):
             self.reactor,
             tls=self.tls_files,
         )
-        self.listening_port = yield listen(self.reactor, port, factory, host)
+        try:
+            self.listening_port = listen_now(self.reactor, port, factory, host)
+        except Exception as e:
+            self.log.critical(
+                "{name}: cannot listen on {address}: {e}", name=self.name, address=self.address, e=e
+            )
+            raise
         self.log.info("{name} serving blocks on {address}", name=self.name, address=self.address)
 
     @defer.inlineCallbacks

@@ -279,3 +279,21 @@ def listen(
     if ":" in interface:
         return TCP6ServerEndpoint(reactor, port, interface=interface).listen(factory)
     return TCP4ServerEndpoint(reactor, port, interface=interface).listen(factory)
+
+
+def listen_now(reactor: Any, port: int, factory: IProtocolFactory, interface: str = "") -> IListeningPort:
+    """Listen on TCP ``interface:port`` and return the port, or raise.
+
+    A TCP endpoint listens at once, so a service can know in
+    ``startService`` whether it has its port: one it cannot have must fail
+    twistd's start-up (non-zero exit with the reason), not leave a process
+    running with no port, which is what a failed Deferred nobody waits for
+    would do.
+    """
+    outcome: list[Any] = []
+    listen(reactor, port, factory, interface).addBoth(outcome.append)
+    if not outcome:  # pragma: no cover - an endpoint that listens later
+        raise RuntimeError(f"listening on {interface}:{port} did not complete at once")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]

@@ -33,7 +33,7 @@ from raft.storage import DiskStorage
 from raft.types import RaftConfig
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
-from surfshard.port import NodeRoot, listen, make_site, node_factory
+from surfshard.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.raft_transport import RpcRaftTransport
 from surfshard.rpc import Arg, MethodTable, RpcClientPool, RpcServerFactory
 from surfshard.tls import TLSFiles
@@ -384,23 +384,13 @@ class ReplicaService(service.MultiService):
             self.reactor,
             tls=self.tls_files,
         )
-        # A TCP endpoint listens at once, so the outcome is known here: a port
-        # we cannot have must fail twistd's start-up (it exits non-zero with
-        # the reason) rather than leave a process running Raft with no port,
-        # which is what a failure inside a Deferred nobody waits for did.
-        outcome: list[Any] = []
-        listen(self.reactor, self.port_number, factory, self.listen_interface).addBoth(outcome.append)
-        if not outcome:  # pragma: no cover - an endpoint that listens later
-            raise RuntimeError(f"{self.name}: listening on {self.address} did not complete at once")
-        if isinstance(outcome[0], Failure):
+        try:
+            self.listening_port = listen_now(self.reactor, self.port_number, factory, self.listen_interface)
+        except Exception as e:
             self.log.critical(
-                "{name}: cannot listen on {address}: {e}",
-                name=self.name,
-                address=self.address,
-                e=outcome[0].value,
+                "{name}: cannot listen on {address}: {e}", name=self.name, address=self.address, e=e
             )
-            outcome[0].raiseException()
-        self.listening_port = outcome[0]
+            raise
         self.log.info("{name} serving on {address}", name=self.name, address=self.address)
 
     @defer.inlineCallbacks
