@@ -109,8 +109,14 @@ class ReplicaControl:
             return DEFAULT_CALL_TIMEOUT
         return max(0.0, min(float(timeout), MAX_CALL_TIMEOUT))
 
-    def as_leader(self, attempt: Callable[[float], defer.Deferred], timeout: float | None) -> defer.Deferred:
-        """Run ``attempt(remaining_seconds)`` on this node while it leads.
+    def as_leader(
+        self,
+        attempt: Callable[[float], defer.Deferred],
+        timeout: float | None,
+        then: Callable[[Any], Any] | None = None,
+    ) -> defer.Deferred:
+        """Run ``attempt(remaining_seconds)`` on this node while it leads;
+        the result is ``then(attempt's result)`` if ``then`` is given.
 
         While no leader is known (an election, or a majority down) this
         waits, bounded by the deadline, rather than answering wrongly; after
@@ -120,29 +126,42 @@ class ReplicaControl:
         sequence number so the state machine answers a repeat from its
         dedup table.
         """
-        deadline = self.reactor.seconds() + self.clamp_timeout(timeout)
+        seconds = self.reactor.seconds
+        now = seconds()
+        deadline = now + self.clamp_timeout(timeout)
         node = self.node
-        if not (node.is_leader and not node.crashed and deadline > self.reactor.seconds()):
-            return self._as_leader_loop(attempt, deadline)
+        if not (node.is_leader and not node.crashed and deadline > now):
+            d = self._as_leader_loop(attempt, deadline)
+            return d if then is None else d.addCallback(then)
         # The common case, a leader answering: run the attempt at once and
         # only go through the waiting loop if it fails in a way that calls
-        # for another look. Every write and read takes this path; the loop's
-        # generator and Deferreds cost ~14 us of a leader's ~100 us per write.
+        # for another look. Every write and read takes this path, so it adds
+        # one callback pair to the attempt's Deferred (``then`` and the
+        # failure mapping side by side), no generator and no Deferred of
+        # its own.
         try:
-            d = attempt(deadline - self.reactor.seconds())
+            d = attempt(deadline - seconds())
         except Exception:
             return defer.fail()
         if not isinstance(d, defer.Deferred):
-            return defer.succeed(d)  # as the loop's ``yield`` accepts a plain value
-        return d.addErrback(self._attempt_failed, attempt, deadline)
+            # As the loop's ``yield`` accepts a plain value.
+            return defer.succeed(d) if then is None else defer.maybeDeferred(then, d)
+        if then is None:
+            return d.addErrback(self._attempt_failed, attempt, deadline, None)
+        return d.addCallbacks(then, self._attempt_failed, errbackArgs=(attempt, deadline, then))
 
     def _attempt_failed(
-        self, failure: Failure, attempt: Callable[[float], defer.Deferred], deadline: float
+        self,
+        failure: Failure,
+        attempt: Callable[[float], defer.Deferred],
+        deadline: float,
+        then: Callable[[Any], Any] | None,
     ) -> Any:
         if failure.check(ProposalDropped, ReadAborted, NotLeaderError):
             # Leadership changed under us: look again after a pause, as the loop does.
             d = sleep(self.reactor, min(self.poll_interval, max(deadline - self.reactor.seconds(), 0.0)))
-            return d.addCallback(lambda _: self._as_leader_loop(attempt, deadline))
+            d.addCallback(lambda _: self._as_leader_loop(attempt, deadline))
+            return d if then is None else d.addCallback(then)
         if failure.check(RaftTimeout):
             raise errors.Timeout("no answer from a majority within the timeout") from failure.value
         if failure.check(NodeCrashed):

@@ -12,10 +12,13 @@ from surfshard.keyspace import MAX_HASHLIST
 from surfshard.leader import LeaderCaller
 from surfshard.metadata import MetadataStateMachine
 from surfshard.replica import TIMEOUT_ARG, ReplicaService
-from surfshard.rpc import Arg, MethodTable, Value
+from surfshard.rpc import Arg, MethodTable
 from surfshard.shardwatch import ShardMapWatcher
 
-NAME_ARG = Arg("name", str, min_len=1, max_bytes=4096)
+# The schemas check types and sizes only: the handlers run the keyspace and
+# client validators (encode_update checks a hash list in the same pass that
+# encodes it), so each argument is validated once, before anything is done.
+NAME_ARG = Arg("name", str)
 
 
 class MetadataService(ReplicaService):
@@ -70,10 +73,10 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
         replica.updatefile,
         [
             NAME_ARG,
-            Arg("version", int, min=1),
-            Arg("hashlist", Value(list, max_len=MAX_HASHLIST, items=Value(str, max_len=64))),
-            Arg("client_id", str, required=False, min_len=1, max_len=128),
-            Arg("seq", int, required=False, min=1),
+            Arg("version", int),
+            Arg("hashlist", list, max_len=MAX_HASHLIST),
+            Arg("client_id", str, required=False),
+            Arg("seq", int, required=False),
             TIMEOUT_ARG,
         ],
     )

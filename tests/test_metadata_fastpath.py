@@ -1,0 +1,439 @@
+"""The metadata layer's fast paths answer exactly as the paths they shortcut.
+
+- ``encode_update`` writes the update command by hand: the bytes must be
+  cbor2's canonical encoding of the same map, for every valid input (the
+  command is a file format: Raft logs on disk hold it);
+- the validators accept common input in one step: they must accept and
+  refuse (with the same message) exactly what their full checks do, which
+  a str / list subclass forces them through;
+- a leader applies the commands it encoded from memory, without decoding:
+  states and results must be those of a replica that decodes;
+- the dedup window keeps its answers in seq order instead of taking min():
+  results must be those of the min() rule;
+- ``MetadataReplica.updatefile`` maps results and failures with one
+  callback pair: same answers as before, also after a lost leadership.
+
+Property tests take their seed from ``SURFSHARD_SEED`` (printed on failure).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import cbor2
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from raft.errors import ProposalDropped, RaftTimeout
+from surfshard import errors, metadata
+from surfshard.errors import BadRequest
+from surfshard.group import MetadataReplica
+from surfshard.keyspace import (
+    MAX_FILENAME_BYTES,
+    MAX_HASHLIST,
+    MAX_VERSION,
+    shard_of,
+    validate_filename,
+    validate_hashlist,
+    validate_version,
+)
+from surfshard.metadata import MAX_CLIENT_ID_BYTES, MetadataStateMachine, encode_update, validate_client
+
+SEED = int(os.environ.get("SURFSHARD_SEED", "20240502"))
+H1, H2, H3 = "a1" * 32, "b2" * 32, "0123456789abcdef" * 4
+
+
+class StrSub(str):
+    """Not exactly str: takes a validator's full checks."""
+
+
+class ListSub(list):
+    """Not exactly list: takes validate_hashlist's full checks."""
+
+
+def outcome(validate: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        return "ok", validate(*args)
+    except BadRequest as e:
+        return "refused", e.message
+
+
+def reference_command(name: str, version: int, hashlist: Any, client: str, seq: int) -> bytes:
+    """What encode_update produced before it wrote the bytes itself."""
+    command = {
+        "op": "update",
+        "name": name,
+        "version": version,
+        "hashlist": validate_hashlist(hashlist),
+        "client": client,
+        "seq": seq,
+    }
+    return cbor2.dumps(command, canonical=True)
+
+
+# Lengths around the CBOR head boundaries (23/24, 255/256, 65535/65536).
+BOUNDARY_INTS = [1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, MAX_VERSION]
+no_surrogates = st.characters(blacklist_categories=("Cs",))
+names = st.one_of(
+    st.text(no_surrogates, min_size=1, max_size=300),
+    st.sampled_from(["a", "x" * 23, "x" * 24, "x" * 255, "x" * 256, "\u00e9" * 12, "y" * MAX_FILENAME_BYTES]),
+).filter(lambda n: outcome(validate_filename, n)[0] == "ok")
+numbers = st.one_of(st.sampled_from(BOUNDARY_INTS), st.integers(min_value=1, max_value=MAX_VERSION))
+hashes = st.text("0123456789abcdef", min_size=64, max_size=64)
+hashlists = st.one_of(
+    st.just(["0"]),
+    st.just([]),
+    st.lists(hashes, max_size=30),
+    st.lists(hashes, max_size=3).map(tuple),
+)
+clients = st.text(no_surrogates, min_size=1, max_size=MAX_CLIENT_ID_BYTES).filter(
+    lambda c: len(c.encode("utf-8")) <= MAX_CLIENT_ID_BYTES
+)
+
+
+class EncodingTests(SynchronousTestCase):
+    @seed(SEED)
+    @settings(deadline=None, max_examples=300)
+    @given(name=names, version=numbers, hashlist=hashlists, client=clients, seq=numbers)
+    def test_same_bytes_as_canonical_cbor(
+        self, name: str, version: int, hashlist: Any, client: str, seq: int
+    ) -> None:
+        expected = reference_command(name, version, hashlist, client, seq)
+        context = f"SURFSHARD_SEED={SEED}"
+        self.assertEqual(encode_update(name, version, hashlist, client, seq), expected, context)
+        self.assertEqual(
+            MetadataStateMachine(1).encode_update(name, version, hashlist, client, seq), expected
+        )
+
+    def test_long_hash_lists(self) -> None:
+        for count in (23, 24, 255, 256, 65535, 65536, MAX_HASHLIST):
+            hashlist = [f"{i:064x}" for i in range(count)]
+            self.assertEqual(
+                encode_update("f", 1, hashlist, "c", 1), reference_command("f", 1, hashlist, "c", 1), count
+            )
+
+    def test_refuses_what_it_refused_before(self) -> None:
+        bad_hashlists = [
+            ["0", "0"],
+            [H1, "0"],
+            [H1.upper()],
+            [H1[:-1]],
+            [H1 + "a"],
+            [H1[:31] + "x@" + H1[33:]],
+            [H1 + "x@" + H2],
+            [H1[:63], "a" + H2],
+            [1],
+            [H1, None],
+            [b"0" * 64],
+            "0" * 64,
+            None,
+            {H1: 1},
+            [H1] * (MAX_HASHLIST + 1),
+        ]
+        for hashlist in bad_hashlists:
+            self.assertRaises(BadRequest, encode_update, "f", 1, hashlist, "c", 1)
+        self.assertRaises(UnicodeEncodeError, encode_update, "f", 1, [H1], "c\udc80", 1)
+
+
+# Items that are valid hashes, almost valid, or the joiner in disguise.
+hash_like = st.one_of(
+    hashes,
+    st.sampled_from(
+        [
+            "0",
+            H1.upper(),
+            H1[:63],
+            H1 + "0",
+            H1[:30] + "x@" + H1[32:],
+            H1 + "x@" + H2,
+            H1[:32] + "x@",
+            "x@",
+            "",
+            "\u00e9" * 64,
+        ]
+    ),
+    st.text(max_size=70),
+    st.integers(),
+    st.none(),
+    st.binary(max_size=64),
+)
+
+
+class ValidatorTests(SynchronousTestCase):
+    @seed(SEED + 1)
+    @settings(deadline=None, max_examples=400)
+    @given(
+        name=st.one_of(st.text(max_size=40), st.sampled_from(["/a", "a/", "a\x00b", "\udc80", "x" * 5000]))
+    )
+    def test_filename_fast_path_agrees(self, name: str) -> None:
+        self.assertEqual(
+            outcome(validate_filename, name),
+            outcome(validate_filename, StrSub(name)),
+            f"SURFSHARD_SEED={SEED}",
+        )
+
+    @seed(SEED + 2)
+    @settings(deadline=None, max_examples=400)
+    @given(items=st.lists(hash_like, max_size=5), exact=st.sampled_from([list, tuple]))
+    def test_hashlist_fast_path_agrees(self, items: list[Any], exact: type) -> None:
+        fast = outcome(validate_hashlist, exact(items))
+        self.assertEqual(fast, outcome(validate_hashlist, ListSub(items)), f"SURFSHARD_SEED={SEED + 2}")
+        # And the rule itself: every item a hash, or exactly ["0"], or none.
+        valid = items == ["0"] or all(
+            isinstance(h, str) and len(h) == 64 and set(h) <= set("0123456789abcdef") for h in items
+        )
+        self.assertEqual(fast[0] == "ok", valid, f"{items!r} SURFSHARD_SEED={SEED + 2}")
+
+    @seed(SEED + 3)
+    @settings(deadline=None, max_examples=300)
+    @given(
+        client=st.one_of(st.text(max_size=140), st.sampled_from(["", "\udc80", "é" * 64, "é" * 65])),
+        seq=st.one_of(st.sampled_from([0, 1, -1, MAX_VERSION, MAX_VERSION + 1, True]), st.integers()),
+    )
+    def test_client_fast_path_agrees(self, client: str, seq: int) -> None:
+        self.assertEqual(
+            outcome(validate_client, client, seq),
+            outcome(validate_client, StrSub(client), seq),
+            f"SURFSHARD_SEED={SEED + 3}",
+        )
+
+    def test_version_rule(self) -> None:
+        for version in [1, 2, MAX_VERSION]:
+            self.assertEqual(validate_version(version), version)
+        for bad in [0, -1, MAX_VERSION + 1, True, 1.0, "1", None]:
+            self.assertRaises(BadRequest, validate_version, bad)
+
+
+# -- leader path: applying what this replica encoded ---------------------------
+
+update_args = st.tuples(
+    st.sampled_from(["a", "b", "dir/c", "d\u00e9"]),
+    st.integers(min_value=1, max_value=4),
+    st.sampled_from([[H1], [H1, H2], ["0"], [], (H3,)]),
+    st.sampled_from(["c1", "c2"]),
+    st.integers(min_value=1, max_value=8),
+)
+
+
+class LeaderApplyTests(SynchronousTestCase):
+    @seed(SEED + 4)
+    @settings(deadline=None, max_examples=150)
+    @given(
+        batches=st.lists(st.lists(update_args, max_size=6), max_size=10),
+        window=st.sampled_from([2, 32]),
+        nshards=st.sampled_from([1, 3]),
+    )
+    def test_leader_applies_as_a_follower_does(
+        self, batches: list[list[tuple]], window: int, nshards: int
+    ) -> None:
+        """Proposals in batches (several in flight), retries included: the
+        leader, remembering what it encoded, ends where a decoding replica
+        does, answer for answer."""
+        self.patch(metadata, "DEDUP_WINDOW", window)
+        leader, follower = MetadataStateMachine(nshards), MetadataStateMachine(nshards)
+        context = f"SURFSHARD_SEED={SEED + 4}"
+        for batch in batches:
+            commands = [leader.encode_update(*args) for args in batch]
+            for command in commands:
+                self.assertEqual(leader.apply(command), follower.apply(bytes(bytearray(command))), context)
+        self.assertEqual(leader.snapshot(), follower.snapshot(), context)
+        self.assertEqual(leader.getfileinfomap(), follower.getfileinfomap(), context)
+        self.assertEqual(leader._encoded, {}, context)
+
+    def test_a_command_committed_twice_is_answered_from_the_dedup_table(self) -> None:
+        m = MetadataStateMachine(1)
+        command = m.encode_update("a", 1, [H1], "c", 1)
+        self.assertEqual(m.apply(command), {"ok": True, "version": 1})
+        self.assertEqual(m.apply(command), {"ok": True, "version": 1})
+        self.assertEqual(m.getfileinfo("a"), (1, (H1,)))
+
+    def test_memory_is_bounded(self) -> None:
+        self.patch(metadata, "_MAX_REMEMBERED", 8)
+        m = MetadataStateMachine(1)
+        commands = [m.encode_update(f"f{i}", 1, [H1], "c", i + 1) for i in range(20)]
+        self.assertLessEqual(len(m._encoded), 8)
+        # The forgotten ones are decoded instead: same outcome.
+        for command in commands:
+            self.assertEqual(m.apply(command), {"ok": True, "version": 1})
+        self.assertEqual(len(m.getfileinfomap()), 20)
+        self.assertEqual(m._encoded, {})
+
+    def test_any_bytes_like_command_still_applies(self) -> None:
+        m = MetadataStateMachine(1)
+        m.encode_update("a", 1, [H1], "c", 1)
+        self.assertEqual(m.apply(bytearray(encode_update("a", 1, [H1], "c", 1))), {"ok": True, "version": 1})
+        self.assertEqual(m.apply(memoryview(encode_update("b", 1, [H1], "c", 2))), {"ok": True, "version": 1})
+        self.assertEqual(m.apply(None)["code"], "BAD_REQUEST")  # type: ignore[arg-type]
+
+    def test_tombstone_is_stored_as_the_shared_tombstone(self) -> None:
+        m = MetadataStateMachine(1)
+        m.apply(m.encode_update("a", 1, ("0",), "c", 1))
+        self.assertEqual(m.getfileinfo("a"), (1, ("0",)))
+
+
+# -- dedup window in seq order ----------------------------------------------------
+
+
+class MinRuleModel:
+    """The dedup rule as written before (min() over the stored seqs)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.floor: dict[str, int] = {}
+        self.answers: dict[str, dict[int, Any]] = {}
+        self.files: dict[str, int] = {}
+
+    def apply(self, name: str, version: int, client: str, seq: int) -> Any:
+        answers = self.answers.setdefault(client, {})
+        floor = self.floor.get(client, 0)
+        if seq in answers:
+            return answers[seq]
+        if seq <= floor or (len(answers) >= self.window and seq < min(answers)):
+            return "stale"
+        current = self.files.get(name, 0)
+        if version == current + 1:
+            self.files[name] = version
+            answer: Any = ("ok", version)
+        else:
+            answer = ("mismatch", current)
+        answers[seq] = answer
+        if len(answers) > self.window:
+            oldest = min(answers)
+            del answers[oldest]
+            self.floor[client] = max(floor, oldest)
+        return answer
+
+
+def summary(result: dict[str, Any]) -> Any:
+    if result["ok"]:
+        return ("ok", result["version"])
+    if result["code"] == "VERSION_MISMATCH":
+        return ("mismatch", result["current"])
+    assert "stale sequence" in result["message"], result
+    return "stale"
+
+
+class DedupOrderTests(SynchronousTestCase):
+    @seed(SEED + 5)
+    @settings(deadline=None, max_examples=200)
+    @given(
+        ops=st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b"]),
+                st.integers(min_value=1, max_value=6),
+                st.sampled_from(["c1", "c2"]),
+                st.integers(min_value=1, max_value=14),
+            ),
+            max_size=60,
+        ),
+        window=st.integers(min_value=1, max_value=5),
+        restore_at=st.integers(min_value=0, max_value=60),
+    )
+    def test_out_of_order_seqs_follow_the_min_rule(
+        self, ops: list[tuple[str, int, str, int]], window: int, restore_at: int
+    ) -> None:
+        self.patch(metadata, "DEDUP_WINDOW", window)
+        model = MinRuleModel(window)
+        m = MetadataStateMachine(1)
+        for i, (name, version, client, seq) in enumerate(ops):
+            if i == restore_at:  # sessions rebuilt from a snapshot keep the order
+                restored = MetadataStateMachine(1)
+                restored.restore(m.snapshot())
+                m = restored
+            got = summary(m.apply(encode_update(name, version, [H1], client, seq)))
+            self.assertEqual(
+                got, model.apply(name, version, client, seq), f"op {i} SURFSHARD_SEED={SEED + 5}"
+            )
+
+
+# -- MetadataReplica.updatefile ----------------------------------------------------
+
+
+class ScriptedNode:
+    """A leader whose proposals fail as scripted, then commit when told."""
+
+    node_id = 1
+    leader_id = 1
+    crashed = False
+    is_leader = True
+
+    def __init__(self, machine: MetadataStateMachine, failures: list[Exception] | None = None) -> None:
+        self.machine = machine
+        self.failures = list(failures or [])
+        self.pending: list[tuple[bytes, defer.Deferred]] = []
+        self.proposed: list[bytes] = []
+
+    def propose(self, command: bytes, timeout: float | None = None) -> defer.Deferred:
+        self.proposed.append(command)
+        if self.failures:
+            return defer.fail(self.failures.pop(0))
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((command, d))
+        return d
+
+    def commit(self) -> None:
+        pending, self.pending = self.pending, []
+        for command, d in pending:
+            d.callback(self.machine.apply(command))
+
+
+class UpdatefileTests(SynchronousTestCase):
+    def replica(
+        self, failures: list[Exception] | None = None, machine: MetadataStateMachine | None = None
+    ) -> tuple[MetadataReplica, ScriptedNode, task.Clock]:
+        machine = machine or MetadataStateMachine(1)
+        node = ScriptedNode(machine, failures)
+        clock = task.Clock()
+        replica = MetadataReplica(node, machine, {1: "127.0.0.1:7001"}, clock, poll_interval=0.02)
+        return replica, node, clock
+
+    def test_success_is_the_new_version_and_mismatch_an_error(self) -> None:
+        replica, node, _ = self.replica()
+        first = replica.updatefile("a", 1, [H1], "c", 1)
+        stale = replica.updatefile("a", 1, [H2], "c", 2)
+        node.commit()
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertEqual(self.failureResultOf(stale, errors.VersionMismatch).value.current, 1)
+
+    def test_bad_input_is_refused_before_proposing(self) -> None:
+        replica, node, _ = self.replica()
+        for args in [("", 1, [H1]), ("a", 0, [H1]), ("a", 1, ["nothex"]), ("a", 1, "x"), ("a", True, [H1])]:
+            self.assertRaises(BadRequest, replica.updatefile, *args)
+        self.assertEqual(node.proposed, [])
+
+    def test_wrong_group_carries_the_map_number(self) -> None:
+        machine = MetadataStateMachine(2, owned=())
+        machine.config_num = 7
+        replica, node, _ = self.replica(machine=machine)
+        d = replica.updatefile("a", 1, [H1], "c", 1)
+        node.commit()
+        error = self.failureResultOf(d, errors.WrongGroup).value
+        self.assertEqual((error.num, error.details["shard"]), (7, shard_of("a", 2)))
+        self.assertIn("does not serve shard", error.message)
+
+    def test_a_lost_leadership_is_retried_and_still_answers_a_version(self) -> None:
+        replica, node, clock = self.replica(failures=[ProposalDropped("lost")])
+        d = replica.updatefile("a", 1, [H1], "c", 1, timeout=5.0)
+        self.assertNoResult(d)
+        for _ in range(5):
+            clock.advance(0.01)
+        node.commit()
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(len(node.proposed), 2)
+        self.assertEqual(node.proposed[0], node.proposed[1])  # same client id and seq: deduplicated
+
+    def test_raft_timeout_is_a_timeout(self) -> None:
+        replica, _, _ = self.replica(failures=[RaftTimeout("slow")])
+        self.failureResultOf(replica.updatefile("a", 1, [H1], "c", 1), errors.Timeout)
+
+    def test_callers_without_identity_get_one_per_call(self) -> None:
+        replica, node, _ = self.replica()
+        a = replica.updatefile("a", 1, [H1])
+        b = replica.updatefile("a", 2, [H1])
+        node.commit()
+        self.assertEqual((self.successResultOf(a), self.successResultOf(b)), (1, 2))
+        seqs = [cbor2.loads(c)["seq"] for c in node.proposed]
+        self.assertEqual(seqs, [1, 2])
