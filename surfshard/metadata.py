@@ -82,8 +82,13 @@ MAX_SESSIONS_PER_SHARD = 4096
 #: Longest client id accepted, in UTF-8 bytes (a UUID is 32 hex characters).
 MAX_CLIENT_ID_BYTES = 128
 
-#: Encoded updates a replica remembers decoded (see ``MetadataStateMachine.encode_update``).
+#: Encoded updates a replica remembers decoded (see
+#: ``MetadataStateMachine.encode_update``), and the largest one it remembers:
+#: proposals that never commit leave theirs behind until the next clear, so
+#: this bounds that memory (~64 MiB); a bigger command is decoded, which
+#: costs little next to everything else done with it.
 _MAX_REMEMBERED = 4096
+_MAX_REMEMBERED_BYTES = 16 * 1024
 
 OP_UPDATE = "update"
 _UPDATE_KEYS = frozenset({"op", "name", "version", "hashlist", "client", "seq"})
@@ -421,6 +426,8 @@ class MetadataStateMachine:
         decoding and validating what was just encoded. The bytes are the
         same as the module function's."""
         command = encode_update(name, version, hashlist, client_id, seq)
+        if len(command) > _MAX_REMEMBERED_BYTES:
+            return command
         encoded = self._encoded
         if len(encoded) >= _MAX_REMEMBERED:
             # Proposals that never commit (lost leadership) leave theirs

@@ -261,6 +261,14 @@ class LeaderApplyTests(SynchronousTestCase):
         self.assertEqual(len(m.getfileinfomap()), 20)
         self.assertEqual(m._encoded, {})
 
+    def test_large_commands_are_not_remembered(self) -> None:
+        m = MetadataStateMachine(1)
+        many = [f"{i:064x}" for i in range(300)]  # ~20 KB
+        command = m.encode_update("big", 1, many, "c", 1)
+        self.assertEqual(m._encoded, {})
+        self.assertEqual(m.apply(command), {"ok": True, "version": 1})
+        self.assertEqual(m.getfileinfo("big"), (1, tuple(many)))
+
     def test_any_bytes_like_command_still_applies(self) -> None:
         m = MetadataStateMachine(1)
         m.encode_update("a", 1, [H1], "c", 1)
