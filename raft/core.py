@@ -127,10 +127,11 @@ class RaftCore:
         # its commit index may still be behind the previous leader's.
         self._deferred_reads: list[bytes] = []
         self._incoming_snapshot: _IncomingSnapshot | None = None
-        # Leader: new entries / a new commit index wait for the next ready()
-        # so that proposals made together leave in one message per follower.
+        # Leader: new entries wait for the next ready() so that proposals
+        # made together leave in one message per follower. A new commit index
+        # does not send anything by itself: it rides on the next append, or
+        # goes out on the next tick (see _send_commit_updates).
         self._bcast_entries = False
-        self._bcast_commit = False
 
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
@@ -328,9 +329,7 @@ class RaftCore:
             return True
         if self._log.handed < self._log.last_index or self._log.has_committed_to_hand():
             return True
-        return self._role == Role.LEADER and (
-            self._bcast_entries or self._bcast_commit or bool(self._reads.queued)
-        )
+        return self._role == Role.LEADER and (self._bcast_entries or bool(self._reads.queued))
 
     def ready(self) -> Ready:
         """Everything accumulated since the previous ``ready()``. Hand each
@@ -372,8 +371,8 @@ class RaftCore:
         if self._role == Role.LEADER:
             # Persist before ack: the leader's own entries count towards a
             # quorum only once they are on its disk.
-            if self._progress[self._id].maybe_update(self._log.stable) and self._maybe_commit():
-                self._bcast_commit = len(self._peers) > 1
+            if self._progress[self._id].maybe_update(self._log.stable):
+                self._maybe_commit()
 
     # -- message intake ------------------------------------------------------
 
@@ -541,6 +540,7 @@ class RaftCore:
         if self._heartbeat_elapsed >= self._cfg.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             self._bcast_heartbeat()
+        self._send_commit_updates()
 
     def _quorum_active(self) -> bool:
         return sum(1 for pr in self._progress.values() if pr.recent_active) >= self._quorum
@@ -615,7 +615,6 @@ class RaftCore:
         self._reads.reset()
         self._deferred_reads = []
         self._bcast_entries = False
-        self._bcast_commit = False
 
     def _become_follower(self, term: int, leader: int | None) -> None:
         was = self._role
@@ -659,12 +658,24 @@ class RaftCore:
         round_id = self._reads.open_round()
         if round_id is not None:
             self._bcast_heartbeat(ReadIndexTracker.encode(round_id))
-        if self._bcast_entries or self._bcast_commit:
-            send_if_empty = self._bcast_commit
-            self._bcast_entries = self._bcast_commit = False
+        if self._bcast_entries:
+            self._bcast_entries = False
             for pid in self._peers:
                 if pid != self._id:
-                    self._send_all_appends(pid, send_if_empty)
+                    self._send_all_appends(pid, send_if_empty=False)
+
+    def _send_commit_updates(self) -> None:
+        """Tell followers a commit index that no append carried yet.
+
+        Sending one append per commit (and getting its answer) was half the
+        Raft traffic per write at low load; the commit index rides on the
+        next append instead, and a follower learns it at the latest one tick
+        later, here. Clients do not wait for this: the leader answers them
+        once it has applied the entry itself."""
+        committed = self._log.committed
+        for pid, pr in self._progress.items():
+            if pid != self._id and pr.can_bump_commit(committed):
+                self._send_append(pid)
 
     def _send_all_appends(self, to: int, send_if_empty: bool) -> None:
         """Fill the follower's pipeline (bounded by the inflight window and
@@ -696,6 +707,7 @@ class RaftCore:
             )
         if not entries and not send_if_empty:
             return False
+        commit = self._log.committed
         self._send(
             Message(
                 MessageType.APPEND,
@@ -705,9 +717,10 @@ class RaftCore:
                 index=prev,
                 log_term=prev_term,
                 entries=entries,
-                commit=self._log.committed,
+                commit=commit,
             )
         )
+        pr.commit_sent(commit)
         if entries:
             if pr.state == ProgressState.REPLICATE:
                 last = entries[-1].index
@@ -728,7 +741,6 @@ class RaftCore:
         if m.index > self._log.last_index:
             self._refuse(m, f"acknowledges index {m.index} beyond our last {self._log.last_index}")
             return
-        was_paused = pr.is_paused()
         if not pr.maybe_update(m.index):
             return
         if pr.state == ProgressState.PROBE:
@@ -738,10 +750,8 @@ class RaftCore:
             pr.become_replicate()
         elif pr.state == ProgressState.REPLICATE:
             pr.inflights.free_le(m.index)
-        if self._maybe_commit():
-            self._bcast_commit = True
-        elif was_paused:
-            self._send_append(m.frm)
+        # A new commit index is not sent by itself (see _send_commit_updates).
+        self._maybe_commit()
         self._send_all_appends(m.frm, send_if_empty=False)
         if m.frm == self._lead_transferee and pr.match == self._log.last_index:
             self._send_timeout_now(m.frm)
@@ -799,16 +809,18 @@ class RaftCore:
         for pid, pr in self._progress.items():
             if pid == self._id:
                 continue
+            commit = min(pr.match, self._log.committed)
             self._send(
                 Message(
                     MessageType.HEARTBEAT,
                     to=pid,
                     frm=self._id,
                     term=self._term,
-                    commit=min(pr.match, self._log.committed),
+                    commit=commit,
                     context=context,
                 )
             )
+            pr.commit_sent(commit)
 
     # -- leader: transfer ----------------------------------------------------
 

@@ -11,10 +11,16 @@ Group commit: work is never done inline.  A proposal or a peer message only
 marks the node dirty and schedules one ``callLater(0, ...)``; everything that
 arrived in the same reactor turn is handled in ONE ``Ready``, hence one
 ``storage.sync()`` and one AppendEntries batch per follower.
+
+Timeouts of proposals and reads share one reactor timer (a heap of
+deadlines): a timer per proposal, created and cancelled on every write, was
+a measurable share of a busy leader's time.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -39,54 +45,43 @@ ApplyObserver = Callable[[Entry, Any], None]
 
 
 class _Waiter:
-    """One caller waiting on the node: a Deferred plus its optional timeout.
+    """One caller waiting on the node: a Deferred, and what its timeout says.
 
     Settling is idempotent so a timeout racing an apply (or a stop) can never
-    fire a Deferred twice.
+    fire a Deferred twice. The timeout itself is the node's (one timer for
+    all waiters, see ``RaftNode._watch_deadline``).
     """
 
-    __slots__ = ("deferred", "index", "term", "_timer", "_forget")
+    __slots__ = ("_forget", "deferred", "index", "term", "timeout", "what")
 
     def __init__(
-        self,
-        reactor: IReactorTime,
-        timeout: float | None,
-        term: int,
-        index: int,
-        forget: Callable[[_Waiter], None],
-        what: str,
+        self, term: int, index: int, forget: Callable[[_Waiter], None], what: str, timeout: float | None
     ) -> None:
         self.term = term
         self.index = index
+        self.what = what
+        self.timeout = timeout
         self._forget = forget
         # Cancelling only abandons the wait: a proposal already in the log
         # may still be applied, which is the caller's to live with.
-        self.deferred: defer.Deferred[Any] = defer.Deferred(lambda _d: self._forget(self))
-        self._timer: IDelayedCall | None = None
-        if timeout is not None:
-            self._timer = reactor.callLater(timeout, self._expire, what, timeout)
+        self.deferred: defer.Deferred[Any] = defer.Deferred(self._cancelled)
+
+    def _cancelled(self, _deferred: defer.Deferred[Any]) -> None:
+        self._forget(self)
 
     @property
     def settled(self) -> bool:
         return self.deferred.called
 
-    def _expire(self, what: str, timeout: float) -> None:
-        self._timer = None
+    def expire(self) -> None:
         self._forget(self)
-        self.fail(RaftTimeout(f"{what} did not complete within {timeout} s"))
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self.fail(RaftTimeout(f"{self.what} did not complete within {self.timeout} s"))
 
     def succeed(self, result: Any) -> None:
-        self._stop_timer()
         if not self.deferred.called:
             self.deferred.callback(result)
 
     def fail(self, error: BaseException | Failure) -> None:
-        self._stop_timer()
         if not self.deferred.called:
             self.deferred.errback(error)
 
@@ -139,6 +134,15 @@ class RaftNode(service.Service):
         self._reads_unconfirmed: dict[bytes, _Waiter] = {}
         self._reads_confirmed: list[_Waiter] = []
         self._read_seq = 0
+        # The term in which we last found every waiter current while leading:
+        # until the role or term changes there is nothing stale to drop.
+        self._waiters_checked_term = -1
+        # (deadline, sequence, waiter) of waiters with a timeout; settled
+        # ones are dropped lazily. One timer, armed for the earliest.
+        self._deadlines: list[tuple[float, int, _Waiter]] = []
+        self._deadline_seq = 0
+        self._deadline_call: IDelayedCall | None = None
+        self._deadline_at = math.inf
         #: (waiter, succeeded, result or error) to settle once the Ready is done.
         self._settle: list[tuple[_Waiter, bool, Any]] = []
         self._role = Role.FOLLOWER
@@ -175,6 +179,7 @@ class RaftNode(service.Service):
         if self._process_call is not None and self._process_call.active():
             self._process_call.cancel()
         self._process_call = None
+        self._stop_deadline_timer()
         result = super().stopService()
         # After ``running`` is cleared: a callback that retries at once is refused.
         self._fail_all(ProposalDropped("node stopped"), ReadAborted("node stopped"))
@@ -243,12 +248,15 @@ class RaftNode(service.Service):
             index, term = core.propose(command)
         except NotLeaderError as e:
             return defer.fail(e)
-        old = self._proposals.pop(index, None)
-        if old is not None:  # cannot normally happen: the old term's waiters are failed on step-down
-            old.fail(ProposalDropped(f"index {index} was reused by term {term}"))
-        waiter = _Waiter(self.reactor, timeout, term, index, self._forget_proposal, "proposal")
-        self._proposals[index] = waiter
-        self._schedule()
+        proposals = self._proposals
+        if index in proposals:  # cannot normally happen: the old term's waiters are failed on step-down
+            proposals.pop(index).fail(ProposalDropped(f"index {index} was reused by term {term}"))
+        waiter = _Waiter(term, index, self._forget_proposal, "proposal", timeout)
+        proposals[index] = waiter
+        if timeout is not None:
+            self._watch_deadline(waiter, timeout)
+        if self._process_call is None:
+            self._schedule()
         return waiter.deferred
 
     def read(self, timeout: float | None = None) -> defer.Deferred[None]:
@@ -266,8 +274,10 @@ class RaftNode(service.Service):
             core.read_index(context)
         except NotLeaderError as e:
             return defer.fail(e)
-        waiter = _Waiter(self.reactor, timeout, core.term, 0, self._forget_read, "read")
+        waiter = _Waiter(core.term, 0, self._forget_read, "read", timeout)
         self._reads_unconfirmed[context] = waiter
+        if timeout is not None:
+            self._watch_deadline(waiter, timeout)
         self._schedule()
         return waiter.deferred
 
@@ -337,10 +347,11 @@ class RaftNode(service.Service):
         """Transport handler.  Raises NodeCrashed when crashed or stopped
         (the message is not looked at); any other exception is a bug that the
         transport logs."""
-        if self._crashed or not self.running or self._core is None or self.fatal_error is not None:
+        core = self._core
+        if self._crashed or not self.running or core is None or self.fatal_error is not None:
             raise NodeCrashed("node is crashed")
-        self._core.step(message)
-        if self._core.has_ready():
+        core.step(message)
+        if self._process_call is None and core.has_ready():
             self._schedule()
 
     def _tick(self) -> None:
@@ -418,8 +429,8 @@ class RaftNode(service.Service):
                     )
                 )
         # 4. Apply committed entries, settling the proposals they answer.
-        for entry in rd.committed_entries:
-            self._apply(entry)
+        if rd.committed_entries:
+            self._apply(rd.committed_entries)
         # Proposals left over from a term we no longer lead cannot be
         # answered by us any more (they may still commit: outcome unknown).
         self._drop_stale_waiters(core)
@@ -435,39 +446,52 @@ class RaftNode(service.Service):
         if self._applied - self._snapshot_index >= self.snapshot_entries:
             self.take_snapshot()
 
-    def _apply(self, entry: Entry) -> None:
-        if entry.index <= self._applied:
-            return  # already covered by an installed snapshot
-        if entry.index != self._applied + 1:
-            raise RuntimeError(f"committed entry {entry.index} does not follow applied index {self._applied}")
-        result: Any = None
-        if entry.data is not None:
-            try:
-                result = self.state_machine.apply(entry.data)
-            except Exception as e:
-                # A state machine must return errors, not raise them; failing
-                # the proposer keeps the node up (every replica does the same).
-                self.log.failure("state machine raised applying entry {index}", index=entry.index)
-                result = e
-        self._applied = entry.index
-        for observer in list(self.on_apply):
-            try:
-                observer(entry, result)
-            except Exception:
-                self.log.failure("apply observer {observer!r} failed", observer=observer)
-        waiter = self._proposals.pop(entry.index, None)
-        if waiter is None:
-            return
-        if waiter.term != entry.term:
-            error = ProposalDropped(
-                f"entry {entry.index} of term {waiter.term} was replaced by term {entry.term}"
-            )
-            self._settle.append((waiter, False, error))
-        else:
-            self._settle.append((waiter, not isinstance(result, Exception), result))
+    def _apply(self, entries: list[Entry]) -> None:
+        # One loop over the batch with everything it touches in locals: this
+        # runs once per committed entry on every node.
+        applied = self._applied
+        apply = self.state_machine.apply
+        observers = self.on_apply
+        proposals = self._proposals
+        settle = self._settle
+        for entry in entries:
+            index = entry.index
+            if index <= applied:
+                continue  # already covered by an installed snapshot
+            if index != applied + 1:
+                raise RuntimeError(f"committed entry {index} does not follow applied index {applied}")
+            result: Any = None
+            if entry.data is not None:
+                try:
+                    result = apply(entry.data)
+                except Exception as e:
+                    # A state machine must return errors, not raise them; failing
+                    # the proposer keeps the node up (every replica does the same).
+                    self.log.failure("state machine raised applying entry {index}", index=index)
+                    result = e
+            applied = self._applied = index
+            if observers:
+                for observer in list(observers):
+                    try:
+                        observer(entry, result)
+                    except Exception:
+                        self.log.failure("apply observer {observer!r} failed", observer=observer)
+            waiter = proposals.pop(index, None) if proposals else None
+            if waiter is None:
+                continue
+            if waiter.term != entry.term:
+                error = ProposalDropped(
+                    f"entry {index} of term {waiter.term} was replaced by term {entry.term}"
+                )
+                settle.append((waiter, False, error))
+            else:
+                settle.append((waiter, not isinstance(result, Exception), result))
 
     def _drop_stale_waiters(self, core: RaftCore) -> None:
         leading = core.role == Role.LEADER
+        if leading and core.term == self._waiters_checked_term:
+            return  # every waiter was made by this leadership
+        self._waiters_checked_term = core.term if leading else -1
         for index, waiter in list(self._proposals.items()):
             if not leading or waiter.term != core.term:
                 del self._proposals[index]
@@ -493,6 +517,52 @@ class RaftNode(service.Service):
             else:
                 waiting.append(waiter)
         self._reads_confirmed = waiting
+
+    # -- timeouts ----------------------------------------------------------------
+
+    def _watch_deadline(self, waiter: _Waiter, timeout: float) -> None:
+        deadline = self.reactor.seconds() + timeout
+        heap = self._deadlines
+        if len(heap) > 2 * (len(self._proposals) + len(self._reads_unconfirmed)) + 256:
+            # Mostly settled waiters: rebuild rather than let the heap grow
+            # with the request rate times the timeout.
+            heap[:] = [item for item in heap if not item[2].settled]
+            heapq.heapify(heap)
+        self._deadline_seq += 1
+        heapq.heappush(heap, (deadline, self._deadline_seq, waiter))
+        if deadline < self._deadline_at:
+            self._arm_deadline_timer(deadline)
+
+    def _arm_deadline_timer(self, deadline: float) -> None:
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_at = deadline
+        self._deadline_call = self.reactor.callLater(
+            max(0.0, deadline - self.reactor.seconds()), self._expire_due
+        )
+
+    def _expire_due(self) -> None:
+        self._deadline_call = None
+        self._deadline_at = math.inf
+        heap = self._deadlines
+        # A timer can fire a hair early in float arithmetic: allow for it.
+        now = self.reactor.seconds() + 1e-9
+        while heap and heap[0][0] <= now:
+            waiter = heapq.heappop(heap)[2]
+            if not waiter.settled:
+                waiter.expire()
+        while heap and heap[0][2].settled:
+            heapq.heappop(heap)
+        # (A callback of an expired waiter may have armed the timer already,
+        # for a later deadline than what is left.)
+        if heap and heap[0][0] < self._deadline_at:
+            self._arm_deadline_timer(heap[0][0])
+
+    def _stop_deadline_timer(self) -> None:
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
+        self._deadline_at = math.inf
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -523,6 +593,7 @@ class RaftNode(service.Service):
         self.log.failure("raft node {id}: fatal error, node stopped", failure, id=self.config.id)
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        self._stop_deadline_timer()
         error = NodeCrashed(f"node stopped after a fatal error: {failure.getErrorMessage()}")
         self._fail_all(error, error)
 

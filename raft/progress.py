@@ -74,6 +74,11 @@ class Progress:
         self.snapshot_offset = 0
         # No chunk was acknowledged since the last heartbeat answer.
         self.snapshot_stalled = False
+        # The highest commit index sent to this follower (etcd's
+        # ``sentCommit``). Only a hint for when to send a commit update on
+        # its own: a lost message is repaired by the next heartbeat, which
+        # always carries the commit index.
+        self.sent_commit = 0
 
     @property
     def pending_snapshot(self) -> int:
@@ -96,6 +101,9 @@ class Progress:
         else:
             self._reset_state(ProgressState.PROBE)
             self.next = self.match + 1
+        # What we sent may not have arrived (the follower rejected or
+        # restarted): let the next append carry the commit index again.
+        self.sent_commit = min(self.sent_commit, self.next - 1)
 
     def become_replicate(self) -> None:
         self._reset_state(ProgressState.REPLICATE)
@@ -118,6 +126,16 @@ class Progress:
 
     def optimistic_update(self, last_sent: int) -> None:
         self.next = last_sent + 1
+
+    def commit_sent(self, commit: int) -> None:
+        if commit > self.sent_commit:
+            self.sent_commit = commit
+
+    def can_bump_commit(self, commit: int) -> bool:
+        """Whether sending ``commit`` could raise the follower's commit index:
+        it is above what we sent, and what we sent did not already cover
+        every entry we sent (the follower commits at most what it has)."""
+        return commit > self.sent_commit and self.sent_commit < self.next - 1
 
     def maybe_decr_to(self, rejected: int, match_hint: int) -> bool:
         """The follower rejected the append whose previous index was

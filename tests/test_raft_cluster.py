@@ -371,6 +371,28 @@ class MessageCountTests(ClusterTest):
         self.assertLessEqual(c.net.count(), 2 * budget)
         self.assertEqual(c.leader(), leader)
 
+    def test_commit_index_rides_on_later_messages(self) -> None:
+        """One client writing in turn: one AppendEntries per write and
+        follower, plus at most one commit update per tick; not a second
+        append announcing each commit."""
+        c = self.cluster(3)
+        leader = c.wait_for_leader()
+        c.run(1.0)
+        c.net.reset_counters()
+        start = c.clock.seconds()
+        n = 40
+        for k in range(n):
+            d = c.propose(leader, b"s%d" % k)
+            self.assertTrue(c.run_until(lambda d=d: d.called, 1.0, step=0.001))
+            self.successResultOf(d)
+        ticks = (c.clock.seconds() - start) / 0.05 + 1
+        for follower in _others(c, leader):
+            appends = c.net.count(MessageType.APPEND, frm=leader, to=follower)
+            self.assertLessEqual(appends, n + ticks, f"{appends} appends in {ticks:.0f} ticks")
+        # ...and the followers still apply everything, a tick later at most.
+        c.run(0.06)
+        self.assertEqual(sorted(c.applied_on(b"s%d" % (n - 1))), c.ids)
+
     def test_idle_rpc_budget(self) -> None:
         c = self.cluster(3)
         leader = c.wait_for_leader()
@@ -850,6 +872,97 @@ class ReadTests(ClusterTest):
         c.run(0.2)
         self.failureResultOf(read, RaftTimeout)
         self.failureResultOf(write, RaftTimeout)
+
+
+class TimeoutTests(ClusterTest):
+    """Proposal and read timeouts share one reactor timer per node."""
+
+    def isolated_leader(self) -> tuple[SimCluster, int]:
+        c = self.cluster(3, config_overrides={"check_quorum": False})
+        leader = c.wait_for_leader()
+        c.net.isolate(leader)
+        return c, leader
+
+    def node_timers(self, c: SimCluster, i: int) -> list[Any]:
+        node = c.node(i)
+        return [call for call in c.clock.getDelayedCalls() if call.func == node._expire_due]
+
+    def test_many_waits_one_timer(self) -> None:
+        c, leader = self.isolated_leader()
+        before = len(c.clock.getDelayedCalls())
+        writes = [c.node(leader).propose(b"w%d" % k, timeout=1.0) for k in range(50)]
+        reads = [c.node(leader).read(timeout=1.0) for _ in range(10)]
+        self.assertEqual(len(self.node_timers(c, leader)), 1)
+        # one deadline timer, plus at most the node's one processing call
+        self.assertLessEqual(len(c.clock.getDelayedCalls()) - before, 2)
+        c.run(0.95)
+        for d in writes + reads:
+            self.assertNoResult(d)
+        c.run(0.1)
+        for d in writes + reads:
+            self.failureResultOf(d, RaftTimeout)
+        self.assertEqual(self.node_timers(c, leader), [])
+
+    def test_each_wait_expires_at_its_own_deadline(self) -> None:
+        c, leader = self.isolated_leader()
+        node = c.node(leader)
+        long = node.propose(b"long", timeout=2.0)
+        short = node.propose(b"short", timeout=0.5)  # later, but due first
+        untimed = node.propose(b"untimed")
+        read = node.read(timeout=1.0)
+        c.run(0.45)
+        self.assertNoResult(short)
+        c.run(0.1)
+        self.failureResultOf(short, RaftTimeout)
+        self.assertNoResult(read)
+        c.run(0.5)
+        self.failureResultOf(read, RaftTimeout)
+        self.assertNoResult(long)
+        c.run(1.0)
+        failure = self.failureResultOf(long, RaftTimeout)
+        self.assertIn("within 2.0 s", str(failure.value))
+        c.run(5.0)
+        self.assertNoResult(untimed)
+        c.stop(leader)
+        self.failureResultOf(untimed, ProposalDropped)
+
+    def test_answered_and_cancelled_waits_do_not_time_out(self) -> None:
+        c = self.cluster(3)
+        leader = c.wait_for_leader()
+        node = c.node(leader)
+        answered = node.propose(b"a", timeout=1.0)
+        cancelled = node.propose(b"b", timeout=1.0)
+        cancelled.cancel()
+        self.failureResultOf(cancelled, defer.CancelledError)
+        results: list[Any] = []
+        answered.addBoth(results.append)
+        c.run(0.3)
+        self.assertEqual(results, [1])
+        c.run(1.0)  # past both deadlines: nothing fires twice
+        self.assertEqual(results, [1])
+        self.assertEqual(self.node_timers(c, leader), [])
+
+    def test_stop_cancels_the_timer(self) -> None:
+        c, leader = self.isolated_leader()
+        d = c.node(leader).propose(b"w", timeout=1.0)
+        c.stop(leader)
+        self.failureResultOf(d, ProposalDropped)
+        self.assertEqual(self.node_timers(c, leader), [])
+
+    def test_a_timed_out_callers_retry_keeps_its_own_deadline(self) -> None:
+        c, leader = self.isolated_leader()
+        node = c.node(leader)
+        retried: list[defer.Deferred[Any]] = []
+        first = node.propose(b"first", timeout=0.5)
+        first.addErrback(lambda _f: retried.append(node.propose(b"retry", timeout=0.5)))
+        other = node.propose(b"other", timeout=5.0)
+        c.run(0.55)
+        self.assertEqual(len(retried), 1)
+        c.run(0.5)
+        self.failureResultOf(retried[0], RaftTimeout)
+        self.assertNoResult(other)
+        c.stop(leader)
+        self.failureResultOf(other, ProposalDropped)
 
 
 # -- crash / restore / stop ---------------------------------------------------------------------

@@ -264,7 +264,10 @@ class Network:
             self.dropped.append(m)
 
     def stabilize(self) -> None:
-        """Deliver messages (FIFO rounds) until nothing is left to do."""
+        """Deliver messages (FIFO rounds) until nothing is left to do.
+
+        A leader's new commit index rides on its next append; when none goes
+        out, followers learn it on the leader's next tick: ``settle()``."""
         for _ in range(MAX_ROUNDS):
             self.process_all()
             if not self.inbox:
@@ -274,6 +277,12 @@ class Network:
             for m in batch:
                 self.deliver(m)
         raise AssertionError("cluster did not settle")
+
+    def settle(self) -> None:
+        """``stabilize()``, then one tick so followers learn the latest
+        commit index, and ``stabilize()`` again."""
+        self.stabilize()
+        self.tick()
 
     def tick(self, ticks: int = 1, nodes: Iterable[int] | None = None) -> None:
         for _ in range(ticks):
@@ -361,7 +370,8 @@ class ElectionTests(SynchronousTestCase):
         for i in net.ids:
             self.assertEqual(net.core(i).leader, leader)
             self.assertEqual(net.core(i).term, term)
-        # the new leader's no-op commits everywhere
+        # the new leader's no-op commits everywhere (followers learn it on a tick)
+        net.settle()
         self.assertTrue(all(net.core(i).commit_index == net.core(leader).last_index for i in net.ids))
 
     def test_randomized_timeouts_are_seeded_and_spread(self) -> None:
@@ -542,7 +552,7 @@ class ReplicationTests(SynchronousTestCase):
             net.propose(b"cmd%d" % k)
             if k % 3 == 0:
                 net.stabilize()
-        net.stabilize()
+        net.settle()
         expected = [b"cmd%d" % k for k in range(20)]
         for i in net.ids:
             self.assertEqual(net.nodes[i].sm.commands, expected)
@@ -592,7 +602,7 @@ class ReplicationTests(SynchronousTestCase):
             self.assertEqual([e.data for e in m.entries], [b"b%d" % k for k in range(10)])
         leader.advance(rd)
         net.inbox.extend(rd.messages)
-        net.stabilize()
+        net.settle()
         self.assertEqual(len(net.nodes[3].sm.commands), 10)
 
     def test_batches_respect_entry_and_byte_limits(self) -> None:
@@ -821,6 +831,7 @@ class BacktrackingPropertyTests(SynchronousTestCase):
             net.nodes[i].store.entries = list(log)
             net.restart(i)
         net.elect(1)
+        net.settle()
         leader = net.core(1)
         last = leader.last_index
         self.assertEqual(net.core(2).log_entries(1, last + 1), leader.log_entries(1, last + 1))
@@ -958,7 +969,7 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(net.core(3).term, old_term + 1)
         self.assertEqual(net.core(1).role, Role.FOLLOWER)
         idx, _ = net.propose(b"after")
-        net.stabilize()
+        net.settle()
         self.assertEqual(net.nodes[1].sm.commands[-1], b"after")
         self.assertEqual(net.core(1).commit_index, idx)
 
@@ -1102,7 +1113,7 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual({i: net.nodes[i].sm.digest for i in net.ids}, before)
         leader = net.wait_leader()
         idx, _ = net.core(leader).propose(b"again")
-        net.stabilize()
+        net.settle()
         for i in net.ids:
             self.assertEqual(net.core(i).commit_index, idx)
             self.assertEqual(net.nodes[i].sm.commands[-1], b"again")
@@ -1147,6 +1158,7 @@ class RobustnessTests(SynchronousTestCase):
     def test_bad_messages_refused_without_crashing(self) -> None:
         net = Network(3, seed=60)
         net.elect(1)
+        net.settle()  # the follower learns that the no-op is committed
         f = net.core(2)
         term = f.term
         bad = [
@@ -1194,7 +1206,7 @@ class RobustnessTests(SynchronousTestCase):
         # (its higher term deposes the leader, but the cluster recovers)
         leader = net.wait_leader()
         net.core(leader).propose(b"still fine")
-        net.stabilize()
+        net.settle()
         self.assertEqual(net.nodes[2].sm.commands, [b"still fine"])
 
     def test_propose_requires_bytes_and_leadership(self) -> None:
@@ -1204,6 +1216,106 @@ class RobustnessTests(SynchronousTestCase):
         with self.assertRaises(NotLeaderError) as cm:
             net.core(2).propose(b"x")
         self.assertEqual(cm.exception.leader, 1)
+
+
+class CommitPropagationTests(SynchronousTestCase):
+    """A new commit index is not sent on its own: it rides on the next
+    append, or goes out on the leader's next tick (at most one tick late)."""
+
+    def commit_then_hold(self, net: Network) -> tuple[int, list[Message]]:
+        """Propose one entry and let it commit on the leader (node 1); returns
+        its index and what the leader sent after the commit (not delivered)."""
+        idx, _ = net.core(1).propose(b"x")
+        net.process_all()
+        for _ in range(10):  # appends out, acks back; no tick
+            batch, net.inbox = net.inbox, []
+            for m in batch:
+                net.deliver(m)
+            net.process_all()
+            if net.core(1).commit_index >= idx:
+                break
+        self.assertEqual(net.core(1).commit_index, idx)
+        net.process_all()
+        after, net.inbox = net.inbox, []
+        return idx, after
+
+    def test_commit_alone_sends_nothing_until_the_tick(self) -> None:
+        # Heartbeats every 4 ticks, so the tick below sends none.
+        net = Network(3, seed=70, heartbeat_ticks=4, election_ticks=10)
+        net.elect(1)
+        net.settle()
+        idx, after = self.commit_then_hold(net)
+        self.assertEqual(appends(after), [])
+        self.assertLess(net.core(2).commit_index, idx)
+        net.core(1).tick()
+        rd = net.core(1).ready()
+        updates = appends(rd.messages)
+        self.assertEqual(sorted(m.to for m in updates), [2, 3])
+        self.assertTrue(all(m.commit == idx and not m.entries for m in updates))
+        net.core(1).advance(rd)
+        net.inbox.extend(rd.messages)
+        net.stabilize()
+        self.assertEqual([net.core(i).commit_index for i in net.ids], [idx] * 3)
+
+    def test_commit_rides_on_the_next_append(self) -> None:
+        net = Network(3, seed=71)
+        net.elect(1)
+        net.settle()
+        idx, _ = self.commit_then_hold(net)
+        net.core(1).propose(b"y")
+        rd = net.core(1).ready()
+        for to in (2, 3):
+            (m,) = appends(rd.messages, to)
+            self.assertEqual((m.commit, [e.data for e in m.entries]), (idx, [b"y"]))
+        net.core(1).advance(rd)
+        net.inbox.extend(rd.messages)
+        net.stabilize()
+        self.assertEqual(net.core(2).commit_index, idx)
+        # ...and the tick after it has nothing left to say but heartbeats
+        # for the second entry's own commit.
+        net.core(1).tick()
+        rd = net.core(1).ready()
+        self.assertTrue(all(m.commit == idx + 1 and not m.entries for m in appends(rd.messages)))
+        net.core(1).advance(rd)
+
+    def test_idle_ticks_send_no_commit_updates(self) -> None:
+        net = Network(3, seed=72)
+        net.elect(1)
+        net.propose(b"x")
+        net.settle()
+        for _ in range(2 * net.core(1)._cfg.election_ticks):
+            net.core(1).tick()
+            rd = net.core(1).ready()
+            self.assertEqual(appends(rd.messages), [])
+            net.core(1).advance(rd)
+            net.inbox.extend(rd.messages)
+            net.stabilize()
+
+    def test_lost_commit_update_is_repaired_by_a_heartbeat(self) -> None:
+        net = Network(3, seed=73, heartbeat_ticks=4, election_ticks=10)
+        net.elect(1)
+        net.settle()  # the leader's heartbeat clock is at 1 of 4
+        idx, _ = self.commit_then_hold(net)
+        net.filters.append(lambda m: m.type == MessageType.APPEND)  # the tick's update is lost
+        net.tick()
+        self.assertLess(net.core(2).commit_index, idx)
+        net.filters.clear()
+        net.tick()  # the update counts as sent: no second one...
+        self.assertLess(net.core(2).commit_index, idx)
+        net.tick()  # ...the heartbeat, which always carries the commit index, repairs it
+        self.assertEqual([net.core(i).commit_index for i in net.ids], [idx] * 3)
+
+    def test_follower_that_restarted_learns_commit_again(self) -> None:
+        net = Network(3, seed=74)
+        net.elect(1)
+        net.propose(b"x")
+        net.settle()
+        net.nodes[2].store.hard = HardState(net.nodes[2].store.hard.term, net.nodes[2].store.hard.vote, 0)
+        net.restart(2)  # its commit index was not persisted (it need not be)
+        self.assertEqual(net.core(2).commit_index, 0)
+        net.tick(net.core(1)._cfg.heartbeat_ticks)
+        self.assertEqual(net.core(2).commit_index, net.core(1).commit_index)
+        self.assertEqual(net.nodes[2].sm.commands, [b"x"])
 
 
 # -- randomized ------------------------------------------------------------
