@@ -321,13 +321,16 @@ class RaftCore:
     # -- Ready ---------------------------------------------------------------
 
     def has_ready(self) -> bool:
+        # Field by field, without building SoftState/HardState: the driver
+        # asks after every message it hands us.
         if self._msgs or self._read_states or self._unpersisted_snapshot is not None:
             return True
-        if SoftState(self._leader, self._role) != self._prev_soft:
+        soft, hard, log = self._prev_soft, self._prev_hard, self._log
+        if self._leader != soft.leader or self._role != soft.role:
             return True
-        if self._hard_state() != self._prev_hard:
+        if self._term != hard.term or self._vote != hard.vote or log.committed != hard.commit:
             return True
-        if self._log.handed < self._log.last_index or self._log.has_committed_to_hand():
+        if log.handed < log.last_index or log.has_committed_to_hand():
             return True
         return self._role == Role.LEADER and (self._bcast_entries or bool(self._reads.queued))
 
@@ -336,25 +339,26 @@ class RaftCore:
         Ready back to ``advance`` in order once it has been processed."""
         self._flush()
         rd = Ready()
-        soft = SoftState(self._leader, self._role)
-        if soft != self._prev_soft:
-            rd.soft_state = soft
-            self._prev_soft = soft
-        hard = self._hard_state()
-        if hard != self._prev_hard:
-            rd.hard_state = hard
-            rd.must_sync = hard.term != self._prev_hard.term or hard.vote != self._prev_hard.vote
-            self._prev_hard = hard
-        rd.entries = self._log.unhanded_entries()
-        self._log.mark_handed()
+        prev_soft, prev_hard, log = self._prev_soft, self._prev_hard, self._log
+        if self._leader != prev_soft.leader or self._role != prev_soft.role:
+            rd.soft_state = self._prev_soft = SoftState(self._leader, self._role)
+        if self._term != prev_hard.term or self._vote != prev_hard.vote or log.committed != prev_hard.commit:
+            rd.hard_state = self._prev_hard = self._hard_state()
+            rd.must_sync = self._term != prev_hard.term or self._vote != prev_hard.vote
+        if log.handed < log.last_index:
+            rd.entries = log.unhanded_entries()
+            log.mark_handed()
         if self._unpersisted_snapshot is not None:
             rd.snapshot = self._unpersisted_snapshot
             self._unpersisted_snapshot = None
-        rd.committed_entries = self._log.committed_to_hand()
-        rd.messages = self._msgs
-        self._msgs = []
-        rd.read_states = self._read_states
-        self._read_states = []
+        if log.has_committed_to_hand():
+            rd.committed_entries = log.committed_to_hand()
+        if self._msgs:
+            rd.messages = self._msgs
+            self._msgs = []
+        if self._read_states:
+            rd.read_states = self._read_states
+            self._read_states = []
         rd.must_sync = rd.must_sync or bool(rd.entries) or rd.snapshot is not None
         return rd
 
@@ -680,9 +684,13 @@ class RaftCore:
     def _send_all_appends(self, to: int, send_if_empty: bool) -> None:
         """Fill the follower's pipeline (bounded by the inflight window and
         by the log's end)."""
+        pr = self._progress[to]
+        last = self._log.last_index
+        if not send_if_empty and pr.next > last:
+            return  # nothing new for it (the usual case after an ack)
         sent = self._send_append(to, send_if_empty=send_if_empty)
         limit = self._cfg.max_inflight_msgs
-        while sent and limit > 0:
+        while sent and limit > 0 and pr.next <= last:
             sent = self._send_append(to, send_if_empty=False)
             limit -= 1
 

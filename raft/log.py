@@ -49,6 +49,10 @@ class RaftLog:
         self.snapshot_index = snapshot_index
         self.snapshot_term = snapshot_term
         self._entries: list[Entry] = list(entries)
+        #: Index of the last entry (the snapshot's when there is none). A
+        #: plain attribute, kept up to date by every mutation below: the core
+        #: reads it dozens of times per Ready.
+        self.last_index = snapshot_index + len(self._entries)
         last = self.last_index
         commit = max(commit, snapshot_index)
         if commit > last:
@@ -66,21 +70,18 @@ class RaftLog:
         return self.snapshot_index + 1
 
     @property
-    def last_index(self) -> int:
-        return self.snapshot_index + len(self._entries)
-
-    @property
     def last_term(self) -> int:
         return self._entries[-1].term if self._entries else self.snapshot_term
 
     def term(self, index: int) -> int | None:
         """Term of the entry at ``index``; None when compacted away or not
         (yet) in the log. Index 0 is the empty log's sentinel of term 0."""
-        if index == self.snapshot_index:
-            return self.snapshot_term
-        if index < self.snapshot_index or index > self.last_index:
+        offset = index - self.snapshot_index
+        if offset <= 0:
+            return self.snapshot_term if offset == 0 else None
+        if index > self.last_index:
             return None
-        return self._entries[index - self.snapshot_index - 1].term
+        return self._entries[offset - 1].term
 
     def entry(self, index: int) -> Entry | None:
         if index <= self.snapshot_index or index > self.last_index:
@@ -103,19 +104,22 @@ class RaftLog:
         ``max_bytes`` (always at least one). Requires lo > snapshot_index."""
         if lo <= self.snapshot_index:
             raise LogError(f"entries from {lo} are compacted (snapshot index {self.snapshot_index})")
-        hi = min(hi, self.last_index + 1)
+        if hi > self.last_index + 1:
+            hi = self.last_index + 1
         if lo >= hi:
             return []
-        if max_count is not None:
-            hi = min(hi, lo + max(1, max_count))
+        if max_count is not None and hi - lo > max_count:
+            hi = lo + max(1, max_count)
         base = self.snapshot_index + 1
         out = self._entries[lo - base : hi - base]
-        if max_bytes is not None:
-            size = 0
-            for n, e in enumerate(out):
-                size += ENTRY_OVERHEAD_BYTES + (len(e.data) if e.data else 0)
-                if size > max_bytes and n > 0:
-                    return out[:n]
+        if max_bytes is not None and len(out) > 1:
+            datas = [e.data for e in out]
+            if ENTRY_OVERHEAD_BYTES * len(out) + sum(map(len, filter(None, datas))) > max_bytes:
+                size = 0
+                for n, data in enumerate(datas):
+                    size += ENTRY_OVERHEAD_BYTES + (len(data) if data else 0)
+                    if size > max_bytes and n > 0:
+                        return out[:n]
         return out
 
     # -- backtracking searches -------------------------------------------
@@ -159,10 +163,13 @@ class RaftLog:
         if entries[0].index != self.last_index + 1:
             raise LogError(f"append at {entries[0].index} does not follow last index {self.last_index}")
         self._entries.extend(entries)
+        self.last_index += len(entries)
 
     def find_conflict(self, entries: Sequence[Entry]) -> int:
         """Index of the first of ``entries`` that is not already in the log
         with the same term (0 if all are)."""
+        if entries and entries[0].index > self.last_index:
+            return entries[0].index  # all new: the usual case, no lookups
         for e in entries:
             if not self.match_term(e.index, e.term):
                 return e.index
@@ -190,6 +197,7 @@ class RaftLog:
         keep = first - self.snapshot_index - 1
         del self._entries[keep:]
         self._entries.extend(entries)
+        self.last_index = self.snapshot_index + len(self._entries)
         # Whatever storage holds from ``first`` on is being replaced.
         self.stable = min(self.stable, first - 1)
         self.handed = min(self.handed, first - 1)
@@ -219,6 +227,7 @@ class RaftLog:
         self.snapshot_index = snapshot_index
         self.snapshot_term = snapshot_term
         self._entries = []
+        self.last_index = snapshot_index
         self.committed = snapshot_index
         self.applying = max(self.applying, snapshot_index)
 

@@ -22,9 +22,16 @@ WAL records (the ``t`` key says which):
 - ``e``: a run of contiguous entries, as columns: ``i`` the first index,
   ``et`` the terms (one int, or ``[term, count, ...]`` runs), ``ed`` the
   payloads; replaces the stored suffix from ``i`` on (a follower resolving a
-  conflict). It may also carry ``h``, a hard state applied after the entries:
-  a Ready's entries and hard state cost one record, one CBOR encoding and
-  one CRC.
+  conflict). It may also carry ``h``, a hard state applied after the entries.
+
+A hard state is not written when it is set but with the next entries record
+(or on its own at ``sync()`` if none comes): a leader's commit index changes
+in one Ready and its next entries arrive in the next, and both then cost one
+record, one CBOR encoding and one CRC. Where in the batch a hard state lands
+does not change what a replay yields (a hard state is one value, replaced
+whole, and committed entries are never overwritten), and it never lands in a
+record before the step that set it, so a torn tail still recovers a state the
+storage passed through.
 
 Format 2 (entries as columns, hard state folded into the entries record)
 replaced format 1 (one ``[term, index, data]`` list per entry), which was
@@ -375,9 +382,10 @@ class DiskStorage:
         self._wal_fd: int | None = None
         self._wal_end = 0  # where the next record goes: file size + pending bytes
         self._pending = bytearray()
-        # The last entries record, not framed yet so that a hard state set
-        # right after it can ride in it (see _add_record).
+        # The last entries record and the latest hard state, not framed yet
+        # so that the hard state can ride in an entries record (module doc).
         self._open_record: dict[str, Any] | None = None
+        self._open_hard_state: dict[str, Any] | None = None
         self._failed: BaseException | None = None
         self._closed = False
         #: sync rounds that had something to write; with fsync=True each is
@@ -394,17 +402,15 @@ class DiskStorage:
         entries = state.check_append(list(entries))
         if entries:
             terms, datas = entries_to_columns(entries)
-            self._add_record({"t": "e", "i": entries[0].index, "et": terms, "ed": datas}, keep_open=True)
+            self._check_usable()
+            self._close_record()
+            self._open_record = {"t": "e", "i": entries[0].index, "et": terms, "ed": datas}
             state.append(entries)
 
     def set_hard_state(self, state: HardState) -> None:
         log_state = self._loaded_state()
         if state != log_state.hard_state:
-            if self._open_record is not None:
-                # Applied after the record's entries on replay, as it is here.
-                self._open_record["h"] = state.to_wire()
-            else:
-                self._add_record({"t": "h", "h": state.to_wire()})
+            self._open_hard_state = state.to_wire()
             log_state.hard_state = state
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -421,7 +427,7 @@ class DiskStorage:
 
     def sync(self) -> None:
         self._check_usable()
-        self._close_record()
+        self._frame_open_records()
         if not self._pending or self._wal_fd is None:
             return
         try:
@@ -452,14 +458,14 @@ class DiskStorage:
         killed at this point leaves on disk (crash tests)."""
         if not self._closed:
             self._pending = bytearray()
-            self._open_record = None
+            self._open_record = self._open_hard_state = None
             self._release()
 
     @property
     def wal_bytes(self) -> int:
         """Size of the WAL including records not yet synced."""
         if self._failed is None and not self._closed:
-            self._close_record()
+            self._frame_open_records()
         return self._wal_end
 
     # -- internals: lifecycle
@@ -642,21 +648,19 @@ class DiskStorage:
 
     # -- internals: writing
 
-    def _add_record(self, record: dict[str, Any], *, keep_open: bool = False) -> None:
-        """Queue ``record`` for the next sync. With ``keep_open`` it is
-        framed only when the next record comes or at sync, so that a hard
-        state can still be folded into it."""
-        self._check_usable()
-        self._close_record()
-        if keep_open:
-            self._open_record = record
-        else:
-            self._frame_record(record)
-
     def _close_record(self) -> None:
+        """Frame the open entries record, with the pending hard state if any."""
         if self._open_record is not None:
             record, self._open_record = self._open_record, None
+            if self._open_hard_state is not None:
+                record["h"], self._open_hard_state = self._open_hard_state, None
             self._frame_record(record)
+
+    def _frame_open_records(self) -> None:
+        self._close_record()
+        if self._open_hard_state is not None:
+            hard_state, self._open_hard_state = self._open_hard_state, None
+            self._frame_record({"t": "h", "h": hard_state})
 
     def _frame_record(self, record: dict[str, Any]) -> None:
         frame = _frame(self._wal_end, cbor2.dumps(record))

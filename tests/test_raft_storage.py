@@ -931,6 +931,26 @@ class FormatTests(_StorageCase):
         storage = self.open(storage.directory)
         self.assertEqual(storage.load(), (HardState(2, None, 2), None, run(1, 1, 2, b"e")))
 
+    def test_hard_state_waits_for_the_next_entries_record(self) -> None:
+        # A leader's commit index moves in one Ready, its next entries come in
+        # the next: one record for both.
+        storage = self.open()
+        storage.append(run(1, 1, 1, b"a"))
+        storage.sync()
+        before = storage.wal_bytes
+        storage.set_hard_state(HardState(1, 1, 1))  # no sync: nothing to make durable yet
+        storage.append(run(1, 2, 2, b"b"))
+        storage.sync()
+        data = read(os.path.join(storage.directory, "wal"))[before:]
+        length, _crc = struct.unpack(">II", data[:8])
+        self.assertEqual(len(data), 8 + length, "one record")
+        self.assertEqual(cbor2.loads(data[8:])["h"], {"term": 1, "vote": 1, "commit": 1})
+        storage = self.reopen(storage)
+        self.assertEqual(
+            storage.load(),
+            (HardState(1, 1, 1), None, [Entry(1, 1, b"a1"), Entry(1, 2, b"b2")]),
+        )
+
     def test_wal_bytes_counts_the_open_record(self) -> None:
         storage = self.open()
         before = storage.wal_bytes
