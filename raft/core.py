@@ -97,6 +97,7 @@ class RaftCore:
         self._id = config.id
         self._peers = _validate_config(config)
         self._quorum = len(self._peers) // 2 + 1
+        self._has_followers = len(self._peers) > 1
         self._rng = rng if rng is not None else random.Random()
 
         if snapshot is None:
@@ -245,13 +246,10 @@ class RaftCore:
             raise NotLeaderError(self._lead_transferee)
         if not isinstance(data, bytes):
             raise TypeError(f"proposal data must be bytes, not {type(data).__name__}")
-        entry = Entry(self._term, self._log.last_index + 1, data)
-        self._log.append([entry])
-        self._bcast_entries = True
-        if len(self._peers) == 1:
-            # Nobody to send to; the entry commits once persisted (advance).
-            self._bcast_entries = False
-        return entry.index, entry.term
+        index = self._log.append_new(self._term, data)
+        # With no one to send to, the entry commits once persisted (advance).
+        self._bcast_entries = self._has_followers
+        return index, self._term
 
     def read_index(self, context: bytes) -> None:
         """Ask for a linearizable read point; it shows up later as a

@@ -165,6 +165,14 @@ class RaftLog:
         self._entries.extend(entries)
         self.last_index += len(entries)
 
+    def append_new(self, term: int, data: bytes | None) -> int:
+        """Leader: append one new entry of ``term`` after the last; returns
+        its index (a proposal's fast path)."""
+        index = self.last_index + 1
+        self._entries.append(Entry(term, index, data))
+        self.last_index = index
+        return index
+
     def find_conflict(self, entries: Sequence[Entry]) -> int:
         """Index of the first of ``entries`` that is not already in the log
         with the same term (0 if all are)."""

@@ -44,6 +44,10 @@ RoleObserver = Callable[[Role, "int | None"], None]
 ApplyObserver = Callable[[Entry, Any], None]
 
 
+_PROPOSAL = "proposal"
+_READ = "read"
+
+
 class _Waiter:
     """One caller waiting on the node: a Deferred, and what its timeout says.
 
@@ -141,6 +145,9 @@ class RaftNode(service.Service):
         # ones are dropped lazily. One timer, armed for the earliest.
         self._deadlines: list[tuple[float, int, _Waiter]] = []
         self._deadline_seq = 0
+        # Compact the heap once it grows past this (twice what was live at
+        # the last compaction, plus slack).
+        self._deadlines_limit = 256
         self._deadline_call: IDelayedCall | None = None
         self._deadline_at = math.inf
         #: (waiter, succeeded, result or error) to settle once the Ready is done.
@@ -240,10 +247,9 @@ class RaftNode(service.Service):
         """
         if not isinstance(command, bytes):
             return defer.fail(TypeError("a proposal must be bytes"))
-        refused = self._refusal()
-        if refused is not None:
-            return defer.fail(refused)
-        core = self.core
+        core = self._core
+        if core is None or self._crashed or not self.running or self.fatal_error is not None:
+            return defer.fail(self._refusal() or NodeCrashed("node is not running"))
         try:
             index, term = core.propose(command)
         except NotLeaderError as e:
@@ -251,7 +257,7 @@ class RaftNode(service.Service):
         proposals = self._proposals
         if index in proposals:  # cannot normally happen: the old term's waiters are failed on step-down
             proposals.pop(index).fail(ProposalDropped(f"index {index} was reused by term {term}"))
-        waiter = _Waiter(term, index, self._forget_proposal, "proposal", timeout)
+        waiter = _Waiter(term, index, self._forget_proposal, _PROPOSAL, timeout)
         proposals[index] = waiter
         if timeout is not None:
             self._watch_deadline(waiter, timeout)
@@ -274,7 +280,7 @@ class RaftNode(service.Service):
             core.read_index(context)
         except NotLeaderError as e:
             return defer.fail(e)
-        waiter = _Waiter(core.term, 0, self._forget_read, "read", timeout)
+        waiter = _Waiter(core.term, 0, self._forget_read, _READ, timeout)
         self._reads_unconfirmed[context] = waiter
         if timeout is not None:
             self._watch_deadline(waiter, timeout)
@@ -523,13 +529,14 @@ class RaftNode(service.Service):
     def _watch_deadline(self, waiter: _Waiter, timeout: float) -> None:
         deadline = self.reactor.seconds() + timeout
         heap = self._deadlines
-        if len(heap) > 2 * (len(self._proposals) + len(self._reads_unconfirmed)) + 256:
+        if len(heap) > self._deadlines_limit:
             # Mostly settled waiters: rebuild rather than let the heap grow
             # with the request rate times the timeout.
-            heap[:] = [item for item in heap if not item[2].settled]
+            heap[:] = [item for item in heap if not item[2].deferred.called]
             heapq.heapify(heap)
-        self._deadline_seq += 1
-        heapq.heappush(heap, (deadline, self._deadline_seq, waiter))
+            self._deadlines_limit = 2 * len(heap) + 256
+        self._deadline_seq = seq = self._deadline_seq + 1
+        heapq.heappush(heap, (deadline, seq, waiter))
         if deadline < self._deadline_at:
             self._arm_deadline_timer(deadline)
 
