@@ -1,9 +1,22 @@
 """Raft messages between the replicas of a group, over the native protocol.
 
-Each message is one ``raft`` call to the peer's port. The reply carries
-nothing (Raft's answers are messages of their own, sent back the same way),
-so a failed or lost call is simply dropped: Raft tolerates loss, and the next
-heartbeat or retransmission repairs it.
+Wire form (peer traffic only; clients never send it): all the messages for
+one peer that Raft produces in one reactor turn travel as ONE one-way
+request, ``{"id", "method": "raft", "args": {"group", "msgs": [msg, ...]},
+"noreply": true}`` (see ``surfshard.rpc.encode_notification``).  The
+receiver sends nothing back when it takes them: Raft's answers are messages
+of their own, sent back the same way, so a reply per message only cost a
+frame each way.  A refusal still comes back as an error reply (a crashed
+node answers CRASHED and changes nothing; a message for another group or
+node is BAD_REQUEST), which the sender only counts.  Lost or refused
+messages are simply dropped: Raft tolerates loss, and the next heartbeat or
+retransmission repairs it.
+
+The ``raft`` method also takes the older single-message form ``{"group",
+"msg": msg}`` as an ordinary call, answered with an empty reply.
+
+A batch is validated whole before any of it reaches Raft: one malformed
+message refuses the batch.
 """
 
 from __future__ import annotations
@@ -11,36 +24,73 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from raft.errors import NodeCrashed
 from raft.interfaces import ITransport
 from raft.types import Message
-from surfshard import errors
-from surfshard.rpc import Arg
+from surfshard import errors, wire
+from surfshard.rpc import Arg, Value
 
-#: A Raft message frame stays well under the 16 MiB frame limit: appends are
-#: capped by RaftConfig.max_bytes_per_msg, snapshots go in chunks.
-RAFT_CALL_TIMEOUT = 5.0
+#: Messages in one batch, at most (a receiver refuses longer batches).
+MAX_BATCH_MESSAGES = 1024
+#: A batch is closed once its messages' payloads add up to this much, so
+#: that a batch stays well under the 16 MiB frame limit: appends are capped
+#: by RaftConfig.max_bytes_per_msg (1 MiB), snapshots go in chunks.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: Allowance per message and per entry for what is not payload bytes.
+_MESSAGE_OVERHEAD = 128
+_ENTRY_OVERHEAD = 24
+
+
+def _payload_size(message: Message) -> int:
+    """An upper estimate of the message's encoded size."""
+    size = _MESSAGE_OVERHEAD + len(message.data) + len(message.context)
+    for entry in message.entries:
+        size += _ENTRY_OVERHEAD + (len(entry.data) if entry.data else 0)
+    return size
 
 
 @implementer(ITransport)
 class RpcRaftTransport:
     """ITransport over an ``RpcClientPool``; ``addresses`` maps Raft ids to
     ``host:port``. ``group`` tags every message so a misconfigured peer from
-    another group is refused instead of disturbing this one."""
+    another group is refused instead of disturbing this one.
+
+    ``send`` only queues: the queue for each peer goes out as one one-way
+    ``raft`` request when the reactor next runs its timed calls
+    (``clock.callLater(0)``, ``clock`` defaulting to the pool's reactor).
+    Raft's driver sends every message of one ``Ready`` in one go, so a
+    whole Ready (an AppendEntries and a heartbeat for the same follower,
+    say) costs one frame per peer."""
 
     log = Logger()
 
-    def __init__(self, pool: Any, node_id: int, addresses: Mapping[int, str], group: str) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        node_id: int,
+        addresses: Mapping[int, str],
+        group: str,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.pool = pool
         self.node_id = node_id
         self.addresses = dict(addresses)
         self.group = group
+        self.clock: IReactorTime = clock if clock is not None else pool.reactor
         self._handler: Callable[[Message], None] | None = None
+        self._outbox: dict[str, list[Message]] = {}
+        self._flush_call: Any = None
+        #: Messages handed to ``send`` / batches written or queued by the pool.
         self.sent = 0
+        self.batches = 0
+        #: Messages dropped here (pool closed or backing off, too large).
         self.send_failures = 0
+        #: Messages taken from peers.
+        self.received = 0
 
     def set_handler(self, handler: Callable[[Message], None]) -> None:
         self._handler = handler
@@ -51,36 +101,109 @@ class RpcRaftTransport:
             self.log.warn("dropping raft message to unknown node {to}", to=message.to)
             return
         self.sent += 1
-        d = self.pool.call(
-            address, "raft", {"group": self.group, "msg": message.to_wire()}, timeout=RAFT_CALL_TIMEOUT
-        )
-        d.addErrback(self._failed)
+        queue = self._outbox.get(address)
+        if queue is None:
+            self._outbox[address] = [message]
+        else:
+            queue.append(message)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
 
-    def _failed(self, failure: Any) -> None:
-        # Expected while a peer is down or crashed: Raft retries on its own.
-        self.send_failures += 1
+    def flush(self) -> None:
+        """Send what is queued now (normally run by the reactor)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        outbox, self._outbox = self._outbox, {}
+        for address, messages in outbox.items():
+            for batch in self._batches(messages):
+                self._send_batch(address, batch)
+
+    def pending(self) -> int:
+        """Messages queued and not yet flushed."""
+        return sum(len(q) for q in self._outbox.values())
+
+    @staticmethod
+    def _batches(messages: list[Message]) -> list[list[Message]]:
+        if len(messages) == 1:
+            return [messages]
+        batches: list[list[Message]] = [[]]
+        size = 0
+        for message in messages:
+            cost = _payload_size(message)
+            current = batches[-1]
+            if current and (size + cost > MAX_BATCH_BYTES or len(current) >= MAX_BATCH_MESSAGES):
+                current = []
+                batches.append(current)
+                size = 0
+            current.append(message)
+            size += cost
+        return batches
+
+    def _send_batch(self, address: str, batch: list[Message]) -> None:
+        args = {"group": self.group, "msgs": [m.to_wire() for m in batch]}
+        try:
+            sent = self.pool.notify(address, "raft", args)
+        except wire.FrameError as e:
+            if len(batch) > 1:
+                # The estimate was wrong: halve (bounded: log2 of the batch).
+                middle = len(batch) // 2
+                self._send_batch(address, batch[:middle])
+                self._send_batch(address, batch[middle:])
+                return
+            self.log.error(
+                "dropping a raft {type} message to {address}: {why}",
+                type=batch[0].type.value,
+                address=address,
+                why=e.message,
+            )
+            sent = False
+        if sent:
+            self.batches += 1
+        else:
+            # Expected while a peer is down: Raft retries on its own.
+            self.send_failures += len(batch)
 
     # -- server side --------------------------------------------------------
 
-    def deliver(self, group: str, msg: dict[str, Any]) -> None:
-        """The ``raft`` method's handler: validate, then hand to Raft."""
+    def deliver(self, group: str, msg: dict[str, Any] | None = None, msgs: list[Any] | None = None) -> None:
+        """The ``raft`` method's handler: validate every message, then hand
+        them to Raft in order."""
         if group != self.group:
             raise errors.BadRequest(f"raft message for group {group!r} reached group {self.group!r}")
+        if (msg is None) == (msgs is None):
+            raise errors.BadRequest("a raft request carries either msg or msgs")
+        wires = [msg] if msgs is None else msgs
+        messages = [self._parse(w, i) for i, w in enumerate(wires)]
+        handler = self._handler
+        if handler is None:
+            raise errors.Unavailable("raft node is not running")
+        for message in messages:
+            try:
+                handler(message)
+            except NodeCrashed:
+                # Raised before the node looks at the message: none of the
+                # batch changed its state (a node crashes only between calls).
+                raise errors.Crashed("node is crashed") from None
+            self.received += 1
+
+    def _parse(self, w: Any, index: int) -> Message:
         try:
-            message = Message.from_wire(msg)
-        except ValueError as e:
-            raise errors.BadRequest(f"malformed raft message: {e}") from None
+            message = Message.from_wire(w)
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise errors.BadRequest(f"malformed raft message [{index}]: {e}") from None
         if message.to != self.node_id:
             raise errors.BadRequest(f"raft message for node {message.to} reached node {self.node_id}")
         if message.frm not in self.addresses or message.frm == self.node_id:
             raise errors.BadRequest(f"raft message from unknown node {message.frm}")
-        if self._handler is None:
-            raise errors.Unavailable("raft node is not running")
-        try:
-            self._handler(message)
-        except NodeCrashed:
-            raise errors.Crashed("node is crashed") from None
+        return message
 
     @staticmethod
     def method_args() -> list[Arg]:
-        return [Arg("group", str, max_len=64), Arg("msg", dict)]
+        return [
+            Arg("group", str, max_len=64),
+            Arg("msg", dict, required=False),
+            Arg(
+                "msgs", Value(list, min_len=1, max_len=MAX_BATCH_MESSAGES, items=Value(dict)), required=False
+            ),
+        ]

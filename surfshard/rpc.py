@@ -5,6 +5,15 @@ or ``{"id", "error": {"code", "message", ...}}``.  Many requests may be in
 flight on one connection and replies come back in completion order, matched
 by id.
 
+One-way requests (an extension for peer traffic, e.g. Raft messages between
+replicas): ``{"id", "method", "args", "noreply": true}``.  The server runs
+them like any request but sends nothing when the handler succeeds; a
+refusal (malformed, unknown method, bad arguments, the handler's error) is
+answered with the usual error reply, so nothing is refused silently.
+Senders (``RpcClientPool.notify``) use negative ids for them and only count
+the refusals that come back.  Clients that never set ``noreply`` see the
+protocol exactly as before.
+
 Server side: a ``MethodTable`` names each method, its handler and a
 declarative argument schema (``Arg``/``Value``); arguments are validated
 before a handler runs.  Everything the server refuses (undecodable streams,
@@ -16,11 +25,18 @@ Client side: ``RpcConnection`` is one pipelined connection; ``RpcClientPool``
 keeps one connection per ``host:port``, connects lazily, reconnects with
 capped exponential backoff and jitter, and turns error replies into the typed
 exceptions of ``surfshard.errors``.
+
+Cost: every request passes through here, so the hot path avoids work per
+request where it can: argument schemas are compiled into one generated
+function each (``_SchemaCompiler``), request and reply envelopes are written
+by ``wire.encode_request``/``encode_reply``, and the frames of one read are
+decoded together (``wire.FrameDecoder``).
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 import socket
@@ -70,6 +86,7 @@ __all__ = [
     "Schema",
     "ServerLimits",
     "Value",
+    "encode_notification",
     "format_peer",
     "tune_socket",
 ]
@@ -82,7 +99,7 @@ _MISSING: Any = object()
 _MAX_ID_STR = 128
 _MIN_ID_INT = -(2**63)
 _MAX_ID_INT = 2**64 - 1
-_REQUEST_KEYS = frozenset({"id", "method", "args"})
+_REQUEST_KEYS = frozenset({"id", "method", "args", "noreply"})
 
 #: How long a connection we are closing may take to flush before we abort it
 #: (a peer that never reads must not hold the socket open forever).
@@ -307,9 +324,17 @@ class Arg:
 
 
 class Schema:
-    """The arguments of one method (or the fields of a nested map)."""
+    """The arguments of one method (or the fields of a nested map).
 
-    __slots__ = ("_args", "_names")
+    ``validate`` first runs a function generated for this schema (see
+    ``_SchemaCompiler``): every check of every argument inlined, no call
+    per value.  It only answers "valid, here are the arguments" or "not
+    valid"; for the latter the generic validator below runs again to say
+    exactly what is wrong (which argument, which rule), so refusals are
+    described as before and only the success path is fast.
+    """
+
+    __slots__ = ("_args", "_fast", "_names")
 
     def __init__(self, args: Iterable[Arg] = ()) -> None:
         self._args = tuple(args)
@@ -317,6 +342,7 @@ class Schema:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate argument names in {names}")
         self._names = frozenset(names)
+        self._fast: Callable[[Any], dict[str, Any] | None] = _SchemaCompiler().compile(self)
 
     @property
     def args(self) -> tuple[Arg, ...]:
@@ -324,6 +350,14 @@ class Schema:
 
     def validate(self, args: Any) -> dict[str, Any]:
         """Return the validated arguments, defaults filled in; raise _Invalid."""
+        out = self._fast(args)
+        if out is not None:
+            return out
+        return self.validate_generic(args)
+
+    def validate_generic(self, args: Any) -> dict[str, Any]:
+        """``validate`` by walking the schema: slower, and it names what is
+        wrong.  (Also the reference the generated validator is tested against.)"""
         if type(args) is not dict:
             raise _Invalid(f"expected a map, got {_TYPE_NAMES.get(type(args), type(args).__name__)}")
         if not self._names.issuperset(args):
@@ -354,6 +388,204 @@ class Schema:
             return self.validate(args)
         except _Invalid as e:
             raise BadRequest(_describe(where, e)) from None
+
+
+def _replaces(value: Value) -> bool:
+    """Whether validating ``value`` can give back a new object (a nested map
+    with a schema is replaced by its validated copy)."""
+    return value.fields is not None
+
+
+class _SchemaCompiler:
+    """Writes the source of one function that validates a Schema.
+
+    The function returns the validated arguments (the same dict the generic
+    validator returns) or None for anything the generic validator would
+    refuse; it may refuse more (the generic one then decides), never less.
+    Constants (types, bounds, defaults, check callables, nested schemas) are
+    passed in the function's globals, never written into the source, so no
+    value is ever turned into code.  Argument names appear only as string
+    literals (repr).
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.namespace: dict[str, Any] = {
+            "_MISSING": _MISSING,
+            "_CHECK_ERRORS": (BadRequest, ValueError),
+        }
+        self._names = 0
+
+    def name(self, prefix: str) -> str:
+        self._names += 1
+        return f"{prefix}{self._names}"
+
+    def const(self, value: Any) -> str:
+        name = self.name("c")
+        self.namespace[name] = value
+        return name
+
+    def emit(self, depth: int, line: str) -> None:
+        self.lines.append("    " * depth + line)
+
+    def compile(self, schema: Schema) -> Callable[[Any], dict[str, Any] | None]:
+        # With no defaults to fill in and no nested map to replace by its
+        # validated copy, the validated arguments are the arguments: the
+        # function returns the dict it was given (callers get their own
+        # copy anyway when it is spread into a handler's keywords).
+        copies = any(arg.default is not _MISSING or _replaces(arg.value) for arg in schema.args)
+        self.emit(0, "def validate(args):")
+        self.emit(1, f"if type(args) is not dict or not {self.const(schema._names.issuperset)}(args):")
+        self.emit(2, "return None")
+        if copies:
+            self.emit(1, "out = {}")
+        if any(not arg.required for arg in schema.args):
+            self.emit(1, "get = args.get")
+        for arg in schema.args:
+            key = repr(arg.name)
+            var = self.name("v")
+            if arg.required:
+                self.emit(1, "try:")
+                self.emit(2, f"{var} = args[{key}]")
+                self.emit(1, "except KeyError:")
+                self.emit(2, "return None")
+                self.value(arg.value, var, 1)
+                if copies:
+                    self.emit(1, f"out[{key}] = {var}")
+                continue
+            self.emit(1, f"{var} = get({key}, _MISSING)")
+            if arg.default is not _MISSING:
+                self.emit(1, f"if {var} is _MISSING:")
+                self.emit(2, f"out[{key}] = {self.const(arg.default)}")
+                self.emit(1, "else:")
+            else:
+                self.emit(1, f"if {var} is not _MISSING:")
+            mark = len(self.lines)
+            self.value(arg.value, var, 2)
+            if copies:
+                self.emit(2, f"out[{key}] = {var}")
+            elif len(self.lines) == mark:
+                self.emit(2, "pass")
+        self.emit(1, "return out" if copies else "return args")
+        exec("\n".join(self.lines), self.namespace)  # the source is built above from no input
+        return self.namespace["validate"]  # type: ignore[no-any-return]
+
+    def value(self, value: Value, var: str, depth: int) -> None:
+        """Checks of one value held in ``var``; a refusal returns None."""
+        types = value.types
+        concrete = types - {type(None)}
+        if len(concrete) > 1:
+            self.mixed_value(value, var, depth)
+            return
+        (kind,) = concrete
+        refuse = self.number_tests(value, var) + self.size_tests(value, var, kind)
+        test = f"type({var}) is not {self.const(kind)}"
+        if len(types) == 1:
+            # One line for the common case: "type wrong or any bound broken".
+            self.emit(depth, f"if {' or '.join([test, *refuse])}:")
+            self.emit(depth + 1, "return None")
+            inner = depth
+        else:  # nullable: the generic validator checks nothing more of a null
+            self.emit(depth, f"if {var} is not None:")
+            self.emit(depth + 1, f"if {' or '.join([test, *refuse])}:")
+            self.emit(depth + 2, "return None")
+            inner = depth + 1
+        self.contents(value, var, f"type({var})", inner)
+        self.check(value, var, inner)
+
+    def mixed_value(self, value: Value, var: str, depth: int) -> None:
+        """A value of one of several types: the bounds that apply depend on
+        which type it has."""
+        kind = self.name("t")
+        self.emit(depth, f"{kind} = type({var})")
+        self.emit(depth, f"if {kind} not in {self.const(value.types)}:")
+        self.emit(depth + 1, "return None")
+        inner = depth
+        if type(None) in value.types:
+            self.emit(depth, f"if {var} is not None:")
+            inner = depth + 1
+        mark = len(self.lines)
+        numbers = self.number_tests(value, var)
+        if numbers:
+            self.emit(inner, f"if {' or '.join(numbers)}:")
+            self.emit(inner + 1, "return None")
+        for sized in sorted(value.types & _SIZED, key=lambda t: t.__name__):
+            sizes = self.size_tests(value, var, sized)
+            if sizes:
+                self.emit(inner, f"if {kind} is {self.const(sized)} and ({' or '.join(sizes)}):")
+                self.emit(inner + 1, "return None")
+        self.contents(value, var, kind, inner)
+        self.check(value, var, inner)
+        if len(self.lines) == mark and inner != depth:
+            self.emit(inner, "pass")
+
+    def check(self, value: Value, var: str, depth: int) -> None:
+        if value.check is not None:
+            self.emit(depth, "try:")
+            self.emit(depth + 1, f"{self.const(value.check)}({var})")
+            self.emit(depth, "except _CHECK_ERRORS:")
+            self.emit(depth + 1, "return None")
+
+    def number_tests(self, value: Value, var: str) -> list[str]:
+        """Conditions that refuse a number.  "not (v >= lo)" rather than
+        "v < lo": NaN fails it, as it must."""
+        tests = []
+        if value.min is not None:
+            tests.append(f"not ({var} >= {self.const(value.min)})")
+        if value.max is not None:
+            tests.append(f"not ({var} <= {self.const(value.max)})")
+        return tests
+
+    def size_tests(self, value: Value, var: str, kind: type) -> list[str]:
+        """Conditions that refuse a value of type ``kind`` for its size."""
+        if kind not in _SIZED:
+            return []
+        tests = []
+        if value.max_len is not None:
+            tests.append(f"len({var}) > {self.const(value.max_len)}")
+        if value.min_len is not None:
+            tests.append(f"len({var}) < {self.const(value.min_len)}")
+        if value.max_bytes is not None:
+            limit = self.const(value.max_bytes)
+            if kind is str:
+                # A str of n chars is at most 4n UTF-8 bytes: encode only
+                # when that bound is not already enough (as the generic one).
+                tests.append(
+                    f"(len({var}) * 4 > {limit} and len({var}.encode('utf-8', 'surrogatepass')) > {limit})"
+                )
+            else:
+                tests.append(f"len({var}) > {limit}")
+        return tests
+
+    def contents(self, value: Value, var: str, kind: str, depth: int) -> None:
+        if value.items is not None:
+            loop = depth
+            if len(value.types - {type(None)}) > 1:
+                self.emit(depth, f"if {kind} is list:")
+                loop = depth + 1
+            item = self.name("i")
+            self.emit(loop, f"for {item} in {var}:")
+            self.value(value.items, item, loop + 1)
+        if value.fields is None and value.keys is None and value.values is None:
+            return
+        if len(value.types - {type(None)}) > 1:
+            self.emit(depth, f"if {kind} is dict:")
+            depth += 1
+        if value.fields is not None:
+            # The nested map is replaced by its validated copy, as the
+            # generic validator does.
+            self.emit(depth, f"{var} = {self.const(value.fields._fast)}({var})")
+            self.emit(depth, f"if {var} is None:")
+            self.emit(depth + 1, "return None")
+        if value.keys is not None or value.values is not None:
+            key, item = self.name("k"), self.name("i")
+            self.emit(depth, f"for {key}, {item} in {var}.items():")
+            if value.keys is not None:
+                self.value(value.keys, key, depth + 1)
+            if value.values is not None:
+                self.value(value.values, item, depth + 1)
+            else:
+                self.emit(depth + 1, "pass")
 
 
 def _describe(where: str, error: _Invalid) -> str:
@@ -535,6 +767,9 @@ class RpcServerProtocol(Protocol):
         self.limits = limits = limits or ServerLimits()
         self.peer = "unknown"
         self._decoder = wire.FrameDecoder(limits.max_frame_bytes)
+        self._max_frame_bytes = limits.max_frame_bytes
+        # The table's name -> Method dict, looked up once per request.
+        self._methods = table._methods
         # Requests whose handler returned a Deferred that has not fired yet.
         # (A synchronous handler finishes before the next frame is read.)
         self._running: dict[int | str, Deferred[Any]] = {}
@@ -659,26 +894,32 @@ class RpcServerProtocol(Protocol):
 
     def _handle(self, frame: dict[Any, Any]) -> None:
         request_id = frame.get("id", _MISSING)
-        if not _usable_id(request_id):
-            self._refuse(
-                "request without a usable id",
-                f"id is {_short_repr(request_id) if request_id is not _MISSING else 'missing'}",
-            )
-            self._close()
-            return
+        if type(request_id) is not int or not _MIN_ID_INT <= request_id <= _MAX_ID_INT:
+            if not _usable_id(request_id):
+                self._refuse(
+                    "request without a usable id",
+                    f"id is {_short_repr(request_id) if request_id is not _MISSING else 'missing'}",
+                )
+                self._close()
+                return
         method_name = frame.get("method")
         args = frame.get("args")
-        if len(frame) != 3 or type(method_name) is not str or type(args) is not dict:
+        # A one-way request ("noreply": true) is answered only if refused.
+        reply = len(frame) == 3
+        if not reply and (len(frame) != 4 or frame.get("noreply") is not True):
+            method_name = None  # malformed: reported below
+        if type(method_name) is not str or type(args) is not dict:
             self._reject(request_id, "malformed request", BadRequest(self._request_problem(frame)))
             return
-        if request_id in self._running:
+        running = self._running
+        if running and request_id in running:
             self._reject(
                 request_id,
                 "duplicate request id",
                 BadRequest(f"request id {_short_repr(request_id)} is already in flight"),
             )
             return
-        method = self.table.get(method_name)
+        method = self._methods.get(method_name)
         if method is None:
             self._reject(
                 request_id,
@@ -710,11 +951,12 @@ class RpcServerProtocol(Protocol):
         # type() first: isinstance against Deferred (an ABC subclass) is slow
         # and most handlers answer plain values.
         if type(result) in _WIRE_TYPES or not isinstance(result, Deferred):
-            self._send_ok(result, request_id, method_name)
+            if reply:
+                self._send_ok(result, request_id, method_name)
             return
-        self._running[request_id] = result
+        running[request_id] = result
         result.addCallbacks(
-            self._finish_ok,
+            self._finish_ok if reply else self._finish_quietly,
             self._finish_error,
             callbackArgs=(request_id, method_name),
             errbackArgs=(request_id, method_name),
@@ -725,6 +967,8 @@ class RpcServerProtocol(Protocol):
         unknown = [k for k in frame if k not in _REQUEST_KEYS]
         if unknown:
             return f"unknown request field(s) {', '.join(sorted(_short_repr(k, 40) for k in unknown)[:5])}"
+        if "noreply" in frame and frame["noreply"] is not True:
+            return f"noreply must be true if present, got {_short_repr(frame['noreply'])}"
         if "method" not in frame:
             return "request has no method"
         if type(frame["method"]) is not str:
@@ -755,6 +999,13 @@ class RpcServerProtocol(Protocol):
         if self._backlog:
             self._drain_backlog()
 
+    def _finish_quietly(self, result: Any, request_id: int | str, method_name: str) -> None:
+        """A one-way request's handler finished: nothing to send."""
+        if self._running.pop(request_id, _MISSING) is _MISSING or self._lost:
+            return
+        if self._backlog:
+            self._drain_backlog()
+
     def _finish_error(self, failure: Failure, request_id: int | str, method_name: str) -> None:
         if self._running.pop(request_id, _MISSING) is _MISSING or self._lost:
             # Cancelled because the peer left, or answered already.
@@ -772,7 +1023,7 @@ class RpcServerProtocol(Protocol):
 
     def _send_ok(self, result: Any, request_id: int | str, method_name: str) -> None:
         try:
-            frame = wire.encode_frame({"id": request_id, "ok": result}, self.limits.max_frame_bytes)
+            frame = wire.encode_reply(request_id, result, self._max_frame_bytes)
         except wire.FrameError as e:
             log.error(
                 "rpc: reply to {method} from {peer} cannot be sent: {why}",
@@ -894,6 +1145,26 @@ class RpcServerFactory(ServerFactory):
 # ---------------------------------------------------------------------------
 
 
+#: Ids of one-way requests: negative, so that a refusal coming back is told
+#: apart from a late reply to a call (positive ids); process-wide, so that
+#: no two are alike on one connection.  (At a million a second, 2**63 of
+#: them last 290,000 years.)
+_notification_ids = itertools.count(-1, -1)
+
+
+def encode_notification(
+    method: str, args: Mapping[str, Any] | None = None, max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
+) -> bytes:
+    """The frame of a one-way request: ``{"id", "method", "args",
+    "noreply": true}`` with a fresh negative id.  A server runs it like any
+    request but sends nothing back unless it refuses it (bad arguments,
+    unknown method, a handler's error): then an error reply with that id.
+    Raises ``wire.FrameError`` if it cannot be encoded."""
+    return wire.encode_request(
+        next(_notification_ids), method, {} if args is None else args, max_frame_bytes, noreply=True
+    )
+
+
 class RpcConnection(Protocol):
     """The client side of one native connection, with pipelined calls.
 
@@ -911,6 +1182,9 @@ class RpcConnection(Protocol):
         #: Replies received (a TLS failure before the first one counts as a
         #: failed connection attempt).
         self.replies = 0
+        #: Error replies to one-way requests, and the last one as an exception.
+        self.refused_notifications = 0
+        self.last_refusal: SurfShardError | None = None
         self._decoder = wire.FrameDecoder(max_frame_bytes)
         # call id -> (Deferred, method name)
         self._pending: dict[int, tuple[Deferred[Any], str]] = {}
@@ -948,13 +1222,12 @@ class RpcConnection(Protocol):
         call_id = self._next_id
         self._next_id = call_id + 1
         try:
-            frame = wire.encode_frame(
-                {"id": call_id, "method": method, "args": {} if args is None else args}, self.max_frame_bytes
-            )
+            frame = wire.encode_request(call_id, method, {} if args is None else args, self.max_frame_bytes)
         except wire.FrameError as e:
             return defer.fail(BadRequest(f"cannot send {method}: {e.message}"))
-        d: Deferred[Any] = Deferred(lambda _d: self._pending.pop(call_id, None))
-        self._pending[call_id] = (d, method)
+        pending = self._pending
+        d: Deferred[Any] = Deferred(lambda _d: pending.pop(call_id, None))
+        pending[call_id] = (d, method)
         if timeout is not None:
             self._add_deadline(self.clock.seconds() + timeout, call_id)
         out = self._out
@@ -963,6 +1236,24 @@ class RpcConnection(Protocol):
         else:
             self.transport.write(frame)
         return d
+
+    def notify(self, method: str, args: Mapping[str, Any] | None = None) -> bool:
+        """Send a one-way request (``"noreply": true``): the server answers
+        it only if it refuses it, and such refusals are only counted
+        (``refused_notifications``, ``last_refusal``).  False if not
+        connected; raises ``wire.FrameError`` if it cannot be encoded."""
+        if not self.connected:
+            return False
+        self.send_notification(encode_notification(method, args, self.max_frame_bytes))
+        return True
+
+    def send_notification(self, frame: bytes) -> None:
+        """Write a frame made by ``encode_notification``."""
+        out = self._out
+        if out is not None:
+            out.append(frame)
+        else:
+            self.transport.write(frame)
 
     # -- timeouts --------------------------------------------------------------
 
@@ -1031,6 +1322,8 @@ class RpcConnection(Protocol):
                             # We only send int ids: this is not a reply of ours.
                             self._protocol_error(f"reply without a usable id: {_short_repr(frame)}")
                             return
+                        if call_id < 0:
+                            self._notification_refused(frame)
                         continue  # normal after a timeout or cancel: the reply came late
                     self.replies += 1
                     if "ok" in frame:
@@ -1050,6 +1343,14 @@ class RpcConnection(Protocol):
                     continue
                 self._protocol_error(f"undecodable reply stream: {e.message}")
                 return
+
+    def _notification_refused(self, frame: dict[Any, Any]) -> None:
+        """The server refused a one-way request (negative ids are ours for
+        those): there is no caller to tell, so count it for status and tests."""
+        self.refused_notifications += 1
+        error = frame.get("error")
+        if type(error) is dict:
+            self.last_refusal = error_from_wire(error)
 
     def _protocol_error(self, why: str) -> None:
         log.warn("rpc: dropping connection to {peer}: {why}", peer=self.peer, why=why)
@@ -1101,16 +1402,35 @@ class _ClientFactory(Factory):
 class _Peer:
     """Connection state for one address."""
 
-    __slots__ = ("address", "connecting", "connection", "failures", "last_error", "retry_at", "waiters")
+    __slots__ = (
+        "address",
+        "connecting",
+        "connection",
+        "failures",
+        "last_error",
+        "queued",
+        "queued_bytes",
+        "retry_at",
+        "waiters",
+    )
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.connection: RpcConnection | None = None
         self.connecting: Deferred[Any] | None = None
         self.waiters: list[Deferred[RpcConnection]] = []
+        # One-way request frames waiting for the connection being made.
+        self.queued: list[bytes] = []
+        self.queued_bytes = 0
         self.failures = 0
         self.retry_at = 0.0
         self.last_error = ""
+
+
+#: One-way requests a pool holds for one peer while it connects: beyond
+#: either bound more are dropped (their senders tolerate loss).
+MAX_QUEUED_NOTIFICATIONS = 256
+MAX_QUEUED_NOTIFICATION_BYTES = 32 * 1024 * 1024
 
 
 class RpcClientPool:
@@ -1186,6 +1506,43 @@ class RpcClientPool:
 
         return waiter.addCallback(send)
 
+    def notify(self, address: str, method: str, args: Mapping[str, Any] | None = None) -> bool:
+        """Send a one-way request (see ``RpcConnection.notify``) to the node
+        at ``address``; never waits.  True once it is written, or queued
+        behind the connection being made (sent when it is up, dropped if it
+        fails); False if it was dropped at once: the pool is closed, the
+        address is bad, the address is backing off after failed connects,
+        or too much is queued for it already.  Raises ``wire.FrameError``
+        (e.g. FrameTooLarge) if it cannot be encoded."""
+        frame = encode_notification(method, args, self._factory.max_frame_bytes)
+        peer = self._peers.get(address)
+        if peer is not None:
+            connection = peer.connection
+            if connection is not None and connection.connected:
+                connection.send_notification(frame)
+                return True
+        if self._closed:
+            return False
+        if peer is None:
+            try:
+                parse_address(address)
+            except ValueError:
+                return False
+            peer = self._peers[address] = _Peer(address)
+        if peer.retry_at > self.reactor.seconds():
+            return False
+        if (
+            len(peer.queued) >= MAX_QUEUED_NOTIFICATIONS
+            or peer.queued_bytes + len(frame) > MAX_QUEUED_NOTIFICATION_BYTES
+        ):
+            return False
+        peer.queued.append(frame)
+        peer.queued_bytes += len(frame)
+        if peer.connecting is None:
+            self._connect(peer)
+        # (A connect that failed at once has dropped the queue already.)
+        return bool(peer.queued) and peer.queued[-1] is frame
+
     def connection(self, address: str) -> RpcConnection | None:
         """The live connection to ``address``, if any (for tests and status)."""
         peer = self._peers.get(address)
@@ -1246,6 +1603,9 @@ class RpcClientPool:
             return
         peer.connection = connection
         connection.notify_lost(lambda reason: self._lost(connection, peer, reason))
+        queued, peer.queued, peer.queued_bytes = peer.queued, [], 0
+        if queued:
+            connection.transport.write(b"".join(queued))
         waiters, peer.waiters = peer.waiters, []
         for waiter in waiters:
             waiter.callback(connection)
@@ -1274,6 +1634,8 @@ class RpcClientPool:
         )
 
     def _fail_waiters(self, peer: _Peer, error: SurfShardError) -> None:
+        # One-way requests have no one to tell: they are dropped.
+        peer.queued, peer.queued_bytes = [], 0
         waiters, peer.waiters = peer.waiters, []
         for waiter in waiters:
             waiter.errback(error)

@@ -14,6 +14,14 @@ Wire values are therefore None, bool, int, float, str, bytes, lists and maps.
 A frame refused only for its tags leaves the stream in sync, so the error is
 marked recoverable and carries the frame's id: the receiver can answer that
 one request with an error and keep the connection.
+
+Speed: the RPC layer moves every request and reply through here, so the two
+frame shapes it sends (``encode_request``, ``encode_reply``) build the
+envelope by hand around one ``cbor2.dumps`` of the arguments or result (the
+bytes are exactly what ``encode_frame`` makes of the same map), and the
+decoder decodes all the small frames that one read completes in ONE
+``cbor2.loads`` call (see ``FrameDecoder``): each cbor2 call costs more than
+decoding a small map does.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import os
 import re
 import struct
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from email.mime.text import MIMEText
 from typing import Any
@@ -42,6 +51,8 @@ __all__ = [
     "FrameTooLarge",
     "decode_payload",
     "encode_frame",
+    "encode_reply",
+    "encode_request",
 ]
 
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -198,6 +209,115 @@ def encode_frame(
 
 _dumps = cbor2.dumps
 _loads = cbor2.loads
+
+# -- the two frame shapes of the RPC hot path ----------------------------------
+#
+# A cbor2.dumps call costs about as much for the map around a value as for the
+# value, so the envelope of a request or reply is written here and cbor2 only
+# encodes the arguments (or the result).  Keys go in the order encode_frame
+# would write them, so the bytes are identical to encode_frame's.
+
+_pack_head_1 = struct.Struct(">BB").pack
+_pack_head_2 = struct.Struct(">BH").pack
+_pack_head_4 = struct.Struct(">BI").pack
+_pack_head_8 = struct.Struct(">BQ").pack
+_TINY_HEADS = [bytes((n,)) for n in range(256)]
+
+
+def _head(major: int, n: int) -> bytes:
+    """The shortest CBOR head of major type ``major`` (pre-shifted: 0x00,
+    0x20, 0x40...) and argument ``n`` (0 <= n < 2**64)."""
+    if n < 24:
+        return _TINY_HEADS[major | n]
+    if n < 0x100:
+        return _pack_head_1(major | 24, n)
+    if n < 0x10000:
+        return _pack_head_2(major | 25, n)
+    if n < 0x100000000:
+        return _pack_head_4(major | 26, n)
+    return _pack_head_8(major | 27, n)
+
+
+def _encode_id(request_id: Any) -> bytes:
+    if type(request_id) is int:
+        if 0 <= request_id < 24:
+            return _TINY_HEADS[request_id]
+        if 0 <= request_id <= 0xFFFFFFFFFFFFFFFF:
+            return _head(0x00, request_id)
+        if -0x10000000000000000 <= request_id < 0:
+            return _head(0x20, -1 - request_id)
+    return _dumps(request_id)
+
+
+_KEY_ID = b"\x62id"
+_KEY_METHOD = b"\x66method"
+_KEY_ARGS = b"\x64args"
+_KEY_NOREPLY_TRUE = b"\x67noreply\xf5"
+_KEY_OK = b"\x62ok"
+_MAP_2 = b"\xa2"
+_MAP_3 = b"\xa3"
+_MAP_4 = b"\xa4"
+#: ``method`` key + method name + ``args`` key, per method name: a client
+#: calls a handful of methods over and over.
+_METHOD_PARTS: dict[str, bytes] = {}
+_METHOD_PARTS_MAX = 1024
+_CONSTANTS = {True: b"\xf5", False: b"\xf4"}
+
+
+def _finish(payload: bytes, max_frame_bytes: int) -> bytes:
+    size = len(payload)
+    if size > max_frame_bytes:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {max_frame_bytes}")
+    return _pack_prefix(size) + payload
+
+
+def encode_request(
+    request_id: int | str,
+    method: str,
+    args: Any,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    *,
+    noreply: bool = False,
+) -> bytes:
+    """The frame of ``{"id", "method", "args"}`` (plus ``"noreply": true``
+    for a one-way request): the bytes ``encode_frame`` would make of that
+    map, made faster.  Raises as ``encode_frame`` does."""
+    parts = _METHOD_PARTS.get(method) if type(method) is str else None
+    try:
+        if parts is None:
+            parts = _KEY_METHOD + _dumps(method) + _KEY_ARGS
+            if type(method) is str and len(_METHOD_PARTS) < _METHOD_PARTS_MAX:
+                _METHOD_PARTS[method] = parts
+        body = _dumps(args)
+        head = _encode_id(request_id)
+    except _ENCODE_ERRORS as e:
+        raise FrameEncodeError(f"cannot encode frame: {e}") from e
+    if noreply:
+        return _finish(_MAP_4 + _KEY_ID + head + parts + body + _KEY_NOREPLY_TRUE, max_frame_bytes)
+    return _finish(_MAP_3 + _KEY_ID + head + parts + body, max_frame_bytes)
+
+
+def encode_reply(request_id: int | str, result: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """The frame of ``{"id": request_id, "ok": result}``, as ``encode_frame``
+    would make it (and raising as it does), made faster."""
+    kind = type(result)
+    try:
+        if kind is bool:
+            body = _CONSTANTS[result]
+        elif result is None:
+            body = b"\xf6"
+        elif kind is bytes:
+            body = _head(0x40, len(result)) + result
+        elif kind is int and 0 <= result <= 0xFFFFFFFFFFFFFFFF:
+            body = _head(0x00, result)
+        else:
+            body = _dumps(result)
+        head = _encode_id(request_id)
+    except _ENCODE_ERRORS as e:
+        raise FrameEncodeError(f"cannot encode frame: {e}") from e
+    return _finish(_MAP_2 + _KEY_ID + head + _KEY_OK + body, max_frame_bytes)
+
+
 _DECODE_ERRORS = (cbor2.CBORError, ValueError, TypeError, RecursionError, OverflowError, MemoryError)
 #: cbor2.loads ignores bytes after the first item.  To see them we decode
 #: ``[payload, SENTINEL]`` instead: with nothing trailing, the second element
@@ -253,6 +373,19 @@ def _refused_tag_error(wrapped: bytes, error: Exception) -> FrameMalformed:
     )
 
 
+#: Frames decoded together by one cbor2 call: small ones only (the join
+#: copies them), and a bounded number.
+BATCH_MAX_FRAMES = 256
+BATCH_MAX_PAYLOAD = 64 * 1024
+
+
+_JUST_DICT = {dict}
+
+
+def _array_head(n: int) -> bytes:
+    return _head(0x80, n)
+
+
 class FrameDecoder:
     """Incremental decoder: feed it bytes as they arrive, get whole frames out.
 
@@ -260,6 +393,20 @@ class FrameDecoder:
     complete, so a large frame arriving in many reads is joined once, not
     once per read.  After a FrameError the stream is out of sync and the
     decoder refuses any further input.
+
+    Batching: when one read completes several small frames (pipelined
+    requests, or the replies to them), their payloads are decoded by one
+    ``cbor2.loads`` of ``[p1, S, p2, S, ..., pn, S]``, S being the per-process
+    random sentinel, with indefinite-length items refused.  That accepts
+    exactly what decoding each payload on its own would: an item equal to S
+    can only be one of our sentinels read from its first byte (a peer cannot
+    write S without knowing it, and no definite-length head ending where a
+    sentinel starts has S's length), so n items equal to S at the n odd
+    positions mean the decoder was in step with every sentinel, hence each
+    payload held exactly the one item before its sentinel, and that item
+    must be a map.  Anything else (one bad frame, an indefinite-length item)
+    fails the batch, and those frames are decoded one by one, with the usual
+    errors, the good frames before a bad one coming out first.
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
@@ -274,6 +421,13 @@ class FrameDecoder:
         # alone, or prefix + payload once the prefix has been read.
         self._needed = LENGTH_PREFIX_BYTES
         self._failed: FrameError | None = None
+        # Frames decoded (in a batch) and not yet handed out: they come out
+        # of whichever iterator asks next, so none is lost if the consumer
+        # stops early.
+        self._ready: deque[dict[Any, Any]] = deque()
+        # Frames to decode one by one before batching again (after a batch
+        # that failed, to find the bad frame without decoding the rest twice).
+        self._singles = 0
 
     @property
     def buffered(self) -> int:
@@ -300,55 +454,122 @@ class FrameDecoder:
         return self._frames()
 
     def _frames(self) -> Iterator[dict[Any, Any]]:
-        while self._buffered >= self._needed:
+        ready = self._ready
+        while True:
+            if ready:
+                yield ready.popleft()
+                continue
+            if self._buffered < self._needed:
+                return
             if self._tail:
                 self._buf = self._buf[self._pos :] + b"".join(self._tail)
                 self._pos = 0
                 self._tail = []
-            buf = self._buf
-            pos = self._pos
+            if self._singles == 0 and self._decode_batch():
+                continue
+            frame = self._decode_one()
+            if frame is not None:
+                yield frame
+
+    def _decode_one(self) -> dict[Any, Any] | None:
+        """Consume and decode the next frame; None if it is not complete.
+        Raises FrameError for a bad one."""
+        buf = self._buf
+        pos = self._pos
+        (length,) = _unpack_prefix_from(buf, pos)
+        if length > self.max_frame_bytes:
+            self._fail(FrameTooLarge(f"frame length {length} exceeds the limit of {self.max_frame_bytes}"))
+        size = LENGTH_PREFIX_BYTES + length
+        if self._buffered < size:
+            self._needed = size
+            return None
+        end = pos + size
+        payload = buf[pos + LENGTH_PREFIX_BYTES : end]
+        # Consume before decoding: the consumer may stop at any yield, or
+        # feed more bytes from inside the loop.
+        self._consume(end, size)
+        if self._singles:
+            self._singles -= 1
+        # decode_payload inlined: this runs once per frame on every
+        # connection.  Any failure is re-diagnosed by decode_payload.
+        try:
+            pair = _loads(
+                _ARRAY_OF_TWO + payload + _SENTINEL_CBOR,
+                tag_hook=_refuse_unknown_tag,
+                semantic_decoders=_REFUSE_TAGS,
+                max_depth=MAX_DEPTH,
+                allow_duplicate_keys=False,
+            )
+            frame = pair[0]
+            if type(frame) is dict and pair[1] == _SENTINEL:
+                return frame
+        except _DECODE_ERRORS:
+            pass
+        try:
+            return decode_payload(payload)
+        except FrameError as e:
+            if e.recoverable:
+                raise  # only this frame is bad; feed(b"") carries on after it
+            self._fail(e)
+            raise  # not reached: _fail raises
+
+    def _decode_batch(self) -> bool:
+        """Decode the whole small frames at the front of the buffer in one
+        cbor2 call and queue them in ``_ready``; False (nothing consumed)
+        when fewer than two are there or the batch does not decode."""
+        buf = self._buf
+        pos = self._pos
+        stop = pos + self._buffered
+        limit = min(self.max_frame_bytes, BATCH_MAX_PAYLOAD)
+        sentinel = _SENTINEL_CBOR
+        parts = [b""]  # the array head goes first, once the count is known
+        append = parts.append
+        count = 0
+        while count < BATCH_MAX_FRAMES and stop - pos >= LENGTH_PREFIX_BYTES:
             (length,) = _unpack_prefix_from(buf, pos)
-            if length > self.max_frame_bytes:
-                self._fail(
-                    FrameTooLarge(f"frame length {length} exceeds the limit of {self.max_frame_bytes}")
-                )
-            size = LENGTH_PREFIX_BYTES + length
-            if self._buffered < size:
-                self._needed = size
-                return
-            end = pos + size
-            payload = buf[pos + LENGTH_PREFIX_BYTES : end]
-            # Consume before decoding and yielding: the consumer may stop at
-            # any yield, or feed more bytes from inside the loop.
-            if end == len(buf):
-                self._buf = b""
-                self._pos = 0
-            else:
-                self._pos = end
-            self._buffered -= size
-            self._needed = LENGTH_PREFIX_BYTES
-            # decode_payload inlined: this runs once per frame on every
-            # connection.  Any failure is re-diagnosed by decode_payload.
-            try:
-                pair = _loads(
-                    _ARRAY_OF_TWO + payload + _SENTINEL_CBOR,
-                    tag_hook=_refuse_unknown_tag,
-                    semantic_decoders=_REFUSE_TAGS,
-                    max_depth=MAX_DEPTH,
-                    allow_duplicate_keys=False,
-                )
-                frame = pair[0]
-                valid = type(frame) is dict and pair[1] == _SENTINEL
-            except _DECODE_ERRORS:
-                valid = False
-            if not valid:
-                try:
-                    frame = decode_payload(payload)
-                except FrameError as e:
-                    if e.recoverable:
-                        raise  # only this frame is bad; feed(b"") carries on after it
-                    self._fail(e)
-            yield frame
+            start = pos + LENGTH_PREFIX_BYTES
+            end = start + length
+            if length > limit or end > stop:
+                break
+            append(buf[start:end])
+            append(sentinel)
+            count += 1
+            pos = end
+        if count < 2:
+            return False
+        parts[0] = _array_head(2 * count)
+        try:
+            items = _loads(
+                b"".join(parts),
+                tag_hook=_refuse_unknown_tag,
+                semantic_decoders=_REFUSE_TAGS,
+                max_depth=MAX_DEPTH,
+                allow_duplicate_keys=False,
+                allow_indefinite=False,
+            )
+            frames = items[0::2]
+            valid = (
+                len(items) == 2 * count
+                and items[1::2] == [_SENTINEL] * count
+                and set(map(type, frames)) == _JUST_DICT
+            )
+        except _DECODE_ERRORS:
+            valid = False
+        if not valid:
+            self._singles = count
+            return False
+        self._consume(pos, pos - self._pos)
+        self._ready.extend(frames)
+        return True
+
+    def _consume(self, end: int, size: int) -> None:
+        if end == len(self._buf):
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._pos = end
+        self._buffered -= size
+        self._needed = LENGTH_PREFIX_BYTES
 
     def _fail(self, error: FrameError) -> None:
         self._failed = error
@@ -356,4 +577,5 @@ class FrameDecoder:
         self._pos = 0
         self._tail = []
         self._buffered = 0
+        self._ready.clear()
         raise error

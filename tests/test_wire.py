@@ -294,3 +294,161 @@ class FuzzTests(SynchronousTestCase):
         except FrameError:
             return
         self.assertIsInstance(result, dict)
+
+
+# Payloads for the batch decoder: good maps and every way a payload can be
+# wrong (several items, none, half an item, not a map, a refused tag, an
+# indefinite-length item that cbor2 accepts alone but a batch refuses).
+bad_payloads = st.sampled_from(
+    [
+        b"",
+        b"\xff",
+        b"\xa1",  # a map head with nothing after it
+        b"\xa0\xa0",  # two maps
+        b"\x82\x01\x02",  # a list
+        b"\xa0\x5f",  # a map, then the start of an indefinite byte string
+        b"\xff\xa0",  # the end of one, then a map
+        b"\xbf\x61a\x01\xff",  # an indefinite-length map: valid on its own
+        b"\xa1\x62id\x05\x5f",
+        cbor2.dumps({"id": 7, "when": cbor2.CBORTag(1, 0)}),  # refused tag: recoverable
+        b"\xa1\x61a\x50" + b"\x00" * 16,  # a map holding a 16-byte string
+    ]
+)
+payloads = st.one_of(maps.map(cbor2.dumps), bad_payloads)
+
+
+def reference_events(payload_list: list[bytes]) -> list[tuple]:
+    """What decoding each payload on its own yields: the contract."""
+    events: list[tuple] = []
+    for payload in payload_list:
+        try:
+            events.append(("frame", decode_payload(payload)))
+        except FrameError as e:
+            events.append(("error", e.recoverable, e.frame_id if e.recoverable else None))
+            if not e.recoverable:
+                break
+    return events
+
+
+def decoder_events(stream: bytes, cuts: list[int]) -> list[tuple]:
+    decoder = FrameDecoder()
+    events: list[tuple] = []
+    for chunk in chunked(stream, cuts):
+        frames = decoder.feed(chunk)
+        for _ in range(len(stream) + 1):  # bounded: one step per frame at most
+            try:
+                for frame in frames:
+                    events.append(("frame", frame))
+                break
+            except FrameError as e:
+                events.append(("error", e.recoverable, e.frame_id if e.recoverable else None))
+                if not e.recoverable:
+                    return events
+                frames = decoder.feed(b"")
+    return events
+
+
+class BatchDecodeTests(SynchronousTestCase):
+    """Several frames completed by one read are decoded by one cbor2 call;
+    that must accept and refuse exactly what decoding each alone does."""
+
+    @seed(SEED)
+    @settings(deadline=None, max_examples=300)
+    @given(
+        payload_list=st.lists(payloads, min_size=1, max_size=12),
+        cuts=st.lists(st.integers(0, 10_000), max_size=6),
+    )
+    def test_batch_matches_one_by_one(self, payload_list, cuts):
+        stream = b"".join(raw_frame(p) for p in payload_list)
+        self.assertEqual(
+            decoder_events(stream, cuts), reference_events(payload_list), f"SURFSHARD_SEED={SEED}"
+        )
+
+    def test_item_split_across_two_frames_is_refused(self):
+        # Alone, each of these is bad; decoded as one CBOR stream, the
+        # indefinite byte string would swallow the sentinel between them.
+        stream = raw_frame(b"\xa0\x5f") + raw_frame(b"\xff\xa0") + encode_frame({"n": 1})
+        decoder = FrameDecoder()
+        with self.assertRaises(FrameMalformed) as caught:
+            list(decoder.feed(stream))
+        self.assertFalse(caught.exception.recoverable)
+
+    def test_many_frames_in_one_read(self):
+        frames = [{"id": i, "method": "m", "args": {"i": i}} for i in range(wire.BATCH_MAX_FRAMES * 2 + 3)]
+        stream = b"".join(encode_frame(f) for f in frames)
+        self.assertEqual(list(FrameDecoder().feed(stream)), frames)
+
+    def test_a_bad_frame_in_a_batch_lets_the_good_ones_before_it_out(self):
+        stream = encode_frame({"a": 1}) + encode_frame({"b": 2}) + raw_frame(b"\x01") + encode_frame({"c": 3})
+        out = []
+        with self.assertRaises(FrameMalformed):
+            for frame in FrameDecoder().feed(stream):
+                out.append(frame)
+        self.assertEqual(out, [{"a": 1}, {"b": 2}])
+
+    def test_frames_decoded_but_not_taken_come_out_next_time(self):
+        decoder = FrameDecoder()
+        frames = decoder.feed(encode_frame({"a": 1}) + encode_frame({"b": 2}) + encode_frame({"c": 3}))
+        self.assertEqual(next(frames), {"a": 1})
+        del frames  # the consumer stopped early
+        self.assertEqual(list(decoder.feed(encode_frame({"d": 4}))), [{"b": 2}, {"c": 3}, {"d": 4}])
+
+    def test_large_frames_are_decoded_alone(self):
+        big = {"data": b"x" * (wire.BATCH_MAX_PAYLOAD + 1)}
+        stream = encode_frame({"a": 1}) + encode_frame(big) + encode_frame({"b": 2}) + encode_frame({"c": 3})
+        self.assertEqual(list(FrameDecoder().feed(stream)), [{"a": 1}, big, {"b": 2}, {"c": 3}])
+
+    def test_oversized_prefix_after_good_frames(self):
+        stream = encode_frame({"a": 1}) + encode_frame({"b": 2}) + b"\xff\xff\xff\xff"
+        out = []
+        with self.assertRaises(FrameTooLarge):
+            for frame in FrameDecoder(max_frame_bytes=1024).feed(stream):
+                out.append(frame)
+        self.assertEqual(out, [{"a": 1}, {"b": 2}])
+
+
+# The edges of CBOR's integer heads (1, 2, 3, 5 and 9 bytes), both signs.
+head_edges = st.sampled_from(
+    [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64, -1, -24, -25, -256, -257]
+    + [-65536, -65537, -(2**32), -(2**32) - 1, -(2**64), -(2**64) - 1]
+)
+ids = st.one_of(
+    head_edges,
+    st.integers(min_value=-(2**64), max_value=2**64 - 1),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.text(min_size=1, max_size=20),
+)
+
+
+class FastEncoderTests(SynchronousTestCase):
+    """encode_request / encode_reply write the envelope by hand: the bytes
+    must be exactly encode_frame's for the same map."""
+
+    @seed(SEED)
+    @settings(deadline=None, max_examples=300)
+    @given(request_id=ids, method=st.text(max_size=20), args=maps, noreply=st.booleans())
+    def test_request_bytes(self, request_id, method, args, noreply):
+        expected = {"id": request_id, "method": method, "args": args}
+        if noreply:
+            expected["noreply"] = True
+        self.assertEqual(
+            wire.encode_request(request_id, method, args, noreply=noreply), encode_frame(expected)
+        )
+
+    @seed(SEED)
+    @settings(deadline=None, max_examples=300)
+    @given(request_id=ids, result=values | head_edges | st.binary(min_size=20, max_size=300))
+    def test_reply_bytes(self, request_id, result):
+        self.assertEqual(
+            wire.encode_reply(request_id, result), encode_frame({"id": request_id, "ok": result})
+        )
+
+    def test_limits_and_unencodable_values(self):
+        with self.assertRaises(FrameTooLarge):
+            wire.encode_reply(1, b"x" * 100, max_frame_bytes=50)
+        with self.assertRaises(FrameTooLarge):
+            wire.encode_request(1, "m", {"x": b"x" * 100}, max_frame_bytes=50)
+        with self.assertRaises(FrameEncodeError):
+            wire.encode_reply(1, object())
+        with self.assertRaises(FrameEncodeError):
+            wire.encode_request(1, "m", {"x": object()})
