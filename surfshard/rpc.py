@@ -929,7 +929,9 @@ class RpcServerProtocol(Protocol):
             )
             return
         try:
-            kwargs = method.schema.validate(args)
+            kwargs = method.schema._fast(args)
+            if kwargs is None:
+                kwargs = method.schema.validate_generic(args)  # says what is wrong
         except _Invalid as e:
             self._reject(
                 request_id, "invalid arguments", BadRequest(_describe("args", e)), method=method_name
@@ -1229,7 +1231,14 @@ class RpcConnection(Protocol):
         d: Deferred[Any] = Deferred(lambda _d: pending.pop(call_id, None))
         pending[call_id] = (d, method)
         if timeout is not None:
-            self._add_deadline(self.clock.seconds() + timeout, call_id)
+            # One timer per connection: a heap of (deadline, call id).
+            deadline = self.clock.seconds() + timeout
+            deadlines = self._deadlines
+            if len(deadlines) > 2 * len(pending) + 256:
+                self._compact_deadlines()
+            heapq.heappush(deadlines, (deadline, call_id))
+            if deadline < self._timer_at:
+                self._schedule(deadline)
         out = self._out
         if out is not None:
             out.append(frame)
@@ -1257,17 +1266,13 @@ class RpcConnection(Protocol):
 
     # -- timeouts --------------------------------------------------------------
 
-    def _add_deadline(self, deadline: float, call_id: int) -> None:
+    def _compact_deadlines(self) -> None:
+        """Mostly answered calls: rebuild rather than let the heap grow with
+        the call rate times the timeout."""
+        pending = self._pending
         deadlines = self._deadlines
-        if len(deadlines) > 2 * len(self._pending) + 256:
-            # Mostly answered calls: rebuild rather than let the heap grow
-            # with the call rate times the timeout.
-            pending = self._pending
-            deadlines[:] = [entry for entry in deadlines if entry[1] in pending]
-            heapq.heapify(deadlines)
-        heapq.heappush(deadlines, (deadline, call_id))
-        if deadline < self._timer_at:
-            self._schedule(deadline)
+        deadlines[:] = [entry for entry in deadlines if entry[1] in pending]
+        heapq.heapify(deadlines)
 
     def _schedule(self, deadline: float) -> None:
         if self._timer is not None and self._timer.active():
