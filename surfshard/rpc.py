@@ -717,9 +717,16 @@ def format_peer(transport: Any) -> str:
 #: for 30 s.  A peer host that vanished (power loss, partition) would
 #: otherwise hold a connection, and every call on it, for hours.  A paused
 #: but living process still has its kernel acknowledge, so it is not dropped.
+#:
+#: TCP_NODELAY: Nagle's algorithm holds a small segment while an earlier one
+#: is unacknowledged, and the peer delays its ACK (40 ms on Linux) unless it
+#: has data to send back.  One-way requests (Raft traffic) get no reply for
+#: the ACK to ride on, so without this every other batch waited 40 ms.
+#: Writes are already gathered per reactor turn, so it adds no small packets.
 _SOCKET_OPTIONS = [
     (name, value)
     for name, value in (
+        ("TCP_NODELAY", 1),
         ("TCP_KEEPIDLE", 15),
         ("TCP_KEEPINTVL", 5),
         ("TCP_KEEPCNT", 3),
@@ -730,9 +737,9 @@ _SOCKET_OPTIONS = [
 
 
 def tune_socket(transport: Any) -> bool:
-    """Turn on keepalive and the dead-peer timeouts above for the TCP socket
-    under ``transport`` (looking through a TLS wrapper); False if there is
-    no socket to tune (test transports)."""
+    """Turn on no-delay, keepalive and the dead-peer timeouts above for the
+    TCP socket under ``transport`` (looking through a TLS wrapper); False if
+    there is no socket to tune (test transports)."""
     for _ in range(3):  # TCP, or TLS around TCP: bounded walk down the wrappers
         sock = getattr(transport, "socket", None)
         if sock is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 from typing import Any
 
 from hypothesis import given, seed, settings
@@ -436,9 +437,8 @@ class NotifyLiveTests(TestCase):
         self.seen: list[int] = []
         table = MethodTable("notify")
         table.add("record", lambda value: self.seen.append(value), [Arg("value", int)])
-        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            RpcServerFactory(table, reactor)
-        )
+        self.factory = RpcServerFactory(table, reactor)
+        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
         self.addCleanup(self.port.stopListening)
         self.address = f"127.0.0.1:{self.port.getHost().port}"
         self.pool = RpcClientPool(reactor, backoff_initial=0.5, backoff_max=1.0, rng=random.Random(SEED))
@@ -455,6 +455,15 @@ class NotifyLiveTests(TestCase):
         yield self.pool.call(self.address, "record", {"value": 6}, timeout=5)
         self.assertEqual(self.seen, list(range(7)))
         self.assertEqual(self.pool.connection(self.address).replies, 1)
+
+    @defer.inlineCallbacks
+    def test_no_delay_on_both_ends(self):
+        # One-way requests get no reply for the peer's delayed ACK to ride
+        # on: with Nagle on, a second small frame would wait 40 ms for it.
+        yield self.pool.call(self.address, "record", {"value": 1}, timeout=5)
+        [server_side] = self.factory.connections
+        for transport in (server_side.transport, self.pool.connection(self.address).transport):
+            self.assertEqual(transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
 
     @defer.inlineCallbacks
     def test_refusals_are_counted(self):
