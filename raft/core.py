@@ -40,6 +40,7 @@ from raft.types import (
     Snapshot,
     SnapshotMeta,
     SoftState,
+    entries_problem,
 )
 
 _logger = logging.getLogger(__name__)
@@ -391,18 +392,10 @@ class RaftCore:
             # Only a node that never saw an election refuses a pre-vote at
             # term 0; everything else is sent in some term >= 1.
             return "missing term"
-        if m.type == MessageType.APPEND:
-            expected = m.index + 1
-            prev_term = m.log_term
-            for e in m.entries:
-                if not isinstance(e, Entry) or e.index != expected:
-                    return "append entries not contiguous after index"
-                if e.term < prev_term or e.term > m.term:
-                    return "append entry terms out of order"
-                if e.data is not None and not isinstance(e.data, bytes):
-                    return "append entry data not bytes"
-                expected += 1
-                prev_term = e.term
+        if m.type == MessageType.APPEND and m.entries:
+            problem = entries_problem(m.entries, m.index + 1, m.log_term, m.term)
+            if problem:
+                return f"append {problem}"
         elif m.type == MessageType.SNAPSHOT:
             meta = m.snapshot_meta
             if meta is None or meta.term > m.term or meta.index <= 0:

@@ -126,6 +126,23 @@ def check_contiguous(entries: Sequence[Entry], first_index: int) -> bool:
     return [e.index for e in entries] == list(range(first_index, first_index + len(entries)))
 
 
+def entries_problem(entries: Sequence[Any], first_index: int, min_term: int, max_term: int) -> str:
+    """What is wrong with a batch of entries from a peer ("" if nothing):
+    they must be ``Entry`` objects numbered from ``first_index``, with terms
+    non-decreasing within [min_term, max_term] and bytes-or-None payloads.
+    Whole-batch checks in C loops: a follower runs this on every entry."""
+    if set(map(type, entries)) != {Entry} and not all(isinstance(e, Entry) for e in entries):
+        return "entries are not log entries"
+    if not check_contiguous(entries, first_index):
+        return "entries not contiguous after index"
+    terms = [e.term for e in entries]
+    if terms[0] < min_term or terms[-1] > max_term or (len(terms) > 1 and terms != sorted(terms)):
+        return "entry terms out of order"
+    if not set(map(type, [e.data for e in entries])) <= _DATA_TYPES:
+        return "entry data not bytes"
+    return ""
+
+
 @dataclass(slots=True, frozen=True)
 class HardState:
     """What must be on stable storage before any message that depends on it

@@ -15,6 +15,7 @@ from raft.types import (
     MessageType,
     SnapshotMeta,
     entries_from_columns,
+    entries_problem,
     entries_to_columns,
 )
 
@@ -129,3 +130,22 @@ class MessageWireTests(SynchronousTestCase):
     def test_unknown_keys_are_ignored(self) -> None:
         wire = {**append([]).to_wire(), "future_field": [1, 2, 3]}
         self.assertEqual(Message.from_wire(wire), append([]))
+
+
+class EntriesProblemTests(SynchronousTestCase):
+    def test_good_batch(self) -> None:
+        self.assertEqual(entries_problem([Entry(2, 5, b"a"), Entry(3, 6, None)], 5, 2, 3), "")
+
+    def test_each_problem_is_named(self) -> None:
+        cases = [
+            ([Entry(2, 5), (2, 6, None)], "not log entries"),
+            ([Entry(2, 6)], "not contiguous"),
+            ([Entry(2, 5), Entry(2, 7)], "not contiguous"),
+            ([Entry(2, 5), Entry(2, 5)], "not contiguous"),
+            ([Entry(1, 5)], "terms out of order"),  # below the previous entry's term
+            ([Entry(4, 5)], "terms out of order"),  # beyond the message's term
+            ([Entry(3, 5), Entry(2, 6)], "terms out of order"),
+            ([Entry(2, 5, "text")], "data not bytes"),  # type: ignore[arg-type]
+        ]
+        for entries, expected in cases:
+            self.assertIn(expected, entries_problem(entries, 5, 2, 3), entries)
