@@ -16,6 +16,10 @@ randomized timeouts (§5.2), pre-vote and check-quorum with leader lease
 (§5.3), commitment of current-term entries only (§5.4.2), ReadIndex (thesis
 6.4), leader transfer (thesis 3.10) and chunked InstallSnapshot (§7).
 Membership is fixed (``RaftConfig.peers``).
+
+A leader's new commit index never costs a message of its own right away:
+it rides on the next append, and a follower that no append reached learns
+it on the leader's next tick (``_send_commit_updates``) or heartbeat.
 """
 
 from __future__ import annotations
