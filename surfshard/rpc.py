@@ -957,9 +957,8 @@ class RpcServerProtocol(Protocol):
         except Exception:
             self._send_error(Failure(), request_id, method_name)
             return
-        # type() first: isinstance against Deferred (an ABC subclass) is slow
-        # and most handlers answer plain values.
-        if type(result) in _WIRE_TYPES or not isinstance(result, Deferred):
+        # type() first: isinstance against Deferred (an ABC subclass) is slow.
+        if type(result) is not Deferred and (type(result) in _WIRE_TYPES or not isinstance(result, Deferred)):
             if reply:
                 self._send_ok(result, request_id, method_name)
             return
@@ -1004,7 +1003,16 @@ class RpcServerProtocol(Protocol):
     def _finish_ok(self, result: Any, request_id: int | str, method_name: str) -> None:
         if self._running.pop(request_id, _MISSING) is _MISSING or self._lost:
             return
-        self._send_ok(result, request_id, method_name)
+        try:
+            frame = wire.encode_reply(request_id, result, self._max_frame_bytes)
+        except wire.FrameError:
+            self._send_ok(result, request_id, method_name)  # logs why, sends INTERNAL
+        else:
+            out = self._out
+            if out is not None:
+                out.append(frame)
+            else:
+                self.transport.write(frame)
         if self._backlog:
             self._drain_backlog()
 
