@@ -497,8 +497,16 @@ class FrameDecoder:
                 self._buf = self._buf[self._pos :] + b"".join(self._tail)
                 self._pos = 0
                 self._tail = []
-            if self._singles == 0 and self._decode_batch():
-                continue
+            if self._singles == 0:
+                # Batch only when a second frame has at least begun (the
+                # common single frame goes straight to _decode_one).
+                (length,) = _unpack_prefix_from(self._buf, self._pos)
+                if (
+                    length + 2 * LENGTH_PREFIX_BYTES <= self._buffered
+                    and length <= BATCH_MAX_PAYLOAD
+                    and self._decode_batch()
+                ):
+                    continue
             frame = self._decode_one()
             if frame is not None:
                 yield frame
