@@ -25,8 +25,9 @@ kept.  The ratio native/bare is computed from the CPU-time rates.
 The last line measures what CBOR alone costs per round trip (encode and
 decode of one request and one reply, nothing else) against the bare round
 trip: that caps the ratio any CBOR-based protocol can reach here.
-``--profile`` runs the native 64-in-flight case under cProfile and prints
-the top functions.  Figures are printed, never asserted.
+``--profile`` runs the native case under cProfile (64 in flight, or
+``--profile-in-flight N``) and prints the top functions.  Figures are
+printed, never asserted.
 """
 
 from __future__ import annotations
@@ -275,16 +276,16 @@ def cbor_floor(payload: bytes, seconds: float) -> float:
 
 
 @defer.inlineCallbacks
-def run_profile(seconds: float, payload: bytes):
+def run_profile(seconds: float, payload: bytes, in_flight: int):
     run = NativeRun()
     profile = cProfile.Profile()
-    yield run.start(max(LEVELS), payload)
+    yield run.start(in_flight, payload)
     profile.enable()
     yield sleep(seconds)
     profile.disable()
     calls = run.count()
     yield run.stop()
-    print(f"\nprofile of native, {max(LEVELS)} in flight ({calls} calls):")
+    print(f"\nprofile of native, {in_flight} in flight ({calls} calls):")
     pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
 
@@ -316,7 +317,7 @@ def main(options: argparse.Namespace):
             f"{bare_rt / (bare_rt + floor):.2f}"
         )
         if options.profile:
-            yield run_profile(options.seconds, payload)
+            yield run_profile(options.seconds, payload, options.profile_in_flight)
     finally:
         reactor.stop()
 
@@ -330,10 +331,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds", type=int, default=3, help="interleaved slices per measurement (default 3)"
     )
     parser.add_argument("--payload", type=int, default=64, help="bytes echoed per call (default 64)")
-    parser.add_argument("--profile", action="store_true", help="also profile the native 64-in-flight run")
+    parser.add_argument("--profile", action="store_true", help="also profile a native run")
+    parser.add_argument(
+        "--profile-in-flight",
+        type=int,
+        default=max(LEVELS),
+        help="calls in flight when profiling (default 64)",
+    )
     options = parser.parse_args(argv)
-    if options.seconds <= 0 or options.payload < 0 or options.rounds < 1:
-        parser.error("--seconds must be positive, --rounds at least 1, --payload not negative")
+    if options.seconds <= 0 or options.payload < 0 or options.rounds < 1 or options.profile_in_flight < 1:
+        parser.error(
+            "--seconds must be positive, --rounds and --profile-in-flight at least 1, --payload not negative"
+        )
     return options
 
 
