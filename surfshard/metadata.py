@@ -59,6 +59,7 @@ from raft.interfaces import IStateMachine
 from surfshard.errors import BadRequest, ErrorCode, WrongGroup
 from surfshard.keyspace import (
     HASH_JOINER,
+    MAX_FILENAME_BYTES,
     MAX_SHARDS,
     MAX_VERSION,
     TOMBSTONE,
@@ -147,10 +148,49 @@ def encode_update(
     """The command for ``updatefile(name, version, hashlist)`` sent by
     ``(client_id, seq)``. Validates first (``BadRequest``), so nothing
     malformed is ever proposed from here."""
-    validate_client(client_id, seq)
-    validate_filename(name)
-    validate_version(version)
-    return _update_command(name, version, _hashlist_cbor(hashlist), client_id, seq)
+    if (
+        # The validators' common case in one expression (ASCII strings: their
+        # UTF-8 size is their length); anything else goes through them.
+        type(name) is str
+        and type(client_id) is str
+        and type(version) is int
+        and type(seq) is int
+        and name.isascii()
+        and client_id.isascii()
+        and 0 < len(name) <= MAX_FILENAME_BYTES
+        and 0 < len(client_id) <= MAX_CLIENT_ID_BYTES
+        and 1 <= version <= MAX_VERSION
+        and 1 <= seq <= MAX_VERSION
+        and "\x00" not in name
+        and name[0] != "/"
+        and name[-1] != "/"
+    ):
+        name_bytes = name.encode("ascii")
+        client_bytes = client_id.encode("ascii")
+    else:
+        validate_client(client_id, seq)
+        validate_filename(name)
+        validate_version(version)
+        name_bytes = name.encode("utf-8")
+        client_bytes = client_id.encode("utf-8")
+    hashes = _hashlist_cbor(hashlist)
+    name_len, client_len = len(name_bytes), len(client_bytes)
+    return b"".join(
+        (
+            _UPDATE_PREFIX,
+            _UINT_HEADS[seq] if seq < 0x100 else _cbor_head(0, seq),
+            b"\x64name",
+            _TEXT_HEADS[name_len] if name_len < 0x100 else _cbor_head(0x60, name_len),
+            name_bytes,
+            b"\x66client",
+            _TEXT_HEADS[client_len] if client_len < 0x100 else _cbor_head(0x60, client_len),
+            client_bytes,
+            b"\x67version",
+            _UINT_HEADS[version] if version < 0x100 else _cbor_head(0, version),
+            b"\x68hashlist",
+            hashes,
+        )
+    )
 
 
 # The update command is canonical CBOR (RFC 7049 3.9: map keys shortest
@@ -177,9 +217,9 @@ def _cbor_head(major: int, n: int) -> bytes:
     return bytes((major | 27,)) + n.to_bytes(8, "big")
 
 
-def _cbor_text(text: str) -> bytes:
-    data = text.encode("utf-8")
-    return _cbor_head(0x60, len(data)) + data
+#: Heads of unsigned integers and of text strings below 256, looked up.
+_UINT_HEADS = tuple(_cbor_head(0x00, n) for n in range(0x100))
+_TEXT_HEADS = tuple(_cbor_head(0x60, n) for n in range(0x100))
 
 
 def _hashlist_cbor(hashlist: Any) -> bytes:
@@ -195,24 +235,9 @@ def _hashlist_cbor(hashlist: Any) -> bytes:
         assert joined is not None, "validate_hashlist accepted what joined_hashes refuses"
     # Every hash is 64 ASCII characters: each is the joiner (its CBOR head)
     # followed by its bytes.
-    return _cbor_head(0x80, len(hashlist)) + _HASH_JOINER_BYTES + joined.encode("ascii")
-
-
-def _update_command(name: str, version: int, hashlist_cbor: bytes, client_id: str, seq: int) -> bytes:
-    return b"".join(
-        (
-            _UPDATE_PREFIX,
-            _cbor_head(0, seq),
-            b"\x64name",
-            _cbor_text(name),
-            b"\x66client",
-            _cbor_text(client_id),
-            b"\x67version",
-            _cbor_head(0, version),
-            b"\x68hashlist",
-            hashlist_cbor,
-        )
-    )
+    count = len(hashlist)
+    head = bytes((0x80 | count,)) if count < 24 else _cbor_head(0x80, count)
+    return head + _HASH_JOINER_BYTES + joined.encode("ascii")
 
 
 # -- results ------------------------------------------------------------------
