@@ -142,15 +142,12 @@ def validate_seq(seq: Any) -> int:
     return seq
 
 
-def encode_update(
-    name: str, version: int, hashlist: list[str] | tuple[str, ...], client_id: str, seq: int
-) -> bytes:
-    """The command for ``updatefile(name, version, hashlist)`` sent by
-    ``(client_id, seq)``. Validates first (``BadRequest``), so nothing
-    malformed is ever proposed from here."""
-    if (
-        # The validators' common case in one expression (ASCII strings: their
-        # UTF-8 size is their length); anything else goes through them.
+def _common_update(name: Any, version: Any, client_id: Any, seq: Any) -> bool:
+    """Whether the validators of the name, version, client id and seq would
+    all accept these, for their common case (ASCII strings: their UTF-8
+    size is their length) in one expression; False sends a caller through
+    the validators themselves."""
+    return (
         type(name) is str
         and type(client_id) is str
         and type(version) is int
@@ -164,7 +161,16 @@ def encode_update(
         and "\x00" not in name
         and name[0] != "/"
         and name[-1] != "/"
-    ):
+    )
+
+
+def encode_update(
+    name: str, version: int, hashlist: list[str] | tuple[str, ...], client_id: str, seq: int
+) -> bytes:
+    """The command for ``updatefile(name, version, hashlist)`` sent by
+    ``(client_id, seq)``. Validates first (``BadRequest``), so nothing
+    malformed is ever proposed from here."""
+    if _common_update(name, version, client_id, seq):
         name_bytes = name.encode("ascii")
         client_bytes = client_id.encode("ascii")
     else:
@@ -492,11 +498,16 @@ class MetadataStateMachine:
                 raise BadRequest(f"unknown command op {op!r}")
             if wire.keys() != _UPDATE_KEYS:
                 raise BadRequest(f"update command must have exactly the keys {sorted(_UPDATE_KEYS)}")
-            name = validate_filename(wire["name"])
-            version = validate_version(wire["version"])
-            hashlist = validate_hashlist(wire["hashlist"])
-            hashes = _TOMBSTONE_LIST if hashlist == [TOMBSTONE] else tuple(hashlist)
-            client, seq = validate_client(wire["client"], wire["seq"])
+            name, version, client, seq = wire["name"], wire["version"], wire["client"], wire["seq"]
+            hashlist = wire["hashlist"]
+            if _common_update(name, version, client, seq) and joined_hashes(hashlist) is not None:
+                hashes = tuple(hashlist)
+            else:
+                name = validate_filename(name)
+                version = validate_version(version)
+                hashlist = validate_hashlist(hashlist)
+                hashes = _TOMBSTONE_LIST if hashlist == [TOMBSTONE] else tuple(hashlist)
+                client, seq = validate_client(client, seq)
 
         # One shard (a static cluster) needs no hashing: h * 1 >> 64 is 0.
         shard = 0 if self.nshards == 1 else shard_of(name, self.nshards)

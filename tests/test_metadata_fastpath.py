@@ -207,6 +207,55 @@ class ValidatorTests(SynchronousTestCase):
             self.assertRaises(BadRequest, validate_version, bad)
 
 
+class DecodedCommandTests(SynchronousTestCase):
+    """A follower checks decoded fields in one expression first: it must
+    accept and refuse what the validators, in their order, do."""
+
+    @seed(SEED + 6)
+    @settings(deadline=None, max_examples=400)
+    @given(
+        name=st.one_of(
+            st.sampled_from(["a", "d\u00e9", "/a", "a/", "a\x00", "", "x" * 5000, 5, None]),
+            st.text(max_size=8),
+        ),
+        version=st.sampled_from([1, 2, 0, -1, MAX_VERSION, MAX_VERSION + 1, True, 1.0, "1"]),
+        hashlist=st.one_of(
+            st.lists(hash_like, max_size=3), st.sampled_from([["0"], [], "x", None, {"a": 1}])
+        ),
+        client=st.sampled_from(["c", "\u00e9" * 64, "\u00e9" * 65, "", "c" * 129, 7, None]),
+        seq=st.sampled_from([1, 5, 0, MAX_VERSION + 1, True, "1"]),
+    )
+    def test_decoded_fields_are_checked_as_the_validators_do(
+        self, name: Any, version: Any, hashlist: Any, client: Any, seq: Any
+    ) -> None:
+        command = cbor2.dumps(
+            {
+                "op": "update",
+                "name": name,
+                "version": version,
+                "hashlist": hashlist,
+                "client": client,
+                "seq": seq,
+            }
+        )
+        expected: Any
+        try:
+            validate_filename(name)
+            validate_version(version)
+            validate_hashlist(hashlist)
+            validate_client(client, seq)
+        except BadRequest as e:
+            expected = ("BAD_REQUEST", e.message)
+        else:
+            expected = ("ok", version == 1)
+        result = MetadataStateMachine(1).apply(command)
+        if result.get("code") == "BAD_REQUEST":
+            got = ("BAD_REQUEST", result["message"])
+        else:
+            got = ("ok", result["ok"])
+        self.assertEqual(got, expected, f"SURFSHARD_SEED={SEED + 6}")
+
+
 # -- leader path: applying what this replica encoded ---------------------------
 
 update_args = st.tuples(
