@@ -23,7 +23,6 @@ import cbor2
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from client.metadata import MetadataClient
 from raft.simnet import InvariantViolation, sim_seeds
@@ -43,6 +42,7 @@ from surfshard.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
 from surfshard.metadata import MetadataStateMachine
 from surfshard.server import metadata_methods
 from surfshard.simrpc import SimReplicaGroup, resolve
+from tests.simcalls import SimGroupTestCase
 
 #: Errors after which a call's outcome is unknown to the caller.
 UNKNOWN_OUTCOME = (Timeout, Unavailable, Crashed, NotLeader)
@@ -83,7 +83,7 @@ def sleep(clock: Clock, seconds: float) -> Deferred[None]:
     return d
 
 
-class GroupTestCase(SynchronousTestCase):
+class GroupTestCase(SimGroupTestCase):
     def group(self, n: int = 3, seed: int = 0, **kwargs: Any) -> SimReplicaGroup:
         g = metadata_group(n, seed, **kwargs)
         self.addCleanup(g.stop_all)
@@ -101,23 +101,6 @@ class GroupTestCase(SynchronousTestCase):
             attempt_timeout=attempt_timeout,
             rng=random.Random(f"{g.seed}:{name}"),
         )
-
-    def outcome(self, g: SimReplicaGroup, d: Deferred[Any], within: float = 15.0) -> tuple[bool, Any]:
-        if not g.settle([d], within):
-            self.fail(f"seed={g.seed}: no answer within {within} simulated seconds")
-        return resolve(d)
-
-    def value(self, g: SimReplicaGroup, d: Deferred[Any], within: float = 15.0) -> Any:
-        ok, value = self.outcome(g, d, within)
-        if not ok:
-            self.fail(f"seed={g.seed}: expected a result, got {value!r}")
-        return value
-
-    def error(self, g: SimReplicaGroup, d: Deferred[Any], within: float = 15.0) -> Exception:
-        ok, value = self.outcome(g, d, within)
-        if ok:
-            self.fail(f"seed={g.seed}: expected an error, got {value!r}")
-        return value
 
     def seeded(self, seeds: list[int], body: Callable[[int], None]) -> None:
         """Run ``body(seed)`` for each seed; a failure names its seed."""

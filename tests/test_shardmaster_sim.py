@@ -49,6 +49,7 @@ from shardmaster.state import ShardMasterStateMachine
 from surfshard.errors import BadRequest, Crashed, NotLeader, Timeout, Unavailable
 from surfshard.shardmap import UNASSIGNED, ShardMap
 from surfshard.simrpc import SimReplicaGroup, resolve
+from tests.simcalls import SimGroupTestCase
 
 #: The lab's shard count.
 NSHARDS = 10
@@ -110,7 +111,7 @@ def sleep(clock: Any, seconds: float) -> Deferred[None]:
     return d
 
 
-class ShardMasterCase(SynchronousTestCase):
+class ShardMasterCase(SimGroupTestCase):
     """Helpers: a group torn down at the end, clients, and waiting for answers."""
 
     def group(self, n: int = 3, seed: int = 0, **kwargs: Any) -> SimReplicaGroup:
@@ -136,23 +137,6 @@ class ShardMasterCase(SynchronousTestCase):
             attempt_timeout=attempt_timeout,
             rng=random.Random(f"{g.seed}:{name}"),
         )
-
-    def outcome(self, g: SimReplicaGroup, d: Deferred[Any], within: float = 15.0) -> tuple[bool, Any]:
-        if not g.settle([d], within, STEP):
-            self.fail(f"seed={g.seed}: no answer within {within} simulated seconds")
-        return resolve(d)
-
-    def value(self, g: SimReplicaGroup, d: Deferred[Any], within: float = 15.0) -> Any:
-        ok, value = self.outcome(g, d, within)
-        if not ok:
-            self.fail(f"seed={g.seed}: expected a result, got {value!r}")
-        return value
-
-    def error(self, g: SimReplicaGroup, d: Deferred[Any], within: float = 15.0) -> Exception:
-        ok, value = self.outcome(g, d, within)
-        if ok:
-            self.fail(f"seed={g.seed}: expected an error, got {value!r}")
-        return value
 
     def all_settled(self, g: SimReplicaGroup, ds: Sequence[Deferred[Any]], within: float = 60.0) -> list[Any]:
         """Results of Deferreds that must all succeed."""
