@@ -239,9 +239,15 @@ def _head(major: int, n: int) -> bytes:
 
 
 def _encode_id(request_id: Any) -> bytes:
+    """The CBOR item of a request id; the ids a client counts up from 1
+    take the short branches."""
     if type(request_id) is int:
         if 0 <= request_id < 24:
             return _TINY_HEADS[request_id]
+        if 0 <= request_id < 0x100:
+            return _pack_head_1(24, request_id)
+        if 0 <= request_id < 0x10000:
+            return _pack_head_2(25, request_id)
         if 0 <= request_id <= 0xFFFFFFFFFFFFFFFF:
             return _head(0x00, request_id)
         if -0x10000000000000000 <= request_id < 0:
@@ -290,15 +296,7 @@ def encode_request(
             if type(method) is str and len(_METHOD_PARTS) < _METHOD_PARTS_MAX:
                 _METHOD_PARTS[method] = parts
         body = _dumps(args)
-        if type(request_id) is int and 0 <= request_id < 0x10000:
-            if request_id < 24:
-                head = _TINY_HEADS[request_id]
-            elif request_id < 0x100:
-                head = _pack_head_1(24, request_id)
-            else:
-                head = _pack_head_2(25, request_id)
-        else:
-            head = _encode_id(request_id)
+        head = _encode_id(request_id)
     except _ENCODE_ERRORS as e:
         raise FrameEncodeError(f"cannot encode frame: {e}") from e
     if noreply:
@@ -333,15 +331,7 @@ def encode_reply(request_id: int | str, result: Any, max_frame_bytes: int = DEFA
             body = _head(0x00, result)
         else:
             body = _dumps(result)
-        if type(request_id) is int and 0 <= request_id < 0x10000:
-            if request_id < 24:
-                head = _TINY_HEADS[request_id]
-            elif request_id < 0x100:
-                head = _pack_head_1(24, request_id)
-            else:
-                head = _pack_head_2(25, request_id)
-        else:
-            head = _encode_id(request_id)
+        head = _encode_id(request_id)
     except _ENCODE_ERRORS as e:
         raise FrameEncodeError(f"cannot encode frame: {e}") from e
     size = 7 + len(head) + len(body)
