@@ -205,6 +205,9 @@ class LoopTransport:
     def set_handler(self, handler: Any) -> None:
         self.handler = handler
 
+    def flush(self) -> None:
+        """Nothing to do: ``send`` hands each message over at once."""
+
 
 @implementer(IStateMachine)
 class CountingMachine:

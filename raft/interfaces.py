@@ -73,3 +73,10 @@ class ITransport(Interface):
 
     def set_handler(handler: Any) -> None:
         """Register ``handler(message)`` for messages addressed to this node."""
+
+    def flush() -> None:
+        """Hand what ``send`` may have queued to the network now.
+
+        The driver calls it after sending a Ready's messages: a transport is
+        free to batch a Ready's messages, but not to hold them past this,
+        because the driver lets the reactor write them before it applies."""

@@ -12,6 +12,15 @@ marks the node dirty and schedules one ``callLater(0, ...)``; everything that
 arrived in the same reactor turn is handled in ONE ``Ready``, hence one
 ``storage.sync()`` and one AppendEntries batch per follower.
 
+Messages leave before the apply: a Ready that both sends and applies is
+handled in two reactor turns.  The first persists, sends and flushes the
+transport; the second, after the reactor has written the sockets, applies
+the committed entries and answers their callers.  A follower's
+acknowledgement (on the leader's critical path) so never waits behind
+applying the previous batch, and a leader's next AppendEntries goes out
+before it applies and answers the batch a follower just acknowledged: the
+followers' work and the leader's overlap instead of taking turns.
+
 Timeouts of proposals and reads share one reactor timer (a heap of
 deadlines): a timer per proposal, created and cancelled on every write, was
 a measurable share of a busy leader's time.
@@ -129,6 +138,9 @@ class RaftNode(service.Service):
         self._core: RaftCore | None = None
         self._ticker: task.LoopingCall | None = None
         self._process_call: IDelayedCall | None = None
+        #: A Ready whose messages are sent but whose apply waits for the
+        #: next turn (see the module docstring); no new Ready until it is done.
+        self._sent_ready: Ready | None = None
         self._crashed = False
         #: The exception that made the node fail-stop (storage error, bug), if any.
         self.fatal_error: Failure | None = None
@@ -186,6 +198,8 @@ class RaftNode(service.Service):
         if self._process_call is not None and self._process_call.active():
             self._process_call.cancel()
         self._process_call = None
+        # Persisted already: a restart over the same storage applies it.
+        self._sent_ready = None
         self._stop_deadline_timer()
         result = super().stopService()
         # After ``running`` is cleared: a callback that retries at once is refused.
@@ -380,14 +394,17 @@ class RaftNode(service.Service):
         core = self._core
         if self._crashed or not self.running or core is None or self.fatal_error is not None:
             return
-        if core.has_ready():
-            try:
-                self._handle_ready(core.ready())
-            except Exception:
-                self._fail_stop(Failure())
-                return
+        try:
+            sent, self._sent_ready = self._sent_ready, None
+            if sent is not None:
+                self._handle_ready(sent, self._finish_ready)
+            if core.has_ready():
+                self._handle_ready(core.ready(), self._start_ready)
+        except Exception:
+            self._fail_stop(Failure())
+            return
         self._notify_role_change()
-        if core.has_ready():
+        if self._sent_ready is not None or core.has_ready():
             # Work produced by advance() (e.g. a commit the leader's own
             # persisted entries completed) goes in the next turn, batched
             # with whatever else arrives meanwhile.
@@ -395,11 +412,11 @@ class RaftNode(service.Service):
 
     # -- the Ready loop -----------------------------------------------------------
 
-    def _handle_ready(self, rd: Ready) -> None:
+    def _handle_ready(self, rd: Ready, step: Callable[[Ready], None]) -> None:
         # Callers' Deferreds fire only after core.advance(): their callbacks
         # may propose or read again, which must find the core between Readys.
         try:
-            self._handle_ready_steps(rd)
+            step(rd)
         finally:
             settle, self._settle = self._settle, []
             for waiter, ok, value in settle:
@@ -408,8 +425,7 @@ class RaftNode(service.Service):
                 else:
                     waiter.fail(value)
 
-    def _handle_ready_steps(self, rd: Ready) -> None:
-        core = self.core
+    def _start_ready(self, rd: Ready) -> None:
         # 1. Persist before anything that depends on it leaves the node.
         if rd.snapshot is not None:
             self.storage.save_snapshot(rd.snapshot)
@@ -420,8 +436,19 @@ class RaftNode(service.Service):
         if rd.must_sync:
             self.storage.sync()
         # 2. Send.
-        for message in rd.messages:
-            self.transport.send(message)
+        if rd.messages:
+            send = self.transport.send
+            for message in rd.messages:
+                send(message)
+            self.transport.flush()
+            if rd.committed_entries or rd.snapshot is not None:
+                # Let the reactor write them before we apply (module docstring).
+                self._sent_ready = rd
+                return
+        self._finish_ready(rd)
+
+    def _finish_ready(self, rd: Ready) -> None:
+        core = self.core
         # 3. Install a snapshot received from the leader.
         if rd.snapshot is not None and rd.snapshot.meta.index > self._applied:
             self.state_machine.restore(rd.snapshot.data)

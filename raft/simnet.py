@@ -103,6 +103,9 @@ class SimTransport:
     def set_handler(self, handler: Any) -> None:
         self.handler = handler
 
+    def flush(self) -> None:
+        """Nothing to do: ``send`` hands each message over at once."""
+
 
 class SimNetwork:
     """Seeded lossy, delaying, duplicating, reordering, partitionable network.
