@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from surfshard import errors
 
@@ -88,50 +89,97 @@ class LeaderCaller:
         else:
             self._next += 1
 
-    @defer.inlineCallbacks
-    def call(self, method: str, args: dict[str, Any], timeout: float | None = None):
+    def call(self, method: str, args: dict[str, Any], timeout: float | None = None) -> defer.Deferred[Any]:
         """Call ``method`` on the leader; fires with its result, fails at once
         with a non-retryable error (VersionMismatch, BadRequest...), or fails
         with Timeout (naming the last error seen) once the deadline passes."""
         total = self.timeout if timeout is None else timeout
         deadline = self.reactor.seconds() + total
+        if total <= 0:
+            return defer.fail(errors.Timeout(f"{method}: no leader answered within {total:.1f}s"))
+        # The first attempt is plain callbacks, not a generator: it is the
+        # only one almost every call makes, and a client's CPU per call is on
+        # the path of every request it pipelines.
+        address = self._guess()
+        attempt = self._attempt(address, method, args, total)
+        # ``current`` is what cancelling the call cancels: the attempt, then
+        # the retry loop once there is one.
+        current = [attempt]
+        result: defer.Deferred[Any] = defer.Deferred(lambda _: current[0].cancel())
+
+        def answered(value: Any) -> None:
+            self.leader = address
+            result.callback(value)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if not isinstance(error, RETRYABLE):
+                result.errback(failure)
+                return
+            at_once = self._failed_over(address, error)
+            retry = current[0] = self._retry(method, args, deadline, total, error, at_once)
+            retry.chainDeferred(result)
+
+        attempt.addCallbacks(answered, failed)
+        return result
+
+    def _attempt(
+        self, address: str, method: str, args: dict[str, Any], remaining: float
+    ) -> defer.Deferred[Any]:
+        per_attempt = min(self.attempt_timeout, remaining)
+        call_args = dict(args)
+        # Let the server wait (for a leader or a commit) almost as long as we
+        # do, so a majority outage blocks rather than fails fast.
+        call_args.setdefault("timeout", max(0.0, per_attempt - 0.05))
+        return self.pool.call(address, method, call_args, timeout=per_attempt)
+
+    def _failed_over(self, address: str, error: errors.SurfShardError) -> bool:
+        """Update the leader guess after ``address`` failed with a retryable
+        ``error``; True if a hint names another replica to try at once."""
+        if isinstance(error, errors.NotLeader):
+            hint = error.leader
+            if hint and hint != address and hint in self.addresses:
+                self.leader = hint
+                return True
+        self._rotate(address)
+        return False
+
+    @defer.inlineCallbacks
+    def _retry(
+        self,
+        method: str,
+        args: dict[str, Any],
+        deadline: float,
+        total: float,
+        last_error: errors.SurfShardError,
+        at_once: bool,
+    ):
+        """The attempts after a retryable failure: follow hints at once,
+        otherwise back off (capped, jittered) and rotate, until the deadline."""
         backoff = Backoff(rng=self.rng)
-        last_error: errors.SurfShardError | None = None
         # Bounded: every iteration either returns, raises, or waits at least
         # a backoff step, and the deadline ends the loop.
         while True:
+            if not at_once:
+                delay = min(backoff.next_delay(), max(0.0, deadline - self.reactor.seconds()))
+                yield _sleep(self.reactor, delay)
             remaining = deadline - self.reactor.seconds()
             if remaining <= 0:
                 # The group as a whole did not answer in time: that is a
                 # Timeout, whichever replica happened to be tried last (its
                 # own error, e.g. one node's Unavailable, is only a detail).
-                detail = f" (last error: {last_error})" if last_error is not None else ""
                 raise errors.Timeout(
-                    f"{method}: no leader answered within {total:.1f}s{detail}"
+                    f"{method}: no leader answered within {total:.1f}s (last error: {last_error})"
                 ) from last_error
             address = self._guess()
-            per_attempt = min(self.attempt_timeout, remaining)
-            call_args = dict(args)
-            # Let the server wait (for a leader or a commit) almost as long
-            # as we do, so a majority outage blocks rather than fails fast.
-            call_args.setdefault("timeout", max(0.0, per_attempt - 0.05))
             try:
-                result = yield self.pool.call(address, method, call_args, timeout=per_attempt)
-            except errors.NotLeader as e:
-                last_error = e
-                hint = e.leader
-                if hint and hint != address and hint in self.addresses:
-                    self.leader = hint
-                    continue
-                self._rotate(address)
+                result = yield self._attempt(address, method, args, remaining)
             except RETRYABLE as e:
                 last_error = e
-                self._rotate(address)
+                at_once = self._failed_over(address, e)
             else:
                 self.leader = address
                 return result
-            delay = min(backoff.next_delay(), max(0.0, deadline - self.reactor.seconds()))
-            yield _sleep(self.reactor, delay)
 
 
 def _sleep(reactor: IReactorTime, seconds: float) -> defer.Deferred:

@@ -1,0 +1,110 @@
+"""LeaderCaller: following hints, retrying, backing off, giving up, cancelling.
+
+Driven by a scripted pool and a ``Clock``: every call the caller makes is
+recorded with its Deferred, and the test answers it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from surfshard import errors
+from surfshard.leader import LeaderCaller
+
+ADDRESSES = ["a:1", "b:1", "c:1"]
+
+
+class ScriptedPool:
+    """Records ``call``s; the test fires their Deferreds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any], defer.Deferred[Any]]] = []
+
+    def call(self, address: str, method: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((address, method, args, d))
+        return d
+
+    def last(self) -> tuple[str, defer.Deferred[Any]]:
+        address, _, _, d = self.calls[-1]
+        return address, d
+
+
+class LeaderCallerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pool = ScriptedPool()
+        self.caller = LeaderCaller(
+            self.pool, ADDRESSES, self.clock, timeout=5.0, attempt_timeout=1.0, rng=random.Random(1)
+        )
+
+    def test_first_answer_is_the_result_and_names_the_leader(self) -> None:
+        d = self.caller.call("updatefile", {"name": "f"})
+        address, attempt = self.pool.last()
+        self.assertEqual(address, "a:1")
+        self.assertFalse(d.called)
+        attempt.callback(7)
+        self.assertEqual(self.successResultOf(d), 7)
+        self.assertEqual(self.caller.leader, "a:1")
+        # The server may wait almost as long as the attempt does.
+        self.assertAlmostEqual(self.pool.calls[0][2]["timeout"], 0.95)
+
+    def test_not_leader_hint_is_followed_at_once(self) -> None:
+        d = self.caller.call("updatefile", {})
+        self.pool.last()[1].errback(errors.NotLeader("no", leader="c:1"))
+        address, attempt = self.pool.last()
+        self.assertEqual((address, len(self.pool.calls)), ("c:1", 2))
+        self.assertFalse(d.called, "the call fired before its retry answered")
+        attempt.callback("ok")
+        self.assertEqual(self.successResultOf(d), "ok")
+        self.assertEqual(self.caller.leader, "c:1")
+
+    def test_retryable_error_backs_off_and_rotates(self) -> None:
+        d = self.caller.call("updatefile", {})
+        self.pool.last()[1].errback(errors.Crashed("down"))
+        self.assertEqual(len(self.pool.calls), 1, "retried without a backoff")
+        self.clock.advance(0.05)  # the first backoff step is at most base (0.02 s)
+        address, attempt = self.pool.last()
+        self.assertEqual((address, len(self.pool.calls)), ("b:1", 2))
+        attempt.callback(1)
+        self.assertEqual(self.successResultOf(d), 1)
+
+    def test_non_retryable_error_fails_at_once(self) -> None:
+        d = self.caller.call("updatefile", {})
+        self.pool.last()[1].errback(errors.VersionMismatch("stale", current=3))
+        self.assertEqual(self.failureResultOf(d, errors.VersionMismatch).value.current, 3)
+        self.assertEqual(len(self.pool.calls), 1)
+
+    def test_gives_up_with_timeout_naming_the_last_error(self) -> None:
+        d = self.caller.call("updatefile", {})
+        # Bounded: every attempt is answered Unavailable until the deadline.
+        for _ in range(1000):
+            if d.called:
+                break
+            _, attempt = self.pool.last()
+            if not attempt.called:
+                attempt.errback(errors.Unavailable("refused"))
+            self.clock.advance(0.1)
+        failure = self.failureResultOf(d, errors.Timeout)
+        self.assertIn("refused", str(failure.value))
+        self.assertGreaterEqual(self.clock.seconds(), 5.0)
+
+    def test_cancel_cancels_the_attempt_in_flight(self) -> None:
+        d = self.caller.call("updatefile", {})
+        _, attempt = self.pool.last()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertTrue(attempt.called)
+
+    def test_cancel_during_retries_stops_them(self) -> None:
+        d = self.caller.call("updatefile", {})
+        self.pool.last()[1].errback(errors.Crashed("down"))
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.clock.advance(10)
+        self.assertEqual(len(self.pool.calls), 1, "a cancelled call went on retrying")
