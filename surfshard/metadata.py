@@ -90,6 +90,8 @@ MAX_CLIENT_ID_BYTES = 128
 #: costs little next to everything else done with it.
 _MAX_REMEMBERED = 4096
 _MAX_REMEMBERED_BYTES = 16 * 1024
+#: Batches remembered the same way (each at most MAX_BATCH_BYTES: ~64 MiB).
+_MAX_REMEMBERED_BATCHES = 256
 
 OP_UPDATE = "update"
 _UPDATE_KEYS = frozenset({"op", "name", "version", "hashlist", "client", "seq"})
@@ -99,6 +101,19 @@ _UPDATE_KEYS = frozenset({"op", "name", "version", "hashlist", "client", "seq"})
 #: are not proposed (see ``surfshard.shardwatch``).
 OP_CONFIG = "config"
 _CONFIG_KEYS = frozenset({"op", "num", "adopt"})
+#: Several updates in one Raft entry, applied in order, each exactly as if
+#: it were an entry of its own (its own version check, dedup and answer):
+#: ``{"op": "batch", "cmds": [update, ...]}``. The leader packs the updates
+#: that reach it in one reactor turn this way, so Raft's per-entry work
+#: (proposal, log record, replication, waiter) is paid once per batch.
+OP_BATCH = "batch"
+_BATCH_KEYS = frozenset({"op", "cmds"})
+#: A batch holds at most this many updates, and is closed before its bytes
+#: pass MAX_BATCH_BYTES (it stays a modest Raft entry; one bigger update
+#: travels alone).
+MAX_BATCH_COMMANDS = 256
+MAX_BATCH_BYTES = 256 * 1024
+_BATCH_PREFIX = b"\xa2\x62op\x65batch\x64cmds"  # canonical: "op" sorts before "cmds"
 
 
 def encode_config(num: int, adopt: Iterable[int]) -> bytes:
@@ -246,6 +261,15 @@ def _hashlist_cbor(hashlist: Any) -> bytes:
     return head + _HASH_JOINER_BYTES + joined.encode("ascii")
 
 
+def encode_batch(commands: list[bytes]) -> bytes:
+    """The batch command of ``commands``, each an ``encode_update`` result
+    (a canonical CBOR map, so the batch is canonical CBOR too: the array
+    holds the maps themselves, nothing is encoded twice)."""
+    if not 1 <= len(commands) <= MAX_BATCH_COMMANDS:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_COMMANDS} updates, not {len(commands)}")
+    return b"".join((_BATCH_PREFIX, _cbor_head(0x80, len(commands)), *commands))
+
+
 # -- results ------------------------------------------------------------------
 
 
@@ -349,6 +373,22 @@ class _ShardState:
         return state
 
 
+def _decoded_update(wire: dict[str, Any]) -> tuple[str, int, tuple[str, ...], str, int]:
+    """(name, version, hashes, client, seq) of a decoded update command;
+    ``BadRequest`` if it is malformed."""
+    if wire.keys() != _UPDATE_KEYS:
+        raise BadRequest(f"update command must have exactly the keys {sorted(_UPDATE_KEYS)}")
+    name, version, client, seq = wire["name"], wire["version"], wire["client"], wire["seq"]
+    hashlist = wire["hashlist"]
+    if _common_update(name, version, client, seq) and joined_hashes(hashlist) is not None:
+        return name, version, tuple(hashlist), client, seq
+    name = validate_filename(name)
+    version = validate_version(version)
+    hashlist = validate_hashlist(hashlist)
+    client, seq = validate_client(client, seq)
+    return name, version, _TOMBSTONE_LIST if hashlist == [TOMBSTONE] else tuple(hashlist), client, seq
+
+
 def _decode(data: Any, what: str) -> Any:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BadRequest(f"{what} must be bytes, not {type(data).__name__}")
@@ -389,6 +429,8 @@ class MetadataStateMachine:
         # state: the entry is a function of the bytes, so a replica that
         # has it applies a command exactly as one that decodes it.
         self._encoded: dict[bytes, tuple[str, int, tuple[str, ...], str, int]] = {}
+        # The same for batches: batch bytes -> its updates, decoded.
+        self._encoded_batches: dict[bytes, list[tuple[str, int, tuple[str, ...], str, int]]] = {}
         for s in sorted(set(shards)):
             self._check_shard(s)
             self._shards[s] = _ShardState()
@@ -468,6 +510,19 @@ class MetadataStateMachine:
         encoded[command] = (name, version, hashes, client_id, seq)
         return command
 
+    def encode_batch(self, commands: list[bytes]) -> bytes:
+        """``encode_batch`` for a batch this replica is about to propose,
+        remembered like ``encode_update``'s commands (which it takes over)."""
+        batch = encode_batch(commands)
+        encoded = self._encoded
+        known = [encoded.pop(c, None) for c in commands]
+        if all(k is not None for k in known):
+            batches = self._encoded_batches
+            if len(batches) >= _MAX_REMEMBERED_BATCHES:
+                batches.clear()  # as for updates: forgetting costs only a decode
+            batches[batch] = known  # type: ignore[assignment]
+        return batch
+
     # -- IStateMachine -------------------------------------------------------
 
     def apply(self, command: bytes) -> dict[str, Any]:
@@ -484,31 +539,48 @@ class MetadataStateMachine:
             return _error(ErrorCode.INTERNAL, f"{type(e).__name__} applying a command")
 
     def _apply(self, command: bytes) -> dict[str, Any]:
+        if self._encoded_batches and type(command) is bytes:
+            batch = self._encoded_batches.pop(command, None)
+            if batch is not None:
+                update = self._apply_update
+                return {"ok": True, "results": [update(*known) for known in batch]}
         known = self._encoded.pop(command, None) if type(command) is bytes and self._encoded else None
         if known is not None:
-            name, version, hashes, client, seq = known
-        else:
-            wire = _decode(command, "command")
-            if type(wire) is not dict:
-                raise BadRequest(f"command must be a map, not {type(wire).__name__}")
-            op = wire.get("op")
-            if op == OP_CONFIG:
-                return self._apply_config(wire)
-            if op != OP_UPDATE:
-                raise BadRequest(f"unknown command op {op!r}")
-            if wire.keys() != _UPDATE_KEYS:
-                raise BadRequest(f"update command must have exactly the keys {sorted(_UPDATE_KEYS)}")
-            name, version, client, seq = wire["name"], wire["version"], wire["client"], wire["seq"]
-            hashlist = wire["hashlist"]
-            if _common_update(name, version, client, seq) and joined_hashes(hashlist) is not None:
-                hashes = tuple(hashlist)
-            else:
-                name = validate_filename(name)
-                version = validate_version(version)
-                hashlist = validate_hashlist(hashlist)
-                hashes = _TOMBSTONE_LIST if hashlist == [TOMBSTONE] else tuple(hashlist)
-                client, seq = validate_client(client, seq)
+            return self._apply_update(*known)
+        wire = _decode(command, "command")
+        if type(wire) is not dict:
+            raise BadRequest(f"command must be a map, not {type(wire).__name__}")
+        op = wire.get("op")
+        if op == OP_UPDATE:
+            return self._apply_update(*_decoded_update(wire))
+        if op == OP_BATCH:
+            return self._apply_batch(wire)
+        if op == OP_CONFIG:
+            return self._apply_config(wire)
+        raise BadRequest(f"unknown command op {op!r}")
 
+    def _apply_batch(self, wire: dict[str, Any]) -> dict[str, Any]:
+        if wire.keys() != _BATCH_KEYS:
+            raise BadRequest(f"batch command must have exactly the keys {sorted(_BATCH_KEYS)}")
+        commands = wire["cmds"]
+        if type(commands) is not list or not 1 <= len(commands) <= MAX_BATCH_COMMANDS:
+            raise BadRequest(f"batch cmds must be a list of 1..{MAX_BATCH_COMMANDS} updates")
+        # Each update stands alone: a malformed one is refused by itself
+        # (every replica refuses it alike), the others apply.
+        results = []
+        for i, update in enumerate(commands):
+            try:
+                if type(update) is not dict or update.get("op") != OP_UPDATE:
+                    raise BadRequest(f"batch cmds[{i}] is not an update command")
+                results.append(self._apply_update(*_decoded_update(update)))
+            except BadRequest as e:
+                self.log.warn("refused a malformed update in a batch: {error}", error=e.message)
+                results.append(_error(ErrorCode.BAD_REQUEST, e.message))
+        return {"ok": True, "results": results}
+
+    def _apply_update(
+        self, name: str, version: int, hashes: tuple[str, ...], client: str, seq: int
+    ) -> dict[str, Any]:
         # One shard (a static cluster) needs no hashing: h * 1 >> 64 is 0.
         shard = 0 if self.nshards == 1 else shard_of(name, self.nshards)
         state = self._shards.get(shard)

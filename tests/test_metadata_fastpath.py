@@ -35,6 +35,7 @@ from surfshard.keyspace import (
     MAX_FILENAME_BYTES,
     MAX_HASHLIST,
     MAX_VERSION,
+    TOMBSTONE,
     shard_of,
     validate_filename,
     validate_hashlist,
@@ -448,9 +449,10 @@ class UpdatefileTests(SynchronousTestCase):
         return replica, node, clock
 
     def test_success_is_the_new_version_and_mismatch_an_error(self) -> None:
-        replica, node, _ = self.replica()
+        replica, node, clock = self.replica()
         first = replica.updatefile("a", 1, [H1], "c", 1)
         stale = replica.updatefile("a", 1, [H2], "c", 2)
+        clock.advance(0)  # the end of the turn: the batch is proposed
         node.commit()
         self.assertEqual(self.successResultOf(first), 1)
         self.assertEqual(self.failureResultOf(stale, errors.VersionMismatch).value.current, 1)
@@ -464,8 +466,9 @@ class UpdatefileTests(SynchronousTestCase):
     def test_wrong_group_carries_the_map_number(self) -> None:
         machine = MetadataStateMachine(2, owned=())
         machine.config_num = 7
-        replica, node, _ = self.replica(machine=machine)
+        replica, node, clock = self.replica(machine=machine)
         d = replica.updatefile("a", 1, [H1], "c", 1)
+        clock.advance(0)
         node.commit()
         error = self.failureResultOf(d, errors.WrongGroup).value
         self.assertEqual((error.num, error.details["shard"]), (7, shard_of("a", 2)))
@@ -474,6 +477,7 @@ class UpdatefileTests(SynchronousTestCase):
     def test_a_lost_leadership_is_retried_and_still_answers_a_version(self) -> None:
         replica, node, clock = self.replica(failures=[ProposalDropped("lost")])
         d = replica.updatefile("a", 1, [H1], "c", 1, timeout=5.0)
+        clock.advance(0)
         self.assertNoResult(d)
         for _ in range(5):
             clock.advance(0.01)
@@ -483,14 +487,166 @@ class UpdatefileTests(SynchronousTestCase):
         self.assertEqual(node.proposed[0], node.proposed[1])  # same client id and seq: deduplicated
 
     def test_raft_timeout_is_a_timeout(self) -> None:
-        replica, _, _ = self.replica(failures=[RaftTimeout("slow")])
-        self.failureResultOf(replica.updatefile("a", 1, [H1], "c", 1), errors.Timeout)
+        replica, _, clock = self.replica(failures=[RaftTimeout("slow")])
+        d = replica.updatefile("a", 1, [H1], "c", 1)
+        clock.advance(0)
+        self.failureResultOf(d, errors.Timeout)
 
     def test_callers_without_identity_get_one_per_call(self) -> None:
-        replica, node, _ = self.replica()
+        replica, node, clock = self.replica()
         a = replica.updatefile("a", 1, [H1])
         b = replica.updatefile("a", 2, [H1])
+        clock.advance(0)
         node.commit()
         self.assertEqual((self.successResultOf(a), self.successResultOf(b)), (1, 2))
-        seqs = [cbor2.loads(c)["seq"] for c in node.proposed]
-        self.assertEqual(seqs, [1, 2])
+        (batch,) = node.proposed
+        self.assertEqual([c["seq"] for c in cbor2.loads(batch)["cmds"]], [1, 2])
+
+
+class UpdateBatchTests(SynchronousTestCase):
+    """The updates of one reactor turn travel as one Raft entry, and each is
+    still answered on its own."""
+
+    def replica(
+        self, failures: list[Exception] | None = None, machine: MetadataStateMachine | None = None
+    ) -> tuple[MetadataReplica, ScriptedNode, task.Clock]:
+        return UpdatefileTests.replica(self, failures, machine)  # type: ignore[arg-type]
+
+    def test_one_turn_is_one_entry_each_answered_alone(self) -> None:
+        replica, node, clock = self.replica()
+        ok = replica.updatefile("a", 1, [H1], "c1", 1)
+        stale = replica.updatefile("b", 2, [H1], "c2", 1)  # b is new: mismatch, current 0
+        again = replica.updatefile("a", 2, [H2], "c3", 1)  # sees the first one applied
+        self.assertEqual(node.proposed, [], "proposed before the end of the turn")
+        clock.advance(0)
+        self.assertEqual(len(node.proposed), 1)
+        self.assertEqual(cbor2.loads(node.proposed[0])["op"], metadata.OP_BATCH)
+        self.assertNoResult(ok)
+        node.commit()
+        self.assertEqual(self.successResultOf(ok), 1)
+        self.assertEqual(self.failureResultOf(stale, errors.VersionMismatch).value.current, 0)
+        self.assertEqual(self.successResultOf(again), 2)
+        self.assertEqual((replica.batches_proposed, replica.batched_updates), (1, 3))
+
+    def test_the_next_turn_is_another_entry(self) -> None:
+        replica, node, clock = self.replica()
+        replica.updatefile("a", 1, [H1], "c", 1)
+        clock.advance(0)
+        replica.updatefile("a", 2, [H1], "c", 2)
+        clock.advance(0)
+        self.assertEqual(len(node.proposed), 2)
+        # A batch of one is the plain update command.
+        self.assertEqual([cbor2.loads(c)["op"] for c in node.proposed], [metadata.OP_UPDATE] * 2)
+
+    def test_a_full_batch_is_proposed_at_once(self) -> None:
+        replica, node, clock = self.replica()
+        n = metadata.MAX_BATCH_COMMANDS + 3
+        waiters = [replica.updatefile(f"f{i}", 1, [H1], "c", i + 1) for i in range(n)]
+        self.assertEqual(len(node.proposed), 1)
+        clock.advance(0)
+        self.assertEqual(
+            [len(cbor2.loads(b)["cmds"]) for b in node.proposed], [metadata.MAX_BATCH_COMMANDS, 3]
+        )
+        node.commit()
+        self.assertEqual([self.successResultOf(w) for w in waiters], [1] * n)
+
+    def test_a_failed_batch_fails_every_caller(self) -> None:
+        replica, _, clock = self.replica(failures=[RaftTimeout("slow")])
+        a = replica.updatefile("a", 1, [H1], "c", 1)
+        b = replica.updatefile("b", 1, [H1], "c", 2)
+        clock.advance(0)
+        self.failureResultOf(a, errors.Timeout)
+        self.failureResultOf(b, errors.Timeout)
+
+    def test_a_lost_leadership_reproposes_the_same_batch(self) -> None:
+        replica, node, clock = self.replica(failures=[ProposalDropped("lost")])
+        a = replica.updatefile("a", 1, [H1], "c", 1, timeout=5.0)
+        b = replica.updatefile("b", 1, [H1], "c", 2, timeout=5.0)
+        for _ in range(5):
+            clock.advance(0.01)
+        node.commit()
+        self.assertEqual((self.successResultOf(a), self.successResultOf(b)), (1, 1))
+        self.assertEqual(len(node.proposed), 2)
+        self.assertEqual(node.proposed[0], node.proposed[1])
+
+    def test_a_cancelled_caller_does_not_disturb_the_others(self) -> None:
+        replica, node, clock = self.replica()
+        a = replica.updatefile("a", 1, [H1], "c", 1)
+        b = replica.updatefile("b", 1, [H1], "c", 2)
+        a.cancel()
+        self.failureResultOf(a, defer.CancelledError)
+        clock.advance(0)
+        node.commit()
+        self.assertEqual(self.successResultOf(b), 1)
+
+    def test_not_leading_takes_the_one_at_a_time_path(self) -> None:
+        replica, node, _ = self.replica()
+        node.is_leader = False
+        d = replica.updatefile("a", 1, [H1], "c", 1)
+        self.failureResultOf(d, errors.NotLeader)
+        self.assertEqual(node.proposed, [])
+
+
+class BatchCommandTests(SynchronousTestCase):
+    """``OP_BATCH`` in the state machine: the same answers and state as the
+    updates applied one by one, on a leader (remembered) and a follower
+    (decoded) alike."""
+
+    def commands(self) -> list[bytes]:
+        return [
+            encode_update("a", 1, [H1], "c1", 1),
+            encode_update("a", 1, [H2], "c2", 1),  # mismatch: a is at 1 by then
+            encode_update("b", 1, [TOMBSTONE], "c1", 2),
+            encode_update("a", 1, [H1], "c1", 1),  # a retry: answered from dedup
+        ]
+
+    def test_batch_bytes_are_canonical_cbor(self) -> None:
+        commands = self.commands()
+        wire = {"op": "batch", "cmds": [cbor2.loads(c) for c in commands]}
+        self.assertEqual(metadata.encode_batch(commands), cbor2.dumps(wire, canonical=True))
+
+    def test_batch_applies_like_its_updates_one_by_one(self) -> None:
+        one_by_one = MetadataStateMachine(1)
+        expected = [one_by_one.apply(c) for c in self.commands()]
+        follower = MetadataStateMachine(1)
+        got = follower.apply(metadata.encode_batch(self.commands()))
+        self.assertEqual(got, {"ok": True, "results": expected})
+        leader = MetadataStateMachine(1)
+        commands = [leader.encode_update(*cbor2_args(c)) for c in self.commands()]
+        self.assertEqual(leader.apply(leader.encode_batch(commands)), got)
+        self.assertEqual(leader.snapshot(), one_by_one.snapshot())
+        self.assertEqual(follower.snapshot(), one_by_one.snapshot())
+
+    def test_a_malformed_update_is_refused_alone(self) -> None:
+        bad = cbor2.dumps({"op": "update", "name": "x"}, canonical=True)
+        m = MetadataStateMachine(1)
+        got = m.apply(metadata.encode_batch([encode_update("a", 1, [H1], "c", 1), bad]))
+        self.assertEqual(got["results"][0], {"ok": True, "version": 1})
+        self.assertEqual(got["results"][1]["code"], errors.ErrorCode.BAD_REQUEST.value)
+        self.assertEqual(m.version_of("a"), 1)
+
+    def test_malformed_batches_are_refused_whole(self) -> None:
+        m = MetadataStateMachine(1)
+        before = m.snapshot()
+        too_many = [
+            encode_update(f"f{i}", 1, [H1], "c", i + 1) for i in range(metadata.MAX_BATCH_COMMANDS + 1)
+        ]
+        for wire in [
+            {"op": "batch", "cmds": []},
+            {"op": "batch", "cmds": "x"},
+            {"op": "batch", "cmds": [cbor2.loads(c) for c in too_many]},
+            {"op": "batch", "cmds": [], "extra": 1},
+        ]:
+            got = m.apply(cbor2.dumps(wire))
+            self.assertEqual(
+                got["code"], errors.ErrorCode.BAD_REQUEST.value, wire if len(str(wire)) < 200 else ""
+            )
+        nested = cbor2.dumps({"op": "batch", "cmds": [{"op": "batch", "cmds": []}]})
+        self.assertEqual(m.apply(nested)["results"][0]["code"], errors.ErrorCode.BAD_REQUEST.value)
+        self.assertEqual(m.snapshot(), before)
+        self.assertRaises(ValueError, metadata.encode_batch, [])
+
+
+def cbor2_args(command: bytes) -> tuple[str, int, list[str], str, int]:
+    wire = cbor2.loads(command)
+    return wire["name"], wire["version"], wire["hashlist"], wire["client"], wire["seq"]

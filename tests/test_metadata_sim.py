@@ -493,7 +493,7 @@ class ExactlyOnceTests(GroupTestCase):
             (command["client"], command["seq"])
             for _term, data in g.cluster.committed.values()
             if data is not None
-            for command in [cbor2.loads(data)]
+            for command in updates_in(cbor2.loads(data))
         )
         retried = sum(1 for n in repeats.values() if n > 1)
         self.assertGreater(retried, 0, f"seed={seed}: no committed retry; the test proved nothing")
@@ -707,3 +707,8 @@ class ChaosLinearizabilityTests(GroupTestCase):
         self.assertGreater(totals["read_ok"], 20, totals)
         self.assertGreater(totals["mismatch"], 0, totals)
         self.assertGreater(totals["update_unknown"] + totals["read_unknown"], 0, totals)
+
+
+def updates_in(command: dict[str, Any]) -> list[dict[str, Any]]:
+    """The update commands a committed entry carries (a batch carries several)."""
+    return command["cmds"] if command["op"] == "batch" else [command]
