@@ -146,6 +146,9 @@ class MetadataReplica(ReplicaControl):
         for waiter, answer in zip(waiters, results, strict=True):
             if waiter.called:
                 continue  # cancelled
+            if type(answer) is dict and answer.get("ok") is True:
+                waiter.callback(answer["version"])  # the common case, inline
+                continue
             try:
                 version = to_version(answer)
             except errors.SurfShardError as e:
