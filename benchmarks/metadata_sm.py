@@ -11,9 +11,14 @@ long run):
   encode (decode + validate + apply), what every follower does;
 - ``apply leader``: ``apply`` on the node that encoded the command (the tree
   may remember what it encoded and skip decoding; else as a follower);
+- ``apply follower, batches of 64``: the same writes as the batch entries a
+  leader proposes when 64 updates reach it in one reactor turn (trees with
+  ``encode_batch`` only);
 - ``replica 1`` / ``replica 64``: ``MetadataReplica.updatefile`` over a stub
   RaftNode that commits at once (apply + fire the proposal's Deferred), one
-  write in flight at a time or 64 proposed before a commit;
+  write in flight at a time or 64 proposed before a commit (the simulated
+  clock is advanced by 0 before each commit: the end of a reactor turn,
+  when a batching tree proposes);
 - ``server 64``: what the native server runs per request around that: the
   method table's argument schema, the handler, and turning the result into
   the reply map (the frame encoding is left out: it is rpc.py's).
@@ -90,6 +95,7 @@ def measure(writes: int, repeats: int) -> dict[str, float]:
     """Microseconds per write for each path, in the tree on sys.path."""
     from twisted.internet import task
 
+    from surfshard import metadata as metadata_module
     from surfshard.group import MetadataReplica
     from surfshard.metadata import MetadataStateMachine, encode_update
     from surfshard.server import metadata_methods
@@ -129,19 +135,36 @@ def measure(writes: int, repeats: int) -> dict[str, float]:
     results["apply follower"] = best_of(repeats, lambda: time_apply(False))
     results["apply leader"] = best_of(repeats, lambda: time_apply(True))
 
-    def replica() -> tuple[Any, StubNode, Any]:
+    encode_batch = getattr(metadata_module, "encode_batch", None)
+    if encode_batch is not None:  # trees that batch a turn's updates into one entry
+
+        def time_apply_batches() -> float:
+            machine = MetadataStateMachine(1)
+            batches = [encode_batch(commands[k : k + WRITERS]) for k in range(0, writes, WRITERS)]
+            start = time.perf_counter()
+            for batch in batches:
+                machine.apply(batch)
+            elapsed = time.perf_counter() - start
+            assert machine.version_of(work[-1][0]) == work[-1][1], "the batches did not apply"
+            return per_write(elapsed)
+
+        results["apply follower, batches of 64"] = best_of(repeats, time_apply_batches)
+
+    def replica() -> tuple[Any, StubNode, task.Clock]:
         machine = MetadataStateMachine(1)
         node = StubNode(machine)
-        return MetadataReplica(node, machine, {1: "127.0.0.1:1"}, task.Clock()), node, machine
+        clock = task.Clock()
+        return MetadataReplica(node, machine, {1: "127.0.0.1:1"}, clock), node, clock
 
     def time_replica(in_flight: int) -> float:
-        rep, node, machine = replica()
+        rep, node, clock = replica()
         answers: list[int] = []
         update = rep.updatefile
         start = time.perf_counter()
         for k in range(0, writes, in_flight):
             for name, version, hashlist, client_id, seq in work[k : k + in_flight]:
                 update(name, version, hashlist, client_id, seq, 30.0).addCallback(answers.append)
+            clock.advance(0)  # the end of the reactor turn: a batching tree proposes now
             node.commit()
         elapsed = time.perf_counter() - start
         assert len(answers) == writes and answers[-1] == work[-1][1], "updates did not all succeed"
@@ -151,7 +174,7 @@ def measure(writes: int, repeats: int) -> dict[str, float]:
     results["replica 64 in flight"] = best_of(repeats, lambda: time_replica(64))
 
     def time_server(in_flight: int) -> float:
-        rep, node, machine = replica()
+        rep, node, clock = replica()
         method = metadata_methods(rep).get("updatefile")
         assert method is not None
         validate, handler = method.schema.validate, method.handler
@@ -180,6 +203,7 @@ def measure(writes: int, repeats: int) -> dict[str, float]:
                 handler(**validate(requests[i])).addCallbacks(
                     reply, error, callbackArgs=(i,), errbackArgs=(i,)
                 )
+            clock.advance(0)
             node.commit()
         elapsed = time.perf_counter() - start
         assert len(replies) == writes and all("ok" in r for r in replies), replies[:3]
