@@ -1,7 +1,7 @@
 """updatefile throughput, latency and failover of a real 3-node metadata group,
 next to a PySyncObj cluster doing the same work.
 
-    python3 dev.py bench metadata [--seconds 3] [--warmup 1] [--rounds 2] [--trials 10]
+    python3 dev.py bench metadata [--seconds 3] [--warmup 1] [--rounds 3] [--trials 10]
         [--quick] [--clients 1,16,64] [--only surfshard|pysyncobj|none]
         [--no-failover] [--pysyncobj-batch] [--profile] [--keep] [--json FILE]
 
@@ -647,8 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=2,
-        help="measure every cell this many times, take the median (default 2)",
+        default=3,
+        help="measure every cell this many times, take the median (default 3)",
     )
     parser.add_argument("--trials", type=int, default=10, help="failover trials per system (default 10)")
     parser.add_argument("--clients", default="1,16,64", help="concurrency levels (default 1,16,64)")
