@@ -97,41 +97,41 @@ class LeaderCaller:
         deadline = self.reactor.seconds() + total
         if total <= 0:
             return defer.fail(errors.Timeout(f"{method}: no leader answered within {total:.1f}s"))
-        # The first attempt is plain callbacks, not a generator: it is the
-        # only one almost every call makes, and a client's CPU per call is on
+        # The first attempt is plain callbacks, not a generator (and, on an
+        # established connection, not even a Deferred of its own: the
+        # connection answers ``_FirstAttempt`` directly): it is the only
+        # attempt almost every call makes, and a client's CPU per call is on
         # the path of every request it pipelines.
         address = self._guess()
-        attempt = self._attempt(address, method, args, total)
-        # ``current`` is what cancelling the call cancels: the attempt, then
-        # the retry loop once there is one.
-        current = [attempt]
-        result: defer.Deferred[Any] = defer.Deferred(lambda _: current[0].cancel())
-
-        def answered(value: Any) -> None:
-            self.leader = address
-            result.callback(value)
-
-        def failed(failure: Failure) -> None:
-            error = failure.value
-            if not isinstance(error, RETRYABLE):
-                result.errback(failure)
-                return
-            at_once = self._failed_over(address, error)
-            retry = current[0] = self._retry(method, args, deadline, total, error, at_once)
-            retry.chainDeferred(result)
-
-        attempt.addCallbacks(answered, failed)
+        first = _FirstAttempt(self, address, method, args, deadline, total)
+        result = first.result
+        per_attempt = min(self.attempt_timeout, total)
+        call_args = self._call_args(args, per_attempt)
+        call_into = getattr(self.pool, "call_into", None)
+        try:
+            sent = None if call_into is None else call_into(address, first, method, call_args, per_attempt)
+        except errors.SurfShardError as e:  # cannot be encoded: nothing was sent
+            return defer.fail(e)
+        if sent is not None:
+            first.connection, first.call_id = sent
+        else:
+            first.inner = self.pool.call(address, method, call_args, timeout=per_attempt)
+            first.inner.addCallbacks(first.callback, first.errback)
         return result
+
+    @staticmethod
+    def _call_args(args: dict[str, Any], per_attempt: float) -> dict[str, Any]:
+        call_args = dict(args)
+        # Let the server wait (for a leader or a commit) almost as long as we
+        # do, so a majority outage blocks rather than fails fast.
+        call_args.setdefault("timeout", max(0.0, per_attempt - 0.05))
+        return call_args
 
     def _attempt(
         self, address: str, method: str, args: dict[str, Any], remaining: float
     ) -> defer.Deferred[Any]:
         per_attempt = min(self.attempt_timeout, remaining)
-        call_args = dict(args)
-        # Let the server wait (for a leader or a commit) almost as long as we
-        # do, so a majority outage blocks rather than fails fast.
-        call_args.setdefault("timeout", max(0.0, per_attempt - 0.05))
-        return self.pool.call(address, method, call_args, timeout=per_attempt)
+        return self.pool.call(address, method, self._call_args(args, per_attempt), timeout=per_attempt)
 
     def _failed_over(self, address: str, error: errors.SurfShardError) -> bool:
         """Update the leader guess after ``address`` failed with a retryable
@@ -180,6 +180,74 @@ class LeaderCaller:
             else:
                 self.leader = address
                 return result
+
+
+class _FirstAttempt:
+    """The first attempt of ``LeaderCaller.call``: the sink its reply goes
+    to (``RpcConnection.call_into``), which answers the caller's Deferred or
+    hands over to the retry loop."""
+
+    __slots__ = (
+        "address",
+        "args",
+        "call_id",
+        "caller",
+        "connection",
+        "deadline",
+        "inner",
+        "method",
+        "result",
+        "retry",
+        "total",
+    )
+
+    def __init__(
+        self,
+        caller: LeaderCaller,
+        address: str,
+        method: str,
+        args: dict[str, Any],
+        deadline: float,
+        total: float,
+    ) -> None:
+        self.caller = caller
+        #: What the caller of ``LeaderCaller.call`` waits on; cancelling it
+        #: cancels the attempt (or the retries) in flight.
+        self.result: defer.Deferred[Any] = defer.Deferred(self.cancel)
+        self.address = address
+        self.method = method
+        self.args = args
+        self.deadline = deadline
+        self.total = total
+        self.connection: Any = None
+        self.call_id = 0
+        self.inner: defer.Deferred[Any] | None = None
+        self.retry: defer.Deferred[Any] | None = None
+
+    def callback(self, value: Any) -> None:
+        if not self.result.called:  # else cancelled meanwhile
+            self.caller.leader = self.address
+            self.result.callback(value)
+
+    def errback(self, error: BaseException | Failure) -> None:
+        if self.result.called:
+            return  # cancelled meanwhile
+        exception = error.value if isinstance(error, Failure) else error
+        if not isinstance(exception, RETRYABLE):
+            self.result.errback(error)
+            return
+        caller = self.caller
+        at_once = caller._failed_over(self.address, exception)
+        self.retry = caller._retry(self.method, self.args, self.deadline, self.total, exception, at_once)
+        self.retry.chainDeferred(self.result)
+
+    def cancel(self, _result: object = None) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+        elif self.inner is not None:
+            self.inner.cancel()
+        elif self.connection is not None:
+            self.connection.forget(self.call_id)
 
 
 def _sleep(reactor: IReactorTime, seconds: float) -> defer.Deferred:

@@ -40,6 +40,7 @@ import itertools
 import math
 import random
 import socket
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -1182,6 +1183,15 @@ def encode_notification(
     )
 
 
+class ReplySink(typing.Protocol):
+    """Where the outcome of a call goes: a Deferred, or anything that takes
+    a result and an exception the same way (see ``RpcConnection.call_into``)."""
+
+    def callback(self, result: Any) -> object: ...
+
+    def errback(self, fail: BaseException) -> object: ...
+
+
 class RpcConnection(Protocol):
     """The client side of one native connection, with pipelined calls.
 
@@ -1203,8 +1213,8 @@ class RpcConnection(Protocol):
         self.refused_notifications = 0
         self.last_refusal: SurfShardError | None = None
         self._decoder = wire.FrameDecoder(max_frame_bytes)
-        # call id -> (Deferred, method name)
-        self._pending: dict[int, tuple[Deferred[Any], str]] = {}
+        # call id -> (Deferred or other ReplySink, method name)
+        self._pending: dict[int, tuple[ReplySink, str]] = {}
         self._next_id = 1
         # (deadline, call id) of calls with a timeout; entries of calls that
         # finished are dropped lazily.
@@ -1237,14 +1247,44 @@ class RpcConnection(Protocol):
         if not self.connected:
             return defer.fail(Unavailable(f"not connected to {self.peer}"))
         call_id = self._next_id
-        self._next_id = call_id + 1
-        try:
-            frame = wire.encode_request(call_id, method, {} if args is None else args, self.max_frame_bytes)
-        except wire.FrameError as e:
-            return defer.fail(BadRequest(f"cannot send {method}: {e.message}"))
         pending = self._pending
         d: Deferred[Any] = Deferred(lambda _d: pending.pop(call_id, None))
-        pending[call_id] = (d, method)
+        try:
+            self._send_call(call_id, d, method, args, timeout)
+        except wire.FrameError as e:
+            return defer.fail(BadRequest(f"cannot send {method}: {e.message}"))
+        return d
+
+    def call_into(
+        self, sink: ReplySink, method: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> int:
+        """``call`` for a caller that already holds what its own caller waits
+        on: the outcome goes to ``sink.callback(result)`` or
+        ``sink.errback(exception)`` (a Deferred is such a sink), and no
+        Deferred is made for the call. Returns the call id, for ``forget``.
+        Raises Unavailable if not connected, BadRequest if the request cannot
+        be encoded (nothing is sent then)."""
+        if not self.connected:
+            raise Unavailable(f"not connected to {self.peer}")
+        call_id = self._next_id
+        try:
+            self._send_call(call_id, sink, method, args, timeout)
+        except wire.FrameError as e:
+            raise BadRequest(f"cannot send {method}: {e.message}") from None
+        return call_id
+
+    def forget(self, call_id: int) -> None:
+        """Drop a call made with ``call_into``: a late reply is ignored and
+        its sink is never called."""
+        self._pending.pop(call_id, None)
+
+    def _send_call(
+        self, call_id: int, sink: ReplySink, method: str, args: Mapping[str, Any] | None, timeout: float | None
+    ) -> None:
+        self._next_id = call_id + 1
+        frame = wire.encode_request(call_id, method, {} if args is None else args, self.max_frame_bytes)
+        pending = self._pending
+        pending[call_id] = (sink, method)
         if timeout is not None:
             # One timer per connection: a heap of (deadline, call id).
             deadline = self.clock.seconds() + timeout
@@ -1259,7 +1299,6 @@ class RpcConnection(Protocol):
             out.append(frame)
         else:
             self.transport.write(frame)
-        return d
 
     def notify(self, method: str, args: Mapping[str, Any] | None = None) -> bool:
         """Send a one-way request (``"noreply": true``): the server answers
@@ -1525,6 +1564,27 @@ class RpcClientPool:
             return connection.call(method, args, remaining)
 
         return waiter.addCallback(send)
+
+    def call_into(
+        self,
+        address: str,
+        sink: ReplySink,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[RpcConnection, int] | None:
+        """``call``'s fast path for a caller holding its own sink (see
+        ``RpcConnection.call_into``): sends on an established connection and
+        returns it with the call id (to ``forget`` the call); None, having
+        sent nothing, when there is no such connection (use ``call``, which
+        connects). Raises BadRequest if the request cannot be encoded."""
+        peer = self._peers.get(address)
+        if peer is None:
+            return None
+        connection = peer.connection
+        if connection is None or not connection.connected:
+            return None
+        return connection, connection.call_into(sink, method, args, timeout)
 
     def notify(self, address: str, method: str, args: Mapping[str, Any] | None = None) -> bool:
         """Send a one-way request (see ``RpcConnection.notify``) to the node

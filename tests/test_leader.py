@@ -108,3 +108,62 @@ class LeaderCallerTests(SynchronousTestCase):
         self.failureResultOf(d, defer.CancelledError)
         self.clock.advance(10)
         self.assertEqual(len(self.pool.calls), 1, "a cancelled call went on retrying")
+
+
+class ConnectedPool(ScriptedPool):
+    """A pool with an established connection: ``call_into`` hands the reply
+    sink to the test instead of making a Deferred."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sinks: list[tuple[str, Any]] = []
+        self.forgotten: list[int] = []
+
+    def call_into(self, address: str, sink: Any, method: str, args: dict[str, Any], timeout: float) -> Any:
+        self.sinks.append((address, sink))
+        return self, len(self.sinks)
+
+    def forget(self, call_id: int) -> None:
+        self.forgotten.append(call_id)
+
+
+class LeaderCallerFastPathTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pool = ConnectedPool()
+        self.caller = LeaderCaller(
+            self.pool, ADDRESSES, self.clock, timeout=5.0, attempt_timeout=1.0, rng=random.Random(1)
+        )
+
+    def test_reply_through_the_sink_answers_the_call(self):
+        d = self.caller.call("updatefile", {})
+        [(address, sink)] = self.pool.sinks
+        self.assertEqual((address, self.pool.calls), ("a:1", []))
+        self.assertNoResult(d)
+        sink.callback(3)
+        self.assertEqual(self.successResultOf(d), 3)
+        self.assertEqual(self.caller.leader, "a:1")
+
+    def test_retryable_error_through_the_sink_goes_on_to_retries(self):
+        d = self.caller.call("updatefile", {})
+        self.pool.sinks[0][1].errback(errors.NotLeader("no", leader="b:1"))
+        self.assertNoResult(d)
+        address, attempt = self.pool.last()  # the retry loop uses plain calls
+        self.assertEqual(address, "b:1")
+        attempt.callback(4)
+        self.assertEqual(self.successResultOf(d), 4)
+
+    def test_non_retryable_error_through_the_sink_fails_the_call(self):
+        d = self.caller.call("updatefile", {})
+        self.pool.sinks[0][1].errback(errors.VersionMismatch("stale", current=2))
+        self.assertEqual(self.failureResultOf(d, errors.VersionMismatch).value.current, 2)
+
+    def test_cancel_forgets_the_call_on_the_connection(self):
+        d = self.caller.call("updatefile", {})
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.pool.forgotten, [1])
+        # A reply racing the cancel changes nothing (and raises nothing).
+        self.pool.sinks[0][1].callback(5)
+        self.pool.sinks[0][1].errback(errors.Crashed("late"))
+        self.assertEqual(self.caller.leader, None)

@@ -637,6 +637,91 @@ class ClientConnectionTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
 
+class RecordingSink:
+    """A ReplySink that is not a Deferred (``RpcConnection.call_into``)."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, Any]] = []
+
+    def callback(self, result: Any) -> None:
+        self.outcomes.append(("ok", result))
+
+    def errback(self, error: BaseException) -> None:
+        self.outcomes.append(("error", error))
+
+
+class CallIntoTests(SynchronousTestCase):
+    """``call_into``: the same request, its outcome handed to a sink."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = RpcConnection(self.clock)
+        self.transport = StringTransport(peerAddress=PEER)
+        self.client.makeConnection(self.transport)
+
+    def test_result_and_error_reach_the_sink(self):
+        ok, bad = RecordingSink(), RecordingSink()
+        self.client.call_into(ok, "echo", {"data": b"1"})
+        self.client.call_into(bad, "updatefile", {})
+        first, second = read_frames(self.transport)
+        self.assertEqual((first["method"], first["args"]), ("echo", {"data": b"1"}))
+        self.client.dataReceived(
+            encode_frame(
+                {"id": second["id"], "error": {"code": "NOT_LEADER", "message": "no", "leader": "h:1"}}
+            )
+            + encode_frame({"id": first["id"], "ok": "one"})
+        )
+        self.assertEqual(ok.outcomes, [("ok", "one")])
+        [(kind, error)] = bad.outcomes
+        self.assertEqual((kind, type(error), error.leader), ("error", NotLeader, "h:1"))
+        self.assertEqual(self.client.pending, 0)
+
+    def test_timeout_and_connection_loss_reach_the_sink(self):
+        slow, waiting = RecordingSink(), RecordingSink()
+        self.client.call_into(slow, "wait", {}, timeout=1.0)
+        self.client.call_into(waiting, "wait", {}, timeout=30.0)
+        self.clock.advance(1.0)
+        self.assertEqual([type(e) for _, e in slow.outcomes], [Timeout])
+        self.assertEqual(waiting.outcomes, [])
+        self.client.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual([type(e) for _, e in waiting.outcomes], [Unavailable])
+        self.assertRaises(Unavailable, self.client.call_into, RecordingSink(), "echo", {})
+
+    def test_forget_drops_the_call_and_its_late_reply(self):
+        sink = RecordingSink()
+        call_id = self.client.call_into(sink, "wait", {}, timeout=5.0)
+        [sent] = read_frames(self.transport)
+        self.assertEqual(sent["id"], call_id)
+        self.client.forget(call_id)
+        self.client.dataReceived(encode_frame({"id": call_id, "ok": "late"}))
+        self.clock.advance(10)
+        self.assertEqual(sink.outcomes, [])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_unencodable_request_raises_and_sends_nothing(self):
+        self.assertRaises(BadRequest, self.client.call_into, RecordingSink(), "echo", {"x": object()})
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.client.pending, 0)
+
+    def test_pool_uses_only_an_established_connection(self):
+        reactor = MemoryReactorClock()
+        pool = RpcClientPool(reactor)
+        address = "127.0.0.1:9"
+        self.assertIsNone(pool.call_into(address, RecordingSink(), "echo", {}))
+        pool.call(address, "echo", {})  # dials
+        self.assertIsNone(pool.call_into(address, RecordingSink(), "echo", {}), "sent before connecting")
+        protocol = reactor.tcpClients[-1][2].buildProtocol(PEER)
+        transport = StringTransport(peerAddress=PEER)
+        protocol.makeConnection(transport)
+        sink = RecordingSink()
+        connection, call_id = pool.call_into(address, sink, "echo", {"data": b"x"})
+        self.assertIs(connection, pool.connection(address))
+        frames = read_frames(transport)
+        self.assertEqual(frames[-1]["id"], call_id)
+        connection.dataReceived(encode_frame({"id": call_id, "ok": b"x"}))
+        self.assertEqual(sink.outcomes, [("ok", b"x")])
+
+
 class IOSimTests(SynchronousTestCase):
     """Client and server protocols connected through iosim's fake
     transports, on one Clock."""
