@@ -1256,7 +1256,11 @@ class RpcConnection(Protocol):
         return d
 
     def call_into(
-        self, sink: ReplySink, method: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
+        self,
+        sink: ReplySink,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> int:
         """``call`` for a caller that already holds what its own caller waits
         on: the outcome goes to ``sink.callback(result)`` or
@@ -1279,7 +1283,12 @@ class RpcConnection(Protocol):
         self._pending.pop(call_id, None)
 
     def _send_call(
-        self, call_id: int, sink: ReplySink, method: str, args: Mapping[str, Any] | None, timeout: float | None
+        self,
+        call_id: int,
+        sink: ReplySink,
+        method: str,
+        args: Mapping[str, Any] | None,
+        timeout: float | None,
     ) -> None:
         self._next_id = call_id + 1
         frame = wire.encode_request(call_id, method, {} if args is None else args, self.max_frame_bytes)
