@@ -31,6 +31,7 @@ from surfshard import errors
 from surfshard.keyspace import validate_filename
 from surfshard.metadata import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine
 from surfshard.replica import ReplicaControl
+from surfshard.rpc import ReplySink
 
 
 class MetadataReplica(ReplicaControl):
@@ -46,7 +47,7 @@ class MetadataReplica(ReplicaControl):
         # The batch being collected: commands, their callers, its byte size
         # and the longest timeout asked for; proposed by ``_propose_batch``.
         self._batch: list[bytes] = []
-        self._batch_waiters: list[defer.Deferred] = []
+        self._batch_waiters: list[ReplySink] = []
         self._batch_bytes = 0
         self._batch_timeout = 0.0
         self._batch_call: Any = None
@@ -71,27 +72,45 @@ class MetadataReplica(ReplicaControl):
         Every argument is validated first (``BadRequest``), once: the native
         server's schema checks only types, and this is the leader's only
         pass over the hash list before it is applied."""
+        # Cancelling (the caller left) only stops the wait: the update may
+        # still be applied, as any proposal may.
+        d: defer.Deferred = defer.Deferred(lambda _: None)
+        self.updatefile_into(d, name, version, hashlist, client_id, seq, timeout)
+        return d
+
+    def updatefile_into(
+        self,
+        reply: ReplySink,
+        name: str,
+        version: int,
+        hashlist: list[str],
+        client_id: str | None = None,
+        seq: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """``updatefile`` answering into ``reply`` (a Deferred, or the native
+        server's ``Reply``: no Deferred per request). Raises BadRequest at
+        once, before anything is proposed."""
         if client_id is None or seq is None:
             client_id, seq = self._anonymous_id, next(self._anonymous_seq)
         # Remembered decoded by the state machine: applying it here skips
         # decoding and validating what was just encoded.
         command = self.machine.encode_update(name, version, hashlist, client_id, seq)
         if not self.batch_updates or not self.is_leader():
-            return self._propose_one(command, timeout)
+            self._propose_one(command, timeout).addCallbacks(
+                self._one_applied, self._batch_failed, callbackArgs=(reply,), errbackArgs=([reply],)
+            )
+            return
         if self._batch and (
             len(self._batch) >= MAX_BATCH_COMMANDS or self._batch_bytes + len(command) > MAX_BATCH_BYTES
         ):
             self._propose_batch()
-        # Cancelling (the caller left) only stops the wait: the update may
-        # still be applied, as any proposal may.
-        waiter: defer.Deferred = defer.Deferred(lambda _: None)
         self._batch.append(command)
-        self._batch_waiters.append(waiter)
+        self._batch_waiters.append(reply)
         self._batch_bytes += len(command)
         self._batch_timeout = max(self._batch_timeout, self.clamp_timeout(timeout))
         if self._batch_call is None:
             self._batch_call = self.reactor.callLater(0, self._propose_batch)
-        return waiter
 
     def _propose_one(self, command: bytes, timeout: float | None) -> defer.Deferred:
         propose = self.node.propose
@@ -129,7 +148,7 @@ class MetadataReplica(ReplicaControl):
             self._batch_applied, self._batch_failed, callbackArgs=(waiters,), errbackArgs=(waiters,)
         )
 
-    def _batch_applied(self, result: Any, waiters: list[defer.Deferred]) -> None:
+    def _batch_applied(self, result: Any, waiters: list[ReplySink]) -> None:
         results = result.get("results") if isinstance(result, dict) and result.get("ok") else None
         if type(results) is not list or len(results) != len(waiters):
             # The batch as a whole was refused (every replica alike): a bug
@@ -157,12 +176,12 @@ class MetadataReplica(ReplicaControl):
                 waiter.callback(version)
 
     @staticmethod
-    def _one_applied(version: int, waiter: defer.Deferred) -> None:
+    def _one_applied(version: int, waiter: ReplySink) -> None:
         if not waiter.called:
             waiter.callback(version)
 
     @staticmethod
-    def _batch_failed(failure: Failure, waiters: list[defer.Deferred]) -> None:
+    def _batch_failed(failure: Failure, waiters: list[ReplySink]) -> None:
         for waiter in waiters:
             if not waiter.called:
                 waiter.errback(failure)

@@ -608,6 +608,10 @@ class Method:
     schema: Schema
     #: The handler takes a CallContext as its first positional argument.
     pass_context: bool = False
+    #: The handler takes a ``Reply`` as its first positional argument and
+    #: answers through it (returning nothing) instead of returning a result
+    #: or a Deferred.
+    takes_reply: bool = False
 
 
 class CallContext:
@@ -625,6 +629,47 @@ class CallContext:
         """The peer's TLS certificate (pyOpenSSL X509), or None without TLS."""
         get = getattr(self.transport, "getPeerCertificate", None)
         return get() if get is not None else None
+
+
+class Reply:
+    """The answer owed to one request, for a method registered with
+    ``takes_reply=True``: the handler gets it as its first argument and
+    calls ``callback(result)`` or ``errback(error)`` once, now or later (it
+    is a ReplySink, like a Deferred). No Deferred is made for the request,
+    which is most of the per-request cost a busy server can still shed
+    once its handler batches the real work.
+
+    ``called`` is true once it was answered, or cancelled because the
+    connection went away (answering then does nothing)."""
+
+    __slots__ = ("_protocol", "_quiet", "called", "method", "request_id")
+
+    def __init__(self, protocol: RpcServerProtocol, request_id: int | str, method: str, quiet: bool) -> None:
+        self._protocol = protocol
+        self.request_id = request_id
+        self.method = method
+        self._quiet = quiet
+        self.called = False
+
+    def callback(self, result: Any) -> None:
+        if self.called:
+            return
+        self.called = True
+        if self._quiet:
+            self._protocol._finish_quietly(result, self.request_id, self.method)
+        else:
+            self._protocol._finish_ok(result, self.request_id, self.method)
+
+    def errback(self, error: BaseException | Failure) -> None:
+        if self.called:
+            return
+        self.called = True
+        failure = error if isinstance(error, Failure) else Failure(error)
+        self._protocol._finish_error(failure, self.request_id, self.method)
+
+    def cancel(self) -> None:
+        """The connection is gone: nobody is left to answer."""
+        self.called = True
 
 
 class MethodTable:
@@ -646,12 +691,15 @@ class MethodTable:
         args: Sequence[Arg] = (),
         *,
         pass_context: bool = False,
+        takes_reply: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("a method name must be a non-empty str")
         if name in self._methods:
             raise ValueError(f"method {name!r} is already registered in {self.service}")
-        self._methods[name] = Method(name, handler, Schema(args), pass_context)
+        if pass_context and takes_reply:
+            raise ValueError("a handler takes a CallContext or a Reply, not both")
+        self._methods[name] = Method(name, handler, Schema(args), pass_context, takes_reply)
 
     def method(
         self, name: str, *args: Arg, pass_context: bool = False
@@ -780,7 +828,7 @@ class RpcServerProtocol(Protocol):
         self._methods = table._methods
         # Requests whose handler returned a Deferred that has not fired yet.
         # (A synchronous handler finishes before the next frame is read.)
-        self._running: dict[int | str, Deferred[Any]] = {}
+        self._running: dict[int | str, Deferred[Any] | Reply] = {}
         self._backlog: deque[dict[Any, Any]] = deque()
         # Replies produced while we are handling a batch of input go out in
         # one write at the end of it, not one write per reply.
@@ -947,6 +995,17 @@ class RpcServerProtocol(Protocol):
             return
         except Exception:  # a check callable with a bug: that request fails, not the connection
             self._send_error(Failure(), request_id, method_name)
+            return
+        if method.takes_reply:
+            sink = running[request_id] = Reply(self, request_id, method_name, not reply)
+            try:
+                method.handler(sink, **kwargs)
+            except Exception:
+                failure = Failure()
+                if not sink.called:
+                    sink.errback(failure)
+                else:
+                    log.failure("rpc: {method} raised after answering", failure, method=method_name)
             return
         try:
             if method.pass_context:

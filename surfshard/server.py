@@ -70,7 +70,7 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
     t = MethodTable(service="metadata")
     t.add(
         "updatefile",
-        replica.updatefile,
+        replica.updatefile_into,
         [
             NAME_ARG,
             Arg("version", int),
@@ -79,6 +79,8 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
             Arg("seq", int, required=False),
             TIMEOUT_ARG,
         ],
+        # Answered through a Reply: no Deferred per write on a busy leader.
+        takes_reply=True,
     )
     t.add("getfileinfo", replica.getfileinfo, [NAME_ARG, TIMEOUT_ARG])
     t.add("getfileinfomap", replica.getfileinfomap, [TIMEOUT_ARG])

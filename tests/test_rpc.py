@@ -637,6 +637,71 @@ class ClientConnectionTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
 
+class ReplyMethodTests(SynchronousTestCase):
+    """Methods registered with ``takes_reply``: answered through a Reply."""
+
+    def setUp(self) -> None:
+        self.logs = capture_logs(self)
+        self.replies: dict[str, Any] = {}
+        table = MethodTable("test")
+
+        def later(reply: Any, key: str) -> None:
+            if key == "refuse":
+                raise BadRequest("refused before anything was done")
+            if key == "now":
+                reply.callback("at once")
+                return
+            self.replies[key] = reply
+
+        table.add("later", later, [Arg("key", str, max_len=64)], takes_reply=True)
+        self.server = RpcServerProtocol(table, Clock(), ServerLimits())
+        self.transport = StringTransport(peerAddress=PEER)
+        self.server.makeConnection(self.transport)
+
+    def exchange(self, data: bytes) -> list[dict[str, Any]]:
+        self.server.dataReceived(data)
+        return read_frames(self.transport)
+
+    def test_answered_later_or_at_once(self):
+        self.assertEqual(
+            self.exchange(request(1, "later", {"key": "a"}) + request(2, "later", {"key": "now"})),
+            [{"id": 2, "ok": "at once"}],
+        )
+        self.assertEqual(self.server.in_flight, 1)
+        self.replies["a"].callback(7)
+        self.replies["a"].callback(8)  # a second answer is ignored
+        self.assertEqual(read_frames(self.transport), [{"id": 1, "ok": 7}])
+        self.assertEqual(self.server.in_flight, 0)
+
+    def test_errors_get_their_codes(self):
+        self.exchange(request(1, "later", {"key": "a"}))
+        self.replies["a"].errback(VersionMismatch("stale", current=3))
+        [reply] = read_frames(self.transport)
+        self.assertEqual((reply["error"]["code"], reply["error"]["current"]), ("VERSION_MISMATCH", 3))
+        [refused] = self.exchange(request(2, "later", {"key": "refuse"}))
+        self.assertEqual(refused["error"]["code"], "BAD_REQUEST")
+        self.assertEqual(self.server.in_flight, 0)
+
+    def test_connection_loss_cancels_the_reply(self):
+        self.exchange(request(1, "later", {"key": "a"}))
+        self.server.connectionLost(Failure(ConnectionRefusedError()))
+        reply = self.replies["a"]
+        self.assertTrue(reply.called)
+        reply.callback(1)  # nobody to answer: nothing happens
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_one_way_request_is_not_answered(self):
+        self.exchange(request(-1, "later", {"key": "a"}, noreply=True))
+        self.replies["a"].callback("done")
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.server.in_flight, 0)
+
+    def test_reply_and_context_are_exclusive(self):
+        self.assertRaises(
+            ValueError, MethodTable("t").add, "m", lambda c: None, pass_context=True, takes_reply=True
+        )
+
+
 class RecordingSink:
     """A ReplySink that is not a Deferred (``RpcConnection.call_into``)."""
 
