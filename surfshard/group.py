@@ -50,6 +50,7 @@ class MetadataReplica(ReplicaControl):
         self._batch_waiters: list[ReplySink] = []
         self._batch_bytes = 0
         self._batch_timeout = 0.0
+        self._batch_default_timeout = False
         self._batch_call: Any = None
         #: Batches proposed, and the updates they carried (for status).
         self.batches_proposed = 0
@@ -96,19 +97,26 @@ class MetadataReplica(ReplicaControl):
         # Remembered decoded by the state machine: applying it here skips
         # decoding and validating what was just encoded.
         command = self.machine.encode_update(name, version, hashlist, client_id, seq)
-        if not self.batch_updates or not self.is_leader():
+        batch = self._batch
+        if batch:
+            # Leading was checked when the batch began, this turn (were it
+            # lost since, the batch's proposal fails and is retried as any).
+            if len(batch) >= MAX_BATCH_COMMANDS or self._batch_bytes + len(command) > MAX_BATCH_BYTES:
+                self._propose_batch()
+                batch = self._batch
+        if not batch and (not self.batch_updates or not self.is_leader()):
             self._propose_one(command, timeout).addCallbacks(
                 self._one_applied, self._batch_failed, callbackArgs=(reply,), errbackArgs=([reply],)
             )
             return
-        if self._batch and (
-            len(self._batch) >= MAX_BATCH_COMMANDS or self._batch_bytes + len(command) > MAX_BATCH_BYTES
-        ):
-            self._propose_batch()
-        self._batch.append(command)
+        batch.append(command)
         self._batch_waiters.append(reply)
         self._batch_bytes += len(command)
-        self._batch_timeout = max(self._batch_timeout, self.clamp_timeout(timeout))
+        # The longest wait asked for (clamped once, when proposing).
+        if timeout is None:
+            self._batch_default_timeout = True
+        elif timeout > self._batch_timeout:
+            self._batch_timeout = timeout
         if self._batch_call is None:
             self._batch_call = self.reactor.callLater(0, self._propose_batch)
 
@@ -126,8 +134,12 @@ class MetadataReplica(ReplicaControl):
         if self._batch_call is not None and self._batch_call.active():
             self._batch_call.cancel()
         self._batch_call = None
-        commands, waiters, timeout = self._batch, self._batch_waiters, self._batch_timeout
-        self._batch, self._batch_waiters, self._batch_bytes, self._batch_timeout = [], [], 0, 0.0
+        commands, waiters = self._batch, self._batch_waiters
+        timeout = self.clamp_timeout(self._batch_timeout)
+        if self._batch_default_timeout:
+            timeout = max(timeout, self.clamp_timeout(None))
+        self._batch, self._batch_waiters, self._batch_bytes = [], [], 0
+        self._batch_timeout, self._batch_default_timeout = 0.0, False
         if not commands:
             return
         if len(commands) == 1:

@@ -42,6 +42,7 @@ from surfshard.keyspace import (
     validate_version,
 )
 from surfshard.metadata import MAX_CLIENT_ID_BYTES, MetadataStateMachine, encode_update, validate_client
+from surfshard.replica import DEFAULT_CALL_TIMEOUT
 
 SEED = int(os.environ.get("SURFSHARD_SEED", "20240502"))
 H1, H2, H3 = "a1" * 32, "b2" * 32, "0123456789abcdef" * 4
@@ -423,9 +424,11 @@ class ScriptedNode:
         self.failures = list(failures or [])
         self.pending: list[tuple[bytes, defer.Deferred]] = []
         self.proposed: list[bytes] = []
+        self.timeouts: list[float | None] = []
 
     def propose(self, command: bytes, timeout: float | None = None) -> defer.Deferred:
         self.proposed.append(command)
+        self.timeouts.append(timeout)
         if self.failures:
             return defer.fail(self.failures.pop(0))
         d: defer.Deferred = defer.Deferred()
@@ -549,6 +552,16 @@ class UpdateBatchTests(SynchronousTestCase):
         )
         node.commit()
         self.assertEqual([self.successResultOf(w) for w in waiters], [1] * n)
+
+    def test_a_batch_waits_as_long_as_its_most_patient_caller(self) -> None:
+        replica, node, clock = self.replica()
+        replica.updatefile("a", 1, [H1], "c", 1, timeout=1.0)
+        replica.updatefile("b", 1, [H1], "c", 2, timeout=5.0)
+        clock.advance(0)
+        replica.updatefile("c", 1, [H1], "c", 3, timeout=1.0)
+        replica.updatefile("d", 1, [H1], "c", 4)  # no timeout: the server's default
+        clock.advance(0)
+        self.assertEqual(node.timeouts, [5.0, DEFAULT_CALL_TIMEOUT])
 
     def test_a_failed_batch_fails_every_caller(self) -> None:
         replica, _, clock = self.replica(failures=[RaftTimeout("slow")])
