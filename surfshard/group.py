@@ -105,9 +105,7 @@ class MetadataReplica(ReplicaControl):
                 self._propose_batch()
                 batch = self._batch
         if not batch and (not self.batch_updates or not self.is_leader()):
-            self._propose_one(command, timeout).addCallbacks(
-                self._one_applied, self._batch_failed, callbackArgs=(reply,), errbackArgs=([reply],)
-            )
+            self._propose_one_into(reply, command, timeout)
             return
         batch.append(command)
         self._batch_waiters.append(reply)
@@ -120,13 +118,15 @@ class MetadataReplica(ReplicaControl):
         if self._batch_call is None:
             self._batch_call = self.reactor.callLater(0, self._propose_batch)
 
-    def _propose_one(self, command: bytes, timeout: float | None) -> defer.Deferred:
+    def _propose_one_into(self, reply: ReplySink, command: bytes, timeout: float | None) -> None:
+        """Propose one update as an entry of its own; its answer goes to ``reply``."""
         propose = self.node.propose
 
         def attempt(remaining: float) -> defer.Deferred:
             return propose(command, timeout=remaining)
 
-        return self.as_leader(attempt, timeout, self._update_result)
+        d = self.as_leader(attempt, timeout, self._update_result)
+        d.addCallbacks(self._one_applied, self._batch_failed, callbackArgs=(reply,), errbackArgs=([reply],))
 
     def _propose_batch(self) -> None:
         """Propose the batch collected so far (run by the reactor at the end
@@ -143,9 +143,7 @@ class MetadataReplica(ReplicaControl):
         if not commands:
             return
         if len(commands) == 1:
-            self._propose_one(commands[0], timeout).addCallbacks(
-                self._one_applied, self._batch_failed, callbackArgs=(waiters[0],), errbackArgs=(waiters,)
-            )
+            self._propose_one_into(waiters[0], commands[0], timeout)
             return
         batch = self.machine.encode_batch(commands)
         propose = self.node.propose

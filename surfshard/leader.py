@@ -224,6 +224,10 @@ class _FirstAttempt:
         self.inner: defer.Deferred[Any] | None = None
         self.retry: defer.Deferred[Any] | None = None
 
+    @property
+    def called(self) -> bool:
+        return self.result.called
+
     def callback(self, value: Any) -> None:
         if not self.result.called:  # else cancelled meanwhile
             self.caller.leader = self.address

@@ -1244,7 +1244,12 @@ def encode_notification(
 
 class ReplySink(typing.Protocol):
     """Where the outcome of a call goes: a Deferred, or anything that takes
-    a result and an exception the same way (see ``RpcConnection.call_into``)."""
+    a result and an exception the same way (see ``RpcConnection.call_into``
+    and ``Reply``). ``called``: it has its outcome already (or was
+    cancelled), so answering it again does nothing useful."""
+
+    @property
+    def called(self) -> bool: ...
 
     def callback(self, result: Any) -> object: ...
 
