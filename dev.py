@@ -82,6 +82,18 @@ def run_tests(args: list[str]) -> int:
     return rc
 
 
+def hand_over(argv: list[str]) -> int:
+    """Become ``argv`` (exec), so that Ctrl-C reaches only the program that
+    stops its own children by pid. Waiting on it instead would have this
+    process's Ctrl-C handling kill it (subprocess.call does) mid-clean-up,
+    leaving its children running."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if hasattr(os, "execv"):
+        os.execv(argv[0], argv)  # does not return
+    return subprocess.call(argv)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -94,11 +106,11 @@ def main(argv: list[str]) -> int:
     if command == "test":
         return run_tests(rest)
     if command == "up":
-        return subprocess.call([str(BIN / "surfshard"), "up", *rest])
+        return hand_over([str(BIN / "surfshard"), "up", *rest])
     if command == "bench":
         if not rest:
             sys.exit("usage: python3 dev.py bench NAME [ARGS...]")
-        return subprocess.call([str(PY), str(ROOT / "benchmarks" / f"{rest[0]}.py"), *rest[1:]])
+        return hand_over([str(PY), str(ROOT / "benchmarks" / f"{rest[0]}.py"), *rest[1:]])
     print(__doc__)
     return 2
 
