@@ -25,7 +25,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import cbor2
 from twisted.internet import defer
@@ -107,7 +107,72 @@ class SimTransport:
         """Nothing to do: ``send`` hands each message over at once."""
 
 
-class SimNetwork:
+K = TypeVar("K")
+
+
+class Reachability(Generic[K]):
+    """Who reaches whom in a simulated network: a partition into groups,
+    endpoints isolated from everyone, and cut links, the three combined.
+
+    ``unlisted_reach_all`` is what a partition does to an endpoint that
+    none of its groups lists: reach no one (a Raft node left out of every
+    group) or everyone (an RPC test's clients, which keep talking to both
+    sides of a partitioned group). An endpoint always reaches itself.
+    """
+
+    def __init__(self, unlisted_reach_all: bool) -> None:
+        self._unlisted_reach_all = unlisted_reach_all
+        self._groups: dict[K, int] | None = None
+        self._isolated: set[K] = set()
+        self._cut: set[tuple[K, K]] = set()
+
+    def partition(self, *groups: Iterable[K]) -> None:
+        """Listed endpoints reach only their own group (unlisted ones: see
+        the class). Replaces any earlier partition, isolation or cut."""
+        self._isolated.clear()
+        self._cut.clear()
+        self._groups = {member: gi for gi, group in enumerate(groups) for member in group}
+
+    def isolate(self, endpoint: K) -> None:
+        """Cut ``endpoint`` off from everyone (on top of any partition)."""
+        self._isolated.add(endpoint)
+
+    @property
+    def isolated(self) -> frozenset[K]:
+        """Endpoints currently cut off by ``isolate``."""
+        return frozenset(self._isolated)
+
+    def reconnect(self, endpoint: K) -> None:
+        """Undo ``isolate(endpoint)`` and any ``cut`` touching it (not a partition)."""
+        self._isolated.discard(endpoint)
+        self._cut = {link for link in self._cut if endpoint not in link}
+
+    def cut(self, a: K, b: K, *, both_ways: bool = True) -> None:
+        """Drop everything a -> b (and b -> a unless ``both_ways`` is False)."""
+        self._cut.add((a, b))
+        if both_ways:
+            self._cut.add((b, a))
+
+    def heal(self) -> None:
+        """Everyone reaches everyone again (loss and delays stay as set)."""
+        self._groups = None
+        self._isolated.clear()
+        self._cut.clear()
+
+    def connected(self, frm: K, to: K) -> bool:
+        if frm == to:
+            return True
+        if frm in self._isolated or to in self._isolated or (frm, to) in self._cut:
+            return False
+        if self._groups is not None:
+            g, h = self._groups.get(frm), self._groups.get(to)
+            if g is None or h is None:
+                return self._unlisted_reach_all
+            return g == h
+        return True
+
+
+class SimNetwork(Reachability[int]):
     """Seeded lossy, delaying, duplicating, reordering, partitionable network.
 
     Every message is serialized to CBOR and parsed back on delivery (so what
@@ -123,9 +188,8 @@ class SimNetwork:
         self.faults = faults
         self._link_faults: dict[tuple[int, int], LinkFaults] = {}
         self._transports: dict[int, SimTransport] = {}
-        self._groups: dict[int, int] | None = None
-        self._isolated: set[int] = set()
-        self._cut: set[tuple[int, int]] = set()
+        #: Who reaches whom: a node no partition group lists reaches no one.
+        Reachability.__init__(self, unlisted_reach_all=False)
         #: Messages sent, keyed by (type, from, to).
         self.sent: Counter[tuple[MessageType, int, int]] = Counter()
         self.delivered = 0
@@ -210,47 +274,6 @@ class SimNetwork:
             self._link_faults[(frm, to)] = faults
 
     # -- connectivity -------------------------------------------------------------------
-
-    def partition(self, *groups: Iterable[int]) -> None:
-        """Only nodes of the same group reach each other; a node in no group
-        reaches no one.  Replaces any earlier partition, isolation or cut."""
-        self._isolated.clear()
-        self._cut.clear()
-        self._groups = {node: gi for gi, group in enumerate(groups) for node in group}
-
-    def isolate(self, node: int) -> None:
-        """Cut ``node`` off from everyone (on top of any partition)."""
-        self._isolated.add(node)
-
-    @property
-    def isolated(self) -> frozenset[int]:
-        """Nodes currently cut off by ``isolate``."""
-        return frozenset(self._isolated)
-
-    def reconnect(self, node: int) -> None:
-        """Undo ``isolate(node)`` and any ``cut`` touching it (not a partition)."""
-        self._isolated.discard(node)
-        self._cut = {link for link in self._cut if node not in link}
-
-    def cut(self, a: int, b: int, *, both_ways: bool = True) -> None:
-        """Drop everything a -> b (and b -> a unless ``both_ways`` is False)."""
-        self._cut.add((a, b))
-        if both_ways:
-            self._cut.add((b, a))
-
-    def heal(self) -> None:
-        """Everyone reaches everyone again (faults stay as set)."""
-        self._groups = None
-        self._isolated.clear()
-        self._cut.clear()
-
-    def connected(self, frm: int, to: int) -> bool:
-        if frm in self._isolated or to in self._isolated or (frm, to) in self._cut:
-            return False
-        if self._groups is not None:
-            g = self._groups.get(frm)
-            return g is not None and g == self._groups.get(to)
-        return True
 
     # -- counters -------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from raft.simnet import Reachability
 from surfshard import wire
 from surfshard.errors import BadRequest, Internal, Timeout, Unavailable, error_from_wire
 from surfshard.rpc import MethodTable, RpcServerProtocol, ServerLimits
@@ -289,7 +290,7 @@ class SimRpcPool:
         return defer.succeed(None)
 
 
-class SimRpcNetwork:
+class SimRpcNetwork(Reachability[str]):
     """Seeded, lossy, delaying, partitionable native RPC on one ``Clock``.
 
     Endpoints are strings: server addresses (``register``) and pool names
@@ -319,9 +320,8 @@ class SimRpcNetwork:
         self.refuse_delay = refuse_delay
         self.set_faults(delay=delay, drop_request=drop_request, drop_reply=drop_reply)
         self._servers: dict[str, _Server] = {}
-        self._groups: dict[str, int] | None = None
-        self._isolated: set[str] = set()
-        self._cut: set[tuple[str, str]] = set()
+        # Endpoints no partition group lists (the clients) reach everyone.
+        Reachability.__init__(self, unlisted_reach_all=True)
         # Counters, for tests that must show a fault actually happened.
         self.requests = 0
         self.replies = 0
@@ -376,45 +376,6 @@ class SimRpcNetwork:
                 if not 0.0 <= p <= 1.0:
                     raise ValueError(f"{name} must be a probability, not {p!r}")
                 setattr(self, name, p)
-
-    def partition(self, *groups: Iterable[str]) -> None:
-        """Listed endpoints reach only their own group; unlisted ones reach
-        everyone. Replaces any earlier partition, isolation or cut."""
-        self._isolated.clear()
-        self._cut.clear()
-        self._groups = {name: gi for gi, group in enumerate(groups) for name in group}
-
-    def isolate(self, name: str) -> None:
-        """Cut ``name`` off from every other endpoint."""
-        self._isolated.add(name)
-
-    def reconnect(self, name: str) -> None:
-        """Undo ``isolate(name)`` and every cut touching it (not a partition)."""
-        self._isolated.discard(name)
-        self._cut = {link for link in self._cut if name not in link}
-
-    def cut(self, a: str, b: str, *, both_ways: bool = True) -> None:
-        """Nothing gets from a to b (nor b to a unless ``both_ways`` is False)."""
-        self._cut.add((a, b))
-        if both_ways:
-            self._cut.add((b, a))
-
-    def heal(self) -> None:
-        """Everyone reaches everyone (drop rates and delays stay as set)."""
-        self._groups = None
-        self._isolated.clear()
-        self._cut.clear()
-
-    def connected(self, frm: str, to: str) -> bool:
-        if frm == to:
-            return True
-        if frm in self._isolated or to in self._isolated or (frm, to) in self._cut:
-            return False
-        if self._groups is not None:
-            g, h = self._groups.get(frm), self._groups.get(to)
-            if g is not None and h is not None and g != h:
-                return False
-        return True
 
     # -- delivery -------------------------------------------------------------
 
