@@ -453,7 +453,8 @@ class DeposedLeaderTests(GroupTestCase):
 class ExactlyOnceTests(GroupTestCase):
     def exactly_once(
         self, seed: int, updates_per_client: int = 12, clients: int = 4, fail_leaders: bool = False
-    ) -> None:
+    ) -> int:
+        """Returns how many committed entries were batches of updates."""
         # Small snapshots: dedup sessions must survive snapshot install and restarts.
         g = self.group(3, seed, snapshot_entries=16)
         g.wait_for_leader()
@@ -489,12 +490,8 @@ class ExactlyOnceTests(GroupTestCase):
         # log (a retry after the answer was lost) and were answered from the
         # dedup table instead of being applied again.
         self.assertGreater(g.rpc.replies_dropped, 0)
-        repeats = Counter(
-            (command["client"], command["seq"])
-            for _term, data in g.cluster.committed.values()
-            if data is not None
-            for command in updates_in(cbor2.loads(data))
-        )
+        entries = [cbor2.loads(data) for _term, data in g.cluster.committed.values() if data is not None]
+        repeats = Counter((command["client"], command["seq"]) for e in entries for command in updates_in(e))
         retried = sum(1 for n in repeats.values() if n > 1)
         self.assertGreater(retried, 0, f"seed={seed}: no committed retry; the test proved nothing")
         g.rpc.set_faults(drop_reply=0.0, drop_request=0.0)
@@ -509,6 +506,7 @@ class ExactlyOnceTests(GroupTestCase):
                 self.assertEqual(
                     machine.version_of(f"own-{name}"), updates_per_client, f"seed={seed} node {i}"
                 )
+        return sum(1 for e in entries if e["op"] == "batch")
 
     def fail_leaders_until(self, g: SimReplicaGroup, seed: int, done: list[Deferred[Any]]) -> None:
         """Every second or so, restart, crash (for a while) or depose the
@@ -537,6 +535,16 @@ class ExactlyOnceTests(GroupTestCase):
 
     def test_exactly_once_across_leader_failures(self) -> None:
         self.seeded(sim_seeds(2), lambda seed: self.exactly_once(seed, fail_leaders=True))
+
+    def test_exactly_once_with_updates_batched_across_leader_failures(self) -> None:
+        """Enough writers at once that the leader packs their updates into
+        batch entries, which then get lost, retried and re-proposed."""
+
+        def body(seed: int) -> None:
+            batches = self.exactly_once(seed, updates_per_client=6, clients=16, fail_leaders=True)
+            self.assertGreater(batches, 0, f"seed={seed}: no batch was committed; the test proved nothing")
+
+        self.seeded(sim_seeds(2), body)
 
 
 # ---------------------------------------------------------------------------
