@@ -2,7 +2,7 @@
 
     python benchmarks/_metadata_load.py ADDRESS ADDRESS ADDRESS
 
-Runs N concurrent writers, each a ``client.metadata.MetadataClient`` (its own
+Runs N concurrent writers, each a ``client.metadata_client.MetadataClient`` (its own
 client id, sequence numbers and leader guess) over one shared
 ``RpcClientPool``, so the N calls in flight are pipelined on one connection
 per server. Writer ``i`` cycles over its own few files and always writes
@@ -45,10 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet import defer, reactor, stdio
 from twisted.protocols.basic import LineReceiver
 
-from client.metadata import MetadataClient
+from client.metadata_client import MetadataClient
 from surfshard import errors
 from surfshard.clock import use_monotonic_clock
-from surfshard.rpc import RpcClientPool
+from surfshard.net.pool import RpcClientPool
 
 FILES_PER_WRITER = 8
 #: A realistic small file: four 64-hex-character block hashes.

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raft.simnet import measure_failover, summarize
+from raft.testing.simnet import measure_failover, summarize
 
 
 def main(argv: list[str] | None = None) -> int:

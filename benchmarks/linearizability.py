@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from surfshard.linearizability import GET, UNKNOWN, UPDATE, Mismatch, Operation, check
+from surfshard.testing.linearizability import GET, UNKNOWN, UPDATE, Mismatch, Operation, check
 
 
 def generate(

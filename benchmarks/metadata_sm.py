@@ -95,10 +95,10 @@ def measure(writes: int, repeats: int) -> dict[str, float]:
     """Microseconds per write for each path, in the tree on sys.path."""
     from twisted.internet import task
 
-    from surfshard import metadata as metadata_module
-    from surfshard.group import MetadataReplica
-    from surfshard.metadata import MetadataStateMachine, encode_update
-    from surfshard.server import metadata_methods
+    from surfshard.metadata import state as metadata_module
+    from surfshard.metadata.replica import MetadataReplica
+    from surfshard.metadata.service import metadata_methods
+    from surfshard.metadata.state import MetadataStateMachine, encode_update
 
     work = workload(writes)
     results: dict[str, float] = {}

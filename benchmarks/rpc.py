@@ -51,9 +51,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from surfshard import wire
-from surfshard.port import listen, make_site, node_factory
-from surfshard.rpc import Arg, MethodTable, RpcClientPool, RpcServerFactory
+from surfshard.net import wire
+from surfshard.net.methods import MethodTable
+from surfshard.net.pool import RpcClientPool
+from surfshard.net.port import listen, make_site, node_factory
+from surfshard.net.schema import Arg
+from surfshard.net.server import RpcServerFactory
 
 LEVELS = (1, 64)
 _PREFIX = struct.Struct(">I")

@@ -298,7 +298,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from client.cluster import CLIENT_CERT_NAME
     from surfshard.config import parse_address
-    from surfshard.tls import generate_dev_pki
+    from surfshard.net.tls import generate_dev_pki
 
     cluster = _load(args)
     names: dict[str, str] = {}

@@ -15,12 +15,12 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from client.metadata import MetadataClient
+from client.metadata_client import MetadataClient
 from surfshard import errors
 from surfshard.config import ClusterConfig
-from surfshard.rpc import RpcClientPool
+from surfshard.net.pool import RpcClientPool
+from surfshard.net.tls import TLSFiles
 from surfshard.shardmap import ShardMap
-from surfshard.tls import TLSFiles
 
 #: The certificate name a command-line client presents when TLS is on.
 CLIENT_CERT_NAME = "client"
@@ -73,7 +73,7 @@ class ClusterClient:
     @property
     def shardmaster(self) -> Any:
         if self._shardmaster is None:
-            from client.shardmaster import ShardMasterClient
+            from client.shardmaster_client import ShardMasterClient
 
             self._shardmaster = ShardMasterClient(
                 self.pool,

@@ -60,7 +60,7 @@ from shardmaster import rebalance
 from surfshard.config import parse_address
 from surfshard.errors import BadRequest, ErrorCode
 from surfshard.keyspace import MAX_SHARDS
-from surfshard.metadata import validate_client
+from surfshard.metadata.state import validate_client
 from surfshard.shardmap import UNASSIGNED, ShardMap
 
 #: Version of the snapshot encoding.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from surfshard.config import ClusterConfig
-from surfshard.tapoptions import NodeOptions
+from surfshard.replica.options import NodeOptions
 
 
 class Options(NodeOptions):
@@ -21,7 +21,7 @@ class Options(NodeOptions):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    from shardmaster.server import ShardMasterService
+    from shardmaster.service import ShardMasterService
     from surfshard.clock import use_monotonic_clock
 
     use_monotonic_clock(reactor)

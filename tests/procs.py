@@ -40,8 +40,8 @@ from typing import Any, TypeVar
 
 from twisted.trial.unittest import FailTest
 
-from surfshard import wire
 from surfshard.errors import Unavailable, error_from_wire
+from surfshard.net import wire
 
 T = TypeVar("T")
 

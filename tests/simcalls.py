@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from surfshard.simrpc import SimReplicaGroup, resolve
+from surfshard.testing.simrpc import SimReplicaGroup, resolve
 
 
 class SimGroupTestCase(SynchronousTestCase):

@@ -21,10 +21,11 @@ from typing import Any
 import cbor2
 from twisted.trial.unittest import SynchronousTestCase
 
-from surfshard import errors, wire
+from surfshard import errors
 from surfshard.errors import ErrorCode
-from surfshard.facade import FAULT_CODES
 from surfshard.keyspace import MAX_HASHLIST
+from surfshard.metadata.facade import FAULT_CODES
+from surfshard.net import wire
 from tests import procs
 
 HASH = "ab" * 32

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from surfshard import errors
-from surfshard.blockstore import MAX_BLOCK_BYTES, BlockStore, blockstore_methods
-from surfshard.simrpc import SimRpcNetwork, resolve
+from surfshard.blocks.store import MAX_BLOCK_BYTES, BlockStore, blockstore_methods
+from surfshard.testing.simrpc import SimRpcNetwork, resolve
 
 
 class BlockStoreTests(SynchronousTestCase):

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from surfshard import errors
-from surfshard.leader import LeaderCaller
+from surfshard.replica.leader_caller import LeaderCaller
 
 ADDRESSES = ["a:1", "b:1", "c:1"]
 

@@ -1,4 +1,4 @@
-"""Tests for surfshard.linearizability, the checker every layer's tests rely on.
+"""Tests for surfshard.testing.linearizability, the checker every layer's tests rely on.
 
 A checker that accepts everything would make every other test suite pass
 vacuously, so the rejections matter as much as the acceptances: each
@@ -19,7 +19,7 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from surfshard.linearizability import (
+from surfshard.testing.linearizability import (
     GET,
     UNKNOWN,
     UPDATE,

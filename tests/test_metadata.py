@@ -1,4 +1,4 @@
-"""Tests for surfshard.metadata.MetadataStateMachine."""
+"""Tests for surfshard.metadata.state.MetadataStateMachine."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from raft.interfaces import IStateMachine
-from surfshard import metadata
 from surfshard.errors import BadRequest, WrongGroup
 from surfshard.keyspace import shard_of
-from surfshard.metadata import MetadataStateMachine, encode_update
+from surfshard.metadata import state as metadata
+from surfshard.metadata.state import MetadataStateMachine, encode_update
 
 SEED = int(os.environ.get("SURFSHARD_SEED", "20240501"))
 

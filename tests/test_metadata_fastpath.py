@@ -28,9 +28,8 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from raft.errors import ProposalDropped, RaftTimeout
-from surfshard import errors, metadata
+from surfshard import errors
 from surfshard.errors import BadRequest
-from surfshard.group import MetadataReplica
 from surfshard.keyspace import (
     MAX_FILENAME_BYTES,
     MAX_HASHLIST,
@@ -41,8 +40,10 @@ from surfshard.keyspace import (
     validate_hashlist,
     validate_version,
 )
-from surfshard.metadata import MAX_CLIENT_ID_BYTES, MetadataStateMachine, encode_update, validate_client
-from surfshard.replica import DEFAULT_CALL_TIMEOUT
+from surfshard.metadata import state as metadata
+from surfshard.metadata.replica import MetadataReplica
+from surfshard.metadata.state import MAX_CLIENT_ID_BYTES, MetadataStateMachine, encode_update, validate_client
+from surfshard.replica.control import DEFAULT_CALL_TIMEOUT
 
 SEED = int(os.environ.get("SURFSHARD_SEED", "20240502"))
 H1, H2, H3 = "a1" * 32, "b2" * 32, "0123456789abcdef" * 4

@@ -1,12 +1,12 @@
 """A metadata replica group in simulated time, driven by the real client.
 
-Each group is ``SimReplicaGroup``: n RaftNodes over ``raft.simnet`` (Raft
+Each group is ``SimReplicaGroup``: n RaftNodes over ``raft.testing.simnet`` (Raft
 messages), a ``MetadataStateMachine`` and a ``MetadataReplica`` per live
 node, the real native method table served on a ``SimRpcNetwork``, and
 ``MetadataClient``s (``LeaderCaller``: leader hints, retries, backoff) on
 simulated pools. Everything runs on one ``Clock`` advanced in small steps.
 
-Randomized tests take their seeds from ``raft.simnet.sim_seeds``:
+Randomized tests take their seeds from ``raft.testing.simnet.sim_seeds``:
 ``RAFT_SEEDS=20`` runs more seeds, ``RAFT_SEED=7`` replays seed 7 alone;
 every failure message names its seed.
 """
@@ -24,8 +24,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from client.metadata import MetadataClient
-from raft.simnet import InvariantViolation, sim_seeds
+from client.metadata_client import MetadataClient
+from raft.testing.simnet import InvariantViolation, sim_seeds
 from surfshard.errors import (
     BadRequest,
     Crashed,
@@ -36,12 +36,12 @@ from surfshard.errors import (
     Unavailable,
     VersionMismatch,
 )
-from surfshard.group import MetadataReplica
 from surfshard.keyspace import TOMBSTONE
-from surfshard.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
-from surfshard.metadata import MetadataStateMachine
-from surfshard.server import metadata_methods
-from surfshard.simrpc import SimReplicaGroup, resolve
+from surfshard.metadata.replica import MetadataReplica
+from surfshard.metadata.service import metadata_methods
+from surfshard.metadata.state import MetadataStateMachine
+from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
+from surfshard.testing.simrpc import SimReplicaGroup, resolve
 from tests.simcalls import SimGroupTestCase
 
 #: Errors after which a call's outcome is unknown to the caller.

@@ -1,4 +1,4 @@
-"""Tests for surfshard.port: one port serving the native protocol and HTTP,
+"""Tests for surfshard.net.port: one port serving the native protocol and HTTP,
 told apart by the first bytes; the live bad-input tests of test_rpc run
 again through the shared port."""
 
@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from surfshard.port import (
+from surfshard.net.pool import RpcClientPool
+from surfshard.net.port import (
     HTTP_METHODS,
     NodePortFactory,
     NodeRoot,
@@ -27,8 +28,8 @@ from surfshard.port import (
     make_site,
     node_factory,
 )
-from surfshard.rpc import RpcClientPool, RpcServerFactory, RpcServerProtocol, ServerLimits
-from surfshard.wire import FrameDecoder
+from surfshard.net.server import RpcServerFactory, RpcServerProtocol, ServerLimits
+from surfshard.net.wire import FrameDecoder
 from tests import test_rpc
 from tests.test_rpc import LiveServer, Waits, capture_logs, make_table, request, wait_for
 

@@ -3,7 +3,7 @@ over SimNetwork, in the manner of the MIT 6.824 Raft labs, plus the features
 this library adds (pre-vote, check-quorum, ReadIndex, leader transfer, group
 commit, snapshots, SurfStore-style crash/restore).
 
-Randomized tests take their seeds from ``raft.simnet.sim_seeds``:
+Randomized tests take their seeds from ``raft.testing.simnet.sim_seeds``:
 ``RAFT_SEEDS=200`` runs more seeds (``RAFT_SEED_BASE=5000`` starts them
 elsewhere), ``RAFT_SEED=17`` replays seed 17 alone; every failure message
 names its seed.
@@ -20,7 +20,8 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
-from raft.simnet import (
+from raft.storage import DiskStorage
+from raft.testing.simnet import (
     InvariantViolation,
     LinkFaults,
     RecordingStateMachine,
@@ -28,7 +29,6 @@ from raft.simnet import (
     measure_failover,
     sim_seeds,
 )
-from raft.storage import DiskStorage
 from raft.types import MessageType, Role
 
 # Default timing: 50 ms ticks, elections after 6..12 ticks without a leader.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from raft.simnet import Reachability
+from raft.testing.simnet import Reachability
 
 
 class ReachabilityTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout
 from surfshard import errors
-from surfshard.replica import ReplicaControl
+from surfshard.replica.control import ReplicaControl
 
 ADDRESSES = {1: "127.0.0.1:7001", 2: "127.0.0.1:7002", 3: "127.0.0.1:7003"}
 

@@ -1,4 +1,4 @@
-"""Tests for surfshard.rpc: argument validation, the server and client
+"""Tests for surfshard.net (schema, methods, server, pool): argument validation, the server and client
 protocols in memory (StringTransport, iosim, Clock), the client pool's
 backoff in simulated time, and a live server on 127.0.0.1 fed bad input
 while a well-behaved client keeps being answered."""
@@ -35,18 +35,11 @@ from surfshard.errors import (
     UnknownMethod,
     VersionMismatch,
 )
-from surfshard.rpc import (
-    Arg,
-    MethodTable,
-    RpcClientPool,
-    RpcConnection,
-    RpcServerFactory,
-    RpcServerProtocol,
-    Schema,
-    ServerLimits,
-    Value,
-)
-from surfshard.wire import FrameDecoder, encode_frame
+from surfshard.net.methods import MethodTable
+from surfshard.net.pool import RpcClientPool, RpcConnection
+from surfshard.net.schema import Arg, Schema, Value
+from surfshard.net.server import RpcServerFactory, RpcServerProtocol, ServerLimits
+from surfshard.net.wire import FrameDecoder, encode_frame
 
 # Randomised inputs come from this seed; set SURFSHARD_SEED to explore
 # others (and to replay a reported failure).

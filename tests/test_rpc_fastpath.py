@@ -21,20 +21,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from raft.errors import NodeCrashed
 from raft.types import Entry, Message, MessageType
-from surfshard import errors, wire
-from surfshard.raft_transport import MAX_BATCH_BYTES, RpcRaftTransport
-from surfshard.rpc import (
-    Arg,
-    MethodTable,
-    RpcClientPool,
-    RpcServerFactory,
-    RpcServerProtocol,
-    Schema,
-    ServerLimits,
-    Value,
-    _Invalid,
-    encode_notification,
-)
+from surfshard import errors
+from surfshard.net import wire
+from surfshard.net.methods import MethodTable
+from surfshard.net.pool import RpcClientPool, encode_notification
+from surfshard.net.schema import Arg, Schema, Value, _Invalid
+from surfshard.net.server import RpcServerFactory, RpcServerProtocol, ServerLimits
+from surfshard.replica.raft_transport import MAX_BATCH_BYTES, RpcRaftTransport
 from tests.test_rpc import PEER, capture_logs, make_table, read_frames, request, wait_for
 
 SEED = int(os.environ.get("SURFSHARD_SEED", "20240501"))

@@ -1,6 +1,6 @@
 """The ShardMaster as a service, in simulated time, driven by the real client.
 
-Each test runs a ``SimReplicaGroup``: n RaftNodes over ``raft.simnet``
+Each test runs a ``SimReplicaGroup``: n RaftNodes over ``raft.testing.simnet``
 (Raft messages), a ``ShardMasterStateMachine`` and a ``ShardMasterReplica``
 per live node, the real ShardMaster method table served on a
 ``SimRpcNetwork`` (the real ``RpcServerProtocol`` dispatch and validation),
@@ -23,7 +23,7 @@ What is shown:
 - a deposed leader neither answers a query from its stale map nor refuses a
   write from it.
 
-Randomized tests take their seeds from ``raft.simnet.sim_seeds``:
+Randomized tests take their seeds from ``raft.testing.simnet.sim_seeds``:
 ``RAFT_SEEDS=20`` runs more seeds, ``RAFT_SEED=7`` replays seed 7 alone;
 every failure message names its seed.
 """
@@ -41,14 +41,14 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from client.shardmaster import ShardMasterClient
-from raft.simnet import InvariantViolation, sim_seeds
+from client.shardmaster_client import ShardMasterClient
+from raft.testing.simnet import InvariantViolation, sim_seeds
 from shardmaster import rebalance
-from shardmaster.server import ShardMasterReplica, shardmaster_methods
+from shardmaster.service import ShardMasterReplica, shardmaster_methods
 from shardmaster.state import ShardMasterStateMachine
 from surfshard.errors import BadRequest, Crashed, NotLeader, Timeout, Unavailable
 from surfshard.shardmap import UNASSIGNED, ShardMap
-from surfshard.simrpc import SimReplicaGroup, resolve
+from surfshard.testing.simrpc import SimReplicaGroup, resolve
 from tests.simcalls import SimGroupTestCase
 
 #: The lab's shard count.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from surfshard.metadata import MetadataStateMachine, encode_config, encode_update
+from surfshard.metadata.shardwatch import plan_config
+from surfshard.metadata.state import MetadataStateMachine, encode_config, encode_update
 from surfshard.shardmap import ShardMap
-from surfshard.shardwatch import plan_config
 
 H = "ab" * 32
 GROUPS = {1: ("127.0.0.1:1",), 2: ("127.0.0.1:2",)}

@@ -26,8 +26,9 @@ from surfshard.errors import (
     UnknownMethod,
     VersionMismatch,
 )
-from surfshard.rpc import Arg, CallContext, MethodTable, Value
-from surfshard.simrpc import SimRpcNetwork, resolve
+from surfshard.net.methods import CallContext, MethodTable
+from surfshard.net.schema import Arg, Value
+from surfshard.testing.simrpc import SimRpcNetwork, resolve
 
 STEP = 0.001
 

@@ -45,7 +45,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from surfshard.errors import ErrorCode
-from surfshard.facade import FAULT_CODES
+from surfshard.metadata.facade import FAULT_CODES
 from tests import procs
 
 #: The scenario's own deadlines (the Raft defaults elect in a few hundred ms).

@@ -1,4 +1,4 @@
-"""Tests for surfshard.tls: the development PKI, and mutual TLS on the
+"""Tests for surfshard.net.tls: the development PKI, and mutual TLS on the
 shared port: a client with a CA-signed certificate gets native RPC and HTTP
 on one port; no certificate, a self-signed one or another CA's is refused
 (and the refusal logged); a client refuses a server it cannot verify."""
@@ -24,9 +24,10 @@ from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from surfshard.errors import Unavailable
-from surfshard.port import make_site, node_factory
-from surfshard.rpc import RpcClientPool, RpcConnection, RpcServerFactory, ServerLimits, tune_socket
-from surfshard.tls import TLSFiles, client_options, client_options_from_files, generate_dev_pki
+from surfshard.net.pool import RpcClientPool, RpcConnection
+from surfshard.net.port import make_site, node_factory
+from surfshard.net.server import RpcServerFactory, ServerLimits, tune_socket
+from surfshard.net.tls import TLSFiles, client_options, client_options_from_files, generate_dev_pki
 from tests.test_port import http_get
 from tests.test_rpc import capture_logs, make_table, wait_for
 

@@ -1,4 +1,4 @@
-"""Tests for surfshard.wire: the frame codec is the first thing untrusted
+"""Tests for surfshard.net.wire: the frame codec is the first thing untrusted
 bytes meet, so besides round trips it is tested for what it refuses, and for
 refusing early (a 4 GiB length prefix must cost nothing)."""
 
@@ -15,8 +15,8 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from surfshard import wire
-from surfshard.wire import (
+from surfshard.net import wire
+from surfshard.net.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     FrameDecoder,
     FrameEncodeError,

@@ -8,7 +8,7 @@ from twisted.application.service import ServiceMaker
 
 surfshard = ServiceMaker(
     "SurfShard metadata replica",
-    "surfshard.tap",
+    "surfshard.metadata.tap",
     "One replica of a SurfShard metadata group (SurfStore metadata on Raft).",
     "surfshard",
 )
@@ -22,7 +22,7 @@ shardmaster = ServiceMaker(
 
 surfblock = ServiceMaker(
     "SurfShard block store",
-    "surfshard.blocktap",
+    "surfshard.blocks.tap",
     "A SurfStore block store: content-addressed blocks by SHA-256.",
     "surfblock",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from surfshard.config import ClusterConfig
-from surfshard.tapoptions import NodeOptions
+from surfshard.replica.options import NodeOptions
 
 
 class Options(NodeOptions):
@@ -17,7 +17,7 @@ class Options(NodeOptions):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    from surfshard.blockstore import BlockStoreService
+    from surfshard.blocks.store import BlockStoreService
     from surfshard.clock import use_monotonic_clock
 
     use_monotonic_clock(reactor)

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from surfshard.leader import LeaderCaller
+from surfshard.replica.leader_caller import LeaderCaller
 
 
 class GroupClient:

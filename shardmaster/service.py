@@ -12,9 +12,11 @@ from twisted.internet import defer
 from shardmaster.state import ShardMasterStateMachine, encode_join, encode_leave, encode_move
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind
-from surfshard.metadata import validate_client
-from surfshard.replica import TIMEOUT_ARG, ReplicaControl, ReplicaService
-from surfshard.rpc import Arg, MethodTable, Value
+from surfshard.metadata.state import validate_client
+from surfshard.net.methods import MethodTable
+from surfshard.net.schema import Arg, Value
+from surfshard.replica.control import TIMEOUT_ARG, ReplicaControl
+from surfshard.replica.service import ReplicaService
 
 CLIENT_ARGS = [
     Arg("client_id", str, required=False, min_len=1, max_len=128),

@@ -24,9 +24,11 @@ from twisted.web import xmlrpc
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
 from surfshard.keyspace import validate_block_hash
-from surfshard.port import NodeRoot, listen_now, make_site, node_factory
-from surfshard.rpc import Arg, MethodTable, RpcServerFactory, Value
-from surfshard.tls import TLSFiles
+from surfshard.net.methods import MethodTable
+from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
+from surfshard.net.schema import Arg, Value
+from surfshard.net.server import RpcServerFactory
+from surfshard.net.tls import TLSFiles
 
 #: Largest block accepted (SurfStore clients use 4 KiB blocks by default).
 MAX_BLOCK_BYTES = 4 * 1024 * 1024
@@ -117,7 +119,7 @@ class BlockStoreXMLRPC(xmlrpc.XMLRPC):
         self.store = store
 
     def _guard(self, call: Any, *args: Any) -> defer.Deferred:
-        from surfshard.facade import to_fault
+        from surfshard.metadata.facade import to_fault
 
         def fault(failure: Any) -> Any:
             if failure.check(errors.SurfShardError):

@@ -98,7 +98,7 @@ _UPDATE_KEYS = frozenset({"op", "name", "version", "hashlist", "client", "seq"})
 #: Move this group to shard map ``num``: take ownership of ``adopt`` (shards
 #: that were unassigned, so they start empty). Moving a shard that holds data
 #: between groups needs migration, which is not implemented yet: such maps
-#: are not proposed (see ``surfshard.shardwatch``).
+#: are not proposed (see ``surfshard.metadata.shardwatch``).
 OP_CONFIG = "config"
 _CONFIG_KEYS = frozenset({"op", "num", "adopt"})
 #: Several updates in one Raft entry, applied in order, each exactly as if

@@ -3,7 +3,7 @@
 Wire form (peer traffic only; clients never send it): all the messages for
 one peer that Raft produces in one reactor turn travel as ONE one-way
 request, ``{"id", "method": "raft", "args": {"group", "msgs": [msg, ...]},
-"noreply": true}`` (see ``surfshard.rpc.encode_notification``).  The
+"noreply": true}`` (see ``surfshard.net.pool.encode_notification``).  The
 receiver sends nothing back when it takes them: Raft's answers are messages
 of their own, sent back the same way, so a reply per message only cost a
 frame each way.  A refusal still comes back as an error reply (a crashed
@@ -31,8 +31,9 @@ from zope.interface import implementer
 from raft.errors import NodeCrashed
 from raft.interfaces import ITransport
 from raft.types import Message
-from surfshard import errors, wire
-from surfshard.rpc import Arg, Value
+from surfshard import errors
+from surfshard.net import wire
+from surfshard.net.schema import Arg, Value
 
 #: Messages in one batch, at most (a receiver refuses longer batches).
 MAX_BATCH_MESSAGES = 1024

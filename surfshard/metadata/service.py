@@ -6,14 +6,16 @@ import random
 from typing import Any
 
 from surfshard.config import ClusterConfig, NodeKind
-from surfshard.facade import RPC2
-from surfshard.group import MetadataReplica
 from surfshard.keyspace import MAX_HASHLIST
-from surfshard.leader import LeaderCaller
-from surfshard.metadata import MetadataStateMachine
-from surfshard.replica import TIMEOUT_ARG, ReplicaService
-from surfshard.rpc import Arg, MethodTable
-from surfshard.shardwatch import ShardMapWatcher
+from surfshard.metadata.facade import RPC2
+from surfshard.metadata.replica import MetadataReplica
+from surfshard.metadata.shardwatch import ShardMapWatcher
+from surfshard.metadata.state import MetadataStateMachine
+from surfshard.net.methods import MethodTable
+from surfshard.net.schema import Arg
+from surfshard.replica.control import TIMEOUT_ARG
+from surfshard.replica.leader_caller import LeaderCaller
+from surfshard.replica.service import ReplicaService
 
 # The schemas check types and sizes only: the handlers run the keyspace and
 # client validators (encode_update checks a hash list in the same pass that

@@ -18,8 +18,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from surfshard import errors
-from surfshard.leader import LeaderCaller
-from surfshard.metadata import MetadataStateMachine, encode_config
+from surfshard.metadata.state import MetadataStateMachine, encode_config
+from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.shardmap import UNASSIGNED, ShardMap
 
 POLL_INTERVAL = 0.25

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from surfshard.config import ClusterConfig
-from surfshard.tapoptions import NodeOptions
+from surfshard.replica.options import NodeOptions
 
 
 class Options(NodeOptions):
@@ -37,7 +37,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from surfshard.clock import use_monotonic_clock
-    from surfshard.server import MetadataService
+    from surfshard.metadata.service import MetadataService
 
     use_monotonic_clock(reactor)
     return MetadataService(

@@ -5,9 +5,9 @@
 ``MethodTable`` on a ``twisted.internet.task.Clock``, with seeded faults:
 
 - what crosses it is what crosses the wire: requests and replies are encoded
-  with ``surfshard.wire.encode_frame`` and decoded with ``decode_payload``
+  with ``surfshard.net.wire.encode_frame`` and decoded with ``decode_payload``
   (so nothing is shared by reference and only wire types survive), and the
-  server side IS ``surfshard.rpc.RpcServerProtocol``: the same method
+  server side IS ``surfshard.net.server.RpcServerProtocol``: the same method
   lookup, schema validation, error mapping and refusal logging as a real
   node (unknown method -> UNKNOWN_METHOD, bad args -> BAD_REQUEST, a
   handler's ``SurfShardError`` -> its code, anything else -> INTERNAL);
@@ -28,7 +28,7 @@ so a run is a function of its seed (and of what the caller does).
 
 ``SimReplicaGroup`` builds on it: an n-node Raft-replicated service (any
 state machine and ``ReplicaControl``) in simulated time, Raft messages over
-``raft.simnet``, client calls over a ``SimRpcNetwork``.
+``raft.testing.simnet``, client calls over a ``SimRpcNetwork``.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from raft.simnet import Reachability
-from surfshard import wire
+from raft.testing.simnet import Reachability
 from surfshard.errors import BadRequest, Internal, Timeout, Unavailable, error_from_wire
-from surfshard.rpc import MethodTable, RpcServerProtocol, ServerLimits
+from surfshard.net import wire
+from surfshard.net.methods import MethodTable
+from surfshard.net.server import RpcServerProtocol, ServerLimits
 
 __all__ = ["SimReplicaGroup", "SimRpcNetwork", "SimRpcPool", "resolve"]
 
@@ -432,7 +433,7 @@ ControlFactory = Callable[..., Any]
 class SimReplicaGroup:
     """n replicas of one Raft-replicated service in simulated time.
 
-    ``raft.simnet.SimCluster`` runs the Raft nodes (ids 1..n; Raft messages
+    ``raft.testing.simnet.SimCluster`` runs the Raft nodes (ids 1..n; Raft messages
     over its ``SimNetwork``); each live node also gets a control object from
     ``make_control`` (e.g. a ``MetadataReplica``) whose method table
     (``ping``, the common replica calls, then ``methods(control)``) is
@@ -458,7 +459,7 @@ class SimReplicaGroup:
         transfer_timeout: float = 2.0,
         **cluster_kwargs: Any,
     ) -> None:
-        from raft.simnet import SimCluster  # late: keeps simrpc importable without raft's test tools
+        from raft.testing.simnet import SimCluster  # late: keeps simrpc importable without raft's test tools
 
         self.seed = seed
         self.cluster = SimCluster(n, seed, state_machine_factory=machine_factory, **cluster_kwargs)

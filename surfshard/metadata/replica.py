@@ -3,7 +3,7 @@
 ``MetadataReplica`` is the service logic shared by the native protocol and
 the XML-RPC facade: writes become Raft proposals, reads wait for a ReadIndex
 round, and Raft's failures become the wire's error codes. It knows nothing
-of sockets; ``surfshard.server`` maps methods onto it.
+of sockets; ``surfshard.metadata.service`` maps methods onto it.
 
 A write that loses its leader mid-flight is proposed again with the same
 client id and sequence number, so the dedup table answers it if the first
@@ -29,9 +29,9 @@ from twisted.python.failure import Failure
 
 from surfshard import errors
 from surfshard.keyspace import validate_filename
-from surfshard.metadata import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine
-from surfshard.replica import ReplicaControl
-from surfshard.rpc import ReplySink
+from surfshard.metadata.state import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine
+from surfshard.net.methods import ReplySink
+from surfshard.replica.control import ReplicaControl
 
 
 class MetadataReplica(ReplicaControl):

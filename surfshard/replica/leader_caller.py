@@ -46,7 +46,7 @@ class Backoff:
 class LeaderCaller:
     """Sends calls to the leader of one replica group, wherever it is.
 
-    ``pool`` is a ``surfshard.rpc.RpcClientPool`` (anything with
+    ``pool`` is a ``surfshard.net.pool.RpcClientPool`` (anything with
     ``call(address, method, args, timeout) -> Deferred``). The leader guess
     follows NOT_LEADER hints at once; other failures rotate through the
     addresses after a backoff, until the call's overall deadline.

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.web import xmlrpc
 
 from surfshard import errors
-from surfshard.group import MetadataReplica
+from surfshard.metadata.replica import MetadataReplica
 
 #: XML-RPC faults carry an integer code; these are stable, one per ErrorCode.
 FAULT_CODES: dict[errors.ErrorCode, int] = {code: 100 + i for i, code in enumerate(errors.ErrorCode)}

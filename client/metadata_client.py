@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from twisted.internet import defer
 
-from client.session import GroupClient
+from client.group_client import GroupClient
 
 
 class MetadataClient(GroupClient):

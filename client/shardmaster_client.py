@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from twisted.internet import defer
 
-from client.session import GroupClient
+from client.group_client import GroupClient
 from surfshard.shardmap import ShardMap
 
 

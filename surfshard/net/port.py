@@ -11,7 +11,7 @@ native protocol, whose decoder refuses (and logs) garbage.
 The decision is made once per connection: the sniffing protocol then hands
 the transport to the chosen protocol and steps out of the data path, so a
 native connection pays nothing per frame for sharing the port.  Wrapped in
-TLS (``surfshard.tls.wrap_server_factory``) the sniffing happens on the
+TLS (``surfshard.net.tls.wrap_server_factory``) the sniffing happens on the
 decrypted stream, so both protocols work over TLS on the same port.
 """
 
@@ -30,8 +30,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
-from surfshard.rpc import RpcServerFactory, format_peer
-from surfshard.tls import TLSFiles, wrap_server_factory
+from surfshard.net.server import RpcServerFactory, format_peer
+from surfshard.net.tls import TLSFiles, wrap_server_factory
 
 __all__ = [
     "HTTP_METHODS",
