@@ -18,12 +18,13 @@ from twisted.internet import defer, task
 from client.status import collect_status
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
+from surfshard.net.interfaces import IRpcPool
 
 CALL_TIMEOUT = 3.0
 
 
 @defer.inlineCallbacks
-def chaos_call(pool: Any, address: str, method: str):
+def chaos_call(pool: IRpcPool, address: str, method: str):
     """``crash``/``restore`` one node; fires with True or fails with a SurfShardError."""
     result = yield pool.call(address, method, {}, timeout=CALL_TIMEOUT)
     return result
@@ -44,7 +45,7 @@ def _groups(cluster: ClusterConfig) -> dict[str, list[NodeRef]]:
 def random_schedule(
     reactor: Any,
     cluster: ClusterConfig,
-    pool: Any,
+    pool: IRpcPool,
     seconds: float,
     seed: int,
     say: Callable[[str], None],

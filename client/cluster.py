@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from client.metadata_client import MetadataClient
 from surfshard import errors
 from surfshard.config import ClusterConfig
+from surfshard.net.interfaces import IRpcPool
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.tls import TLSFiles
 from surfshard.shardmap import ShardMap
@@ -41,7 +42,7 @@ class ClusterClient:
         cluster: ClusterConfig,
         reactor: IReactorTime,
         *,
-        pool: Any = None,
+        pool: IRpcPool | None = None,
         timeout: float = 30.0,
         client_id: str | None = None,
         rng: random.Random | None = None,

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
+from surfshard.net.interfaces import IRpcPool
 from surfshard.replica.leader_caller import LeaderCaller
 
 
@@ -25,7 +26,7 @@ class GroupClient:
 
     def __init__(
         self,
-        pool: Any,
+        pool: IRpcPool,
         addresses: Sequence[str],
         reactor: IReactorTime,
         *,

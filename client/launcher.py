@@ -53,6 +53,7 @@ def node_argv(config_path: str, node: NodeRef, log_file: Path) -> list[str]:
 
 
 class NodeProcess(protocol.ProcessProtocol):
+    transport: Any  # an IProcessTransport once spawned (Twisted types it Optional)
     """One child process; ``ended`` fires with its exit status."""
 
     def __init__(self, node: NodeRef) -> None:

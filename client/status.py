@@ -9,18 +9,22 @@ from twisted.internet import defer
 
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeRef, node_name
+from surfshard.net.interfaces import IRpcPool
 
 STATUS_TIMEOUT = 2.0
 
 
+Row = tuple[NodeRef, Any, str | None]
+
+
 @defer.inlineCallbacks
-def collect_status(cluster: ClusterConfig, pool: Any, nodes: list[NodeRef] | None = None):
+def collect_status(cluster: ClusterConfig, pool: IRpcPool, nodes: list[NodeRef] | None = None):
     """``[(node, status dict or None, error str or None)]`` for every node,
     asked in parallel; a node that does not answer has its error instead."""
     nodes = list(cluster.all_nodes()) if nodes is None else nodes
     calls = [pool.call(n.address, "status", {}, timeout=STATUS_TIMEOUT) for n in nodes]
     results = yield defer.DeferredList(calls, consumeErrors=True)
-    rows = []
+    rows: list[Row] = []
     for node, (ok, value) in zip(nodes, results, strict=True):
         if ok:
             rows.append((node, value, None))
@@ -31,7 +35,7 @@ def collect_status(cluster: ClusterConfig, pool: Any, nodes: list[NodeRef] | Non
     return rows
 
 
-def status_json(rows: list[tuple[NodeRef, Any, str | None]]) -> list[dict[str, Any]]:
+def status_json(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for node, status, error in rows:
         entry: dict[str, Any] = {
@@ -49,7 +53,7 @@ def status_json(rows: list[tuple[NodeRef, Any, str | None]]) -> list[dict[str, A
     return out
 
 
-def status_table(rows: list[tuple[NodeRef, Any, str | None]], title: str = "") -> Table:
+def status_table(rows: list[Row], title: str = "") -> Table:
     table = Table(title=title or None)
     for column in ("node", "address", "role", "term", "leader", "commit", "applied", "log", "shards"):
         table.add_column(

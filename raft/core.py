@@ -887,7 +887,7 @@ class RaftCore:
                     pr.become_replicate()
             self._send_all_appends(m.frm, send_if_empty=True)
             return
-        if not current or m.snapshot_meta != pr.snapshot.meta:
+        if not current or pr.snapshot is None or m.snapshot_meta != pr.snapshot.meta:
             return  # about a snapshot we are no longer sending
         total = len(pr.snapshot.data)
         if m.reject:

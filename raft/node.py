@@ -193,7 +193,7 @@ class RaftNode(service.Service):
         )
         self._role, self._leader = self._core.role, self._core.leader
         self.transport.set_handler(self._on_message)
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.reactor
         self._ticker.start(self.tick_interval, now=False)
@@ -219,7 +219,7 @@ class RaftNode(service.Service):
             except Exception:
                 self.log.failure("raft node {id}: writing the last entries on stop failed", id=self.config.id)
         self._stop_deadline_timer()
-        result = super().stopService()
+        result: defer.Deferred[None] | None = super().stopService()  # type: ignore[no-untyped-call]
         # After ``running`` is cleared: a callback that retries at once is refused.
         self._fail_all(ProposalDropped("node stopped"), ReadAborted("node stopped"))
         return result
@@ -582,8 +582,8 @@ class RaftNode(service.Service):
         for context, waiter in list(self._reads_unconfirmed.items()):
             if not leading or waiter.term != core.term:
                 del self._reads_unconfirmed[context]
-                error = ReadAborted(f"leadership of term {waiter.term} lost before the read was confirmed")
-                self._settle.append((waiter, False, error))
+                aborted = ReadAborted(f"leadership of term {waiter.term} lost before the read was confirmed")
+                self._settle.append((waiter, False, aborted))
 
     def _serve_reads(self) -> None:
         if not self._reads_confirmed:

@@ -344,7 +344,7 @@ def _next_valid_record(buf: memoryview, start: int) -> int | None:
     return None
 
 
-def _fs_path(directory: str | FilePath) -> str:
+def _fs_path(directory: str | FilePath[str]) -> str:
     if isinstance(directory, FilePath):
         return os.fsdecode(directory.path)
     return os.fspath(directory)
@@ -369,7 +369,7 @@ class DiskStorage:
     _TMP_SUFFIX = ".tmp"
 
     def __init__(
-        self, directory: str | FilePath, fsync: bool = True, *, syscalls: Syscalls | None = None
+        self, directory: str | FilePath[str], fsync: bool = True, *, syscalls: Syscalls | None = None
     ) -> None:
         self.directory = _fs_path(directory)
         os.makedirs(self.directory, exist_ok=True)

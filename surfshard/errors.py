@@ -63,6 +63,7 @@ class NotLeader(SurfShardError):
 
     code = ErrorCode.NOT_LEADER
     fields = ("leader",)
+    leader: str | None
 
 
 class WrongGroup(SurfShardError):
@@ -71,6 +72,7 @@ class WrongGroup(SurfShardError):
 
     code = ErrorCode.WRONG_GROUP
     fields = ("num",)
+    num: int | None
 
 
 class VersionMismatch(SurfShardError):
@@ -78,6 +80,7 @@ class VersionMismatch(SurfShardError):
 
     code = ErrorCode.VERSION_MISMATCH
     fields = ("current",)
+    current: int | None
 
 
 class Crashed(SurfShardError):

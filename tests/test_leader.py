@@ -12,13 +12,16 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from surfshard import errors
+from surfshard.net.interfaces import IPipelinedPool, IRpcPool
 from surfshard.replica.leader_caller import LeaderCaller
 
 ADDRESSES = ["a:1", "b:1", "c:1"]
 
 
+@implementer(IRpcPool)
 class ScriptedPool:
     """Records ``call``s; the test fires their Deferreds."""
 
@@ -29,6 +32,9 @@ class ScriptedPool:
         d: defer.Deferred[Any] = defer.Deferred()
         self.calls.append((address, method, args, d))
         return d
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
 
     def last(self) -> tuple[str, defer.Deferred[Any]]:
         address, _, _, d = self.calls[-1]
@@ -110,6 +116,7 @@ class LeaderCallerTests(SynchronousTestCase):
         self.assertEqual(len(self.pool.calls), 1, "a cancelled call went on retrying")
 
 
+@implementer(IPipelinedPool)
 class ConnectedPool(ScriptedPool):
     """A pool with an established connection: ``call_into`` hands the reply
     sink to the test instead of making a Deferred."""
@@ -122,6 +129,9 @@ class ConnectedPool(ScriptedPool):
     def call_into(self, address: str, sink: Any, method: str, args: dict[str, Any], timeout: float) -> Any:
         self.sinks.append((address, sink))
         return self, len(self.sinks)
+
+    def notify(self, address: str, method: str, args: dict[str, Any] | None = None) -> bool:
+        return False
 
     def forget(self, call_id: int) -> None:
         self.forgotten.append(call_id)

@@ -550,7 +550,7 @@ class RaftTransportBatchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.pool = RecordingPool(self.clock)
-        self.transport = RpcRaftTransport(self.pool, 1, ADDRESSES, "g1")
+        self.transport = RpcRaftTransport(self.pool, 1, ADDRESSES, "g1", self.clock)
 
     def test_one_request_per_peer_per_turn(self):
         self.transport.send(append(1, 2, 10))
@@ -611,7 +611,8 @@ class RaftTransportDeliverTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.got: list[Message] = []
         self.crashed = False
-        self.transport = RpcRaftTransport(RecordingPool(Clock()), 2, ADDRESSES, "g1")
+        clock = Clock()
+        self.transport = RpcRaftTransport(RecordingPool(clock), 2, ADDRESSES, "g1", clock)
         self.transport.set_handler(self.handle)
 
     def handle(self, message: Message) -> None:
@@ -685,7 +686,7 @@ class RaftTransportLiveTests(TestCase):
         for node in (1, 2):
             self.pools[node] = RpcClientPool(reactor, rng=random.Random(SEED))
             self.addCleanup(self.pools[node].close)
-            transport = RpcRaftTransport(self.pools[node], node, addresses, "g1")
+            transport = RpcRaftTransport(self.pools[node], node, addresses, "g1", reactor)
             transport.set_handler(lambda m, node=node: self.handle(node, m))
             self.tables[node].add("raft", transport.deliver, RpcRaftTransport.method_args())
             self.transports[node] = transport

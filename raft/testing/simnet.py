@@ -18,6 +18,7 @@ assertion message can be replayed with ``RAFT_SEED=<n> trial ...``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -449,8 +450,8 @@ class SimCluster:
             snapshot_entries=self.snapshot_entries,
             rng=random.Random(self.rng.getrandbits(64)),
         )
-        node.on_role_change.append(lambda role, _leader, node=node: self._on_role_change(node, role))
-        node.on_apply.append(lambda entry, _result, node=node: self._on_apply(node, entry))
+        node.on_role_change.append(functools.partial(self._role_observer, node))
+        node.on_apply.append(functools.partial(self._apply_observer, node))
         self.nodes[i] = node
         self.state_machines[i] = sm
         node.startService()
@@ -641,16 +642,21 @@ class SimCluster:
                 self.run(0.05)
                 continue
             refused: list[Failure] = []
-            self.propose(leader, command).addErrback(
-                lambda f, refused=refused: refused.append(f) if f.check(NotLeaderError, NodeCrashed) else None
-            )
+
+            def note_refusal(f: Failure, refused: list[Failure] = refused) -> None:
+                if f.check(NotLeaderError, NodeCrashed):
+                    refused.append(f)
+
+            self.propose(leader, command).addErrback(note_refusal)
             proposed = True
+
             # Wait for the outcome in the state machines.  A refused proposal
             # (never in any log) is retried at once; a dropped one may still
             # commit, so it gets the full 2 s before being proposed again.
-            self.run_until(
-                lambda refused=refused: done() or bool(refused), min(2.0, deadline - self.clock.seconds())
-            )
+            def settled(refused: list[Failure] = refused) -> bool:
+                return done() or bool(refused)
+
+            self.run_until(settled, min(2.0, deadline - self.clock.seconds()))
         if done():
             return self._index_of_command[command]
         raise self.fail(
@@ -665,6 +671,12 @@ class SimCluster:
         return count, (term_data[1] if term_data else None)
 
     # -- invariants ------------------------------------------------------------------------------
+
+    def _role_observer(self, node: RaftNode, role: Role, _leader: int | None) -> None:
+        self._on_role_change(node, role)
+
+    def _apply_observer(self, node: RaftNode, entry: Entry, _result: Any) -> None:
+        self._on_apply(node, entry)
 
     def _on_role_change(self, node: RaftNode, role: Role) -> None:
         if role != Role.LEADER:

@@ -161,6 +161,7 @@ class BlockStoreXMLRPC(xmlrpc.XMLRPC):
 
 
 class BlockStoreService(service.Service):
+    name: str  # type: ignore[assignment]  # Service declares name = None; always set here
     """Block store ``index`` of the config, on its port."""
 
     log = Logger()

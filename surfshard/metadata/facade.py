@@ -77,7 +77,11 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
             raise errors.Crashed("node is crashed")
 
     def xmlrpc_ping(self) -> Any:
-        return self._guard(lambda: (self._alive(), True)[1])
+        def pong() -> bool:
+            self._alive()
+            return True
+
+        return self._guard(pong)
 
     def xmlrpc_getfileinfomap(self) -> Any:
         def call():

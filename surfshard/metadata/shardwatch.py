@@ -29,7 +29,9 @@ def plan_config(gid: int, current: ShardMap, following: ShardMap) -> tuple[list[
     """``(adopt, incoming, outgoing)`` for moving group ``gid`` from
     ``current`` to ``following``: shards gained from nobody, shards gained
     from another group, shards given away."""
-    adopt, incoming, outgoing = [], [], []
+    adopt: list[int] = []
+    incoming: list[int] = []
+    outgoing: list[int] = []
     for shard, (old, new) in enumerate(zip(current.shards, following.shards, strict=True)):
         if new == gid and old != gid:
             (adopt if old == UNASSIGNED else incoming).append(shard)

@@ -9,6 +9,7 @@ Deferred, which the hot paths use.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -30,6 +31,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from surfshard.config import parse_address
 from surfshard.errors import (
@@ -41,6 +43,7 @@ from surfshard.errors import (
     error_from_wire,
 )
 from surfshard.net import wire
+from surfshard.net.interfaces import IPipelinedPool
 from surfshard.net.methods import ReplySink
 from surfshard.net.schema import _short_repr
 from surfshard.net.server import format_peer, tune_socket
@@ -81,6 +84,11 @@ class RpcConnection(Protocol):
     scheduling and cancelling a timer per call was a large part of a round
     trip's cost.
     """
+
+    #: Set by ``makeConnection``: a TCP transport or its TLS wrapper. Typed
+    #: ``Any`` because Twisted declares it ``ITransport | None``, while this
+    #: protocol also uses the producer and abort methods of a connected one.
+    transport: Any
 
     def __init__(self, clock: IReactorTime, max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES) -> None:
         self.clock = clock
@@ -129,7 +137,11 @@ class RpcConnection(Protocol):
             return defer.fail(Unavailable(f"not connected to {self.peer}"))
         call_id = self._next_id
         pending = self._pending
-        d: Deferred[Any] = Deferred(lambda _d: pending.pop(call_id, None))
+
+        def cancel(_d: Deferred[Any]) -> None:
+            pending.pop(call_id, None)
+
+        d: Deferred[Any] = Deferred(cancel)
         try:
             self._send_call(call_id, d, method, args, timeout)
         except wire.FrameError as e:
@@ -382,6 +394,7 @@ MAX_QUEUED_NOTIFICATIONS = 256
 MAX_QUEUED_NOTIFICATION_BYTES = 32 * 1024 * 1024
 
 
+@implementer(IPipelinedPool)
 class RpcClientPool:
     """One lazily made, reused connection per ``host:port``.
 
@@ -531,7 +544,7 @@ class RpcClientPool:
                 connection.transport.loseConnection()
                 # A peer that does not complete the close must not hold us.
                 abort = self.reactor.callLater(1.0, connection.transport.abortConnection)
-                connection.notify_lost(lambda _reason, timer=abort: timer.active() and timer.cancel())
+                connection.notify_lost(functools.partial(_cancel_timer, abort))
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
     # -- connecting ----------------------------------------------------------
@@ -625,3 +638,8 @@ class RpcClientPool:
                 creator = self._tls_creators[host] = client_options_from_files(self.tls, host)
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
+
+
+def _cancel_timer(timer: Any, _reason: object) -> None:
+    if timer.active():
+        timer.cancel()

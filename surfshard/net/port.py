@@ -133,7 +133,7 @@ class _NodeSite(Site):
     clock is monotonic in servers, so their dates would be wrong anyway.
     Refusals are logged where they are made."""
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         pass
 
 
@@ -145,6 +145,11 @@ class _NodeSite(Site):
 class _SniffingProtocol(Protocol):
     """Reads until the first bytes say which protocol this is, then hands
     the transport (and the bytes read so far) to that protocol for good."""
+
+    #: Set by ``makeConnection``: a TCP transport or its TLS wrapper. Typed
+    #: ``Any`` because Twisted declares it ``ITransport | None``, while this
+    #: protocol also uses the producer and abort methods of a connected one.
+    transport: Any
 
     def __init__(self, factory: NodePortFactory, addr: Any) -> None:
         self.factory = factory

@@ -131,6 +131,11 @@ def _usable_id(request_id: Any) -> bool:
 class RpcServerProtocol(Protocol):
     """One server-side connection of the native protocol."""
 
+    #: Set by ``makeConnection``: a TCP transport or its TLS wrapper. Typed
+    #: ``Any`` because Twisted declares it ``ITransport | None``, while this
+    #: protocol also uses the producer and abort methods of a connected one.
+    transport: Any
+
     def __init__(self, table: MethodTable, clock: IReactorTime, limits: ServerLimits | None = None) -> None:
         self.table = table
         self.clock = clock

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from surfshard import errors
+from surfshard.net.interfaces import IPipelinedPool
 
 #: Errors after which the same call may go to another replica. A write is
 #: safe to resend because it carries (client id, sequence number).
@@ -107,9 +108,12 @@ class LeaderCaller:
         result = first.result
         per_attempt = min(self.attempt_timeout, total)
         call_args = self._call_args(args, per_attempt)
-        call_into = getattr(self.pool, "call_into", None)
         try:
-            sent = None if call_into is None else call_into(address, first, method, call_args, per_attempt)
+            sent = (
+                self.pool.call_into(address, first, method, call_args, per_attempt)
+                if IPipelinedPool.providedBy(self.pool)
+                else None
+            )
         except errors.SurfShardError as e:  # cannot be encoded: nothing was sent
             return defer.fail(e)
         if sent is not None:

@@ -33,6 +33,7 @@ from raft.interfaces import ITransport
 from raft.types import Message
 from surfshard import errors
 from surfshard.net import wire
+from surfshard.net.interfaces import IPipelinedPool
 from surfshard.net.schema import Arg, Value
 
 #: Messages in one batch, at most (a receiver refuses longer batches).
@@ -71,17 +72,17 @@ class RpcRaftTransport:
 
     def __init__(
         self,
-        pool: Any,
+        pool: IPipelinedPool,
         node_id: int,
         addresses: Mapping[int, str],
         group: str,
-        clock: IReactorTime | None = None,
+        clock: IReactorTime,
     ) -> None:
         self.pool = pool
         self.node_id = node_id
         self.addresses = dict(addresses)
         self.group = group
-        self.clock: IReactorTime = clock if clock is not None else pool.reactor
+        self.clock = clock
         self._handler: Callable[[Message], None] | None = None
         self._outbox: dict[str, list[Message]] = {}
         self._flush_call: Any = None

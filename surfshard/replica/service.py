@@ -58,6 +58,7 @@ class ReplicaService(service.MultiService):
     """
 
     log = Logger()
+    name: str  # type: ignore[assignment]  # Service declares name = None; always set here
 
     def __init__(
         self,
@@ -96,7 +97,7 @@ class ReplicaService(service.MultiService):
             str(self.data_dir / "raft"), fsync=timings.fsync if fsync is None else fsync
         )
         self.transport = RpcRaftTransport(
-            self.pool, raft_id, self.raft_addresses, group=self.name.rsplit("-", 1)[0]
+            self.pool, raft_id, self.raft_addresses, group=self.name.rsplit("-", 1)[0], clock=reactor
         )
         self.state_machine = state_machine
         self.node = RaftNode(

@@ -43,11 +43,14 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from raft.testing.simnet import Reachability
 from surfshard.errors import BadRequest, Internal, Timeout, Unavailable, error_from_wire
 from surfshard.net import wire
-from surfshard.net.methods import MethodTable
+from surfshard.net.interfaces import IPipelinedPool
+from surfshard.net.methods import MethodTable, ReplySink
+from surfshard.net.pool import encode_notification
 from surfshard.net.server import RpcServerProtocol, ServerLimits
 
 __all__ = ["SimReplicaGroup", "SimRpcNetwork", "SimRpcPool", "resolve"]
@@ -119,7 +122,7 @@ class _ServerTransport:
 class _PendingCall:
     __slots__ = ("deferred", "method", "timer")
 
-    def __init__(self, deferred: Deferred[Any], method: str, timer: Any) -> None:
+    def __init__(self, deferred: ReplySink, method: str, timer: Any) -> None:
         self.deferred = deferred
         self.method = method
         self.timer = timer
@@ -143,6 +146,22 @@ class _SimConnection:
 
     def call(self, method: str, args: Any, timeout: float | None) -> Deferred[Any]:
         call_id = self._next_id
+
+        def forget(_d: Deferred[Any]) -> None:
+            self.forget(call_id)
+
+        d: Deferred[Any] = Deferred(forget)
+        try:
+            self.call_into(d, method, args, timeout)
+        except BadRequest as e:
+            return defer.fail(e)
+        return d
+
+    def call_into(self, sink: ReplySink, method: str, args: Any, timeout: float | None) -> int:
+        """``RpcConnection.call_into``: the outcome goes to ``sink``; returns
+        the call id (for ``forget``); raises BadRequest if it cannot be
+        encoded, having sent nothing."""
+        call_id = self._next_id
         self._next_id += 1
         try:
             frame = wire.encode_frame(
@@ -150,14 +169,23 @@ class _SimConnection:
                 self.server.limits.max_frame_bytes,
             )
         except wire.FrameError as e:
-            return defer.fail(BadRequest(f"cannot send {method}: {e.message}"))
-        d: Deferred[Any] = Deferred(lambda _d: self._forget(call_id))
+            raise BadRequest(f"cannot send {method}: {e.message}") from None
         timer = None
         if timeout is not None:
             timer = self.net.clock.callLater(max(0.0, timeout), self._expire, call_id)
-        self.pending[call_id] = _PendingCall(d, method, timer)
+        self.pending[call_id] = _PendingCall(sink, method, timer)
         self.net._send_request(self, frame)
-        return d
+        return call_id
+
+    def notify(self, method: str, args: Any) -> None:
+        """Send a one-way request; a refusal that comes back is dropped
+        (its negative id matches no pending call)."""
+        frame = encode_notification(method, args, self.server.limits.max_frame_bytes)
+        self.net._send_request(self, frame)
+
+    def forget(self, call_id: int) -> None:
+        """Drop a pending call: a late reply to it is ignored."""
+        self._forget(call_id)
 
     def _forget(self, call_id: int) -> None:
         call = self.pending.pop(call_id, None)
@@ -178,7 +206,8 @@ class _SimConnection:
             # A real client drops a connection whose stream it cannot read.
             self.lose(f"undecodable reply: {e.message}")
             return
-        call = self.pending.pop(reply.get("id"), None) if type(reply.get("id")) is int else None
+        reply_id = reply.get("id")
+        call = self.pending.pop(reply_id, None) if type(reply_id) is int else None
         if call is None:
             return  # late: the call timed out or was cancelled
         if call.timer is not None and call.timer.active():
@@ -247,9 +276,10 @@ class _Server:
 # ---------------------------------------------------------------------------
 
 
+@implementer(IPipelinedPool)
 class SimRpcPool:
-    """The client side for one named endpoint, with ``RpcClientPool``'s call
-    signature: ``call(address, method, args, timeout) -> Deferred``."""
+    """The client side for one named endpoint: ``RpcClientPool``'s seam
+    (``IRpcPool`` and ``IPipelinedPool``) over the simulated network."""
 
     def __init__(self, net: SimRpcNetwork, name: str) -> None:
         self.net = net
@@ -277,6 +307,43 @@ class SimRpcPool:
         if connection is None or not connection.alive or connection.server is not server:
             connection = self._connections[address] = _SimConnection(net, self, address, server)
         return connection.call(method, args, timeout)
+
+    def _established(self, address: str) -> _SimConnection | None:
+        connection = self._connections.get(address)
+        if connection is None or not connection.alive or self.closed:
+            return None
+        if self.net._servers.get(address) is not connection.server:
+            return None
+        return connection
+
+    def call_into(
+        self,
+        address: str,
+        sink: ReplySink,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[_SimConnection, int] | None:
+        """See ``IPipelinedPool.call_into``: None (nothing sent) without an
+        established connection, as ``RpcClientPool`` does."""
+        connection = self._established(address)
+        if connection is None or not self.net.connected(self.name, address):
+            return None  # ``call`` then refuses it as unreachable, as before
+        self.net.requests += 1
+        return connection, connection.call_into(sink, method, args, timeout)
+
+    def notify(self, address: str, method: str, args: Mapping[str, Any] | None = None) -> bool:
+        """See ``IPipelinedPool.notify``."""
+        if self.closed:
+            return False
+        server = self.net._servers.get(address)
+        if server is None or not self.net.connected(self.name, address):
+            return False
+        connection = self._connections.get(address)
+        if connection is None or not connection.alive or connection.server is not server:
+            connection = self._connections[address] = _SimConnection(self.net, self, address, server)
+        connection.notify(method, args)
+        return True
 
     def _forget_connection(self, connection: _SimConnection) -> None:
         if self._connections.get(connection.address) is connection:
@@ -540,8 +607,7 @@ class SimReplicaGroup:
     def partition(self, *groups: Iterable[int]) -> None:
         """Replicas reach only the replicas of their own group (a replica in
         no group reaches none); clients still reach every replica."""
-        groups = [list(g) for g in groups]
-        self.cluster.net.partition(*groups)
+        self.cluster.net.partition(*[list(g) for g in groups])
         listed = {i for g in groups for i in g}
         rpc_groups = [[self.addresses[i] for i in g] for g in groups]
         rpc_groups += [[self.addresses[i]] for i in self.ids if i not in listed]
