@@ -12,10 +12,10 @@ from twisted.internet import defer
 from shardmaster.state import ShardMasterStateMachine, encode_join, encode_leave, encode_move
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind
-from surfshard.metadata.state import validate_client
 from surfshard.net.methods import MethodTable
 from surfshard.net.schema import Arg, Value
 from surfshard.replica.control import TIMEOUT_ARG, ReplicaControl
+from surfshard.replica.dedup import validate_client
 from surfshard.replica.service import ReplicaService
 
 CLIENT_ARGS = [

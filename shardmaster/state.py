@@ -60,7 +60,7 @@ from shardmaster import rebalance
 from surfshard.config import parse_address
 from surfshard.errors import BadRequest, ErrorCode
 from surfshard.keyspace import MAX_SHARDS
-from surfshard.metadata.state import validate_client
+from surfshard.replica.dedup import DedupTable, validate_client
 from surfshard.shardmap import UNASSIGNED, ShardMap
 
 #: Version of the snapshot encoding.
@@ -337,7 +337,8 @@ class ShardMasterStateMachine:
             [ShardMap.initial(nshards)], history_limit
         )
         # client -> (seq, answer); insertion order is recency (least recent first).
-        self._sessions: dict[str, tuple[int, dict[str, Any]]] = {}
+        #: Latest answer per client (window 1: the Raft thesis's sessions).
+        self._dedup: DedupTable[dict[str, Any]] = DedupTable(1, MAX_SESSIONS)
 
     # -- reads ------------------------------------------------------------------
 
@@ -392,7 +393,7 @@ class ShardMasterStateMachine:
             "oldest": self.oldest_num,
             "maps": len(self._maps),
             "groups": len(self.latest.groups),
-            "sessions": len(self._sessions),
+            "sessions": len(self._dedup),
         }
 
     # -- IStateMachine ------------------------------------------------------------
@@ -413,17 +414,15 @@ class ShardMasterStateMachine:
             return _error(ErrorCode.INTERNAL, f"{type(e).__name__} parsing a command")
         client, seq = wire["client"], wire["seq"]
 
-        session = self._sessions.pop(client, None)
-        if session is not None:
-            self._sessions[client] = session  # re-inserted last: most recently used
-            last_seq, answer = session
-            if seq == last_seq:
-                return dict(answer)
-            if seq < last_seq:
-                return _error(
-                    ErrorCode.BAD_REQUEST,
-                    f"stale sequence {seq} for client {client!r}: it already sent {last_seq}",
-                )
+        session = self._dedup.touch(client)
+        known = session.answers.get(seq)
+        if known is not None:
+            return dict(known)
+        if session.is_stale(seq, self._dedup.window):
+            return _error(
+                ErrorCode.BAD_REQUEST,
+                f"stale sequence {seq} for client {client!r}: it already sent {max(session.answers)}",
+            )
 
         try:
             answer = _ok(self._apply_op(op, wire))
@@ -442,10 +441,7 @@ class ShardMasterStateMachine:
             self.log.failure("shardmaster state machine failed applying {op}", op=op)
             answer = _error(ErrorCode.INTERNAL, f"{type(e).__name__} applying {op}")
 
-        self._sessions.pop(client, None)
-        self._sessions[client] = (seq, answer)
-        while len(self._sessions) > MAX_SESSIONS:
-            del self._sessions[next(iter(self._sessions))]
+        self._dedup.record(session, seq, answer)
         return dict(answer)
 
     def _parse_envelope(self, command: Any) -> tuple[str, dict[str, Any]]:
@@ -488,7 +484,11 @@ class ShardMasterStateMachine:
             "nshards": self.nshards,
             "base": maps[0].to_wire(),
             "deltas": [_delta(old, new) for old, new in zip(maps, maps[1:], strict=False)],
-            "sessions": [[client, seq, answer] for client, (seq, answer) in self._sessions.items()],
+            "sessions": [
+                [client, seq, answer]
+                for client, session in self._dedup.sessions.items()
+                for seq, answer in session.answers.items()
+            ],
         }
         return cbor2.dumps(wire, canonical=True)
 
@@ -517,15 +517,15 @@ class ShardMasterStateMachine:
 
         if len(wire["sessions"]) > MAX_SESSIONS:
             raise BadRequest(f"snapshot holds more than {MAX_SESSIONS} sessions")
-        sessions: dict[str, tuple[int, dict[str, Any]]] = {}
+        dedup: DedupTable[dict[str, Any]] = DedupTable(1, MAX_SESSIONS)
         for entry in wire["sessions"]:
             if not (isinstance(entry, list) and len(entry) == 3):
                 raise BadRequest("snapshot: a session must be [client, seq, answer]")
             client, seq, answer = entry
             validate_client(client, seq)
-            if client in sessions:
+            if client in dedup.sessions:
                 raise BadRequest(f"snapshot: client {client!r} has two sessions")
-            sessions[client] = (seq, _check_answer(answer))
+            dedup.restore(client, 0, {seq: _check_answer(answer)})
 
         self._maps = maps
-        self._sessions = sessions
+        self._dedup = dedup

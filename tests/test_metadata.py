@@ -150,6 +150,7 @@ class DedupTests(SynchronousTestCase):
 
     def test_late_seqs_apply_until_the_window_moves_past_them(self) -> None:
         self.patch(metadata, "DEDUP_WINDOW", 3)
+        self.m = MetadataStateMachine(NSHARDS)  # its shards' tables take the patched bound
         (name,) = names_in_shard(0, 1)
         self.assertEqual(self.apply(name, 1, [H1], "c1", 1), ok(1))
         self.assertEqual(self.apply(name, 9, [H1], "c1", 4)["current"], 1)
@@ -167,6 +168,7 @@ class DedupTests(SynchronousTestCase):
 
     def test_never_seen_seq_older_than_a_full_window_is_refused(self) -> None:
         self.patch(metadata, "DEDUP_WINDOW", 3)
+        self.m = MetadataStateMachine(NSHARDS)  # its shards' tables take the patched bound
         (name,) = names_in_shard(0, 1)
         for seq in (4, 5, 6):
             self.apply(name, 9, [H1], "c1", seq)
@@ -186,6 +188,7 @@ class DedupTests(SynchronousTestCase):
 
     def test_sessions_per_shard_are_bounded_least_recently_used_first(self) -> None:
         self.patch(metadata, "MAX_SESSIONS_PER_SHARD", 2)
+        self.m = MetadataStateMachine(NSHARDS)  # its shards' tables take the patched bound
         (a,) = names_in_shard(0, 1)
         self.apply(a, 1, [H1], "old", 1)
         self.apply(a, 2, [H1], "mid", 1)
@@ -447,6 +450,7 @@ class PropertyTests(SynchronousTestCase):
         # Small limits make window and session eviction happen constantly.
         self.patch(metadata, "DEDUP_WINDOW", 2)
         self.patch(metadata, "MAX_SESSIONS_PER_SHARD", 2)
+        self.m = MetadataStateMachine(NSHARDS)  # its shards' tables take the patched bound
         self.run_split(cmds, min(split, len(cmds)))
 
     @seed(SEED + 2)

@@ -42,8 +42,9 @@ from surfshard.keyspace import (
 )
 from surfshard.metadata import state as metadata
 from surfshard.metadata.replica import MetadataReplica
-from surfshard.metadata.state import MAX_CLIENT_ID_BYTES, MetadataStateMachine, encode_update, validate_client
+from surfshard.metadata.state import MetadataStateMachine, encode_update
 from surfshard.replica.control import DEFAULT_CALL_TIMEOUT
+from surfshard.replica.dedup import MAX_CLIENT_ID_BYTES, validate_client
 
 SEED = int(os.environ.get("SURFSHARD_SEED", "20240502"))
 H1, H2, H3 = "a1" * 32, "b2" * 32, "0123456789abcdef" * 4

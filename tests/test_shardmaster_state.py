@@ -430,6 +430,7 @@ class DedupTests(SynchronousTestCase):
 
     def test_sessions_are_bounded_least_recently_used_first(self) -> None:
         self.patch(state, "MAX_SESSIONS", 3)
+        self.m = ShardMasterStateMachine(NSHARDS)  # a table made under the patched bound
         for i, client in enumerate(("a", "b", "c")):
             self.m.apply(encode_join({i + 1: addrs(i + 1)}, client, 1))
         self.m.apply(encode_join({1: addrs(1)}, "a", 1))  # retry: "a" is now most recent

@@ -17,32 +17,14 @@ the name keeps its version, so a later re-create is version + 1, and clients
 comparing versions see the deletion as one more change.
 
 Dedup (exactly-once writes for retried requests): every update carries
-``(client_id, seq)``. Each shard keeps, per client, the answers to that
-client's ``DEDUP_WINDOW`` most recent sequence numbers and a ``floor``:
-
-- a seq already answered gets the stored first answer again, without being
-  applied again, so a retried CAS never reports a false version mismatch;
-- a seq that is not stored and is at or below ``floor``, or below every
-  stored seq of a full window, is refused as a stale sequence (BAD_REQUEST)
-  and not applied. Such a seq may have been applied long ago (its answer
-  since forgotten) or never: to the client "stale" means "not applied by
-  this call, outcome of earlier attempts unknown";
-- any other seq is applied and its answer stored; when the window overflows
-  the lowest stored seq (never the one just applied) is evicted and becomes
-  the new floor.
-
-This is the Kafka idempotent-producer scheme (a window of in-flight
-sequences) rather than etcd/Raft-thesis "latest seq only": a client may keep
-up to ``DEDUP_WINDOW`` writes per shard in flight and have them commit in any
-order. A client with more concurrent writes to one shard than that may see
-"stale sequence" errors for the oldest ones, never a double apply.
-
-The number of sessions per shard is bounded (``MAX_SESSIONS_PER_SHARD``,
-least recently used evicted first, in log order so every replica evicts the
-same one). A client evicted while a retry is still pending loses
-exactly-once for that retry: the retry is applied as new and, the file
-having moved on, answers with a version mismatch. The CAS rule keeps the
-file itself correct.
+``(client_id, seq)``, and each shard keeps a ``surfshard.replica.dedup``
+table of its clients' recent answers, with a window of ``DEDUP_WINDOW``
+sequences per client (a client may have that many writes in flight to one
+shard, committing in any order) and at most ``MAX_SESSIONS_PER_SHARD``
+clients. The table travels with its shard (``export_shard``). A client
+evicted while a retry is still pending loses exactly-once for that retry:
+the retry is applied as new and, the file having moved on, answers with a
+version mismatch. The CAS rule keeps the file itself correct.
 """
 
 from __future__ import annotations
@@ -69,6 +51,7 @@ from surfshard.keyspace import (
     validate_hashlist,
     validate_version,
 )
+from surfshard.replica.dedup import MAX_CLIENT_ID_BYTES, DedupTable, validate_client
 
 #: Version of the snapshot and shard-export encodings.
 FORMAT = 1
@@ -80,8 +63,6 @@ DEDUP_WINDOW = 32
 #: Clients remembered per shard before the least recently used is forgotten.
 MAX_SESSIONS_PER_SHARD = 4096
 
-#: Longest client id accepted, in UTF-8 bytes (a UUID is 32 hex characters).
-MAX_CLIENT_ID_BYTES = 128
 
 #: Encoded updates a replica remembers decoded (see
 #: ``MetadataStateMachine.encode_update``), and the largest one it remembers:
@@ -126,35 +107,6 @@ def encode_config(num: int, adopt: Iterable[int]) -> bytes:
 FileInfo = tuple[int, tuple[str, ...]]
 
 _TOMBSTONE_LIST: tuple[str, ...] = (TOMBSTONE,)
-
-
-def validate_client(client_id: Any, seq: Any) -> tuple[str, int]:
-    """Accept a dedup identity: a non-empty client id string and a seq >= 1."""
-    if (
-        type(client_id) is str
-        and type(seq) is int
-        and 0 < len(client_id) <= MAX_CLIENT_ID_BYTES
-        and client_id.isascii()  # then its UTF-8 size is its length
-        and 1 <= seq <= MAX_VERSION
-    ):
-        return client_id, seq
-    return validate_client_id(client_id), validate_seq(seq)
-
-
-def validate_client_id(client_id: Any) -> str:
-    """Accept a client id: a non-empty string of at most MAX_CLIENT_ID_BYTES."""
-    if not isinstance(client_id, str) or not client_id:
-        raise BadRequest("client id must be a non-empty string")
-    if len(client_id.encode("utf-8", "surrogatepass")) > MAX_CLIENT_ID_BYTES:
-        raise BadRequest(f"client id is longer than {MAX_CLIENT_ID_BYTES} bytes")
-    return client_id
-
-
-def validate_seq(seq: Any) -> int:
-    """Accept a write's sequence number: an integer 1 .. MAX_VERSION."""
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_VERSION:
-        raise BadRequest(f"seq must be an integer 1..{MAX_VERSION}, not {seq!r}")
-    return seq
 
 
 def _common_update(name: Any, version: Any, client_id: Any, seq: Any) -> bool:
@@ -300,26 +252,22 @@ def _answer_result(answer: _Answer) -> dict[str, Any]:
     return _ok(number) if ok else _mismatch(number)
 
 
-@dataclass
-class _Session:
-    floor: int = 0
-    #: seq -> answer, in ascending seq order (so the oldest is first).
-    answers: dict[int, _Answer] = field(default_factory=dict)
+def _new_dedup() -> DedupTable[_Answer]:
+    # Module globals read at creation, so a test may patch the window.
+    return DedupTable(DEDUP_WINDOW, MAX_SESSIONS_PER_SHARD)
 
 
 @dataclass
 class _ShardState:
     files: dict[str, FileInfo] = field(default_factory=dict)
-    # Insertion order is recency order (least recent first): touching a
-    # session moves it to the end, so eviction is the same on every replica.
-    sessions: dict[str, _Session] = field(default_factory=dict)
+    dedup: DedupTable[_Answer] = field(default_factory=_new_dedup)
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "files": {name: [v, list(h)] for name, (v, h) in self.files.items()},
             "sessions": [
                 [client, s.floor, [[seq, ok, n] for seq, (ok, n) in sorted(s.answers.items())]]
-                for client, s in self.sessions.items()
+                for client, s in self.dedup.sessions.items()
             ],
         }
 
@@ -349,7 +297,7 @@ class _ShardState:
                 raise BadRequest(f"shard {shard}: session must be [client, floor, answers]")
             client, floor, answers_w = entry
             validate_client(client, 1)
-            if client in state.sessions:
+            if client in state.dedup.sessions:
                 raise BadRequest(f"shard {shard}: client {client!r} has two sessions")
             if not isinstance(floor, int) or isinstance(floor, bool) or not 0 <= floor <= MAX_VERSION:
                 raise BadRequest(f"shard {shard}: bad session floor {floor!r}")
@@ -357,19 +305,18 @@ class _ShardState:
                 raise BadRequest(
                     f"shard {shard}: session of {client!r} holds more than {DEDUP_WINDOW} answers"
                 )
-            session = _Session(floor)
+            answers: dict[int, _Answer] = {}
             for a in answers_w:
                 if not (isinstance(a, list) and len(a) == 3 and isinstance(a[1], bool)):
                     raise BadRequest(f"shard {shard}: answer must be [seq, ok, number]")
                 seq, ok, number = a
                 validate_client(client, seq)
-                if seq <= floor or seq in session.answers:
+                if seq <= floor or seq in answers:
                     raise BadRequest(f"shard {shard}: answer seq {seq} of {client!r} is stale or repeated")
                 if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= MAX_VERSION:
                     raise BadRequest(f"shard {shard}: bad answer number {number!r}")
-                session.answers[seq] = (ok, number)
-            session.answers = dict(sorted(session.answers.items()))
-            state.sessions[client] = session
+                answers[seq] = (ok, number)
+            state.dedup.restore(client, floor, answers)
         return state
 
 
@@ -587,22 +534,12 @@ class MetadataStateMachine:
         if state is None:
             return _error(ErrorCode.WRONG_GROUP, f"this group does not serve shard {shard}", shard=shard)
 
-        sessions = state.sessions
-        session = sessions.pop(client, None)
-        if session is None:
-            session = _Session()
-        sessions[client] = session  # (re)inserted last: most recently used
-        while len(sessions) > MAX_SESSIONS_PER_SHARD:
-            del sessions[next(iter(sessions))]
-
-        answers = session.answers
-        if seq in answers:
-            return _answer_result(answers[seq])
-        # ``answers`` is kept in ascending seq order: its first key is the oldest.
-        if seq <= session.floor or (len(answers) >= DEDUP_WINDOW and seq < next(iter(answers))):
-            # Too old to tell: either applied with its answer forgotten, or
-            # overtaken by a full window of newer writes (storing it would
-            # evict it at once, so a retry could not be told it applied).
+        dedup = state.dedup
+        session = dedup.touch(client)
+        known = session.answers.get(seq)
+        if known is not None:
+            return _answer_result(known)
+        if session.is_stale(seq, dedup.window):
             return _error(
                 ErrorCode.BAD_REQUEST,
                 f"stale sequence {seq} for client {client!r}: older than the writes this shard"
@@ -617,14 +554,7 @@ class MetadataStateMachine:
             state.files[name] = (version, hashes)
             answer = (True, version)
 
-        in_order = not answers or seq > next(reversed(answers))
-        answers[seq] = answer
-        if not in_order:  # a late seq (writes committed out of order): rare
-            answers = session.answers = dict(sorted(answers.items()))
-        if len(answers) > DEDUP_WINDOW:
-            oldest = next(iter(answers))
-            del answers[oldest]
-            session.floor = max(session.floor, oldest)
+        dedup.record(session, seq, answer)
         return _answer_result(answer)
 
     def _apply_config(self, wire: dict[str, Any]) -> dict[str, Any]:
@@ -723,5 +653,5 @@ class MetadataStateMachine:
             "owned_shards": sorted(self._shards),
             "shard_map": self.config_num,
             "files": sum(len(s.files) for s in self._shards.values()),
-            "sessions": sum(len(s.sessions) for s in self._shards.values()),
+            "sessions": sum(len(s.dedup) for s in self._shards.values()),
         }

@@ -1,0 +1,145 @@
+# -*- test-case-name: tests.test_dedup -*-
+"""Exactly-once answers for retried commands: one deduplication table for
+every replicated state machine (the metadata shards and the ShardMaster).
+
+Every write carries ``(client_id, seq)``. A table keeps, per client, the
+answers to that client's ``window`` most recent sequence numbers and a
+``floor``:
+
+- a seq already answered gets the stored first answer again, without being
+  applied again, so a retried CAS never reports a false version mismatch;
+- a seq that is not stored and is at or below ``floor``, or below every
+  stored seq of a full window, is *stale*: it is refused and not applied.
+  Such a seq may have been applied long ago (its answer since forgotten) or
+  never; to the client "stale" means "not applied by this call, outcome of
+  earlier attempts unknown";
+- any other seq is *new*: the caller applies it and ``record``s its answer;
+  when the window overflows, the lowest stored seq (never the one just
+  recorded) is evicted and becomes the new floor.
+
+With ``window > 1`` this is the Kafka idempotent-producer scheme: a client
+may have up to ``window`` writes in flight and have them commit in any order.
+With ``window == 1`` it is the Raft thesis's "latest seq only" session
+(section 6.3): any seq below the latest is stale.
+
+The number of sessions is bounded (``max_sessions``); the least recently
+used is evicted first. Recency is insertion order of a dict, touched in log
+order, so every replica evicts the same one. A client evicted while a retry
+is pending loses exactly-once for that retry: the retry is applied as new.
+
+Everything here must stay deterministic: it runs inside ``apply``.
+Encoding is left to each state machine, whose snapshot formats differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from surfshard.errors import BadRequest
+from surfshard.keyspace import MAX_VERSION
+
+A = TypeVar("A")
+
+#: Longest client id accepted, in UTF-8 bytes (a UUID is 32 hex characters).
+MAX_CLIENT_ID_BYTES = 128
+
+
+def validate_client(client_id: Any, seq: Any) -> tuple[str, int]:
+    """Accept a dedup identity: a non-empty client id string and a seq >= 1."""
+    if (
+        type(client_id) is str
+        and type(seq) is int
+        and 0 < len(client_id) <= MAX_CLIENT_ID_BYTES
+        and client_id.isascii()  # then its UTF-8 size is its length
+        and 1 <= seq <= MAX_VERSION
+    ):
+        return client_id, seq
+    return validate_client_id(client_id), validate_seq(seq)
+
+
+def validate_client_id(client_id: Any) -> str:
+    """Accept a client id: a non-empty string of at most MAX_CLIENT_ID_BYTES."""
+    if not isinstance(client_id, str) or not client_id:
+        raise BadRequest("client id must be a non-empty string")
+    if len(client_id.encode("utf-8", "surrogatepass")) > MAX_CLIENT_ID_BYTES:
+        raise BadRequest(f"client id is longer than {MAX_CLIENT_ID_BYTES} bytes")
+    return client_id
+
+
+def validate_seq(seq: Any) -> int:
+    """Accept a write's sequence number: an integer 1 .. MAX_VERSION."""
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_VERSION:
+        raise BadRequest(f"seq must be an integer 1..{MAX_VERSION}, not {seq!r}")
+    return seq
+
+
+class DedupSession(Generic[A]):
+    """One client's remembered answers."""
+
+    __slots__ = ("answers", "floor")
+
+    def __init__(self, floor: int = 0) -> None:
+        #: Invariant: every stored seq is > floor.
+        self.floor = floor
+        #: seq -> answer. Invariant: in ascending seq order (the oldest first)
+        #: and at most the table's ``window`` entries.
+        self.answers: dict[int, A] = {}
+
+    def is_stale(self, seq: int, window: int) -> bool:
+        """Not stored and too old to tell whether it was applied: at or
+        below the floor, or older than a full window (storing it would evict
+        it at once, so a retry could not be told it applied)."""
+        answers = self.answers
+        return seq not in answers and (
+            seq <= self.floor or (len(answers) >= window and seq < next(iter(answers)))
+        )
+
+
+class DedupTable(Generic[A]):
+    """Sessions by client id, least recently used first."""
+
+    __slots__ = ("max_sessions", "sessions", "window")
+
+    def __init__(self, window: int, max_sessions: int) -> None:
+        if window < 1 or max_sessions < 1:
+            raise ValueError("window and max_sessions must be >= 1")
+        self.window = window
+        self.max_sessions = max_sessions
+        #: Invariant: insertion order is recency order (least recent first).
+        self.sessions: dict[str, DedupSession[A]] = {}
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def touch(self, client: str) -> DedupSession[A]:
+        """The session of ``client``, made the most recently used (created
+        if new; the least recently used beyond ``max_sessions`` evicted)."""
+        sessions = self.sessions
+        session = sessions.pop(client, None)
+        if session is None:
+            session = DedupSession()
+        sessions[client] = session
+        while len(sessions) > self.max_sessions:
+            del sessions[next(iter(sessions))]
+        return session
+
+    def record(self, session: DedupSession[A], seq: int, answer: A) -> None:
+        """Store the answer to a new ``seq`` (one ``is_stale`` said False for)."""
+        answers = session.answers
+        in_order = not answers or seq > next(reversed(answers))
+        answers[seq] = answer
+        if not in_order:  # a late seq (writes committed out of order): rare
+            answers = session.answers = dict(sorted(answers.items()))
+        if len(answers) > self.window:
+            oldest = next(iter(answers))
+            del answers[oldest]
+            session.floor = max(session.floor, oldest)
+
+    def restore(self, client: str, floor: int, answers: dict[int, A]) -> None:
+        """Put back a session read from a snapshot or a shard transfer (the
+        caller has validated it; sessions are restored in recency order)."""
+        if client in self.sessions:
+            raise ValueError(f"client {client!r} has two sessions")
+        session: DedupSession[A] = DedupSession(floor)
+        session.answers = dict(sorted(answers.items()))
+        self.sessions[client] = session

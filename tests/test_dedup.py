@@ -1,0 +1,103 @@
+"""Tests for surfshard.replica.dedup, the one deduplication table of the
+metadata shards and the ShardMaster."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from surfshard.replica.dedup import DedupTable
+
+
+def offer(table: DedupTable[str], client: str, seq: int) -> str:
+    """What a state machine does with one command: the stored answer, or
+    "stale", or apply (answer "applied <seq>") and record."""
+    session = table.touch(client)
+    if seq in session.answers:
+        return session.answers[seq]
+    if session.is_stale(seq, table.window):
+        return "stale"
+    answer = f"applied {seq}"
+    table.record(session, seq, answer)
+    return answer
+
+
+class WindowTests(SynchronousTestCase):
+    def test_a_retry_gets_the_first_answer(self) -> None:
+        t: DedupTable[str] = DedupTable(4, 10)
+        self.assertEqual(offer(t, "c", 1), "applied 1")
+        self.assertEqual(offer(t, "c", 1), "applied 1")
+        self.assertEqual(t.sessions["c"].answers, {1: "applied 1"})
+
+    def test_out_of_order_within_the_window_applies_once_each(self) -> None:
+        t: DedupTable[str] = DedupTable(3, 10)
+        for seq in (3, 1, 2):
+            self.assertEqual(offer(t, "c", seq), f"applied {seq}")
+        self.assertEqual(list(t.sessions["c"].answers), [1, 2, 3])  # kept in seq order
+
+    def test_overflow_evicts_the_oldest_into_the_floor(self) -> None:
+        t: DedupTable[str] = DedupTable(2, 10)
+        for seq in (1, 2, 3):
+            offer(t, "c", seq)
+        session = t.sessions["c"]
+        self.assertEqual((session.floor, list(session.answers)), (1, [2, 3]))
+        self.assertEqual(offer(t, "c", 1), "stale")
+
+    def test_a_never_seen_seq_older_than_a_full_window_is_stale(self) -> None:
+        t: DedupTable[str] = DedupTable(2, 10)
+        offer(t, "c", 5)
+        offer(t, "c", 6)
+        self.assertEqual(offer(t, "c", 4), "stale")
+        self.assertNotIn(4, t.sessions["c"].answers)
+
+    def test_window_one_is_latest_seq_only(self) -> None:
+        """The Raft thesis's sessions (section 6.3), as the ShardMaster uses."""
+        t: DedupTable[str] = DedupTable(1, 10)
+        self.assertEqual(offer(t, "c", 5), "applied 5")
+        self.assertEqual(offer(t, "c", 5), "applied 5")
+        self.assertEqual(offer(t, "c", 4), "stale")
+        self.assertEqual(offer(t, "c", 7), "applied 7")
+        self.assertEqual(offer(t, "c", 5), "stale")
+
+
+class SessionBoundTests(SynchronousTestCase):
+    def test_least_recently_used_is_evicted(self) -> None:
+        t: DedupTable[str] = DedupTable(4, 2)
+        offer(t, "old", 1)
+        offer(t, "mid", 1)
+        offer(t, "old", 1)  # touching makes "mid" the least recent
+        offer(t, "new", 1)
+        self.assertEqual(list(t.sessions), ["old", "new"])
+
+    def test_restore_refuses_a_second_session_for_a_client(self) -> None:
+        t: DedupTable[str] = DedupTable(4, 2)
+        t.restore("c", 0, {2: "b", 1: "a"})
+        self.assertEqual(list(t.sessions["c"].answers), [1, 2])
+        self.assertRaises(ValueError, t.restore, "c", 0, {})
+
+    def test_bounds_must_be_positive(self) -> None:
+        self.assertRaises(ValueError, DedupTable, 0, 1)
+        self.assertRaises(ValueError, DedupTable, 1, 0)
+
+
+class ExactlyOnceProperty(SynchronousTestCase):
+    @settings(deadline=None, max_examples=200)
+    @given(
+        window=st.integers(min_value=1, max_value=5),
+        seqs=st.lists(st.integers(min_value=1, max_value=12), max_size=40),
+    )
+    def test_no_seq_is_ever_applied_twice(self, window: int, seqs: list[int]) -> None:
+        """Whatever order retries arrive in, each seq is applied at most once
+        and a seq that was applied and is still stored answers as it did."""
+        t: DedupTable[str] = DedupTable(window, 4)
+        applied: list[int] = []
+        for seq in seqs:
+            before = dict(t.sessions["c"].answers) if "c" in t.sessions else {}
+            answer = offer(t, "c", seq)
+            if seq in before:
+                self.assertEqual(answer, before[seq])
+            elif answer != "stale":
+                applied.append(seq)
+        self.assertEqual(len(applied), len(set(applied)))
+        self.assertLessEqual(len(t.sessions["c"].answers) if seqs else 0, window)
