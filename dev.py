@@ -3,6 +3,7 @@
 
     python3 dev.py up [ARGS...]     start a whole local cluster (surfshard up ARGS)
     python3 dev.py test [ARGS...]   run the whole test suite with trial
+    python3 dev.py check            ruff (lint and format) and mypy over the tree
     python3 dev.py bench NAME       run benchmarks/NAME.py
     python3 dev.py setup            only create or refresh .venv
 
@@ -82,6 +83,22 @@ def run_tests(args: list[str]) -> int:
     return rc
 
 
+def run_checks() -> int:
+    """ruff check, ruff format --check, mypy (settings in ruff.toml and
+    mypy.ini); every one runs, and the result fails if any failed."""
+    failed = []
+    for name, cmd in (
+        ("ruff check", [str(BIN / "ruff"), "check", "."]),
+        ("ruff format", [str(BIN / "ruff"), "format", "--check", "."]),
+        ("mypy", [str(BIN / "mypy")]),
+    ):
+        print(f"dev.py: {name}", flush=True)
+        if subprocess.call(cmd, cwd=ROOT) != 0:
+            failed.append(name)
+    print("checks: " + (f"FAILED ({', '.join(failed)})" if failed else "all passed"), flush=True)
+    return 1 if failed else 0
+
+
 def hand_over(argv: list[str]) -> int:
     """Become ``argv`` (exec), so that Ctrl-C reaches only the program that
     stops its own children by pid. Waiting on it instead would have this
@@ -105,6 +122,8 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "test":
         return run_tests(rest)
+    if command == "check":
+        return run_checks()
     if command == "up":
         return hand_over([str(BIN / "surfshard"), "up", *rest])
     if command == "bench":

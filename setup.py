@@ -20,8 +20,8 @@ setup(
         "rich>=13.0",
     ],
     extras_require={
-        "test": ["hypothesis>=6.90.0", "ruff>=0.5.0"],
-        "bench": ["pysyncobj>=0.3.12"],
+        "test": ["hypothesis>=6.90.0", "ruff>=0.5.0", "mypy>=1.10", "mypy-zope>=1.0.5"],
+        "bench": ["pysyncobj>=0.3.12", "msgspec>=0.18"],
     },
     entry_points={"console_scripts": ["surfshard = client.cli:main"]},
     classifiers=[

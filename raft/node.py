@@ -26,8 +26,8 @@ while the followers write theirs, so one fsync instead of two lies on the
 path of a write.
 
 Timeouts of proposals and reads share one reactor timer (a heap of
-deadlines): a timer per proposal, created and cancelled on every write, was
-a measurable share of a busy leader's time.
+deadlines): a timer per proposal, created and cancelled on every write, is work per
+write a busy leader need not do.
 """
 
 from __future__ import annotations

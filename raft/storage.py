@@ -35,7 +35,8 @@ storage passed through.
 
 Format 2 (entries as columns, hard state folded into the entries record)
 replaced format 1 (one ``[term, index, data]`` list per entry), which was
-about ten times slower to encode. A format-1 WAL is refused with a clear
+much slower to encode (a CBOR list per entry; figures in
+``benchmarks/storage.py``). A format-1 WAL is refused with a clear
 error, not converted: there was no deployed data to carry over.
 
 Writes are buffered until ``sync()``, which issues one ``write`` and one
