@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "TIMEOUT"
     UNAVAILABLE = "UNAVAILABLE"
     FORBIDDEN = "FORBIDDEN"
+    NOT_READY = "NOT_READY"
     INTERNAL = "INTERNAL"
 
 
@@ -116,6 +117,16 @@ class Internal(SurfShardError):
     code = ErrorCode.INTERNAL
 
 
+class NotReady(SurfShardError):
+    """This node cannot answer yet, but will: e.g. a group asked for a shard
+    under shard map ``num`` before it has applied that map itself. Retry
+    later (the caller backs off)."""
+
+    code = ErrorCode.NOT_READY
+    fields = ("num",)
+    num: int | None
+
+
 _BY_CODE: dict[str, type[SurfShardError]] = {
     cls.code.value: cls
     for cls in (
@@ -129,6 +140,7 @@ _BY_CODE: dict[str, type[SurfShardError]] = {
         Unavailable,
         Forbidden,
         Internal,
+        NotReady,
     )
 }
 

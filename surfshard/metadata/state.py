@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from raft.interfaces import IStateMachine
-from surfshard.errors import BadRequest, ErrorCode, WrongGroup
+from surfshard.errors import BadRequest, ErrorCode, NotReady, WrongGroup
 from surfshard.keyspace import (
     HASH_JOINER,
     MAX_FILENAME_BYTES,
@@ -51,10 +51,28 @@ from surfshard.keyspace import (
     validate_hashlist,
     validate_version,
 )
+from surfshard.metadata.handoff import (
+    CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
+    Ack,
+    Cursor,
+    Incoming,
+    build_chunk,
+    check_addresses,
+    check_entry,
+    check_gid,
+    check_num,
+    cursor_from_wire,
+    cursor_to_wire,
+)
 from surfshard.replica.dedup import MAX_CLIENT_ID_BYTES, DedupTable, validate_client
 
-#: Version of the snapshot and shard-export encodings.
-FORMAT = 1
+#: Version of the snapshot and shard-export encodings. Format 2 added the
+#: shards in transit (``incoming``, ``outgoing``, ``acks``) and each shard's
+#: ``revision``; format 1 is still read (it has neither).
+FORMAT = 2
+_READABLE_FORMATS = (1, 2)
 
 #: Answers kept per client per shard: how many writes one client may have in
 #: flight to one shard and still get exactly-once.
@@ -76,12 +94,25 @@ _MAX_REMEMBERED_BATCHES = 256
 
 OP_UPDATE = "update"
 _UPDATE_KEYS = frozenset({"op", "name", "version", "hashlist", "client", "seq"})
-#: Move this group to shard map ``num``: take ownership of ``adopt`` (shards
-#: that were unassigned, so they start empty). Moving a shard that holds data
-#: between groups needs migration, which is not implemented yet: such maps
-#: are not proposed (see ``surfshard.metadata.shardwatch``).
+#: Move this group to shard map ``num`` (exactly one more than its own):
+#: serve ``adopt`` (shards no group ever held: they start empty), pull each
+#: ``incoming`` shard ``[shard, from_gid, [addresses]]`` from the group that
+#: held it under ``num - 1``, freeze each ``outgoing`` shard for its new
+#: owner. Refused while any shard is still moving (see
+#: ``surfshard.metadata.handoff``).
 OP_CONFIG = "config"
 _CONFIG_KEYS = frozenset({"op", "num", "adopt"})
+_CONFIG_KEYS_MOVING = frozenset({"op", "num", "adopt", "incoming", "outgoing"})
+#: One chunk of an incoming shard (``handoff``): ``{"op": "install", "num",
+#: "shard", "from": cursor, "next": cursor, "files": [entry, ...], "done",
+#: "sessions", "revision"}``; the last (``done``) makes the shard serve.
+OP_INSTALL = "install"
+_INSTALL_KEYS = frozenset({"op", "num", "shard", "from", "next", "files", "done", "sessions", "revision"})
+#: The target committed its install: drop the frozen copy of ``shard``.
+OP_DELETE = "delete"
+#: The source confirmed the delete: forget that it was owed.
+OP_ACKED = "acked"
+_SHARD_OP_KEYS = frozenset({"op", "num", "shard"})
 #: Several updates in one Raft entry, applied in order, each exactly as if
 #: it were an entry of its own (its own version check, dedup and answer):
 #: ``{"op": "batch", "cmds": [update, ...]}``. The leader packs the updates
@@ -97,11 +128,59 @@ MAX_BATCH_BYTES = 256 * 1024
 _BATCH_PREFIX = b"\xa2\x62op\x65batch\x64cmds"  # canonical: "op" sorts before "cmds"
 
 
-def encode_config(num: int, adopt: Iterable[int]) -> bytes:
-    """The command moving a group to shard map ``num``, adopting empty shards."""
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise BadRequest(f"shard map number must be an integer >= 1, not {num!r}")
-    return cbor2.dumps({"op": OP_CONFIG, "num": num, "adopt": sorted(set(adopt))}, canonical=True)
+def encode_config(
+    num: int,
+    adopt: Iterable[int],
+    incoming: Iterable[tuple[int, int, Iterable[str]]] = (),
+    outgoing: Iterable[tuple[int, int]] = (),
+) -> bytes:
+    """The command moving a group to shard map ``num``: adopting empty
+    shards, pulling ``incoming`` ``(shard, from_gid, addresses)``, freezing
+    ``outgoing`` ``(shard, to_gid)``."""
+    check_num(num, "shard map number")
+    command: dict[str, Any] = {"op": OP_CONFIG, "num": num, "adopt": sorted(set(adopt))}
+    incoming = sorted((s, g, list(a)) for s, g, a in incoming)
+    outgoing = sorted((s, g) for s, g in outgoing)
+    if incoming or outgoing:
+        command["incoming"] = [list(i) for i in incoming]
+        command["outgoing"] = [list(o) for o in outgoing]
+    return cbor2.dumps(command, canonical=True)
+
+
+def encode_install(
+    num: int,
+    shard: int,
+    start: Cursor,
+    end: Cursor,
+    files: list[list[Any]],
+    sessions: list[Any] | None = None,
+    revision: int | None = None,
+) -> bytes:
+    """One chunk of an incoming shard; the last one (``end`` None) carries
+    the shard's dedup ``sessions`` and ``revision``."""
+    done = end is None
+    return cbor2.dumps(
+        {
+            "op": OP_INSTALL,
+            "num": num,
+            "shard": shard,
+            "from": cursor_to_wire(start),
+            "next": cursor_to_wire(end),
+            "files": files,
+            "done": done,
+            "sessions": sessions if done else None,
+            "revision": revision if done else None,
+        },
+        canonical=True,
+    )
+
+
+def encode_delete(num: int, shard: int) -> bytes:
+    return cbor2.dumps({"op": OP_DELETE, "num": num, "shard": shard}, canonical=True)
+
+
+def encode_acked(num: int, shard: int) -> bytes:
+    return cbor2.dumps({"op": OP_ACKED, "num": num, "shard": shard}, canonical=True)
 
 
 FileInfo = tuple[int, tuple[str, ...]]
@@ -261,26 +340,37 @@ def _new_dedup() -> DedupTable[_Answer]:
 class _ShardState:
     files: dict[str, FileInfo] = field(default_factory=dict)
     dedup: DedupTable[_Answer] = field(default_factory=_new_dedup)
+    #: Successful writes this shard has taken, wherever it was: it travels
+    #: with the shard and never goes back. Invariant: never decreases.
+    revision: int = 0
+
+    def sessions_to_wire(self) -> list[Any]:
+        return [
+            [client, s.floor, [[seq, ok, n] for seq, (ok, n) in sorted(s.answers.items())]]
+            for client, s in self.dedup.sessions.items()
+        ]
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "files": {name: [v, list(h)] for name, (v, h) in self.files.items()},
-            "sessions": [
-                [client, s.floor, [[seq, ok, n] for seq, (ok, n) in sorted(s.answers.items())]]
-                for client, s in self.dedup.sessions.items()
-            ],
+            "sessions": self.sessions_to_wire(),
+            "revision": self.revision,
         }
 
     @classmethod
     def from_wire(cls, wire: Any, shard: int, nshards: int) -> _ShardState:
         """Rebuild a shard from ``to_wire`` output, checking everything: the
         data may come from another group over the network."""
-        if not isinstance(wire, dict) or set(wire) != {"files", "sessions"}:
-            raise BadRequest(f"shard {shard}: expected a map with files and sessions")
-        files_w, sessions_w = wire["files"], wire["sessions"]
-        if not isinstance(files_w, dict) or not isinstance(sessions_w, list):
-            raise BadRequest(f"shard {shard}: files must be a map and sessions a list")
+        if not isinstance(wire, dict) or set(wire) not in (
+            {"files", "sessions"},
+            {"files", "sessions", "revision"},
+        ):
+            raise BadRequest(f"shard {shard}: expected a map with files, sessions and revision")
+        files_w = wire["files"]
+        if not isinstance(files_w, dict):
+            raise BadRequest(f"shard {shard}: files must be a map")
         state = cls()
+        state.revision = _check_revision(wire.get("revision", 0))
         for name, info in files_w.items():
             validate_filename(name)
             if shard_of(name, nshards) != shard:
@@ -290,6 +380,15 @@ class _ShardState:
             version = validate_version(info[0])
             hashes = validate_hashlist(info[1])
             state.files[name] = (version, _TOMBSTONE_LIST if hashes == [TOMBSTONE] else tuple(hashes))
+        state.restore_sessions(wire["sessions"], shard)
+        return state
+
+    def restore_sessions(self, sessions_w: Any, shard: int) -> None:
+        """Load dedup sessions from ``sessions_to_wire`` output (checked:
+        they may come from another group)."""
+        state = self
+        if not isinstance(sessions_w, list):
+            raise BadRequest(f"shard {shard}: sessions must be a list")
         if len(sessions_w) > MAX_SESSIONS_PER_SHARD:
             raise BadRequest(f"shard {shard}: more than {MAX_SESSIONS_PER_SHARD} sessions")
         for entry in sessions_w:
@@ -317,7 +416,30 @@ class _ShardState:
                     raise BadRequest(f"shard {shard}: bad answer number {number!r}")
                 answers[seq] = (ok, number)
             state.dedup.restore(client, floor, answers)
-        return state
+
+
+def _check_revision(revision: Any) -> int:
+    if type(revision) is not int or not 0 <= revision <= MAX_VERSION:
+        raise BadRequest(f"revision must be an integer >= 0, not {revision!r}"[:200])
+    return revision
+
+
+@dataclass
+class _Outgoing:
+    """A shard this group held under map ``num - 1`` and gives to group
+    ``target`` under ``num``: frozen (nothing may change it) until the
+    target has installed it and asks for the delete."""
+
+    num: int
+    target: int
+    state: _ShardState
+    #: The file names in order, for chunking (not state: derived, cached).
+    names: list[str] | None = None
+
+    def sorted_names(self) -> list[str]:
+        if self.names is None:
+            self.names = sorted(self.state.files)
+        return self.names
 
 
 def _decoded_update(wire: dict[str, Any]) -> tuple[str, int, tuple[str, ...], str, int]:
@@ -370,6 +492,13 @@ class MetadataStateMachine:
         self._shards: dict[int, _ShardState] = {}
         #: The shard map number this group has moved to (0: none yet).
         self.config_num = 0
+        # Shards in transit (``handoff``). Invariant: the keys of
+        # ``_shards`` (serving), ``_incoming`` and ``_outgoing`` are
+        # disjoint, and the last two are empty whenever a new map is taken.
+        self._incoming: dict[int, Incoming] = {}
+        self._outgoing: dict[int, _Outgoing] = {}
+        #: Installed shards whose source still has to be told to delete.
+        self._acks: dict[int, Ack] = {}
         # Updates this replica encoded (as leader) and has not applied yet,
         # decoded: command bytes -> (name, version, hashes, client, seq).
         # Applying one of these skips decoding and validating it again. Not
@@ -400,7 +529,7 @@ class MetadataStateMachine:
         shard = shard_of(name, self.nshards)
         state = self._shards.get(shard)
         if state is None:
-            raise WrongGroup(f"this group does not serve shard {shard} (file {name!r})", shard=shard)
+            raise WrongGroup(self._wrong_group(shard)["message"], shard=shard, num=self.config_num)
         return state
 
     def export_shard(self, shard: int) -> bytes:
@@ -504,6 +633,12 @@ class MetadataStateMachine:
             return self._apply_batch(wire)
         if op == OP_CONFIG:
             return self._apply_config(wire)
+        if op == OP_INSTALL:
+            return self._apply_install(wire)
+        if op == OP_DELETE:
+            return self._apply_delete(wire)
+        if op == OP_ACKED:
+            return self._apply_acked(wire)
         raise BadRequest(f"unknown command op {op!r}")
 
     def _apply_batch(self, wire: dict[str, Any]) -> dict[str, Any]:
@@ -532,7 +667,7 @@ class MetadataStateMachine:
         shard = 0 if self.nshards == 1 else shard_of(name, self.nshards)
         state = self._shards.get(shard)
         if state is None:
-            return _error(ErrorCode.WRONG_GROUP, f"this group does not serve shard {shard}", shard=shard)
+            return self._wrong_group(shard)
 
         dedup = state.dedup
         session = dedup.touch(client)
@@ -552,24 +687,50 @@ class MetadataStateMachine:
             answer: _Answer = (False, current)
         else:
             state.files[name] = (version, hashes)
+            state.revision += 1
             answer = (True, version)
 
         dedup.record(session, seq, answer)
         return _answer_result(answer)
 
+    def _wrong_group(self, shard: int) -> dict[str, Any]:
+        moving = "arriving" if shard in self._incoming else "leaving" if shard in self._outgoing else None
+        why = (
+            f"shard {shard} is {moving} (shard map {self.config_num})"
+            if moving
+            else (f"this group does not serve shard {shard} (shard map {self.config_num})")
+        )
+        return _error(ErrorCode.WRONG_GROUP, why, shard=shard, num=self.config_num)
+
+    def _shard_arg(self, shard: Any) -> int:
+        try:
+            return self._check_shard(shard)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
     def _apply_config(self, wire: dict[str, Any]) -> dict[str, Any]:
-        if set(wire) != _CONFIG_KEYS:
-            raise BadRequest(f"config command must have exactly the keys {sorted(_CONFIG_KEYS)}")
-        num, adopt = wire["num"], wire["adopt"]
-        if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-            raise BadRequest(f"config num must be an integer >= 1, not {num!r}")
-        if not isinstance(adopt, list):
-            raise BadRequest("config adopt must be a list of shards")
-        for shard in adopt:
-            try:
-                self._check_shard(shard)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
+        keys = set(wire)
+        if keys != _CONFIG_KEYS and keys != _CONFIG_KEYS_MOVING:
+            raise BadRequest(f"config command must have exactly the keys {sorted(_CONFIG_KEYS_MOVING)}")
+        num = check_num(wire["num"], "config num")
+        adopt, incoming_w, outgoing_w = wire["adopt"], wire.get("incoming", []), wire.get("outgoing", [])
+        if type(adopt) is not list or type(incoming_w) is not list or type(outgoing_w) is not list:
+            raise BadRequest("config adopt, incoming and outgoing must be lists")
+        adopted = [self._shard_arg(s) for s in adopt]
+        incoming: dict[int, Incoming] = {}
+        for entry in incoming_w:
+            if type(entry) is not list or len(entry) != 3:
+                raise BadRequest("config incoming entries must be [shard, from_gid, addresses]")
+            shard = self._shard_arg(entry[0])
+            incoming[shard] = Incoming(num, check_gid(entry[1]), check_addresses(entry[2]))
+        outgoing: dict[int, int] = {}
+        for entry in outgoing_w:
+            if type(entry) is not list or len(entry) != 2:
+                raise BadRequest("config outgoing entries must be [shard, to_gid]")
+            outgoing[self._shard_arg(entry[0])] = check_gid(entry[1])
+        gained = adopted + list(incoming)
+        if len(set(gained) | set(outgoing)) != len(gained) + len(outgoing):
+            raise BadRequest("config lists a shard twice")
         if num != self.config_num + 1:
             # A duplicate or out-of-order proposal (e.g. from a deposed
             # leader): maps are taken one at a time, in order.
@@ -578,53 +739,240 @@ class MetadataStateMachine:
                 f"group is at map {self.config_num}, not {num - 1}",
                 num=self.config_num,
             )
-        for shard in adopt:
-            self._shards.setdefault(shard, _ShardState())
+        if self._incoming or self._outgoing:
+            return _error(
+                ErrorCode.NOT_READY,
+                f"group is still moving shards of map {self.config_num}: "
+                f"arriving {sorted(self._incoming)}, leaving {sorted(self._outgoing)}",
+                num=self.config_num,
+            )
+        # Ownership is checked here, at apply time: a map that does not fit
+        # what this group holds is refused whole, changing nothing.
+        for shard in gained:
+            if shard in self._shards:
+                return _error(ErrorCode.BAD_REQUEST, f"config gains shard {shard}, which this group serves")
+        for shard in outgoing:
+            if shard not in self._shards:
+                return _error(
+                    ErrorCode.BAD_REQUEST, f"config gives away shard {shard}, which this group lacks"
+                )
+        for shard in adopted:
+            self._shards[shard] = _ShardState()
+        for shard, target in outgoing.items():
+            self._outgoing[shard] = _Outgoing(num, target, self._shards.pop(shard))
+        self._incoming.update(incoming)
         self._shards = dict(sorted(self._shards.items()))
         self.config_num = num
         return {"ok": True, "num": num}
 
+    def _shard_command(self, wire: dict[str, Any], what: str) -> tuple[int, int]:
+        if wire.keys() != _SHARD_OP_KEYS:
+            raise BadRequest(f"{what} command must have exactly the keys {sorted(_SHARD_OP_KEYS)}")
+        return check_num(wire["num"]), self._shard_arg(wire["shard"])
+
+    def _apply_install(self, wire: dict[str, Any]) -> dict[str, Any]:
+        if wire.keys() != _INSTALL_KEYS:
+            raise BadRequest(f"install command must have exactly the keys {sorted(_INSTALL_KEYS)}")
+        num, shard = check_num(wire["num"]), self._shard_arg(wire["shard"])
+        start = cursor_from_wire(wire["from"], "install from")
+        end = cursor_from_wire(wire["next"], "install next")
+        done, files = wire["done"], wire["files"]
+        if type(done) is not bool or done != (end is None) or type(files) is not list:
+            raise BadRequest(
+                "install done must be a boolean, true exactly when next is null, and files a list"
+            )
+        entries = [check_entry(shard, self.nshards, e) for e in files]
+        incoming = self._incoming.get(shard)
+        if incoming is None or incoming.num != num or incoming.cursor != start:
+            # A replayed, duplicated or stale chunk: already applied, or for
+            # a move that is over. Idempotent: nothing changes.
+            return {"ok": True, "applied": False}
+        final: _ShardState | None = None
+        if done:
+            final = _ShardState(revision=_check_revision(wire["revision"]))
+            final.restore_sessions(wire["sessions"], shard)
+        # Checked whole before anything is staged: a bad chunk changes nothing.
+        staged_len = {n: len(h) for n, (_, h) in incoming.files.items()}
+        totals = dict(incoming.totals)
+        for name, _version, offset, hashes, total in entries:
+            have = staged_len.get(name, 0)
+            if offset != have or (offset and totals.get(name) != total):
+                raise BadRequest(
+                    f"install: piece of {name!r} at {offset} does not follow the {have} staged"[:200]
+                )
+            staged_len[name] = offset + len(hashes)
+            totals[name] = total
+        if final is not None:
+            short = [n for n, length in staged_len.items() if length != totals[n]]
+            if short:
+                raise BadRequest(f"install: last chunk leaves {len(short)} file(s) incomplete")
+        for name, version, offset, hashes, total in entries:
+            if offset == 0:
+                incoming.files[name] = (version, list(hashes))
+                incoming.totals[name] = total
+            else:
+                incoming.files[name][1].extend(hashes)
+        incoming.cursor = end
+        if final is None:
+            return {"ok": True, "applied": True}
+        for name, (version, hashes) in incoming.files.items():
+            final.files[name] = (version, _TOMBSTONE_LIST if hashes == [TOMBSTONE] else tuple(hashes))
+        del self._incoming[shard]
+        self._shards[shard] = final
+        self._shards = dict(sorted(self._shards.items()))
+        self._acks[shard] = Ack(num, incoming.source, incoming.addresses)
+        return {"ok": True, "applied": True, "installed": shard}
+
+    def _apply_delete(self, wire: dict[str, Any]) -> dict[str, Any]:
+        num, shard = self._shard_command(wire, "delete")
+        outgoing = self._outgoing.get(shard)
+        if outgoing is not None and outgoing.num == num:
+            del self._outgoing[shard]
+            return {"ok": True, "deleted": True}
+        if num > self.config_num:
+            # Not yet at that map: the target cannot have installed from us.
+            return _error(
+                ErrorCode.NOT_READY, f"group is at map {self.config_num}, not {num}", num=self.config_num
+            )
+        return {"ok": True, "deleted": False}  # done before (or never ours): idempotent
+
+    def _apply_acked(self, wire: dict[str, Any]) -> dict[str, Any]:
+        num, shard = self._shard_command(wire, "acked")
+        ack = self._acks.get(shard)
+        if ack is not None and ack.num == num:
+            del self._acks[shard]
+        return {"ok": True}
+
     def snapshot(self) -> bytes:
-        """Every owned shard, in canonical CBOR (equal states, equal bytes)."""
-        wire = {
+        """Every shard held, serving or in transit, in canonical CBOR (equal
+        states, equal bytes)."""
+        wire: dict[str, Any] = {
             "format": FORMAT,
             "nshards": self.nshards,
             "shards": {shard: state.to_wire() for shard, state in self._shards.items()},
+            "config": self.config_num,
+            "incoming": {shard: inc.to_wire() for shard, inc in self._incoming.items()},
+            "outgoing": {
+                shard: {"num": out.num, "to": out.target, "state": out.state.to_wire()}
+                for shard, out in self._outgoing.items()
+            },
+            "acks": {shard: ack.to_wire() for shard, ack in self._acks.items()},
         }
-        if self.config_num:
-            wire["config"] = self.config_num
         return cbor2.dumps(wire, canonical=True)
 
     def restore(self, data: bytes) -> None:
-        """Replace the whole state with ``snapshot()`` output. ``BadRequest``
-        (and no change) if it is malformed or for another shard count."""
+        """Replace the whole state with ``snapshot()`` output (format 1 or 2).
+        ``BadRequest`` (and no change) if it is malformed or for another
+        shard count."""
         wire = _decode(data, "snapshot")
-        if not isinstance(wire, dict) or not {"format", "nshards", "shards"} <= set(wire) <= {
-            "format",
-            "nshards",
-            "shards",
-            "config",
-        }:
-            raise BadRequest("snapshot must be a map with format, nshards, shards and optionally config")
+        required = {"format", "nshards", "shards"}
+        optional = {"config", "incoming", "outgoing", "acks"}
+        if not isinstance(wire, dict) or not required <= set(wire) <= required | optional:
+            raise BadRequest("snapshot must be a map with format, nshards, shards and the optional parts")
         config_num = wire.get("config", 0)
         if not isinstance(config_num, int) or isinstance(config_num, bool) or config_num < 0:
             raise BadRequest(f"snapshot config must be a map number, not {config_num!r}")
-        if wire["format"] != FORMAT:
-            raise BadRequest(f"snapshot has format {wire['format']!r}, this node reads {FORMAT}")
+        if wire["format"] not in _READABLE_FORMATS:
+            raise BadRequest(f"snapshot has format {wire['format']!r}, this node reads {_READABLE_FORMATS}")
         if wire["nshards"] != self.nshards:
             raise BadRequest(f"snapshot is for {wire['nshards']!r} shards, this cluster has {self.nshards}")
-        shards_w = wire["shards"]
-        if not isinstance(shards_w, dict):
-            raise BadRequest("snapshot shards must be a map")
-        shards: dict[int, _ShardState] = {}
-        for shard, shard_w in shards_w.items():
-            try:
-                self._check_shard(shard)
-            except ValueError as e:
-                raise BadRequest(f"snapshot: {e}") from None
-            shards[shard] = _ShardState.from_wire(shard_w, shard, self.nshards)
+        parts = {k: wire.get(k, {}) for k in ("shards", "incoming", "outgoing", "acks")}
+        if not all(isinstance(v, dict) for v in parts.values()):
+            raise BadRequest("snapshot shards, incoming, outgoing and acks must be maps")
+        for part in parts.values():
+            for shard in part:
+                self._shard_arg(shard)
+        shards = {s: _ShardState.from_wire(w, s, self.nshards) for s, w in parts["shards"].items()}
+        incoming = {s: Incoming.from_wire(w, s, self.nshards) for s, w in parts["incoming"].items()}
+        outgoing: dict[int, _Outgoing] = {}
+        for s, w in parts["outgoing"].items():
+            if not isinstance(w, dict) or set(w) != {"num", "to", "state"}:
+                raise BadRequest(f"snapshot: outgoing shard {s} is malformed")
+            outgoing[s] = _Outgoing(
+                check_num(w["num"]), check_gid(w["to"]), _ShardState.from_wire(w["state"], s, self.nshards)
+            )
+        acks = {s: Ack.from_wire(w, s) for s, w in parts["acks"].items()}
+        if len(set(shards) | set(incoming) | set(outgoing)) != len(shards) + len(incoming) + len(outgoing):
+            raise BadRequest("snapshot: a shard is both serving and in transit")
         self._shards = dict(sorted(shards.items()))
+        self._incoming = dict(sorted(incoming.items()))
+        self._outgoing = dict(sorted(outgoing.items()))
+        self._acks = dict(sorted(acks.items()))
         self.config_num = config_num
+
+    # -- shards in transit ------------------------------------------------
+
+    @property
+    def moving(self) -> bool:
+        """Some shard is still arriving or leaving: no new map is taken."""
+        return bool(self._incoming or self._outgoing)
+
+    def incoming(self) -> dict[int, Incoming]:
+        """Shards being pulled: shard -> its record (the caller must not change it)."""
+        return dict(self._incoming)
+
+    def acks_owed(self) -> dict[int, Ack]:
+        """Installed shards whose source has not yet confirmed the delete."""
+        return dict(self._acks)
+
+    def transfers(self) -> list[dict[str, Any]]:
+        """Every shard in transit here, for status pages."""
+        rows: list[dict[str, Any]] = []
+        for shard, inc in self._incoming.items():
+            rows.append(
+                {
+                    "shard": shard,
+                    "num": inc.num,
+                    "from": inc.source,
+                    "state": "incoming",
+                    "files_received": len(inc.files),
+                }
+            )
+        for shard, out in self._outgoing.items():
+            rows.append(
+                {
+                    "shard": shard,
+                    "num": out.num,
+                    "to": out.target,
+                    "state": "outgoing",
+                    "files": len(out.state.files),
+                }
+            )
+        for shard, ack in self._acks.items():
+            rows.append({"shard": shard, "num": ack.num, "from": ack.source, "state": "deleting at source"})
+        return sorted(rows, key=lambda r: (r["shard"], r["state"]))
+
+    def fetch_chunk(
+        self, num: int, shard: int, cursor: Cursor, max_bytes: int = CHUNK_BYTES
+    ) -> dict[str, Any]:
+        """The chunk of frozen shard ``shard`` (leaving under map ``num``)
+        that starts at ``cursor``: ``{"files", "next", "done"}`` plus, when
+        done, ``"sessions"`` and ``"revision"``. Any replica that has
+        applied map ``num`` answers alike (the copy is frozen).
+
+        ``NotReady`` if this replica has not applied map ``num`` yet;
+        ``BadRequest`` if the shard is not leaving this group under ``num``
+        (a wrong or stale map number, or not this group's shard)."""
+        check_num(num)
+        self._shard_arg(shard)
+        if not MIN_CHUNK_BYTES <= max_bytes <= MAX_CHUNK_BYTES:
+            raise BadRequest(f"max_bytes must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+        if self.config_num < num:
+            raise NotReady(
+                f"this replica is at shard map {self.config_num}, not yet {num}", num=self.config_num
+            )
+        outgoing = self._outgoing.get(shard)
+        if outgoing is None or outgoing.num != num:
+            raise BadRequest(
+                f"shard {shard} is not leaving this group under shard map {num} (the group is at {self.config_num})"
+            )
+        state = outgoing.state
+        entries, end = build_chunk(state.files, outgoing.sorted_names(), cursor, max_bytes)
+        chunk: dict[str, Any] = {"files": entries, "next": cursor_to_wire(end), "done": end is None}
+        if end is None:
+            chunk["sessions"] = state.sessions_to_wire()
+            chunk["revision"] = state.revision
+        return chunk
 
     # -- reads ----------------------------------------------------------------
 
@@ -654,4 +1002,5 @@ class MetadataStateMachine:
             "shard_map": self.config_num,
             "files": sum(len(s.files) for s in self._shards.values()),
             "sessions": sum(len(s.dedup) for s in self._shards.values()),
+            "moving": self.transfers(),
         }
