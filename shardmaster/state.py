@@ -187,6 +187,14 @@ def validate_leave_args(gids: Any, current: ShardMap | None = None) -> tuple[int
         seen.add(gid)
         if current is not None and gid not in current.groups:
             raise BadRequest(f"group {gid} is unknown (not in shard map {current.num})", gid=gid)
+    if current is not None and current.groups and seen >= set(current.groups):
+        # Every shard would be left without an owner while its data sits in
+        # the groups leaving: a later join would start those shards empty
+        # while the data exists. Refused: keep at least one group.
+        raise BadRequest(
+            f"leave of {sorted(seen)} would leave no group to hold the shards' data: "
+            "join another group first, then leave"
+        )
     return tuple(sorted(seen))
 
 

@@ -224,10 +224,10 @@ class LabBehaviourTests(ShardMasterCase):
         self.assert_balanced(g, m4)
         self.assert_minimal(g, m3, m4)
 
-        # The last groups leaving leave every shard unassigned.
-        self.assertEqual(self.value(g, c.leave([1, 2])), 5)
-        m5 = self.value(g, c.query(-1))
-        self.assertEqual((m5.num, m5.shards, dict(m5.groups)), (5, (UNASSIGNED,) * NSHARDS, {}))
+        # The last groups may not leave: their shards' data would have no owner.
+        refused = self.error(g, c.leave([1, 2]))
+        self.assertIsInstance(refused, BadRequest)
+        self.assertEqual(self.value(g, c.query(-1)), m4)
         self.assert_replicas_agree(g)
 
     def test_historical_queries_return_the_old_maps(self) -> None:
@@ -450,9 +450,10 @@ class LabBehaviourTests(ShardMasterCase):
         self.assert_balanced(g, after)
         self.assertEqual(moved(after_idle, after), 2)
         self.assert_minimal(g, after_idle, after)
-        # Everyone leaving: every shard unassigned.
-        self.value(g, c.leave(sorted(after.groups)))
-        self.assertEqual(self.value(g, c.query(-1)).shards, (UNASSIGNED,) * 4)
+        # Everyone leaving is refused; all but one leaving gives it every shard.
+        self.assertIsInstance(self.error(g, c.leave(sorted(after.groups))), BadRequest)
+        self.value(g, c.leave(sorted(after.groups)[1:]))
+        self.assertEqual(self.value(g, c.query(-1)).shards, (min(after.groups),) * 4)
         self.assert_replicas_agree(g)
 
 

@@ -139,17 +139,24 @@ class BasicTests(Checks, SynchronousTestCase):
         self.assertEqual(a.leave(1), ok(5))
         self.assertEqual(self.m.latest.shards, (3, 2, 2, 3, 3, 2, 2, 2, 3, 3))
         self.assertEqual(sorted(self.m.latest.groups), [2, 3])
-        self.assertEqual(a.leave(2, 3), ok(6))
-        self.assertEqual(self.m.latest, ShardMap(6, (0,) * 10, {}))
+        # The last groups may not leave: their shards' data would have no owner.
+        refused = a.leave(2, 3)
+        self.assertEqual((refused["ok"], refused["code"]), (False, "BAD_REQUEST"))
+        self.assertIn("no group", refused["message"])
+        self.assertEqual(self.m.latest.num, 5)
 
-    def test_last_group_leaving_unassigns_every_shard_and_groups_can_rejoin(self) -> None:
+    def test_the_last_group_cannot_leave_and_a_group_that_left_can_rejoin(self) -> None:
+        """No shard is ever left ownerless once assigned (a later join would
+        start it empty while its data exists), so the last group's leave is
+        refused; a group that left while others stayed may join again."""
         self.a.join_gids(7)
-        self.assertEqual(self.a.leave(7), ok(2))
-        self.assertEqual(self.m.latest.shards, (UNASSIGNED,) * NSHARDS)
-        self.assertEqual(dict(self.m.latest.groups), {})
-        # A group that left may join again, even with other addresses.
-        self.assertEqual(self.a.join({7: ["new-host:9000"]}), ok(3))
+        self.assertEqual(self.a.leave(7)["code"], "BAD_REQUEST")
         self.assertEqual(self.m.latest.shards, (7,) * NSHARDS)
+        self.a.join_gids(8)
+        self.assertEqual(self.a.leave(7), ok(3))
+        self.assertNotIn(UNASSIGNED, self.m.latest.shards)
+        # A group that left may join again, even with other addresses.
+        self.assertEqual(self.a.join({7: ["new-host:9000"]}), ok(4))
         self.assertEqual(self.m.latest.addresses_of(7), ("new-host:9000",))
 
     def test_query_reads_each_map_back(self) -> None:
@@ -238,7 +245,7 @@ class TransferTests(Checks, SynchronousTestCase):
             m = ShardMasterStateMachine(nshards)
             a = Admin(m)
             a.join_gids(*range(1, 13))
-            for gid in (4, 1, 12, 7, 2, 3, 5, 6, 8, 9, 10, 11):
+            for gid in (4, 1, 12, 7, 2, 3, 5, 6, 8, 9, 10):
                 before = m.latest
                 self.assertEqual(a.leave(gid)["ok"], True)
                 after = m.latest
@@ -247,7 +254,8 @@ class TransferTests(Checks, SynchronousTestCase):
                 changed = moved(before, after)
                 self.assertEqual(sorted(changed), list(before.shards_of(gid)), context)
                 self.assertEqual(len(changed), rebalance.min_moves(before.shards, after.groups), context)
-            self.assertEqual(m.latest.shards, (0,) * nshards)
+            self.assertEqual(m.latest.shards, (11,) * nshards)
+            self.assertEqual(a.leave(11)["ok"], False)  # the last group stays
 
     def test_many_groups_join_and_leave_at_once(self) -> None:
         m = ShardMasterStateMachine(NSHARDS)
@@ -265,8 +273,9 @@ class TransferTests(Checks, SynchronousTestCase):
         self.assertBalancedAndLive(m.latest)
         leaving_shards = [s for s, g in enumerate(before.shards) if g in (1, 3, 5, 7)]
         self.assertEqual(moved(before, m.latest), leaving_shards)
-        self.assertEqual(a.leave(2, 4, 6, 8), ok(4))
-        self.assertEqual(m.latest, ShardMap(4, (0,) * NSHARDS, {}))
+        self.assertEqual(a.leave(2, 4, 6, 8)["ok"], False)  # every group left: refused
+        self.assertEqual(a.leave(2, 4, 6), ok(4))
+        self.assertEqual(m.latest.shards, (8,) * NSHARDS)
 
     def test_more_groups_than_shards(self) -> None:
         m = ShardMasterStateMachine(4)
