@@ -8,11 +8,12 @@ static cluster, or the owner in the ShardMaster's latest map.
 
 from __future__ import annotations
 
+import itertools
 import random
 import uuid
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from client.metadata_client import MetadataClient
@@ -21,6 +22,7 @@ from surfshard.config import ClusterConfig
 from surfshard.net.interfaces import IRpcPool
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.tls import TLSFiles
+from surfshard.replica.leader_caller import Backoff
 from surfshard.shardmap import ShardMap
 
 #: The certificate name a command-line client presents when TLS is on.
@@ -54,6 +56,9 @@ class ClusterClient:
         self.client_id = client_id or uuid.uuid4().hex
         self.rng = rng or random.Random()
         self._groups: dict[tuple[str, ...], MetadataClient] = {}
+        #: One sequence counter for this client id on every group (see
+        #: ``GroupClient.seq``).
+        self._seq = itertools.count(1)
         self._map: ShardMap | None = None
         self._shardmaster: Any = None
 
@@ -66,6 +71,7 @@ class ClusterClient:
                 addresses,
                 self.reactor,
                 client_id=self.client_id,
+                seq=self._seq,
                 timeout=self.timeout,
                 rng=self.rng,
             )
@@ -81,6 +87,7 @@ class ClusterClient:
                 self.cluster.shardmaster,
                 self.reactor,
                 client_id=self.client_id,
+                seq=self._seq,
                 timeout=self.timeout,
             )
         return self._shardmaster
@@ -108,37 +115,83 @@ class ClusterClient:
 
     @defer.inlineCallbacks
     def _routed(self, name: str, call: Any):
-        # One refresh of the map on WRONG_GROUP: the shard moved since we
-        # cached it. A second WRONG_GROUP means a move is still in progress.
-        client = yield self.group_for(name)
-        try:
-            result = yield call(client)
-        except errors.WrongGroup:
-            if self.cluster.static:
-                raise
-            client = yield self.group_for(name, refresh=True)
-            result = yield call(client)
-        return result
+        """Run ``call(group_client)`` on the group serving ``name``, following
+        the shard while it moves: on WRONG_GROUP from a group at our map
+        number or later, the map we hold is stale (refresh it); from a group
+        behind us, that group has not caught up yet (wait and retry). Either
+        way until the deadline; the call keeps its sequence number
+        throughout, so a write applied before a move is not applied again."""
+        deadline = self.reactor.seconds() + self.timeout
+        backoff = Backoff(base=0.01, cap=0.5, rng=self.rng)
+        refresh = False
+        # Bounded: every turn waits a backoff step (or refreshes once after
+        # a newer group answered), and the deadline ends the loop.
+        while True:
+            client = yield self.group_for(name, refresh=refresh)
+            try:
+                result = yield call(client)
+                return result
+            except errors.WrongGroup as e:
+                if self.cluster.static:
+                    raise
+                held = self._map.num if self._map is not None else 0
+                refresh = e.num is None or e.num >= held
+                remaining = deadline - self.reactor.seconds()
+                if remaining <= 0:
+                    raise errors.Timeout(
+                        f"{name!r}: its shard did not settle on a group within {self.timeout:.1f}s ({e.message})"
+                    ) from e
+                yield task.deferLater(self.reactor, min(backoff.next_delay(), remaining), lambda: None)
 
     def updatefile(self, name: str, version: int, hashlist: list[str]) -> defer.Deferred:
-        return self._routed(name, lambda c: c.updatefile(name, version, hashlist))
+        seq = next(self._seq)  # one number for every attempt, on any group
+        return self._routed(name, lambda c: c.updatefile(name, version, hashlist, seq))
 
     def getfileinfo(self, name: str) -> defer.Deferred:
         return self._routed(name, lambda c: c.getfileinfo(name))
 
     @defer.inlineCallbacks
     def getfileinfomap(self):
-        """Every file of every group, merged."""
+        """Every file of every shard, merged. A shard in transit between
+        groups is waited for (within the timeout), never silently left out:
+        if some shard is still missing at the deadline, ``Unavailable`` names
+        the missing shards."""
         if self.cluster.static:
-            groups = [tuple(a) for a in self.cluster.groups.values()]
-        else:
+            merged: dict[str, Any] = {}
+            for addresses in [tuple(a) for a in self.cluster.groups.values()]:
+                part = yield self.group_client(addresses).getfileinfomap()
+                merged.update(part)
+            return merged
+        deadline = self.reactor.seconds() + self.timeout
+        backoff = Backoff(base=0.02, cap=0.5, rng=self.rng)
+        files: dict[str, Any] = {}
+        missing = set(range(self.cluster.shards))
+        # Bounded like ``_routed``: a backoff step per turn, and the deadline.
+        while True:
             shard_map = yield self.shard_map(refresh=True)
-            groups = [tuple(shard_map.addresses_of(gid)) for gid in shard_map.assigned_gids()]
-        merged: dict[str, Any] = {}
-        for addresses in groups:
-            part = yield self.group_client(addresses).getfileinfomap()
-            merged.update(part)
-        return merged
+            wanted: dict[int, list[int]] = {}
+            for shard in sorted(missing):
+                wanted.setdefault(shard_map.shards[shard], []).append(shard)
+            for gid, shards in wanted.items():
+                if gid == 0:
+                    continue
+                try:
+                    part = yield self.group_client(tuple(shard_map.addresses_of(gid))).getshardfiles(shards)
+                except (errors.Timeout, errors.Unavailable):
+                    continue  # that group is down: its shards stay missing for now
+                got = set(shards) - set(part.get("missing", []))
+                files.update(part["files"])
+                missing -= got
+            if not missing:
+                return files
+            remaining = deadline - self.reactor.seconds()
+            if remaining <= 0:
+                raise errors.Unavailable(
+                    f"shards {sorted(missing)} were not served within {self.timeout:.1f}s "
+                    "(moving between groups, or their group is down)",
+                    shards=sorted(missing),
+                )
+            yield task.deferLater(self.reactor, min(backoff.next_delay(), remaining), lambda: None)
 
     def close(self) -> defer.Deferred:
         return self.pool.close()

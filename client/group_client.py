@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -31,20 +31,28 @@ class GroupClient:
         reactor: IReactorTime,
         *,
         client_id: str | None = None,
+        seq: Iterator[int] | None = None,
         timeout: float = 30.0,
         attempt_timeout: float = 2.0,
         rng: random.Random | None = None,
     ) -> None:
         self.client_id = client_id or uuid.uuid4().hex
-        self._seq = itertools.count(1)
+        #: Sequence numbers of this client id. Clients of several groups
+        #: under one id must share one counter (``ClusterClient`` does): a
+        #: shard's dedup sessions move with it, so two counters would reuse
+        #: numbers for different writes in one session.
+        self.seq = seq if seq is not None else itertools.count(1)
         self.pool = pool
         self.caller = LeaderCaller(
             pool, addresses, reactor, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
         )
 
-    def write(self, method: str, args: dict[str, Any]) -> defer.Deferred:
-        """Call a write method on the leader with this client's identity."""
-        return self.caller.call(method, dict(args, client_id=self.client_id, seq=next(self._seq)))
+    def write(self, method: str, args: dict[str, Any], seq: int | None = None) -> defer.Deferred:
+        """Call a write method on the leader with this client's identity
+        (``seq``: a retry of an earlier attempt keeps that attempt's number)."""
+        return self.caller.call(
+            method, dict(args, client_id=self.client_id, seq=next(self.seq) if seq is None else seq)
+        )
 
     def read(self, method: str, args: dict[str, Any]) -> defer.Deferred:
         return self.caller.call(method, args)

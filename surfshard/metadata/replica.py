@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 
 from surfshard import errors
 from surfshard.keyspace import validate_filename
-from surfshard.metadata.state import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine
+from surfshard.metadata.handoff import CHUNK_BYTES, check_num, cursor_from_wire
+from surfshard.metadata.state import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine, encode_delete
 from surfshard.net.methods import ReplySink
 from surfshard.replica.control import ReplicaControl
 
@@ -232,6 +233,61 @@ class MetadataReplica(ReplicaControl):
             return d
 
         return self.as_leader(attempt, timeout)
+
+    def getshardfiles(self, shards: list[int], timeout: float | None = None) -> defer.Deferred:
+        """Fires with ``{"num", "files", "missing"}`` once a ReadIndex round
+        confirms this node leads: the files of the served ones of ``shards``,
+        and the shards it does not serve now (so a cluster-wide listing never
+        silently drops a shard in transit)."""
+
+        def attempt(remaining: float) -> defer.Deferred:
+            d = self.node.read(timeout=remaining)
+
+            def answer(_: Any) -> dict[str, Any]:
+                files, missing = self.machine.shard_files(shards)
+                return {
+                    "num": self.machine.config_num,
+                    "files": {n: fileinfo(i) for n, i in files.items()},
+                    "missing": missing,
+                }
+
+            d.addCallback(answer)
+            return d
+
+        return self.as_leader(attempt, timeout)
+
+    def shard_fetch(
+        self,
+        num: int,
+        shard: int,
+        cursor: Any = None,
+        max_bytes: int = CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """A chunk of a shard leaving this group under map ``num`` (see
+        ``surfshard.metadata.handoff``). Any replica that has applied map
+        ``num`` answers (the copy is frozen); one that has not answers
+        NOT_READY, and the caller tries another or waits."""
+        if self.is_crashed():
+            raise errors.Crashed("node is crashed")
+        return self.machine.fetch_chunk(num, shard, cursor_from_wire(cursor), max_bytes)
+
+    def shard_delete(self, num: int, shard: int, timeout: float | None = None) -> defer.Deferred:
+        """Delete this group's frozen copy of ``shard`` (leaving under map
+        ``num``) through the log, once its new owner has installed it. True
+        when the copy is gone (now or before)."""
+        check_num(num)
+        command = encode_delete(num, shard)
+
+        def attempt(remaining: float) -> defer.Deferred:
+            return self.node.propose(command, timeout=remaining)
+
+        def deleted(result: Any) -> bool:
+            if isinstance(result, dict) and result.get("ok"):
+                return True
+            raise errors.error_from_wire(result)
+
+        return self.as_leader(attempt, timeout, deleted)
 
     def tester_getversion(self, name: str) -> int:
         """The version this replica has applied (committed state only), with

@@ -6,13 +6,15 @@ import random
 from typing import Any
 
 from surfshard.config import ClusterConfig, NodeKind
-from surfshard.keyspace import MAX_HASHLIST
+from surfshard.keyspace import MAX_HASHLIST, MAX_SHARDS
 from surfshard.metadata.facade import RPC2
+from surfshard.metadata.handoff import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from surfshard.metadata.migration import ShardMigrator
 from surfshard.metadata.replica import MetadataReplica
 from surfshard.metadata.shardwatch import ShardMapWatcher
 from surfshard.metadata.state import MetadataStateMachine
 from surfshard.net.methods import MethodTable
-from surfshard.net.schema import Arg
+from surfshard.net.schema import Arg, Value
 from surfshard.replica.control import TIMEOUT_ARG
 from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.replica.service import ReplicaService
@@ -46,9 +48,12 @@ class MetadataService(ReplicaService):
             cluster, NodeKind.GROUP, gid, index, self.machine, reactor, chaos=chaos, fsync=fsync, rng=rng
         )
         self.table.include(metadata_methods(self.replica))
+        self.migrator: ShardMigrator | None = None
         if not cluster.static:
             shardmaster = LeaderCaller(self.pool, cluster.shardmaster, reactor, timeout=2.0, rng=rng)
             ShardMapWatcher(gid, self.node, self.machine, shardmaster, reactor).setServiceParent(self)
+            self.migrator = ShardMigrator(gid, self.node, self.machine, self.pool, reactor)
+            self.migrator.setServiceParent(self)
         self.root.add("RPC2", RPC2(self.replica, forward=self.pool.call))
 
     @property
@@ -87,4 +92,22 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
     t.add("getfileinfo", replica.getfileinfo, [NAME_ARG, TIMEOUT_ARG])
     t.add("getfileinfomap", replica.getfileinfomap, [TIMEOUT_ARG])
     t.add("tester_getversion", replica.tester_getversion, [NAME_ARG])
+    t.add(
+        "getshardfiles",
+        replica.getshardfiles,
+        [Arg("shards", list, max_len=MAX_SHARDS, items=Value(int, min=0, max=MAX_SHARDS - 1)), TIMEOUT_ARG],
+    )
+    # Shard migration, between the groups' leaders (see surfshard.metadata.handoff).
+    shard_args = [Arg("num", int, min=1), Arg("shard", int, min=0, max=MAX_SHARDS - 1)]
+    t.add(
+        "shard_fetch",
+        replica.shard_fetch,
+        [
+            *shard_args,
+            Arg("cursor", list, required=False, max_len=2),
+            Arg("max_bytes", int, required=False, min=MIN_CHUNK_BYTES, max=MAX_CHUNK_BYTES),
+            TIMEOUT_ARG,
+        ],
+    )
+    t.add("shard_delete", replica.shard_delete, [*shard_args, TIMEOUT_ARG])
     return t

@@ -93,6 +93,8 @@ class ShardMapWatcher(service.Service):
     def _poll(self):
         if not self.node.is_leader or self.node.crashed:
             return
+        if self.machine.moving:
+            return  # maps are taken one at a time: this one's moves first
         current_num = self.machine.config_num
         try:
             following = yield self._map(current_num + 1)
@@ -103,28 +105,31 @@ class ShardMapWatcher(service.Service):
             self.log.debug("shard master not reachable: {e}", e=e)
             return
         adopt, incoming, outgoing = plan_config(self.gid, current, following)
-        if incoming or outgoing:
-            if self._blocked_at != following.num:
-                self._blocked_at = following.num
-                self.log.warn(
-                    "group {gid} stays at shard map {num}: map {next} moves shards with data "
-                    "(in {incoming}, out {outgoing}), and shard migration is not implemented yet",
-                    gid=self.gid,
-                    num=current_num,
-                    next=following.num,
-                    incoming=incoming,
-                    outgoing=outgoing,
-                )
-            return
+        # The source of each gained shard is its owner under the current map
+        # (the ShardMaster never leaves an assigned shard ownerless, so a
+        # shard unassigned here was never owned: it starts empty).
+        sources = [(s, current.shards[s], current.groups[current.shards[s]]) for s in incoming]
+        targets = [(s, following.shards[s]) for s in outgoing]
         try:
-            yield self.node.propose(encode_config(following.num, adopt), timeout=5.0)
+            result = yield self.node.propose(
+                encode_config(following.num, adopt, sources, targets), timeout=5.0
+            )
         except Exception as e:  # leadership lost, timeout: the next poll retries
             self.log.info("proposing shard map {num} failed: {e}", num=following.num, e=e)
             return
-        if adopt:
+        if not isinstance(result, dict) or not result.get("ok"):
+            if self._blocked_at != following.num:
+                self._blocked_at = following.num
+                self.log.warn(
+                    "group {gid}: shard map {num} refused: {r}", gid=self.gid, num=following.num, r=result
+                )
+            return
+        if adopt or incoming or outgoing:
             self.log.info(
-                "group {gid} moved to shard map {num}, adopting shards {adopt}",
+                "group {gid} moved to shard map {num}: adopting {adopt}, pulling {incoming}, handing over {outgoing}",
                 gid=self.gid,
                 num=following.num,
                 adopt=adopt,
+                incoming=incoming,
+                outgoing=outgoing,
             )

@@ -995,6 +995,19 @@ class MetadataStateMachine:
             result.update(state.files)
         return result
 
+    def shard_files(self, shards: Iterable[int]) -> tuple[dict[str, FileInfo], list[int]]:
+        """The files of those of ``shards`` this group serves, and the ones
+        it does not serve (in transit, or another group's)."""
+        files: dict[str, FileInfo] = {}
+        missing: list[int] = []
+        for shard in sorted(set(shards)):
+            state = self._shards.get(self._shard_arg(shard))
+            if state is None:
+                missing.append(shard)
+            else:
+                files.update(state.files)
+        return files, missing
+
     def stats(self) -> dict[str, Any]:
         """Sizes for status pages and benchmarks."""
         return {

@@ -1,0 +1,215 @@
+# -*- test-case-name: tests.test_migration_sim -*-
+"""The leader's side of shard migration: pull each incoming shard from the
+group that held it, then have that group delete its copy.
+
+``ShardMigrator`` runs on every replica of a group and acts only while its
+node leads. Everything it acts on is replicated state
+(``MetadataStateMachine.incoming()`` and ``acks_owed()``, see
+``surfshard.metadata.handoff``), so a new leader, or a node restarted from
+its snapshot, picks up exactly where the last one stopped. Each incoming
+shard is pulled on its own: a shard whose source is down blocks only
+itself, and a shard serves as soon as its last chunk is committed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from raft.node import RaftNode
+from surfshard import errors
+from surfshard.metadata.handoff import CHUNK_BYTES, Ack, Incoming, cursor_from_wire, cursor_to_wire
+from surfshard.metadata.state import MetadataStateMachine, encode_acked, encode_install
+from surfshard.net.interfaces import IRpcPool
+from surfshard.replica.leader_caller import LeaderCaller
+
+#: How often a leader looks for shards to pull or deletes to ask for.
+POLL_INTERVAL = 0.1
+#: Per call: one chunk fetched, one chunk committed.
+CALL_TIMEOUT = 5.0
+
+
+class ShardMigrator(service.Service):
+    """Pulls incoming shards and asks sources to delete, while leading."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        gid: int,
+        node: RaftNode,
+        machine: MetadataStateMachine,
+        pool: IRpcPool,
+        reactor: IReactorTime,
+        *,
+        interval: float = POLL_INTERVAL,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.gid = gid
+        self.node = node
+        self.machine = machine
+        self.pool = pool
+        self.reactor = reactor
+        self.interval = interval
+        self.chunk_bytes = chunk_bytes
+        self._loop: task.LoopingCall | None = None
+        #: Shards with a pull or a delete running: shard -> its Deferred.
+        self._active: dict[tuple[str, int], defer.Deferred[Any]] = {}
+        #: Figures for status pages and benchmarks.
+        self.chunks_installed = 0
+        self.shards_installed = 0
+        self.bytes_pulled = 0
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop = task.LoopingCall(self._poll)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: self.log.failure("shard migrator loop stopped", f)
+        )
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        for d in list(self._active.values()):
+            d.cancel()
+        self._active.clear()
+        return super().stopService()  # type: ignore[no-untyped-call]
+
+    def _leading(self) -> bool:
+        return bool(self.running) and self.node.is_leader and not self.node.crashed
+
+    def _poll(self) -> None:
+        if not self._leading():
+            return
+        for shard, incoming in self.machine.incoming().items():
+            self._start(("pull", shard), self._pull, shard, incoming)
+        for shard, ack in self.machine.acks_owed().items():
+            self._start(("ack", shard), self._ack, shard, ack)
+
+    def _start(self, key: tuple[str, int], job: Any, *args: Any) -> None:
+        if key in self._active:
+            return
+        d = job(*args)
+        self._active[key] = d
+
+        def done(result: Any) -> None:
+            self._active.pop(key, None)
+            if isinstance(result, Failure) and not result.check(defer.CancelledError):
+                self.log.failure("shard migration job {key} failed", result, key=key)
+
+        d.addBoth(done)
+
+    def _caller(self, addresses: tuple[str, ...]) -> LeaderCaller:
+        return LeaderCaller(self.pool, addresses, self.reactor, timeout=CALL_TIMEOUT)
+
+    @defer.inlineCallbacks
+    def _pull(self, shard: int, incoming: Incoming) -> Any:
+        """Fetch and commit chunks until the shard is installed, or this node
+        stops leading, or the move is over (then the loop just ends; the
+        next poll starts again from the committed cursor)."""
+        source = self._caller(incoming.addresses)
+        num = incoming.num
+        self.log.info(
+            "group {gid}: pulling shard {shard} from group {source} (shard map {num})",
+            gid=self.gid,
+            shard=shard,
+            source=incoming.source,
+            num=num,
+        )
+        # Bounded: each turn commits a chunk (the cursor moves on), or ends.
+        while self._leading():
+            current = self.machine.incoming().get(shard)
+            if current is None or current.num != num:
+                return
+            start = current.cursor
+            try:
+                chunk = yield source.call(
+                    "shard_fetch",
+                    {
+                        "num": num,
+                        "shard": shard,
+                        "cursor": cursor_to_wire(start),
+                        "max_bytes": self.chunk_bytes,
+                    },
+                    timeout=CALL_TIMEOUT,
+                )
+                command = self._install_command(num, shard, start, chunk)
+            except errors.SurfShardError as e:
+                # The source is down or not at map ``num`` yet: this shard
+                # waits; the others go on. The next poll tries again.
+                self.log.info(
+                    "group {gid}: shard {shard} not fetched yet: {e}", gid=self.gid, shard=shard, e=e
+                )
+                return
+            try:
+                result = yield self.node.propose(command, timeout=CALL_TIMEOUT)
+            except Exception as e:  # leadership lost, timeout: the next leader (or poll) resumes
+                self.log.info(
+                    "group {gid}: chunk of shard {shard} not committed: {e}", gid=self.gid, shard=shard, e=e
+                )
+                return
+            if not isinstance(result, dict) or not result.get("ok"):
+                self.log.warn(
+                    "group {gid}: chunk of shard {shard} refused: {r}", gid=self.gid, shard=shard, r=result
+                )
+                return
+            if result.get("applied"):
+                self.chunks_installed += 1
+                self.bytes_pulled += len(command)
+            if result.get("installed") == shard:
+                self.shards_installed += 1
+                self.log.info(
+                    "group {gid}: shard {shard} installed from group {source} (shard map {num})",
+                    gid=self.gid,
+                    shard=shard,
+                    source=incoming.source,
+                    num=num,
+                )
+                return
+
+    @staticmethod
+    def _install_command(num: int, shard: int, start: Any, chunk: Any) -> bytes:
+        """The install command for a fetched chunk. The state machine checks
+        every entry when it applies it; this only checks the reply's shape."""
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("files"), list):
+            raise errors.BadRequest("malformed shard_fetch reply")
+        end = cursor_from_wire(chunk.get("next"), "shard_fetch next")
+        return encode_install(
+            num, shard, start, end, chunk["files"], chunk.get("sessions"), chunk.get("revision")
+        )
+
+    @defer.inlineCallbacks
+    def _ack(self, shard: int, ack: Ack) -> Any:
+        """Tell the source it may delete its copy; then forget that it was owed."""
+        try:
+            yield self._caller(ack.addresses).call("shard_delete", {"num": ack.num, "shard": shard})
+        except errors.SurfShardError as e:
+            self.log.info(
+                "group {gid}: delete of shard {shard} at group {source} not done yet: {e}",
+                gid=self.gid,
+                shard=shard,
+                source=ack.source,
+                e=e,
+            )
+            return
+        if not self._leading():
+            return
+        try:
+            yield self.node.propose(encode_acked(ack.num, shard), timeout=CALL_TIMEOUT)
+        except Exception as e:
+            self.log.info(
+                "group {gid}: ack of shard {shard} not committed: {e}", gid=self.gid, shard=shard, e=e
+            )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "chunks_installed": self.chunks_installed,
+            "shards_installed": self.shards_installed,
+            "bytes_pulled": self.bytes_pulled,
+        }
