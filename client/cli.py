@@ -18,7 +18,7 @@ from rich.markup import escape
 from twisted.internet import defer, task
 
 from surfshard import errors
-from surfshard.config import ClusterConfig, ConfigError, default_config_path, load_config, node_name
+from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -287,9 +287,24 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 else:
                     new_num = yield sm.move(shard, gid)
                 shard_map = yield sm.query(new_num)
+            group_rows: list[Any] = []
+            if action == "show" and not args.json:
+                from client.status import collect_status
+
+                group_rows = yield collect_status(
+                    cluster, client.pool, [n for n in cluster.all_nodes() if n.kind == NodeKind.GROUP]
+                )
         finally:
             yield client.close()
-        _emit(args, shard_map.to_wire(), lambda: console().print(shard_map_table(shard_map)))
+
+        def human() -> None:
+            console().print(shard_map_table(shard_map))
+            if group_rows:
+                from client.status import group_moves_table
+
+                console().print(group_moves_table(group_rows))
+
+        _emit(args, shard_map.to_wire(), human)
         return EXIT_OK
 
     return _react(body)

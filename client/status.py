@@ -55,14 +55,27 @@ def status_json(rows: list[Row]) -> list[dict[str, Any]]:
 
 def status_table(rows: list[Row], title: str = "") -> Table:
     table = Table(title=title or None)
-    for column in ("node", "address", "role", "term", "leader", "commit", "applied", "log", "shards"):
+    columns = (
+        "node",
+        "address",
+        "role",
+        "term",
+        "leader",
+        "commit",
+        "applied",
+        "log",
+        "map",
+        "shards",
+        "moving",
+    )
+    for column in columns:
         table.add_column(
-            column, justify="right" if column in ("term", "commit", "applied", "log") else "left"
+            column, justify="right" if column in ("term", "commit", "applied", "log", "map") else "left"
         )
     for node, status, error in rows:
         name = node_name(node.kind, node.gid, node.index)
         if status is None:
-            table.add_row(name, node.address, f"[red]{error}[/red]", "", "", "", "", "", "")
+            table.add_row(name, node.address, f"[red]{error}[/red]", *[""] * (len(columns) - 3))
             continue
         role = str(status.get("role", "?"))
         if status.get("crashed"):
@@ -79,7 +92,49 @@ def status_table(rows: list[Row], title: str = "") -> Table:
             str(status.get("commit", "")),
             str(status.get("applied", "")),
             str(status.get("log_size", "")),
+            str(status.get("shard_map", "")),
             _ranges(shards) if isinstance(shards, list) else "",
+            moving_summary(status.get("moving")),
+        )
+    return table
+
+
+def moving_summary(moving: Any) -> str:
+    """A node's shards in transit, e.g. "0 in from 1 (map 2), 5 out to 2 (map 2)"."""
+    if not isinstance(moving, list) or not moving:
+        return ""
+    parts = []
+    for m in moving:
+        if not isinstance(m, dict):
+            continue
+        state = m.get("state")
+        if state == "incoming":
+            parts.append(f"{m.get('shard')} in from {m.get('from')} (map {m.get('num')})")
+        elif state == "outgoing":
+            parts.append(f"{m.get('shard')} out to {m.get('to')} (map {m.get('num')})")
+        else:
+            parts.append(f"{m.get('shard')} {state} {m.get('from')} (map {m.get('num')})")
+    return ", ".join(parts)
+
+
+def group_moves_table(rows: list[Row]) -> Table:
+    """Per group, as its leader reports it: the shard map it is at and every
+    shard it has in transit."""
+    table = Table(title="groups")
+    for column in ("group", "leader", "map", "serving", "moving"):
+        table.add_column(column)
+    seen: set[int] = set()
+    for node, status, _error in rows:
+        if status is None or status.get("role") != "leader" or node.gid in seen:
+            continue
+        seen.add(node.gid)
+        shards = status.get("owned_shards")
+        table.add_row(
+            str(node.gid),
+            node.address,
+            str(status.get("shard_map", "")),
+            _ranges(shards) if isinstance(shards, list) else "",
+            moving_summary(status.get("moving")) or "-",
         )
     return table
 

@@ -64,6 +64,7 @@ class ShardMigrator(service.Service):
         self.chunks_installed = 0
         self.shards_installed = 0
         self.bytes_pulled = 0
+        self._last_note: dict[int, str] = {}
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -105,6 +106,13 @@ class ShardMigrator(service.Service):
 
         d.addBoth(done)
 
+    def _note(self, shard: int, format: str, **fields: Any) -> None:
+        """Log a line about ``shard`` once, not at every poll while it repeats."""
+        line = format.format(gid=self.gid, shard=shard, **fields)
+        if self._last_note.get(shard) != line:
+            self._last_note[shard] = line
+            self.log.info("{line}", line=line)
+
     def _caller(self, addresses: tuple[str, ...]) -> LeaderCaller:
         return LeaderCaller(self.pool, addresses, self.reactor, timeout=CALL_TIMEOUT)
 
@@ -115,10 +123,9 @@ class ShardMigrator(service.Service):
         next poll starts again from the committed cursor)."""
         source = self._caller(incoming.addresses)
         num = incoming.num
-        self.log.info(
+        self._note(
+            shard,
             "group {gid}: pulling shard {shard} from group {source} (shard map {num})",
-            gid=self.gid,
-            shard=shard,
             source=incoming.source,
             num=num,
         )
@@ -143,9 +150,7 @@ class ShardMigrator(service.Service):
             except errors.SurfShardError as e:
                 # The source is down or not at map ``num`` yet: this shard
                 # waits; the others go on. The next poll tries again.
-                self.log.info(
-                    "group {gid}: shard {shard} not fetched yet: {e}", gid=self.gid, shard=shard, e=e
-                )
+                self._note(shard, "group {gid}: shard {shard} not fetched yet: {e}", e=e)
                 return
             try:
                 result = yield self.node.propose(command, timeout=CALL_TIMEOUT)

@@ -104,7 +104,7 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
         replica.shard_fetch,
         [
             *shard_args,
-            Arg("cursor", list, required=False, max_len=2),
+            Arg("cursor", Value(list, nullable=True, max_len=2), required=False),
             Arg("max_bytes", int, required=False, min=MIN_CHUNK_BYTES, max=MAX_CHUNK_BYTES),
             TIMEOUT_ARG,
         ],
