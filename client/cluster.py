@@ -25,6 +25,10 @@ from surfshard.net.tls import TLSFiles
 from surfshard.replica.leader_caller import Backoff
 from surfshard.shardmap import ShardMap
 
+#: Longest one try on one group takes before the client looks at the shard
+#: map again (the group may have handed the shard on and been shut down).
+GROUP_ATTEMPT = 5.0
+
 #: The certificate name a command-line client presents when TLS is on.
 CLIENT_CERT_NAME = "client"
 
@@ -121,34 +125,42 @@ class ClusterClient:
         behind us, that group has not caught up yet (wait and retry). Either
         way until the deadline; the call keeps its sequence number
         throughout, so a write applied before a move is not applied again."""
+        if self.cluster.static:
+            client = yield self.group_for(name)
+            result = yield call(client, self.timeout)
+            return result
         deadline = self.reactor.seconds() + self.timeout
         backoff = Backoff(base=0.01, cap=0.5, rng=self.rng)
         refresh = False
-        # Bounded: every turn waits a backoff step (or refreshes once after
-        # a newer group answered), and the deadline ends the loop.
+        # Bounded: every turn waits a backoff step (or a slice of the
+        # deadline on an unreachable group), and the deadline ends the loop.
         while True:
             client = yield self.group_for(name, refresh=refresh)
+            remaining = deadline - self.reactor.seconds()
             try:
-                result = yield call(client)
+                # A slice of the time left: a group that stopped answering may
+                # have handed the shard on and been shut down since our map.
+                result = yield call(client, max(0.0, min(remaining, GROUP_ATTEMPT)))
                 return result
             except errors.WrongGroup as e:
-                if self.cluster.static:
-                    raise
                 held = self._map.num if self._map is not None else 0
                 refresh = e.num is None or e.num >= held
-                remaining = deadline - self.reactor.seconds()
-                if remaining <= 0:
-                    raise errors.Timeout(
-                        f"{name!r}: its shard did not settle on a group within {self.timeout:.1f}s ({e.message})"
-                    ) from e
-                yield task.deferLater(self.reactor, min(backoff.next_delay(), remaining), lambda: None)
+                last: errors.SurfShardError = e
+            except (errors.Timeout, errors.Unavailable) as e:
+                refresh, last = True, e
+            remaining = deadline - self.reactor.seconds()
+            if remaining <= 0:
+                raise errors.Timeout(
+                    f"{name!r}: no group answered for its shard within {self.timeout:.1f}s ({last})"
+                )
+            yield task.deferLater(self.reactor, min(backoff.next_delay(), remaining), lambda: None)
 
     def updatefile(self, name: str, version: int, hashlist: list[str]) -> defer.Deferred:
         seq = next(self._seq)  # one number for every attempt, on any group
-        return self._routed(name, lambda c: c.updatefile(name, version, hashlist, seq))
+        return self._routed(name, lambda c, t: c.updatefile(name, version, hashlist, seq, t))
 
     def getfileinfo(self, name: str) -> defer.Deferred:
-        return self._routed(name, lambda c: c.getfileinfo(name))
+        return self._routed(name, lambda c, t: c.getfileinfo(name, t))
 
     @defer.inlineCallbacks
     def getfileinfomap(self):
@@ -176,7 +188,9 @@ class ClusterClient:
                 if gid == 0:
                     continue
                 try:
-                    part = yield self.group_client(tuple(shard_map.addresses_of(gid))).getshardfiles(shards)
+                    slice_ = max(0.0, min(deadline - self.reactor.seconds(), GROUP_ATTEMPT))
+                    group = self.group_client(tuple(shard_map.addresses_of(gid)))
+                    part = yield group.getshardfiles(shards, slice_)
                 except (errors.Timeout, errors.Unavailable):
                     continue  # that group is down: its shards stay missing for now
                 got = set(shards) - set(part.get("missing", []))

@@ -47,15 +47,17 @@ class GroupClient:
             pool, addresses, reactor, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
         )
 
-    def write(self, method: str, args: dict[str, Any], seq: int | None = None) -> defer.Deferred:
+    def write(
+        self, method: str, args: dict[str, Any], seq: int | None = None, timeout: float | None = None
+    ) -> defer.Deferred:
         """Call a write method on the leader with this client's identity
         (``seq``: a retry of an earlier attempt keeps that attempt's number)."""
         return self.caller.call(
-            method, dict(args, client_id=self.client_id, seq=next(self.seq) if seq is None else seq)
+            method, dict(args, client_id=self.client_id, seq=next(self.seq) if seq is None else seq), timeout
         )
 
-    def read(self, method: str, args: dict[str, Any]) -> defer.Deferred:
-        return self.caller.call(method, args)
+    def read(self, method: str, args: dict[str, Any], timeout: float | None = None) -> defer.Deferred:
+        return self.caller.call(method, args, timeout)
 
     @property
     def leader(self) -> str | None:

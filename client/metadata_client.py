@@ -13,25 +13,31 @@ class MetadataClient(GroupClient):
     """SurfStore metadata calls against one replica group, on its leader."""
 
     def updatefile(
-        self, name: str, version: int, hashlist: Sequence[str], seq: int | None = None
+        self,
+        name: str,
+        version: int,
+        hashlist: Sequence[str],
+        seq: int | None = None,
+        timeout: float | None = None,
     ) -> defer.Deferred:
         """Fires with the new version; fails with ``VersionMismatch`` (its
         ``current`` is the stored version) when ``version`` is not stored + 1."""
-        return self.write("updatefile", {"name": name, "version": version, "hashlist": list(hashlist)}, seq)
+        args = {"name": name, "version": version, "hashlist": list(hashlist)}
+        return self.write("updatefile", args, seq, timeout)
 
-    def getfileinfo(self, name: str) -> defer.Deferred:
+    def getfileinfo(self, name: str, timeout: float | None = None) -> defer.Deferred:
         """Fires with ``[version, hashlist]``; ``[0, []]`` for an unknown file."""
-        return self.read("getfileinfo", {"name": name})
+        return self.read("getfileinfo", {"name": name}, timeout)
 
     def getfileinfomap(self) -> defer.Deferred:
         """Fires with ``{name: [version, hashlist]}``."""
         return self.read("getfileinfomap", {})
 
-    def getshardfiles(self, shards: Sequence[int]) -> defer.Deferred:
+    def getshardfiles(self, shards: Sequence[int], timeout: float | None = None) -> defer.Deferred:
         """Fires with ``{"num", "files": {name: [version, hashlist]}, "missing":
         [shard...]}``: the files of those of ``shards`` the group serves now,
         and the ones it does not (moving, or not its own)."""
-        return self.read("getshardfiles", {"shards": list(shards)})
+        return self.read("getshardfiles", {"shards": list(shards)}, timeout)
 
     def status(self, address: str, timeout: float = 2.0) -> defer.Deferred:
         """One node's status (role, term, leader, indexes), no leader needed."""

@@ -364,11 +364,14 @@ class SimCluster:
         faults: LinkFaults = RELIABLE,
         start: bool = True,
         reopen_storage: bool = False,
+        clock: Clock | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
         self.seed = seed
-        self.clock = Clock()
+        #: Several clusters may share one clock (a world of groups); each
+        #: still has its own network between its nodes.
+        self.clock = clock if clock is not None else Clock()
         self.net = SimNetwork(self.clock, seed, faults)
         #: The one random stream of the simulation (shared with the network).
         self.rng = self.net.rng

@@ -495,6 +495,9 @@ class SimRpcNetwork(Reachability[str]):
 #: ``make_control(node, state_machine, addresses, reactor, chaos, transfer)``:
 #: the service's ``ReplicaControl`` (or subclass) for one freshly started node.
 ControlFactory = Callable[..., Any]
+#: ``services(i, node, state_machine, pool)``: the background services of
+#: replica ``i`` (started by the group, stopped with the node).
+ServicesFactory = Callable[[int, Any, Any, Any], list[Any]]
 
 
 class SimReplicaGroup:
@@ -524,15 +527,26 @@ class SimReplicaGroup:
         chaos: bool = True,
         address_of: Callable[[int], str] = lambda i: f"n{i}:1",
         transfer_timeout: float = 2.0,
+        rpc: SimRpcNetwork | None = None,
+        services: ServicesFactory | None = None,
         **cluster_kwargs: Any,
     ) -> None:
         from raft.testing.simnet import SimCluster  # late: keeps simrpc importable without raft's test tools
 
         self.seed = seed
-        self.cluster = SimCluster(n, seed, state_machine_factory=machine_factory, **cluster_kwargs)
+        # A shared network brings its clock (a task.Clock in simulation).
+        clock: Any = rpc.clock if rpc is not None else None
+        self.cluster = SimCluster(
+            n, seed, state_machine_factory=machine_factory, clock=clock, **cluster_kwargs
+        )
         self.clock = self.cluster.clock
         self.ids = list(self.cluster.ids)
-        self.rpc = SimRpcNetwork(self.clock, seed)
+        #: The RPC network: this group's own, or one shared by a world of groups.
+        self.rpc = rpc if rpc is not None else SimRpcNetwork(self.clock, seed)
+        self._services_factory = services
+        #: Per live replica, the background services a process would run
+        #: beside it (e.g. a shard-map watcher), restarted with it.
+        self.services: dict[int, list[Any]] = {}
         self.addresses: dict[int, str] = {i: address_of(i) for i in self.ids}
         self.id_of: dict[str, int] = {a: i for i, a in self.addresses.items()}
         self.chaos = chaos
@@ -575,6 +589,17 @@ class SimReplicaGroup:
             table.include(self._methods(control))
         self.controls[i] = control
         self.rpc.register(self.addresses[i], table)
+        self._stop_services(i)
+        if self._services_factory is not None:
+            started = self._services_factory(i, node, self.cluster.state_machines[i], pool)
+            for s in started:
+                s.startService()
+            self.services[i] = list(started)
+
+    def _stop_services(self, i: int) -> None:
+        for s in self.services.pop(i, []):
+            if s.running:
+                s.stopService()
 
     def control(self, i: int) -> Any:
         return self.controls[i]
@@ -588,6 +613,7 @@ class SimReplicaGroup:
 
     def stop(self, i: int) -> None:
         """A process death: the node stops, its port stops answering."""
+        self._stop_services(i)
         self.cluster.stop(i)
         self.rpc.unregister(self.addresses[i])
 
@@ -657,6 +683,8 @@ class SimReplicaGroup:
         return self.run_until(lambda: all(d.called for d in pending), timeout, step)
 
     def stop_all(self) -> None:
+        for i in list(self.services):
+            self._stop_services(i)
         for pool in self.node_pools.values():
             pool.close()
         self.cluster.stop_all()

@@ -1,0 +1,272 @@
+"""Shard migration in a simulated sharded cluster (tests/simworld.py): the
+behaviours of the classic sharded key-value lab, each its own test, on the
+real replicas, watcher, migrator and client library.
+
+Randomized tests take their seeds from ``raft.testing.simnet.sim_seeds``
+(``SURFSHARD_SEED=N`` replays one; ``SURFSHARD_SEEDS=K`` runs K of them).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from surfshard import errors
+from surfshard.keyspace import shard_of
+from surfshard.testing.simrpc import resolve
+from tests.simworld import SimWorld
+
+SEED = int(os.environ.get("SURFSHARD_SEED", "11"))
+
+
+def block(i: int, v: int = 1) -> str:
+    return f"{i:032x}{v:032x}"
+
+
+class WorldCase(SynchronousTestCase):
+    def world(self, seed: int = SEED, **kwargs: Any) -> SimWorld:
+        w = SimWorld(seed, **kwargs)
+        self.addCleanup(w.stop_all)
+        return w
+
+    def write_files(self, w: SimWorld, client: Any, names: list[str], version: int = 1) -> None:
+        ds = [client.updatefile(n, version, [block(i, version)]) for i, n in enumerate(names)]
+        self.assertTrue(w.settle(ds, 60), w.describe())
+        for n, d in zip(names, ds, strict=True):
+            ok, value = resolve(d)
+            self.assertTrue(ok, f"{n}: {value!r} ({w.describe()})")
+            self.assertEqual(value, version)
+
+    def read_all(self, w: SimWorld, client: Any, names: list[str], version: int = 1) -> None:
+        ds = [client.getfileinfo(n) for n in names]
+        self.assertTrue(w.settle(ds, 60), w.describe())
+        for i, (n, d) in enumerate(zip(names, ds, strict=True)):
+            ok, value = resolve(d)
+            self.assertTrue(ok, f"{n}: {value!r} ({w.describe()})")
+            self.assertEqual(value, [version, [block(i, version)]], n)
+
+
+NAMES = [f"file-{i}.txt" for i in range(40)]
+
+
+class LabBehaviourTests(WorldCase):
+    def test_join_then_leave_then_the_left_group_is_shut_down(self) -> None:
+        w = self.world()
+        c = w.client("c1")
+        w.join(1)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        w.join(2)
+        w.join(3)
+        w.wait_settled()
+        self.assertEqual({len(s) for s in w.serving().values()}, {3, 4})
+        self.read_all(w, c, NAMES)
+        w.leave(1)
+        w.wait_settled()
+        self.assertEqual(w.serving()[1], frozenset())
+        for i in w.groups[1].ids:
+            w.groups[1].stop(i)
+        self.read_all(w, c, NAMES)
+        self.write_files(w, c, NAMES, version=2)
+        self.read_all(w, c, NAMES, version=2)
+        # Listing waits for nothing now, and misses nothing.
+        d = c.getfileinfomap()
+        listing = w.value(d)
+        self.assertEqual(sorted(listing), sorted(NAMES))
+
+    def test_moves_back_and_forth_keep_every_write(self) -> None:
+        w = self.world(gids=(1, 2))
+        c = w.client("c1")
+        w.join(1, 2)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        for round_ in range(3):
+            for shard in range(w.nshards):
+                w.move(shard, 1 + (shard + round_) % 2)
+            w.wait_settled()
+            self.write_files(w, c, NAMES, version=round_ + 2)
+        self.read_all(w, c, NAMES, version=4)
+
+    def test_static_shards_a_dead_group_takes_exactly_its_own_shards(self) -> None:
+        w = self.world()
+        c = w.client("c1", timeout=3.0)
+        w.join(1, 2, 3)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        for i in w.groups[2].ids:
+            w.groups[2].stop(i)
+        owned_by_2 = w.serving()[2]
+        ds = {n: c.getfileinfo(n) for n in NAMES}
+        self.assertTrue(w.settle(ds.values(), 30))
+        for n, d in ds.items():
+            ok, value = resolve(d)
+            if shard_of(n, w.nshards) in owned_by_2:
+                self.assertFalse(ok, n)
+                self.assertIsInstance(value, errors.Timeout | errors.Unavailable)
+            else:
+                self.assertTrue(ok, f"{n}: {value!r}")
+
+    def test_unaffected_shards_keep_serving_while_a_source_group_is_dead(self) -> None:
+        """A partially finished change serves the shards that arrived: group
+        3 gains shards from 1 (alive) and from 2 (dead); 1's arrive and serve,
+        2's wait, and every other shard serves throughout."""
+        w = self.world()
+        c = w.client("c1", timeout=3.0)
+        w.join(1, 2)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        for i in w.groups[2].ids:
+            w.groups[2].stop(i)
+        served_by_1 = set(w.serving()[1])
+        num = w.join(3)
+
+        def only_group_2s_wait() -> bool:
+            m = w.latest_machine(3)
+            return m.config_num >= num and all(inc.source == 2 for inc in m.incoming().values())
+
+        self.assertTrue(w.run_until(only_group_2s_wait, 30), w.describe())
+        m3 = w.latest_machine(3)
+        waiting = set(m3.incoming())
+        self.assertTrue(waiting, "some shards should wait on the dead group 2")
+        self.assertTrue(all(inc.source == 2 for inc in m3.incoming().values()))
+        arrived = set(m3.owned_shards)
+        self.assertTrue(arrived, "shards from group 1 should have arrived")
+        for n in NAMES:
+            shard = shard_of(n, w.nshards)
+            if shard in waiting:
+                continue
+            if shard in arrived or shard in served_by_1:
+                d = c.getfileinfo(n)
+                self.assertTrue(w.settle([d], 10))
+                ok, value = resolve(d)
+                self.assertTrue(ok, f"{n} (shard {shard}): {value!r}")
+        # Group 2 comes back: its shards arrive too.
+        for i in w.groups[2].ids:
+            w.groups[2].start(i)
+        w.wait_settled()
+        self.read_all(w, w.client("c2"), NAMES)
+
+    def test_snapshots_during_migration_then_every_group_restarts(self) -> None:
+        w = self.world(snapshot_entries=5, chunk_bytes=4096)
+        c = w.client("c1")
+        w.join(1)
+        w.wait_settled()
+        names = [f"snap-{i}" for i in range(150)]
+        self.write_files(w, c, names)
+        w.join(2)
+        w.join(3)
+        w.run(0.3)  # in the middle of pulling, with snapshots taken every 5 entries
+        for group in [*w.groups.values(), w.shardmaster]:
+            for i in group.ids:
+                group.restart(i)
+        w.wait_settled()
+        self.read_all(w, c, names)
+        snapshots = sum(
+            1 for g in w.groups.values() for i in g.ids if g.cluster.storages[i].load()[1] is not None
+        )
+        self.assertGreater(snapshots, 0)
+
+    def test_a_replica_that_misses_map_changes_catches_up(self) -> None:
+        w = self.world()
+        c = w.client("c1")
+        w.join(1, 2)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        lagging = w.groups[1].ids[-1]
+        w.groups[1].stop(lagging)
+        w.join(3)
+        w.move(0, 1)
+        w.leave(2)
+        w.wait_settled()
+        w.groups[1].start(lagging)
+        others = [i for i in w.groups[1].ids if i != lagging]
+        target = w.groups[1].cluster.state_machines[others[0]]
+        self.assertTrue(
+            w.run_until(
+                lambda: w.groups[1].cluster.state_machines[lagging].snapshot() == target.snapshot(), 30
+            )
+        )
+        # And it can lead: every file still readable through it.
+        for i in others:
+            w.groups[1].stop(i)
+            w.groups[1].start(i)
+        self.read_all(w, c, NAMES)
+
+    def test_old_owners_release_moved_shards(self) -> None:
+        """Like the lab's deletion challenge: after the moves, the bytes of
+        Raft state and snapshots over all replicas stay near what the data
+        needs, because each source deletes its copy through its log."""
+        w = self.world(snapshot_entries=20)
+        c = w.client("c1")
+        w.join(1)
+        w.wait_settled()
+        big = ["d" * 1000 + f"-{i}" for i in range(60)]  # ~60 KB of names
+        self.write_files(w, c, big)
+        w.join(2)
+        w.join(3)
+        w.leave(1)
+        w.wait_settled()
+        w.run(2.0)  # let snapshots compact the logs
+        self.assertEqual(w.serving()[1], frozenset())
+        held_by_1 = len(w.latest_machine(1).snapshot())
+        self.assertLess(held_by_1, 2_000, "group 1 still holds data it handed over")
+        total = sum(len(g.cluster.state_machines[i].snapshot()) for g in w.groups.values() for i in g.ids)
+        one_copy = 60 * 1_100 * 3  # three replicas of one copy of the data
+        self.assertLess(total, 1.5 * one_copy)
+
+
+class ClientTests(WorldCase):
+    def test_a_write_applied_before_its_shard_moved_is_not_applied_again(self) -> None:
+        """The dedup session moves with the shard: the same write (same
+        client id and seq) retried on the new owner gets its first answer."""
+        w = self.world(gids=(1, 2))
+        c = w.client("c1")
+        w.join(1)
+        w.wait_settled()
+        group_client = w.value(c.group_for("x.txt"))
+        seq = next(c._seq)
+        self.assertEqual(w.value(group_client.updatefile("x.txt", 1, [block(1)], seq)), 1)
+        w.join(2)
+        w.move(shard_of("x.txt", w.nshards), 2)
+        w.wait_settled()
+        new_owner = w.value(c.group_for("x.txt", refresh=True))
+        self.assertIsNot(new_owner, group_client)
+        self.assertEqual(w.value(new_owner.updatefile("x.txt", 1, [block(1)], seq)), 1)
+        self.assertEqual(w.value(c.getfileinfo("x.txt")), [1, [block(1)]])
+
+    def test_listing_waits_for_a_shard_in_transit_or_names_it(self) -> None:
+        w = self.world(gids=(1, 2))
+        c = w.client("c1", timeout=2.0)
+        w.join(1, 2)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        shard = shard_of(NAMES[0], w.nshards)
+        source = 1 if shard in w.serving()[1] else 2
+        for i in w.groups[source].ids:  # the source dies: the shard cannot arrive
+            w.groups[source].stop(i)
+        w.value(w.admin.move(shard, 3 - source))
+        d = c.getfileinfomap()
+        self.assertTrue(w.settle([d], 10))
+        ok, error = resolve(d)
+        self.assertFalse(ok)
+        self.assertIsInstance(error, errors.Unavailable)
+        self.assertIn(shard, error.details["shards"])
+
+    def test_xmlrpc_style_wrong_group_carries_the_map_number(self) -> None:
+        w = self.world(gids=(1, 2))
+        w.join(1, 2)
+        w.wait_settled()
+        name = NAMES[0]
+        wrong = 2 if shard_of(name, w.nshards) in w.serving()[1] else 1
+        group = w.groups[wrong]
+        d: defer.Deferred[Any] = group.control(group.wait_for_leader()).updatefile(
+            name, 1, [block(1)], "c", 1
+        )
+        self.assertTrue(w.settle([d], 10))
+        ok, error = resolve(d)
+        self.assertFalse(ok)
+        self.assertIsInstance(error, errors.WrongGroup)
+        self.assertEqual(error.num, w.latest_machine(wrong).config_num)
