@@ -9,15 +9,18 @@ Randomized tests take their seeds from ``raft.testing.simnet.sim_seeds``
 from __future__ import annotations
 
 import os
+import random
+from collections import Counter
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from surfshard import errors
 from surfshard.keyspace import shard_of
+from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
 from surfshard.testing.simrpc import resolve
-from tests.simworld import SimWorld
+from tests.simworld import SimWorld, group_addresses
 
 SEED = int(os.environ.get("SURFSHARD_SEED", "11"))
 
@@ -270,3 +273,180 @@ class ClientTests(WorldCase):
         self.assertFalse(ok)
         self.assertIsInstance(error, errors.WrongGroup)
         self.assertEqual(error.num, w.latest_machine(wrong).config_num)
+
+
+def world_seeds(default_count: int) -> list[int]:
+    """``SURFSHARD_SEED=n`` replays seed n alone; ``SURFSHARD_SEEDS=k`` runs k
+    seeds (from ``SURFSHARD_SEED_BASE``, default 0) instead of the default."""
+    one = os.environ.get("SURFSHARD_SEED", "").strip()
+    if one:
+        return [int(one)]
+    count = int(os.environ.get("SURFSHARD_SEEDS", "").strip() or default_count)
+    base = int(os.environ.get("SURFSHARD_SEED_BASE", "").strip() or 0)
+    return list(range(base, base + count))
+
+
+UNKNOWN_OUTCOME = (errors.Timeout, errors.Unavailable, errors.Crashed, errors.NotLeader)
+
+
+class ShardsMovingUnderChaosTests(WorldCase):
+    """Concurrent clients while shards join, leave and move, with leaders
+    crashing, restarting and cut off in every group and in the ShardMaster.
+    Every history is checked for linearizability (which also catches a lost
+    or doubly applied acknowledged write: versions are compare-and-set), and
+    the world checks at every step that no shard is served by two groups."""
+
+    CLIENTS = 6
+    FILES = [f"chaos-{i}" for i in range(24)]
+    SECONDS = 12.0
+
+    def chaos_run(self, seed: int, *, restarts: bool, partitions: bool, lossy: bool) -> Counter[str]:
+        w = self.world(seed, gids=(1, 2, 3, 4), snapshot_entries=40, chunk_bytes=4096)
+        w.join(1, 2)
+        w.wait_settled()
+        if lossy:
+            w.rpc.set_faults(drop_request=0.02, drop_reply=0.03)
+            for g in [*w.groups.values(), w.shardmaster]:
+                g.cluster.net.set_unreliable()
+        recorder = HistoryRecorder()
+        stats: Counter[str] = Counter()
+        problems: list[str] = []
+        now = w.clock.seconds
+        stop_at = now() + self.SECONDS
+
+        @defer.inlineCallbacks
+        def client_loop(name: str) -> Any:
+            rng = random.Random(f"world-workload:{seed}:{name}")
+            c = w.client(name, timeout=6.0)
+            last: dict[str, int] = {}
+            while now() < stop_at:  # bounded: every call ends by its deadline
+                fname = rng.choice(self.FILES)
+                if rng.random() < 0.6:
+                    base = last.get(fname, 0)
+                    version = base + 1 if rng.random() < 0.8 else rng.randint(max(1, base - 1), base + 2)
+                    hashlist = [block(hash((name, fname, version)) % 10**9, version)]
+                    op = recorder.invoke(name, UPDATE, fname, (version, hashlist), now())
+                    try:
+                        result = yield c.updatefile(fname, version, hashlist)
+                    except errors.VersionMismatch as e:
+                        recorder.complete(op, Mismatch(e.current), now())
+                        last[fname] = e.current
+                        stats["mismatch"] += 1
+                    except UNKNOWN_OUTCOME:
+                        recorder.unknown(op)
+                        stats["update_unknown"] += 1
+                    except errors.SurfShardError as e:
+                        recorder.unknown(op)
+                        problems.append(f"{name} update({fname}, {version}) failed with {e!r}")
+                    else:
+                        if result != version:
+                            problems.append(f"{name} update({fname}, {version}) answered {result!r}")
+                        recorder.complete(op, True, now())
+                        last[fname] = version
+                        stats["update_ok"] += 1
+                else:
+                    op = recorder.invoke(name, GET, fname, (), now())
+                    try:
+                        info = yield c.getfileinfo(fname)
+                    except UNKNOWN_OUTCOME:
+                        recorder.unknown(op)
+                        stats["read_unknown"] += 1
+                    except errors.SurfShardError as e:
+                        recorder.unknown(op)
+                        problems.append(f"{name} getfileinfo({fname}) failed with {e!r}")
+                    else:
+                        recorder.complete(op, (info[0], tuple(info[1])) if info[0] else None, now())
+                        last[fname] = info[0]
+                        stats["read_ok"] += 1
+                yield task.deferLater(w.clock, rng.uniform(0.0, 0.05), lambda: None)
+
+        loops = [client_loop(f"client{k}") for k in range(self.CLIENTS)]
+        self.nemesis(w, seed, stop_at, stats, restarts=restarts, partitions=partitions)
+        # Faults over: bring everything back; every loop ends by its deadline.
+        w.rpc.set_faults(drop_request=0.0, drop_reply=0.0)
+        for g in [*w.groups.values(), w.shardmaster]:
+            g.cluster.net.set_reliable()
+            g.cluster.net.heal()
+            for i in g.ids:
+                if not g.node(i).running:
+                    g.start(i)
+                elif g.node(i).crashed:
+                    g.restore(i)
+        self.assertTrue(w.settle(loops, 30.0), f"SURFSHARD_SEED={seed}: client loops did not finish")
+        w.wait_settled(90)
+        final = w.client("final")
+        for fname in self.FILES:
+            op = recorder.invoke("final", GET, fname, (), now())
+            info = w.value(final.getfileinfo(fname))
+            recorder.complete(op, (info[0], tuple(info[1])) if info[0] else None, now())
+        self.assertEqual(problems, [], f"SURFSHARD_SEED={seed}: unexpected errors")
+        result = recorder.check()
+        self.assertTrue(result.ok, f"SURFSHARD_SEED={seed}: not linearizable: {result.explanation}")
+        stats["ops"] = len(recorder)
+        return stats
+
+    def nemesis(
+        self, w: SimWorld, seed: int, stop_at: float, stats: Counter[str], *, restarts: bool, partitions: bool
+    ) -> None:
+        rng = random.Random(f"world-nemesis:{seed}")
+        all_gids = sorted(w.groups)
+        # Bounded: each turn advances simulated time.
+        while w.clock.seconds() < stop_at:
+            live = w.value(w.admin.query(-1)).groups
+            r = rng.random()
+            if r < 0.25:
+                out = [g for g in all_gids if g not in live]
+                if out:
+                    w.admin.join({(gid := rng.choice(out)): group_addresses(gid)}).addErrback(lambda f: None)
+                    stats["join"] += 1
+            elif r < 0.4 and len(live) > 1:
+                w.admin.leave([rng.choice(sorted(live))]).addErrback(lambda f: None)
+                stats["leave"] += 1
+            elif r < 0.6 and live:
+                w.admin.move(rng.randrange(w.nshards), rng.choice(sorted(live))).addErrback(lambda f: None)
+                stats["move"] += 1
+            group = rng.choice([*w.groups.values(), w.shardmaster])
+            leader = group.cluster.leader()
+            f = rng.random()
+            if restarts and leader is not None and f < 0.25:
+                group.restart(leader)
+                stats["restart_leader"] += 1
+            elif restarts and leader is not None and f < 0.35:
+                group.crash(leader)
+                stats["crash_leader"] += 1
+            elif partitions and leader is not None and f < 0.5:
+                group.cluster.net.isolate(leader)
+                stats["isolate_leader"] += 1
+            for g in [*w.groups.values(), w.shardmaster]:
+                for i in g.ids:
+                    if g.node(i).running and g.node(i).crashed and rng.random() < 0.5:
+                        g.restore(i)
+                if rng.random() < 0.3:
+                    g.cluster.net.heal()
+            w.run(rng.uniform(0.2, 0.8))
+
+    def run_seeds(self, default: int, **kind: bool) -> None:
+        totals: Counter[str] = Counter()
+        for seed in world_seeds(default):
+            totals.update(self.chaos_run(seed, **kind))
+        self.assertGreater(totals["update_ok"], 20, totals)
+        self.assertGreater(totals["read_ok"], 20, totals)
+        self.assertGreater(totals["join"] + totals["leave"] + totals["move"], 3, totals)
+
+    def test_clients_through_joins_leaves_and_moves(self) -> None:
+        self.run_seeds(2, restarts=False, partitions=False, lossy=False)
+
+    def test_clients_through_moves_with_leader_restarts(self) -> None:
+        self.run_seeds(2, restarts=True, partitions=False, lossy=False)
+
+    def test_clients_through_moves_with_restarts_and_partitions(self) -> None:
+        self.run_seeds(2, restarts=True, partitions=True, lossy=False)
+
+    def test_unreliable_network_through_moves(self) -> None:
+        self.run_seeds(1, restarts=False, partitions=False, lossy=True)
+
+    def test_unreliable_network_through_moves_with_restarts(self) -> None:
+        self.run_seeds(1, restarts=True, partitions=False, lossy=True)
+
+    def test_unreliable_network_through_moves_with_restarts_and_partitions(self) -> None:
+        self.run_seeds(2, restarts=True, partitions=True, lossy=True)
