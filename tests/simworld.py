@@ -190,7 +190,7 @@ class SimWorld:
             if leader is None:
                 return False
             machine = group.cluster.state_machines[leader]
-            if machine.config_num < target or machine.moving or machine.acks_owed():  # type: ignore[attr-defined]
+            if machine.config_num < target or machine.moving:  # type: ignore[attr-defined]
                 return False
             if machine.owned_shards != frozenset(s for s, g in enumerate(latest.shards) if g == gid):  # type: ignore[attr-defined]
                 return False

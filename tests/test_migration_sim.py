@@ -450,3 +450,51 @@ class ShardsMovingUnderChaosTests(WorldCase):
 
     def test_unreliable_network_through_moves_with_restarts_and_partitions(self) -> None:
         self.run_seeds(2, restarts=True, partitions=True, lossy=True)
+
+
+class TransferBadInputTests(WorldCase):
+    """The transfer calls through the real method tables: a wrong or stale
+    map number, a group that does not hold the shard, a shard not moving, and
+    malformed arguments are refused with a code, changing nothing."""
+
+    def test_transfer_calls_are_refused_without_change(self) -> None:
+        w = self.world(gids=(1, 2))
+        c = w.client("c1")
+        w.join(1)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        w.join(2)
+        w.wait_settled()
+        num = w.latest_machine(1).config_num
+        pool = w.rpc.pool("intruder")
+        g1 = w.groups[1].addresses[w.groups[1].wait_for_leader()]
+        g2 = w.groups[2].addresses[w.groups[2].wait_for_leader()]
+        moved_to_2 = min(w.serving()[2])
+        before = {gid: w.latest_machine(gid).snapshot() for gid in w.groups}
+        calls = [
+            (g1, "shard_fetch", {"num": num + 5, "shard": 0}, errors.NotReady),  # a map not reached
+            (g1, "shard_fetch", {"num": num - 1, "shard": moved_to_2}, errors.BadRequest),  # stale
+            (g2, "shard_fetch", {"num": num, "shard": moved_to_2}, errors.BadRequest),  # not leaving g2
+            (g1, "shard_fetch", {"num": num, "shard": min(w.serving()[1])}, errors.BadRequest),  # not moving
+            (g1, "shard_fetch", {"num": num, "shard": 0, "cursor": ["x"]}, errors.BadRequest),  # malformed
+            (g1, "shard_fetch", {"num": num, "shard": 0, "max_bytes": 1}, errors.BadRequest),
+            (g1, "shard_fetch", {"num": "2", "shard": 0}, errors.BadRequest),
+            (g1, "shard_fetch", {"num": num, "shard": 10_000}, errors.BadRequest),
+            (
+                g1,
+                "shard_installed",
+                {"num": num, "shard": moved_to_2},
+                errors.BadRequest,
+            ),  # g1 did not gain it
+            (g2, "shard_installed", {"num": num, "shard": -1}, errors.BadRequest),
+            (g1, "shard_delete", {"num": num, "shard": moved_to_2}, errors.UnknownMethod),  # no such call
+        ]
+        for address, method, args, expected in calls:
+            d = pool.call(address, method, args, timeout=5.0)
+            self.assertTrue(w.settle([d], 10))
+            ok, value = resolve(d)
+            self.assertFalse(ok, (method, args, value))
+            self.assertIsInstance(value, expected, (method, args))
+        w.run(1.0)
+        self.assertEqual({gid: w.latest_machine(gid).snapshot() for gid in w.groups}, before)
+        self.read_all(w, c, NAMES)

@@ -1,5 +1,5 @@
 """Tests for shards in transit in the metadata state machine
-(surfshard.metadata.handoff and the config/install/delete/acked commands):
+(surfshard.metadata.handoff and the config, install and delete commands):
 the hand-off between a source and a target state machine, chunking, and bad
 input refused without a change."""
 
@@ -16,7 +16,6 @@ from surfshard.keyspace import MAX_HASHLIST, shard_of
 from surfshard.metadata.handoff import MIN_CHUNK_BYTES, Cursor, cursor_from_wire
 from surfshard.metadata.state import (
     MetadataStateMachine,
-    encode_acked,
     encode_config,
     encode_delete,
     encode_install,
@@ -77,7 +76,7 @@ class HandoffTests(SynchronousTestCase):
 
     def move_shard_0(self) -> None:
         self.assertEqual(
-            self.source.apply(encode_config(2, [], outgoing=[(0, TARGET)])), {"ok": True, "num": 2}
+            self.source.apply(encode_config(2, [], outgoing=[(0, TARGET, ADDRS)])), {"ok": True, "num": 2}
         )
         self.assertEqual(
             self.target.apply(encode_config(2, [], incoming=[(0, SOURCE, ADDRS)])), {"ok": True, "num": 2}
@@ -107,18 +106,19 @@ class HandoffTests(SynchronousTestCase):
         self.assertEqual(self.target.apply(retry)["version"], 1)  # not a false mismatch
         self.assertEqual(self.target.getfileinfo(self.names[last]), (1, (block(last),)))
         self.assertTrue(self.target.apply(encode_update(self.names[last], 2, [H2], "c", 1))["ok"])
-        self.assertEqual(self.target.acks_owed()[0].source, SOURCE)
+        self.assertTrue(self.target.installed(2, 0))
+        self.assertEqual(self.source.outgoing(), {0: (2, TARGET, tuple(ADDRS))})
 
-    def test_delete_and_ack_release_both_sides(self) -> None:
+    def test_the_source_deletes_once_the_target_has_installed(self) -> None:
         self.move_shard_0()
+        self.assertFalse(self.target.installed(2, 0))
         pull(self.source, self.target, 2, 0, 64 * 1024)
+        self.assertTrue(self.target.installed(2, 0))
         self.assertTrue(self.source.moving)
         self.assertEqual(self.source.apply(encode_delete(2, 0)), {"ok": True, "deleted": True})
         self.assertEqual(self.source.apply(encode_delete(2, 0)), {"ok": True, "deleted": False})
         self.assertFalse(self.source.moving)
         self.assertNotIn(0, cbor2.loads(self.source.snapshot())["outgoing"])
-        self.target.apply(encode_acked(2, 0))
-        self.assertEqual(self.target.acks_owed(), {})
         # Both can take the next map now.
         self.assertTrue(self.source.apply(encode_config(3, []))["ok"])
         self.assertTrue(self.target.apply(encode_config(3, []))["ok"])
@@ -162,12 +162,12 @@ class HandoffTests(SynchronousTestCase):
         while it pulls its incoming one, so neither waits for the other."""
         self.assertTrue(self.target.apply(encode_update("x", 1, [H1], "c", 1))["code"] == "WRONG_GROUP")
         # Map 2: shard 1 to the target; map 3: shard 1 back, shard 0 over.
-        self.source.apply(encode_config(2, [], outgoing=[(1, TARGET)]))
+        self.source.apply(encode_config(2, [], outgoing=[(1, TARGET, ADDRS)]))
         self.target.apply(encode_config(2, [], incoming=[(1, SOURCE, ADDRS)]))
         pull(self.source, self.target, 2, 1, 64 * 1024)
         self.source.apply(encode_delete(2, 1))
-        self.source.apply(encode_config(3, [], incoming=[(1, TARGET, ADDRS)], outgoing=[(0, TARGET)]))
-        self.target.apply(encode_config(3, [], incoming=[(0, SOURCE, ADDRS)], outgoing=[(1, SOURCE)]))
+        self.source.apply(encode_config(3, [], incoming=[(1, TARGET, ADDRS)], outgoing=[(0, TARGET, ADDRS)]))
+        self.target.apply(encode_config(3, [], incoming=[(0, SOURCE, ADDRS)], outgoing=[(1, SOURCE, ADDRS)]))
         pull(self.source, self.target, 3, 0, 64 * 1024)
         pull(self.target, self.source, 3, 1, 64 * 1024)
         self.assertEqual(self.target.getfileinfo(self.names[0]), (1, (block(0),)))
@@ -182,7 +182,7 @@ class TransitRefusalTests(SynchronousTestCase):
         self.source = MetadataStateMachine(NSHARDS, owned=[])
         self.source.apply(encode_config(1, range(NSHARDS)))
         self.source.apply(encode_update(names_in_shard(0, 1)[0], 1, [H1], "c", 1))
-        self.source.apply(encode_config(2, [], outgoing=[(0, TARGET)]))
+        self.source.apply(encode_config(2, [], outgoing=[(0, TARGET, ADDRS)]))
         self.target = MetadataStateMachine(NSHARDS, owned=[])
         self.target.apply(encode_config(1, []))
         self.target.apply(encode_config(2, [], incoming=[(0, SOURCE, ADDRS)]))
@@ -234,7 +234,7 @@ class TransitRefusalTests(SynchronousTestCase):
         before = fresh.snapshot()
         for command in (
             encode_config(2, [0]),  # adopting a shard it serves
-            encode_config(2, [], outgoing=[(1, TARGET)]),  # giving a shard it lacks
+            encode_config(2, [], outgoing=[(1, TARGET, ADDRS)]),  # giving a shard it lacks
             encode_config(2, [1], incoming=[(1, SOURCE, ADDRS)]),  # one shard twice
             encode_config(4, []),  # skipping a map
         ):

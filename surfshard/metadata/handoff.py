@@ -16,10 +16,11 @@ A shard moves under shard map ``num`` from the group that held it under
    needed), and commits each chunk through its own log (``OP_INSTALL``).
    The last chunk carries the dedup sessions and the shard's revision, and
    its commit makes the shard serve on the target.
-3. The target's leader then asks the source to delete its copy
-   (``shard_delete(num, shard)``), which the source does through its own log
-   (``OP_DELETE``); once that is acknowledged the target drops its ``Ack``
-   record (``OP_ACKED``).
+3. The source's leader asks the target whether it has installed the shard
+   (``shard_installed(num, shard)``, a linearizable read on the target's
+   leader) and, once it has, deletes its frozen copy through its own log
+   (``OP_DELETE``). Deletion is the source's own decision on a fact it
+   checked: no call can make a group drop data that has not arrived.
 
 A group takes map ``num + 1`` only when no shard of it is ``Incoming`` or
 ``Outgoing``. Every step is a committed command, so a restart (or a snapshot)
@@ -148,25 +149,6 @@ class Incoming:
             incoming.files[name] = (version, list(hashes))
             incoming.totals[name] = total
         return incoming
-
-
-@dataclass
-class Ack:
-    """A shard this group installed under map ``num``: group ``source`` (at
-    ``addresses``) still has to be told it may delete its copy."""
-
-    num: int
-    source: int
-    addresses: tuple[str, ...]
-
-    def to_wire(self) -> list[Any]:
-        return [self.num, self.source, list(self.addresses)]
-
-    @classmethod
-    def from_wire(cls, wire: Any, shard: int) -> Ack:
-        if type(wire) is not list or len(wire) != 3:
-            raise BadRequest(f"ack of shard {shard}: must be [num, from, addrs]")
-        return cls(check_num(wire[0]), check_gid(wire[1]), check_addresses(wire[2]))
 
 
 def check_entry(shard: int, nshards: int, entry: Any) -> tuple[str, int, int, list[str], int]:

@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_migration_sim -*-
 """The leader's side of shard migration: pull each incoming shard from the
-group that held it, then have that group delete its copy.
+group that held it; delete each outgoing shard once its new owner has it.
 
 ``ShardMigrator`` runs on every replica of a group and acts only while its
 node leads. Everything it acts on is replicated state
-(``MetadataStateMachine.incoming()`` and ``acks_owed()``, see
+(``MetadataStateMachine.incoming()`` and ``outgoing()``, see
 ``surfshard.metadata.handoff``), so a new leader, or a node restarted from
 its snapshot, picks up exactly where the last one stopped. Each incoming
 shard is pulled on its own: a shard whose source is down blocks only
@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 
 from raft.node import RaftNode
 from surfshard import errors
-from surfshard.metadata.handoff import CHUNK_BYTES, Ack, Incoming, cursor_from_wire, cursor_to_wire
-from surfshard.metadata.state import MetadataStateMachine, encode_acked, encode_install
+from surfshard.metadata.handoff import CHUNK_BYTES, Incoming, cursor_from_wire, cursor_to_wire
+from surfshard.metadata.state import MetadataStateMachine, encode_delete, encode_install
 from surfshard.net.interfaces import IRpcPool
 from surfshard.replica.leader_caller import LeaderCaller
 
@@ -90,8 +90,8 @@ class ShardMigrator(service.Service):
             return
         for shard, incoming in self.machine.incoming().items():
             self._start(("pull", shard), self._pull, shard, incoming)
-        for shard, ack in self.machine.acks_owed().items():
-            self._start(("ack", shard), self._ack, shard, ack)
+        for shard, (num, target, addresses) in self.machine.outgoing().items():
+            self._start(("release", shard), self._release, shard, num, target, addresses)
 
     def _start(self, key: tuple[str, int], job: Any, *args: Any) -> None:
         if key in self._active:
@@ -190,26 +190,35 @@ class ShardMigrator(service.Service):
         )
 
     @defer.inlineCallbacks
-    def _ack(self, shard: int, ack: Ack) -> Any:
-        """Tell the source it may delete its copy; then forget that it was owed."""
+    def _release(self, shard: int, num: int, target: int, addresses: tuple[str, ...]) -> Any:
+        """Once the target has installed ``shard`` (asked of its leader, a
+        linearizable read), delete the frozen copy through this group's log."""
         try:
-            yield self._caller(ack.addresses).call("shard_delete", {"num": ack.num, "shard": shard})
+            installed = yield self._caller(addresses).call("shard_installed", {"num": num, "shard": shard})
         except errors.SurfShardError as e:
-            self.log.info(
-                "group {gid}: delete of shard {shard} at group {source} not done yet: {e}",
-                gid=self.gid,
-                shard=shard,
-                source=ack.source,
+            self._note(
+                shard,
+                "group {gid}: cannot ask group {target} about shard {shard} yet: {e}",
+                target=target,
                 e=e,
             )
             return
-        if not self._leading():
+        if installed is not True or not self._leading():
             return
         try:
-            yield self.node.propose(encode_acked(ack.num, shard), timeout=CALL_TIMEOUT)
-        except Exception as e:
+            result = yield self.node.propose(encode_delete(num, shard), timeout=CALL_TIMEOUT)
+        except Exception as e:  # leadership lost, timeout: the next poll tries again
             self.log.info(
-                "group {gid}: ack of shard {shard} not committed: {e}", gid=self.gid, shard=shard, e=e
+                "group {gid}: delete of shard {shard} not committed: {e}", gid=self.gid, shard=shard, e=e
+            )
+            return
+        if isinstance(result, dict) and result.get("deleted"):
+            self.log.info(
+                "group {gid}: shard {shard} handed over to group {target} and deleted here (shard map {num})",
+                gid=self.gid,
+                shard=shard,
+                target=target,
+                num=num,
             )
 
     def status(self) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 
 from surfshard import errors
 from surfshard.keyspace import validate_filename
-from surfshard.metadata.handoff import CHUNK_BYTES, check_num, cursor_from_wire
-from surfshard.metadata.state import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine, encode_delete
+from surfshard.metadata.handoff import CHUNK_BYTES, cursor_from_wire
+from surfshard.metadata.state import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine
 from surfshard.net.methods import ReplySink
 from surfshard.replica.control import ReplicaControl
 
@@ -272,22 +272,18 @@ class MetadataReplica(ReplicaControl):
             raise errors.Crashed("node is crashed")
         return self.machine.fetch_chunk(num, shard, cursor_from_wire(cursor), max_bytes)
 
-    def shard_delete(self, num: int, shard: int, timeout: float | None = None) -> defer.Deferred:
-        """Delete this group's frozen copy of ``shard`` (leaving under map
-        ``num``) through the log, once its new owner has installed it. True
-        when the copy is gone (now or before)."""
-        check_num(num)
-        command = encode_delete(num, shard)
+    def shard_installed(self, num: int, shard: int, timeout: float | None = None) -> defer.Deferred:
+        """Fires with whether this group has installed ``shard``, gained
+        under map ``num``, once a ReadIndex round confirms this node leads
+        (the source deletes its copy on a True, so a stale answer must not
+        be possible)."""
 
         def attempt(remaining: float) -> defer.Deferred:
-            return self.node.propose(command, timeout=remaining)
+            d = self.node.read(timeout=remaining)
+            d.addCallback(lambda _: self.machine.installed(num, shard))
+            return d
 
-        def deleted(result: Any) -> bool:
-            if isinstance(result, dict) and result.get("ok"):
-                return True
-            raise errors.error_from_wire(result)
-
-        return self.as_leader(attempt, timeout, deleted)
+        return self.as_leader(attempt, timeout)
 
     def tester_getversion(self, name: str) -> int:
         """The version this replica has applied (committed state only), with

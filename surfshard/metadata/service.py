@@ -109,5 +109,5 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
             TIMEOUT_ARG,
         ],
     )
-    t.add("shard_delete", replica.shard_delete, [*shard_args, TIMEOUT_ARG])
+    t.add("shard_installed", replica.shard_installed, [*shard_args, TIMEOUT_ARG])
     return t

@@ -109,7 +109,7 @@ class ShardMapWatcher(service.Service):
         # (the ShardMaster never leaves an assigned shard ownerless, so a
         # shard unassigned here was never owned: it starts empty).
         sources = [(s, current.shards[s], current.groups[current.shards[s]]) for s in incoming]
-        targets = [(s, following.shards[s]) for s in outgoing]
+        targets = [(s, following.shards[s], following.groups[following.shards[s]]) for s in outgoing]
         try:
             result = yield self.node.propose(
                 encode_config(following.num, adopt, sources, targets), timeout=5.0

@@ -55,7 +55,6 @@ from surfshard.metadata.handoff import (
     CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
-    Ack,
     Cursor,
     Incoming,
     build_chunk,
@@ -108,10 +107,8 @@ _CONFIG_KEYS_MOVING = frozenset({"op", "num", "adopt", "incoming", "outgoing"})
 #: "sessions", "revision"}``; the last (``done``) makes the shard serve.
 OP_INSTALL = "install"
 _INSTALL_KEYS = frozenset({"op", "num", "shard", "from", "next", "files", "done", "sessions", "revision"})
-#: The target committed its install: drop the frozen copy of ``shard``.
+#: The target has installed ``shard`` (the source checked): drop the frozen copy.
 OP_DELETE = "delete"
-#: The source confirmed the delete: forget that it was owed.
-OP_ACKED = "acked"
 _SHARD_OP_KEYS = frozenset({"op", "num", "shard"})
 #: Several updates in one Raft entry, applied in order, each exactly as if
 #: it were an entry of its own (its own version check, dedup and answer):
@@ -132,15 +129,15 @@ def encode_config(
     num: int,
     adopt: Iterable[int],
     incoming: Iterable[tuple[int, int, Iterable[str]]] = (),
-    outgoing: Iterable[tuple[int, int]] = (),
+    outgoing: Iterable[tuple[int, int, Iterable[str]]] = (),
 ) -> bytes:
     """The command moving a group to shard map ``num``: adopting empty
     shards, pulling ``incoming`` ``(shard, from_gid, addresses)``, freezing
-    ``outgoing`` ``(shard, to_gid)``."""
+    ``outgoing`` ``(shard, to_gid, addresses)``."""
     check_num(num, "shard map number")
     command: dict[str, Any] = {"op": OP_CONFIG, "num": num, "adopt": sorted(set(adopt))}
     incoming = sorted((s, g, list(a)) for s, g, a in incoming)
-    outgoing = sorted((s, g) for s, g in outgoing)
+    outgoing = sorted((s, g, list(a)) for s, g, a in outgoing)
     if incoming or outgoing:
         command["incoming"] = [list(i) for i in incoming]
         command["outgoing"] = [list(o) for o in outgoing]
@@ -177,10 +174,6 @@ def encode_install(
 
 def encode_delete(num: int, shard: int) -> bytes:
     return cbor2.dumps({"op": OP_DELETE, "num": num, "shard": shard}, canonical=True)
-
-
-def encode_acked(num: int, shard: int) -> bytes:
-    return cbor2.dumps({"op": OP_ACKED, "num": num, "shard": shard}, canonical=True)
 
 
 FileInfo = tuple[int, tuple[str, ...]]
@@ -432,6 +425,8 @@ class _Outgoing:
 
     num: int
     target: int
+    #: Where the target group's replicas are (from map ``num``).
+    addresses: tuple[str, ...]
     state: _ShardState
     #: The file names in order, for chunking (not state: derived, cached).
     names: list[str] | None = None
@@ -497,8 +492,6 @@ class MetadataStateMachine:
         # disjoint, and the last two are empty whenever a new map is taken.
         self._incoming: dict[int, Incoming] = {}
         self._outgoing: dict[int, _Outgoing] = {}
-        #: Installed shards whose source still has to be told to delete.
-        self._acks: dict[int, Ack] = {}
         # Updates this replica encoded (as leader) and has not applied yet,
         # decoded: command bytes -> (name, version, hashes, client, seq).
         # Applying one of these skips decoding and validating it again. Not
@@ -637,8 +630,6 @@ class MetadataStateMachine:
             return self._apply_install(wire)
         if op == OP_DELETE:
             return self._apply_delete(wire)
-        if op == OP_ACKED:
-            return self._apply_acked(wire)
         raise BadRequest(f"unknown command op {op!r}")
 
     def _apply_batch(self, wire: dict[str, Any]) -> dict[str, Any]:
@@ -723,11 +714,11 @@ class MetadataStateMachine:
                 raise BadRequest("config incoming entries must be [shard, from_gid, addresses]")
             shard = self._shard_arg(entry[0])
             incoming[shard] = Incoming(num, check_gid(entry[1]), check_addresses(entry[2]))
-        outgoing: dict[int, int] = {}
+        outgoing: dict[int, tuple[int, tuple[str, ...]]] = {}
         for entry in outgoing_w:
-            if type(entry) is not list or len(entry) != 2:
-                raise BadRequest("config outgoing entries must be [shard, to_gid]")
-            outgoing[self._shard_arg(entry[0])] = check_gid(entry[1])
+            if type(entry) is not list or len(entry) != 3:
+                raise BadRequest("config outgoing entries must be [shard, to_gid, addresses]")
+            outgoing[self._shard_arg(entry[0])] = (check_gid(entry[1]), check_addresses(entry[2]))
         gained = adopted + list(incoming)
         if len(set(gained) | set(outgoing)) != len(gained) + len(outgoing):
             raise BadRequest("config lists a shard twice")
@@ -758,8 +749,8 @@ class MetadataStateMachine:
                 )
         for shard in adopted:
             self._shards[shard] = _ShardState()
-        for shard, target in outgoing.items():
-            self._outgoing[shard] = _Outgoing(num, target, self._shards.pop(shard))
+        for shard, (target, addresses) in outgoing.items():
+            self._outgoing[shard] = _Outgoing(num, target, addresses, self._shards.pop(shard))
         self._incoming.update(incoming)
         self._shards = dict(sorted(self._shards.items()))
         self.config_num = num
@@ -820,7 +811,6 @@ class MetadataStateMachine:
         del self._incoming[shard]
         self._shards[shard] = final
         self._shards = dict(sorted(self._shards.items()))
-        self._acks[shard] = Ack(num, incoming.source, incoming.addresses)
         return {"ok": True, "applied": True, "installed": shard}
 
     def _apply_delete(self, wire: dict[str, Any]) -> dict[str, Any]:
@@ -836,13 +826,6 @@ class MetadataStateMachine:
             )
         return {"ok": True, "deleted": False}  # done before (or never ours): idempotent
 
-    def _apply_acked(self, wire: dict[str, Any]) -> dict[str, Any]:
-        num, shard = self._shard_command(wire, "acked")
-        ack = self._acks.get(shard)
-        if ack is not None and ack.num == num:
-            del self._acks[shard]
-        return {"ok": True}
-
     def snapshot(self) -> bytes:
         """Every shard held, serving or in transit, in canonical CBOR (equal
         states, equal bytes)."""
@@ -853,10 +836,14 @@ class MetadataStateMachine:
             "config": self.config_num,
             "incoming": {shard: inc.to_wire() for shard, inc in self._incoming.items()},
             "outgoing": {
-                shard: {"num": out.num, "to": out.target, "state": out.state.to_wire()}
+                shard: {
+                    "num": out.num,
+                    "to": out.target,
+                    "addrs": list(out.addresses),
+                    "state": out.state.to_wire(),
+                }
                 for shard, out in self._outgoing.items()
             },
-            "acks": {shard: ack.to_wire() for shard, ack in self._acks.items()},
         }
         return cbor2.dumps(wire, canonical=True)
 
@@ -866,7 +853,7 @@ class MetadataStateMachine:
         shard count."""
         wire = _decode(data, "snapshot")
         required = {"format", "nshards", "shards"}
-        optional = {"config", "incoming", "outgoing", "acks"}
+        optional = {"config", "incoming", "outgoing"}
         if not isinstance(wire, dict) or not required <= set(wire) <= required | optional:
             raise BadRequest("snapshot must be a map with format, nshards, shards and the optional parts")
         config_num = wire.get("config", 0)
@@ -876,9 +863,9 @@ class MetadataStateMachine:
             raise BadRequest(f"snapshot has format {wire['format']!r}, this node reads {_READABLE_FORMATS}")
         if wire["nshards"] != self.nshards:
             raise BadRequest(f"snapshot is for {wire['nshards']!r} shards, this cluster has {self.nshards}")
-        parts = {k: wire.get(k, {}) for k in ("shards", "incoming", "outgoing", "acks")}
+        parts = {k: wire.get(k, {}) for k in ("shards", "incoming", "outgoing")}
         if not all(isinstance(v, dict) for v in parts.values()):
-            raise BadRequest("snapshot shards, incoming, outgoing and acks must be maps")
+            raise BadRequest("snapshot shards, incoming and outgoing must be maps")
         for part in parts.values():
             for shard in part:
                 self._shard_arg(shard)
@@ -886,18 +873,19 @@ class MetadataStateMachine:
         incoming = {s: Incoming.from_wire(w, s, self.nshards) for s, w in parts["incoming"].items()}
         outgoing: dict[int, _Outgoing] = {}
         for s, w in parts["outgoing"].items():
-            if not isinstance(w, dict) or set(w) != {"num", "to", "state"}:
+            if not isinstance(w, dict) or set(w) != {"num", "to", "addrs", "state"}:
                 raise BadRequest(f"snapshot: outgoing shard {s} is malformed")
             outgoing[s] = _Outgoing(
-                check_num(w["num"]), check_gid(w["to"]), _ShardState.from_wire(w["state"], s, self.nshards)
+                check_num(w["num"]),
+                check_gid(w["to"]),
+                check_addresses(w["addrs"]),
+                _ShardState.from_wire(w["state"], s, self.nshards),
             )
-        acks = {s: Ack.from_wire(w, s) for s, w in parts["acks"].items()}
         if len(set(shards) | set(incoming) | set(outgoing)) != len(shards) + len(incoming) + len(outgoing):
             raise BadRequest("snapshot: a shard is both serving and in transit")
         self._shards = dict(sorted(shards.items()))
         self._incoming = dict(sorted(incoming.items()))
         self._outgoing = dict(sorted(outgoing.items()))
-        self._acks = dict(sorted(acks.items()))
         self.config_num = config_num
 
     # -- shards in transit ------------------------------------------------
@@ -911,9 +899,28 @@ class MetadataStateMachine:
         """Shards being pulled: shard -> its record (the caller must not change it)."""
         return dict(self._incoming)
 
-    def acks_owed(self) -> dict[int, Ack]:
-        """Installed shards whose source has not yet confirmed the delete."""
-        return dict(self._acks)
+    def outgoing(self) -> dict[int, tuple[int, int, tuple[str, ...]]]:
+        """Frozen shards waiting for their target: shard -> (num, target gid,
+        target addresses)."""
+        return {s: (o.num, o.target, o.addresses) for s, o in self._outgoing.items()}
+
+    def installed(self, num: int, shard: int) -> bool:
+        """Whether this group, the target of ``shard`` under map ``num``, has
+        installed it: it is past that map, or at it with the shard no longer
+        arriving (a group cannot take a later map with a shard in transit).
+        ``BadRequest`` if this group did not gain the shard under ``num``."""
+        check_num(num)
+        self._shard_arg(shard)
+        if self.config_num > num:
+            return True
+        if self.config_num < num:
+            return False
+        incoming = self._incoming.get(shard)
+        if incoming is not None:
+            return False
+        if shard not in self._shards and shard not in self._outgoing:
+            raise BadRequest(f"shard {shard} did not come to this group under shard map {num}")
+        return True
 
     def transfers(self) -> list[dict[str, Any]]:
         """Every shard in transit here, for status pages."""
@@ -938,8 +945,6 @@ class MetadataStateMachine:
                     "files": len(out.state.files),
                 }
             )
-        for shard, ack in self._acks.items():
-            rows.append({"shard": shard, "num": ack.num, "from": ack.source, "state": "deleting at source"})
         return sorted(rows, key=lambda r: (r["shard"], r["state"]))
 
     def fetch_chunk(
