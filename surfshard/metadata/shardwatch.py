@@ -101,6 +101,20 @@ class ShardMapWatcher(service.Service):
             if following.num != current_num + 1:
                 return  # nothing newer yet
             current = yield self._map(current_num)
+        except errors.BadRequest as e:
+            # The ShardMaster no longer keeps the maps this group needs (it
+            # fell further behind than the ShardMaster's history): say so
+            # clearly, once; it cannot move on by itself.
+            if self._blocked_at != -current_num:
+                self._blocked_at = -current_num
+                self.log.error(
+                    "group {gid} is at shard map {num} and cannot take the next: {e}. "
+                    "Raise the ShardMaster's history or re-create this group's replicas",
+                    gid=self.gid,
+                    num=current_num,
+                    e=e,
+                )
+            return
         except errors.SurfShardError as e:
             self.log.debug("shard master not reachable: {e}", e=e)
             return
