@@ -130,7 +130,9 @@ class ClusterClient:
             result = yield call(client, self.timeout)
             return result
         deadline = self.reactor.seconds() + self.timeout
-        backoff = Backoff(base=0.01, cap=0.5, rng=self.rng)
+        # Capped low: the wait is for a shard in transit, which serves again
+        # as soon as it has arrived.
+        backoff = Backoff(base=0.01, cap=0.1, rng=self.rng)
         refresh = False
         # Bounded: every turn waits a backoff step (or a slice of the
         # deadline on an unreachable group), and the deadline ends the loop.

@@ -22,7 +22,9 @@ from surfshard.metadata.state import MetadataStateMachine, encode_config
 from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.shardmap import UNASSIGNED, ShardMap
 
-POLL_INTERVAL = 0.25
+#: How often a leader asks the ShardMaster for the next map: the delay
+#: before a move starts, and part of how long a moving shard pauses.
+POLL_INTERVAL = 0.1
 
 
 def plan_config(gid: int, current: ShardMap, following: ShardMap) -> tuple[list[int], list[int], list[int]]:
