@@ -32,6 +32,9 @@ from surfshard.replica.leader_caller import LeaderCaller
 #: few dictionary reads when there is nothing to do; the interval is part of
 #: how long a moving shard pauses.
 POLL_INTERVAL = 0.02
+#: How long a source waits before asking again whether a target has
+#: installed a shard it said it had not.
+RELEASE_RECHECK = 0.2
 #: Per call: one chunk fetched, one chunk committed.
 CALL_TIMEOUT = 5.0
 
@@ -67,6 +70,8 @@ class ShardMigrator(service.Service):
         self.shards_installed = 0
         self.bytes_pulled = 0
         self._last_note: dict[int, str] = {}
+        #: Outgoing shard -> when to next ask its target whether it arrived.
+        self._release_after: dict[int, float] = {}
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -92,8 +97,10 @@ class ShardMigrator(service.Service):
             return
         for shard, incoming in self.machine.incoming().items():
             self._start(("pull", shard), self._pull, shard, incoming)
+        now = self.reactor.seconds()
         for shard, (num, target, addresses) in self.machine.outgoing().items():
-            self._start(("release", shard), self._release, shard, num, target, addresses)
+            if self._release_after.get(shard, 0.0) <= now:
+                self._start(("release", shard), self._release, shard, num, target, addresses)
 
     def _start(self, key: tuple[str, int], job: Any, *args: Any) -> None:
         if key in self._active:
@@ -205,7 +212,12 @@ class ShardMigrator(service.Service):
                 e=e,
             )
             return
-        if installed is not True or not self._leading():
+        if installed is not True:
+            # Not there yet: ask again a little later (the target is busy
+            # pulling; each question costs it a ReadIndex round).
+            self._release_after[shard] = self.reactor.seconds() + RELEASE_RECHECK
+            return
+        if not self._leading():
             return
         try:
             result = yield self.node.propose(encode_delete(num, shard), timeout=CALL_TIMEOUT)
