@@ -326,6 +326,7 @@ def main(reactor: Any, options: argparse.Namespace) -> Any:
         probe = ClusterClient(cluster, reactor, pool=pool, timeout=60.0)
         for size in options.sizes:
             shard = size % NSHARDS
+            latest = yield sm.query(-1)
             owner = latest.shards[shard]
             t0 = time.monotonic()
             yield preload(reactor, pool, groups[owner], names_in(shard, size, f"n{size}-"))

@@ -783,17 +783,32 @@ class MetadataStateMachine:
             final = _ShardState(revision=_check_revision(wire["revision"]))
             final.restore_sessions(wire["sessions"], shard)
         # Checked whole before anything is staged: a bad chunk changes nothing.
-        staged_len = {n: len(h) for n, (_, h) in incoming.files.items()}
-        totals = dict(incoming.totals)
+        # Only the files this chunk touches are looked at: a shard of many
+        # files arrives in many chunks, and a pass over everything staged
+        # per chunk would make the whole transfer quadratic.
+        staged_len: dict[str, int] = {}
+        totals: dict[str, int] = {}
+
+        def note(name: str, total: int) -> None:
+            if name not in staged_len:
+                staged = incoming.files.get(name)
+                staged_len[name] = len(staged[1]) if staged is not None else 0
+                totals[name] = incoming.totals.get(name, total)
+
         for name, _version, offset, hashes, total in entries:
-            have = staged_len.get(name, 0)
-            if offset != have or (offset and totals.get(name) != total):
+            note(name, total)
+            have = staged_len[name]
+            if offset != have or (offset and totals[name] != total):
                 raise BadRequest(
                     f"install: piece of {name!r} at {offset} does not follow the {have} staged"[:200]
                 )
             staged_len[name] = offset + len(hashes)
             totals[name] = total
         if final is not None:
+            # By the cursor's invariant, only the file the cursor names can
+            # be incomplete among those staged before this chunk.
+            if start is not None and start[1] > 0:
+                note(start[0], -1)
             short = [n for n, length in staged_len.items() if length != totals[n]]
             if short:
                 raise BadRequest(f"install: last chunk leaves {len(short)} file(s) incomplete")
