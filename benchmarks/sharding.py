@@ -47,8 +47,8 @@ from client.cluster import ClusterClient
 from client.metadata_client import MetadataClient
 from surfshard import errors
 from surfshard.config import load_config
-from surfshard.keyspace import shard_of
 from surfshard.net.pool import RpcClientPool
+from surfshard.testing.keys import names_in_shard
 
 NSHARDS = 8
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,13 +125,7 @@ class Processes:
 
 
 def names_in(shard: int, count: int, prefix: str) -> list[str]:
-    out, i = [], 0
-    while len(out) < count:
-        name = f"{prefix}{i}"
-        if shard_of(name, NSHARDS) == shard:
-            out.append(name)
-        i += 1
-    return out
+    return names_in_shard(shard, count, NSHARDS, prefix)
 
 
 class Load:

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
+from raft.testing.simnet import sim_seeds
 from surfshard import errors
 from surfshard.keyspace import shard_of
 from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
@@ -278,12 +279,7 @@ class ClientTests(WorldCase):
 def world_seeds(default_count: int) -> list[int]:
     """``SURFSHARD_SEED=n`` replays seed n alone; ``SURFSHARD_SEEDS=k`` runs k
     seeds (from ``SURFSHARD_SEED_BASE``, default 0) instead of the default."""
-    one = os.environ.get("SURFSHARD_SEED", "").strip()
-    if one:
-        return [int(one)]
-    count = int(os.environ.get("SURFSHARD_SEEDS", "").strip() or default_count)
-    base = int(os.environ.get("SURFSHARD_SEED_BASE", "").strip() or 0)
-    return list(range(base, base + count))
+    return sim_seeds(default_count, env="SURFSHARD")
 
 
 UNKNOWN_OUTCOME = (errors.Timeout, errors.Unavailable, errors.Crashed, errors.NotLeader)

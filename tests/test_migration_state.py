@@ -12,7 +12,7 @@ import cbor2
 from twisted.trial.unittest import SynchronousTestCase
 
 from surfshard.errors import BadRequest, NotReady
-from surfshard.keyspace import MAX_HASHLIST, shard_of
+from surfshard.keyspace import MAX_HASHLIST
 from surfshard.metadata.handoff import MIN_CHUNK_BYTES, Cursor, cursor_from_wire
 from surfshard.metadata.state import (
     MetadataStateMachine,
@@ -21,6 +21,7 @@ from surfshard.metadata.state import (
     encode_install,
     encode_update,
 )
+from surfshard.testing import keys
 
 NSHARDS = 4
 H1, H2 = "a1" * 32, "b2" * 32
@@ -29,13 +30,7 @@ ADDRS = ["127.0.0.1:7101"]
 
 
 def names_in_shard(shard: int, count: int, prefix: str = "f") -> list[str]:
-    names, i = [], 0
-    while len(names) < count:
-        name = f"{prefix}{i}"
-        if shard_of(name, NSHARDS) == shard:
-            names.append(name)
-        i += 1
-    return names
+    return keys.names_in_shard(shard, count, NSHARDS, prefix)
 
 
 def block(i: int) -> str:

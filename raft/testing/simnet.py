@@ -44,15 +44,16 @@ from raft.types import Entry, Message, MessageType, RaftConfig, Role
 log = Logger()
 
 
-def sim_seeds(default_count: int) -> list[int]:
+def sim_seeds(default_count: int, env: str = "RAFT") -> list[int]:
     """The seeds a randomized test should run: ``RAFT_SEED=n`` replays seed n
     alone; otherwise ``RAFT_SEEDS`` (default ``default_count``) seeds starting
-    at ``RAFT_SEED_BASE`` (default 0), to explore beyond the CI seeds."""
-    one = os.environ.get("RAFT_SEED", "").strip()
+    at ``RAFT_SEED_BASE`` (default 0), to explore beyond the CI seeds. Layers
+    above use their own prefix (``env="SURFSHARD"``: ``SURFSHARD_SEED``...)."""
+    one = os.environ.get(f"{env}_SEED", "").strip()
     if one:
         return [int(one)]
-    count = int(os.environ.get("RAFT_SEEDS", "").strip() or default_count)
-    base = int(os.environ.get("RAFT_SEED_BASE", "").strip() or 0)
+    count = int(os.environ.get(f"{env}_SEEDS", "").strip() or default_count)
+    base = int(os.environ.get(f"{env}_SEED_BASE", "").strip() or 0)
     return list(range(base, base + count))
 
 
