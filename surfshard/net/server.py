@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from surfshard.errors import (
     BadRequest,
@@ -46,6 +47,10 @@ _MIN_ID_INT = -(2**63)
 _MAX_ID_INT = 2**64 - 1
 _REQUEST_KEYS = frozenset({"id", "method", "args", "noreply"})
 
+#: Corked replies are written once they reach this many bytes (or at the
+#: end of the read), so the transport can push back within one read.
+FLUSH_BYTES = 256 * 1024
+
 #: How long a connection we are closing may take to flush before we abort it
 #: (a peer that never reads must not hold the socket open forever).
 CLOSE_GRACE_SECONDS = 5.0
@@ -60,6 +65,10 @@ class ServerLimits:
     #: Close a connection that has sent part of a frame and then nothing
     #: for this many seconds (slow or half-open peers).  None disables it.
     idle_timeout: float | None = 30.0
+    #: Close a connection whose peer has read none of our replies for this
+    #: many seconds while they pile up (see ``pauseProducing``). None
+    #: disables it.
+    stalled_reader_timeout: float | None = 60.0
 
 
 def format_peer(transport: Any) -> str:
@@ -128,8 +137,19 @@ def _usable_id(request_id: Any) -> bool:
     return kind is str and 0 < len(request_id) <= _MAX_ID_STR
 
 
+@implementer(IPushProducer)
 class RpcServerProtocol(Protocol):
-    """One server-side connection of the native protocol."""
+    """One server-side connection of the native protocol.
+
+    Backpressure both ways, so a slow or hostile peer costs the node bounded
+    memory: at most ``max_in_flight`` requests run at once (beyond that,
+    reading stops until some finish); and the protocol is the push producer
+    of its own transport, so when the replies the peer has not read pass the
+    transport's buffer size, Twisted pauses it and it stops reading requests
+    until the peer has taken them (the excess waits in the kernel's socket
+    buffers, not in Python). A peer that reads nothing for
+    ``stalled_reader_timeout`` seconds is disconnected, with a log line.
+    """
 
     #: Set by ``makeConnection``: a TCP transport or its TLS wrapper. Typed
     #: ``Any`` because Twisted declares it ``ITransport | None``, while this
@@ -152,7 +172,11 @@ class RpcServerProtocol(Protocol):
         # Replies produced while we are handling a batch of input go out in
         # one write at the end of it, not one write per reply.
         self._out: list[bytes] | None = None
+        self._out_bytes = 0
         self._paused = False
+        #: The transport holds more unsent replies than its buffer size.
+        self._write_blocked = False
+        self._stall_timer: Any = None
         self._closing = False
         self._lost = False
         self._last_rx = 0.0
@@ -167,6 +191,47 @@ class RpcServerProtocol(Protocol):
         # The kernel reaps peers that vanished (see tune_socket); the idle
         # timeout covers peers that are there but stuck mid-frame.
         tune_socket(self.transport)
+        self.transport.registerProducer(self, True)
+
+    # -- write-side backpressure (IPushProducer, driven by our transport) -----
+
+    def pauseProducing(self) -> None:
+        """Our transport's buffer of unsent replies is full: stop reading
+        requests (those already read wait in the backlog)."""
+        if self._write_blocked or self._lost:
+            return
+        self._write_blocked = True
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        timeout = self.limits.stalled_reader_timeout
+        if timeout is not None and self._stall_timer is None:
+            self._stall_timer = self.clock.callLater(timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        """The peer took our replies: read again (after the backlog)."""
+        if not self._write_blocked:
+            return
+        self._write_blocked = False
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
+        if not self._lost and not self._closing:
+            self._drain_backlog()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` cleans up."""
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self._write_blocked and not self._lost:
+            self._refuse(
+                "stalled reader",
+                f"read none of our replies for {self.limits.stalled_reader_timeout:.0f}s",
+            )
+            self._closing = True
+            self._backlog.clear()
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._decoder.buffered and not self._closing:
@@ -176,10 +241,10 @@ class RpcServerProtocol(Protocol):
             )
         self._lost = True
         self._out = None
-        for timer in (self._idle_timer, self._abort_timer):
+        for timer in (self._idle_timer, self._abort_timer, self._stall_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._idle_timer = self._abort_timer = None
+        self._idle_timer = self._abort_timer = self._stall_timer = None
         self._backlog.clear()
         running = list(self._running.values())
         self._running.clear()
@@ -200,8 +265,14 @@ class RpcServerProtocol(Protocol):
 
     @property
     def paused(self) -> bool:
-        """True while we stopped reading because of the in-flight cap."""
+        """True while we stopped reading (the in-flight cap, or replies the
+        peer has not read)."""
         return self._paused
+
+    @property
+    def write_blocked(self) -> bool:
+        """True while the peer has not read enough of our replies."""
+        return self._write_blocked
 
     # -- input ---------------------------------------------------------------
 
@@ -254,13 +325,24 @@ class RpcServerProtocol(Protocol):
         if corked:
             self._out = []
         try:
-            while self._backlog and len(self._running) < self.limits.max_in_flight and not self._closing:
+            while (
+                self._backlog
+                and len(self._running) < self.limits.max_in_flight
+                and not self._closing
+                and not self._write_blocked
+            ):
                 self._handle(self._backlog.popleft())
         finally:
             if corked:
                 self._flush()
                 self._out = None
-        if not self._backlog and self._paused and not self._closing and not self._lost:
+        if (
+            not self._backlog
+            and self._paused
+            and not self._write_blocked
+            and not self._closing
+            and not self._lost
+        ):
             self._paused = False
             self._last_rx = self.clock.seconds()
             self.transport.resumeProducing()
@@ -370,12 +452,19 @@ class RpcServerProtocol(Protocol):
         out = self._out
         if out is not None:
             out.append(frame)
+            self._out_bytes += len(frame)
+            if self._out_bytes >= FLUSH_BYTES:
+                # Replies of one read are written together, but not without
+                # bound: the transport must see them to push back (a read of
+                # small requests can ask for far more than it holds).
+                self._flush()
         else:
             self.transport.write(frame)
 
     def _flush(self) -> None:
         out = self._out
         if out:
+            self._out_bytes = 0
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
@@ -387,11 +476,7 @@ class RpcServerProtocol(Protocol):
         except wire.FrameError:
             self._send_ok(result, request_id, method_name)  # logs why, sends INTERNAL
         else:
-            out = self._out
-            if out is not None:
-                out.append(frame)
-            else:
-                self.transport.write(frame)
+            self._send(frame)
         if self._backlog:
             self._drain_backlog()
 
@@ -430,11 +515,7 @@ class RpcServerProtocol(Protocol):
             frame = self._error_frame(
                 request_id, Internal(f"the reply to {method_name} could not be encoded")
             )
-        out = self._out
-        if out is not None:
-            out.append(frame)
-        else:
-            self.transport.write(frame)
+        self._send(frame)
 
     def _send_error(self, failure: Failure, request_id: int | str, method_name: str) -> None:
         error = failure.value

@@ -112,6 +112,13 @@ class _ServerTransport:
     def stopProducing(self) -> None:
         self.loseConnection()
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The simulated network has no send buffer to fill: the producer is
+        never paused for writing."""
+
+    def unregisterProducer(self) -> None:
+        pass
+
     def getPeer(self) -> _SimPeer:
         return _SimPeer(self._connection.pool.name)
 

@@ -1,0 +1,168 @@
+"""Write-side backpressure in the native server (issue 18): a peer that
+pipelines requests and does not read the replies makes the server stop
+reading, so the excess waits in the kernel's socket buffers instead of the
+node's memory; the server reads again once the peer catches up, and drops a
+peer that reads nothing for too long."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from surfshard.net import wire
+from surfshard.net.methods import MethodTable
+from surfshard.net.schema import Arg
+from surfshard.net.server import FLUSH_BYTES, RpcServerFactory, RpcServerProtocol, ServerLimits
+
+REPLY = b"x" * 64 * 1024
+
+
+def table(calls: list[int]) -> MethodTable:
+    t = MethodTable("bp")
+
+    def big(n: int) -> bytes:
+        calls.append(n)
+        return REPLY
+
+    t.add("big", big, [Arg("n", int)])
+    return t
+
+
+def requests(first: int, count: int) -> bytes:
+    return b"".join(wire.encode_request(i, "big", {"n": i}) for i in range(first, first + count))
+
+
+class BufferedTransport(StringTransport):
+    """A transport that, like Twisted's TCP transport, pauses its producer
+    once more than ``limit`` bytes are waiting to be sent (``drain`` plays
+    the peer reading them)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes += 1
+        if self.producer is not None and len(self.value()) > self.limit:
+            self.producer.pauseProducing()
+
+    def drain(self) -> int:
+        taken = len(self.value())
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return taken
+
+
+class ProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.calls: list[int] = []
+        self.clock = Clock()
+        self.proto = RpcServerProtocol(
+            table(self.calls), self.clock, ServerLimits(stalled_reader_timeout=60.0)
+        )
+        self.transport = BufferedTransport(limit=256 * 1024)
+        self.proto.makeConnection(self.transport)
+
+    def test_registers_as_the_transports_producer(self) -> None:
+        self.assertIs(self.transport.producer, self.proto)
+        self.assertTrue(self.transport.streaming)
+
+    def test_one_read_of_many_small_requests_does_not_queue_all_their_replies(self) -> None:
+        """1,000 requests in one read would ask for 64 MB of replies: the
+        corked replies are written every FLUSH_BYTES, the transport pushes
+        back, and the rest of the read waits unanswered."""
+        self.proto.dataReceived(requests(1, 1000))
+        self.assertTrue(self.proto.write_blocked)
+        self.assertEqual(self.transport.producerState, "paused")  # we stopped reading
+        self.assertLess(len(self.transport.value()), self.transport.limit + FLUSH_BYTES + len(REPLY) + 1024)
+        self.assertLess(len(self.calls), 20)
+        # The peer reads: the held requests are answered, in bounded steps.
+        answered = 0
+        for _ in range(2000):  # bounded: each drain answers a few
+            answered += self.transport.drain()
+            if not self.proto.write_blocked and len(self.calls) == 1000:
+                break
+        self.assertEqual(len(self.calls), 1000)
+        self.assertEqual(self.transport.producerState, "producing")  # reading again
+        self.assertGreater(answered + len(self.transport.value()), 1000 * len(REPLY))
+
+    def test_a_peer_that_reads_nothing_is_dropped_after_the_timeout(self) -> None:
+        self.proto.dataReceived(requests(1, 50))
+        self.assertTrue(self.proto.write_blocked)
+        self.clock.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_peer_that_reads_in_time_is_kept(self) -> None:
+        self.proto.dataReceived(requests(1, 5))  # 5 replies: one more than the buffer takes
+        self.assertTrue(self.proto.write_blocked)
+        self.clock.advance(30)
+        self.transport.drain()
+        self.clock.advance(60)
+        self.assertFalse(self.transport.disconnecting)
+
+
+class LoopbackTests(TestCase):
+    """Over a real socket: a client that pipelines requests with 64 KiB
+    replies and never reads them."""
+
+    def setUp(self) -> None:
+        self.calls: list[int] = []
+        self.factory = RpcServerFactory(table(self.calls), reactor)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    @inlineCallbacks
+    def test_unread_replies_stay_bounded_and_flow_once_read(self) -> Any:
+        sock = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        count = 3000  # 190 MB of replies if they were all queued
+        data = requests(1, count)
+        sent = 0
+        for _ in range(2000):  # bounded: stops when the server stops reading
+            try:
+                sent += sock.send(data[sent : sent + 65536])
+            except BlockingIOError:
+                yield deferLater(reactor, 0.01, lambda: None)
+                if self.factory.connections and next(iter(self.factory.connections)).write_blocked:
+                    break
+            if sent >= len(data):
+                break
+        for _ in range(300):  # poll with a deadline (3 s)
+            if self.factory.connections and next(iter(self.factory.connections)).write_blocked:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        (server,) = self.factory.connections
+        self.assertTrue(server.write_blocked)
+        queued = len(server.transport.dataBuffer) + server.transport._tempDataLen
+        self.assertLess(queued, 8 * 1024 * 1024, "replies piled up in the server's memory")
+        self.assertLess(len(self.calls), count)
+        # Now read everything: the server answers every request it gets.
+        got = 0
+        sock.setblocking(False)
+        for _ in range(6000):  # bounded: 60 s at most
+            try:
+                chunk = sock.recv(1 << 20)
+                got += len(chunk)
+            except BlockingIOError:
+                yield deferLater(reactor, 0.01, lambda: None)
+            if sent < len(data):
+                try:
+                    sent += sock.send(data[sent : sent + 65536])
+                except BlockingIOError:
+                    pass
+            if got >= count * len(REPLY):
+                break
+        self.assertEqual(len(self.calls), count)
+        self.assertGreaterEqual(got, count * len(REPLY))
