@@ -14,9 +14,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 
 from surfshard.net import wire
 from surfshard.net.methods import MethodTable
+from surfshard.net.port import NodeRoot, make_site
 from surfshard.net.schema import Arg
 from surfshard.net.server import FLUSH_BYTES, RpcServerFactory, RpcServerProtocol, ServerLimits
 
@@ -166,3 +168,93 @@ class LoopbackTests(TestCase):
                 break
         self.assertEqual(len(self.calls), count)
         self.assertGreaterEqual(got, count * len(REPLY))
+
+
+class HttpBodyLimitTests(TestCase):
+    """HTTP request bodies are bounded whatever their framing (issue 18)."""
+
+    LIMIT = 1024 * 1024
+
+    def setUp(self) -> None:
+        root = NodeRoot()
+        root.add("RPC2", _Echo())
+        self.port = reactor.listenTCP(
+            0, make_site(root, clock=reactor, max_body=self.LIMIT), interface="127.0.0.1"
+        )
+        self.addCleanup(self.port.stopListening)
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        return sock
+
+    @inlineCallbacks
+    def pump(self, sock: socket.socket, body_chunks: Any, limit_bytes: int) -> Any:
+        """Send chunks until the server closes; (bytes sent, reply)."""
+        sent, reply, closed = 0, b"", False
+        pending = b""
+        for _ in range(5000):  # bounded: 50 s at most
+            try:
+                data = sock.recv(65536)
+                if not data:
+                    closed = True
+                reply += data
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed = True
+            if closed:
+                break
+            if not pending and sent < limit_bytes:
+                pending = next(body_chunks, b"")
+            if pending:
+                try:
+                    n = sock.send(pending)
+                    sent += n
+                    pending = pending[n:]
+                except BlockingIOError:
+                    yield deferLater(reactor, 0.01, lambda: None)
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+            else:
+                yield deferLater(reactor, 0.01, lambda: None)
+        return sent, reply
+
+    @inlineCallbacks
+    def test_a_chunked_body_past_the_limit_gets_413_without_being_buffered(self) -> Any:
+        sock = self.connect()
+        sock.send(
+            b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: text/xml\r\n\r\n"
+        )
+        piece = b"x" * 65536
+        chunks = iter([b"%x\r\n%s\r\n" % (len(piece), piece)] * 3200)  # 200 MiB, chunked
+        sent, reply = yield self.pump(sock, chunks, 200 * 1024 * 1024)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply[:100])
+        # What was sent past the limit sat in kernel buffers, not in the node.
+        self.assertLess(sent, self.LIMIT + 16 * 1024 * 1024)
+
+    @inlineCallbacks
+    def test_a_declared_length_past_the_limit_is_refused_before_the_body(self) -> Any:
+        sock = self.connect()
+        sock.send(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (200 * 1024 * 1024))
+        sent, reply = yield self.pump(sock, iter([]), 0)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply[:100])
+
+    @inlineCallbacks
+    def test_a_body_within_the_limit_is_served(self) -> Any:
+        sock = self.connect()
+        body = b"y" * 1000
+        sock.send(
+            b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n" + body
+        )
+        sent, reply = yield self.pump(sock, iter([]), 0)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
+        self.assertTrue(reply.endswith(b"1000"), reply[-50:])
+
+
+class _Echo(Resource):
+    isLeaf = True
+
+    def render_POST(self, request: Any) -> bytes:
+        return str(len(request.content.read())).encode()

@@ -33,10 +33,6 @@ Forward = Callable[[str, str, dict[str, Any], float], defer.Deferred]
 #: How long an update finished on a new leader may take there.
 FORWARD_TIMEOUT = 10.0
 
-#: Upper bound on the XML-RPC request body: a hashlist of 100,000 hashes is
-#: about 10 MB of XML.
-MAX_XMLRPC_BODY = 16 * 1024 * 1024
-
 
 def to_fault(error: errors.SurfShardError) -> xmlrpc.Fault:
     detail = "".join(f" {k}={v}" for k, v in error.details.items())
@@ -201,14 +197,6 @@ class RPC2(xmlrpc.XMLRPC):
             )
             raise
         return _arity_checked(procedurePath, function, self.log)
-
-    def render_POST(self, request):
-        # Refuse huge bodies before the XML parser sees them.
-        length = request.getHeader(b"content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_XMLRPC_BODY:
-            request.setResponseCode(413)
-            return b"request body too large"
-        return super().render_POST(request)
 
 
 def _short(text: Any, limit: int = 100) -> str:

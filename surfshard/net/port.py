@@ -54,6 +54,8 @@ SNIFF_BYTES = max(len(prefix) for prefix in _HTTP_PREFIXES)
 DEFAULT_FIRST_BYTES_TIMEOUT = 30.0
 #: HTTP keep-alive connections idle longer than this are closed.
 DEFAULT_HTTP_TIMEOUT = 60.0
+#: The largest HTTP request body a node reads (XML-RPC calls, block uploads).
+DEFAULT_MAX_HTTP_BODY = 16 * 1024 * 1024
 
 HTTP = "http"
 NATIVE = "native"
@@ -117,14 +119,27 @@ class NodeRoot(Resource):
 
 
 def make_site(
-    root: NodeRoot | None = None, *, clock: IReactorTime, timeout: float = DEFAULT_HTTP_TIMEOUT
+    root: NodeRoot | None = None,
+    *,
+    clock: IReactorTime,
+    timeout: float = DEFAULT_HTTP_TIMEOUT,
+    max_body: int = DEFAULT_MAX_HTTP_BODY,
 ) -> Site:
-    """A Site over ``root`` whose timers run on ``clock``.
+    """A Site over ``root`` whose timers run on ``clock``, refusing request
+    bodies over ``max_body`` bytes (413) however they are framed.
 
     Form parsing is off: nothing on a node takes form uploads, and parsing
     them would buffer whole multipart bodies in memory.
     """
-    return _NodeSite(root or NodeRoot(), timeout=timeout, reactor=clock, parsePOSTFormSubmission=False)
+    site = _NodeSite(
+        root or NodeRoot(),
+        timeout=timeout,
+        reactor=clock,
+        parsePOSTFormSubmission=False,
+        requestFactory=_BoundedRequest,
+    )
+    site.max_body = max_body
+    return site
 
 
 class _NodeSite(Site):
@@ -133,8 +148,58 @@ class _NodeSite(Site):
     clock is monotonic in servers, so their dates would be wrong anyway.
     Refusals are logged where they are made."""
 
+    max_body = DEFAULT_MAX_HTTP_BODY
+
     def log(self, request: Any) -> None:
         pass
+
+
+_TOO_LARGE = (
+    b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\nContent-Length: 24\r\n"
+    b"Connection: close\r\n\r\nrequest body too large\r\n"
+)
+
+
+class _BoundedRequest(Request):
+    """A request whose body may not pass the site's ``max_body``, whatever
+    its framing: a declared ``Content-Length`` over it is refused before any
+    of the body is read, and a chunked (or unframed) body as soon as it
+    passes it. The refusal is a 413 and a closed connection (nothing past
+    the limit is buffered), and is logged."""
+
+    _received = 0
+    _refused = False
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_body", DEFAULT_MAX_HTTP_BODY))
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self._too_large(f"declared Content-Length {length}")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._too_large(f"a body past {self._limit()} bytes")
+            return
+        super().handleContentChunk(data)
+
+    def _too_large(self, what: str) -> None:
+        self._refused = True
+        transport: Any = self.channel.transport
+        log.warn(
+            "port: refused HTTP request from {peer}: {what}, over the limit of {limit} bytes",
+            peer=format_peer(transport),
+            what=what,
+            limit=self._limit(),
+        )
+        transport.write(_TOO_LARGE)
+        transport.loseConnection()
 
 
 # ---------------------------------------------------------------------------
