@@ -16,8 +16,10 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
+from surfshard import errors
 from surfshard.net import wire
 from surfshard.net.methods import MethodTable
+from surfshard.net.pool import MAX_UNSENT_BYTES, RpcConnection
 from surfshard.net.port import NodeRoot, make_site
 from surfshard.net.schema import Arg
 from surfshard.net.server import FLUSH_BYTES, RpcServerFactory, RpcServerProtocol, ServerLimits
@@ -258,3 +260,46 @@ class _Echo(Resource):
 
     def render_POST(self, request: Any) -> bytes:
         return str(len(request.content.read())).encode()
+
+
+class ClientSideTests(SynchronousTestCase):
+    """The client connection (and Raft's peer traffic over it) when the peer
+    does not read what we send."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.connection = RpcConnection(self.clock)
+        self.transport = StringTransport()
+        self.connection.makeConnection(self.transport)
+
+    def test_registers_as_the_transports_producer(self) -> None:
+        self.assertIs(self.transport.producer, self.connection)
+
+    def test_one_way_requests_are_dropped_while_the_peer_does_not_read(self) -> None:
+        self.assertTrue(self.connection.notify("raft", {"m": 1}))
+        self.connection.pauseProducing()
+        written = len(self.transport.value())
+        self.assertFalse(self.connection.notify("raft", {"m": 2}))
+        self.assertEqual(len(self.transport.value()), written)
+        self.assertEqual(self.connection.dropped_notifications, 1)
+        self.connection.resumeProducing()
+        self.assertTrue(self.connection.notify("raft", {"m": 3}))
+
+    def test_calls_past_the_unsent_budget_fail_fast(self) -> None:
+        self.connection.pauseProducing()
+        big = {"blob": b"z" * (4 * 1024 * 1024)}
+        results = [self.connection.call("put", big, timeout=10) for _ in range(10)]
+        failed = [d for d in results if d.called]
+        self.assertTrue(failed, "every call was queued while the peer read nothing")
+        self.assertLessEqual(len(self.transport.value()), MAX_UNSENT_BYTES + 5 * 1024 * 1024)
+        for d in failed:
+            self.failureResultOf(d, errors.Unavailable)
+        for d in results:
+            if not d.called:
+                d.cancel()
+                self.failureResultOf(d)
+        self.connection.resumeProducing()
+        d = self.connection.call("put", big, timeout=10)
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d)

@@ -27,7 +27,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -76,6 +76,7 @@ def encode_notification(
     )
 
 
+@implementer(IPushProducer)
 class RpcConnection(Protocol):
     """The client side of one native connection, with pipelined calls.
 
@@ -83,6 +84,12 @@ class RpcConnection(Protocol):
     instead of one reactor timer per call: with many calls in flight,
     scheduling and cancelling a timer per call was a large part of a round
     trip's cost.
+
+    Backpressure: the connection is its transport's push producer. While the
+    peer is not reading what we send (the transport's buffer is full),
+    one-way requests (Raft's messages: Raft sends them again) are dropped,
+    and calls are still written until ``MAX_UNSENT_BYTES`` more are waiting,
+    then refused with Unavailable, so a stuck peer cannot grow our memory.
     """
 
     #: Set by ``makeConnection``: a TCP transport or its TLS wrapper. Typed
@@ -95,6 +102,11 @@ class RpcConnection(Protocol):
         self.max_frame_bytes = max_frame_bytes
         self.peer = "unknown"
         self.connected = False
+        #: The peer has not read what we sent (see the class docstring).
+        self.write_blocked = False
+        self._blocked_bytes = 0
+        #: One-way requests dropped because the peer was not reading.
+        self.dropped_notifications = 0
         #: Replies received (a TLS failure before the first one counts as a
         #: failed connection attempt).
         self.replies = 0
@@ -120,6 +132,20 @@ class RpcConnection(Protocol):
         self.connected = True
         self.peer = format_peer(self.transport)
         tune_socket(self.transport)
+        self.transport.registerProducer(self, True)
+
+    # -- backpressure (IPushProducer, driven by our transport) -----------------
+
+    def pauseProducing(self) -> None:
+        """The peer is not reading: our transport's buffer is full."""
+        self.write_blocked = True
+        self._blocked_bytes = 0
+
+    def resumeProducing(self) -> None:
+        self.write_blocked = False
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` cleans up."""
 
     @property
     def pending(self) -> int:
@@ -146,6 +172,8 @@ class RpcConnection(Protocol):
             self._send_call(call_id, d, method, args, timeout)
         except wire.FrameError as e:
             return defer.fail(BadRequest(f"cannot send {method}: {e.message}"))
+        except Unavailable as e:
+            return defer.fail(e)
         return d
 
     def call_into(
@@ -185,6 +213,12 @@ class RpcConnection(Protocol):
     ) -> None:
         self._next_id = call_id + 1
         frame = wire.encode_request(call_id, method, {} if args is None else args, self.max_frame_bytes)
+        if self.write_blocked:
+            if self._blocked_bytes + len(frame) > MAX_UNSENT_BYTES:
+                raise Unavailable(
+                    f"{self.peer} is not reading what we send ({self._blocked_bytes} bytes waiting): {method} not sent"
+                )
+            self._blocked_bytes += len(frame)
         pending = self._pending
         pending[call_id] = (sink, method)
         if timeout is not None:
@@ -209,16 +243,20 @@ class RpcConnection(Protocol):
         connected; raises ``wire.FrameError`` if it cannot be encoded."""
         if not self.connected:
             return False
-        self.send_notification(encode_notification(method, args, self.max_frame_bytes))
-        return True
+        return self.send_notification(encode_notification(method, args, self.max_frame_bytes))
 
-    def send_notification(self, frame: bytes) -> None:
-        """Write a frame made by ``encode_notification``."""
+    def send_notification(self, frame: bytes) -> bool:
+        """Write a frame made by ``encode_notification``; False (dropped) while
+        the peer is not reading what we send."""
+        if self.write_blocked:
+            self.dropped_notifications += 1
+            return False
         out = self._out
         if out is not None:
             out.append(frame)
         else:
             self.transport.write(frame)
+        return True
 
     # -- timeouts --------------------------------------------------------------
 
@@ -390,6 +428,10 @@ class _Peer:
 
 #: One-way requests a pool holds for one peer while it connects: beyond
 #: either bound more are dropped (their senders tolerate loss).
+#: Bytes of calls a connection still writes while its peer is not reading
+#: (beyond them, calls fail with Unavailable).
+MAX_UNSENT_BYTES = 32 * 1024 * 1024
+
 MAX_QUEUED_NOTIFICATIONS = 256
 MAX_QUEUED_NOTIFICATION_BYTES = 32 * 1024 * 1024
 
@@ -502,8 +544,7 @@ class RpcClientPool:
         if peer is not None:
             connection = peer.connection
             if connection is not None and connection.connected:
-                connection.send_notification(frame)
-                return True
+                return connection.send_notification(frame)
         if self._closed:
             return False
         if peer is None:

@@ -114,6 +114,8 @@ class LeaderCaller:
                 if IPipelinedPool.providedBy(self.pool)
                 else None
             )
+        except errors.Unavailable:  # the peer is not taking more: the slow path retries
+            sent = None
         except errors.SurfShardError as e:  # cannot be encoded: nothing was sent
             return defer.fail(e)
         if sent is not None:
