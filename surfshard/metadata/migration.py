@@ -27,6 +27,7 @@ from surfshard.metadata.handoff import CHUNK_BYTES, Incoming, cursor_from_wire, 
 from surfshard.metadata.state import MetadataStateMachine, encode_delete, encode_install
 from surfshard.net.interfaces import IRpcPool
 from surfshard.replica.leader_caller import LeaderCaller
+from surfshard.replica.loops import polling_loop
 
 #: How often a leader looks for shards to pull or release. A look costs a
 #: few dictionary reads when there is nothing to do; the interval is part of
@@ -75,11 +76,7 @@ class ShardMigrator(service.Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._loop = task.LoopingCall(self._poll)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("shard migrator loop stopped", f)
-        )
+        self._loop = polling_loop(self._poll, self.reactor, self.interval, self.log, "shard migrator poll")
 
     def stopService(self) -> Any:
         if self._loop is not None and self._loop.running:

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from surfshard import errors
 from surfshard.metadata.state import MetadataStateMachine, encode_config
 from surfshard.replica.leader_caller import LeaderCaller
+from surfshard.replica.loops import polling_loop
 from surfshard.shardmap import UNASSIGNED, ShardMap
 
 #: How often a leader asks the ShardMaster for the next map: the delay
@@ -68,11 +69,7 @@ class ShardMapWatcher(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._poll)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("shard map watcher stopped", f)
-        )
+        self._loop = polling_loop(self._poll, self.reactor, self.interval, self.log, "shard map watcher poll")
 
     def stopService(self) -> None:
         if self._loop is not None and self._loop.running:
