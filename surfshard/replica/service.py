@@ -91,13 +91,20 @@ class ReplicaService(service.MultiService):
         timings = cluster.raft
         self.tls_files = _tls_files(cluster, self.name)
         self.pool = RpcClientPool(reactor, tls=self.tls_files)
+        # Raft's peers get a pool of their own whose reconnect backoff stops
+        # at the heartbeat interval: a restarted follower is reached at the
+        # next heartbeat, not after the client pool's backoff of seconds.
+        heartbeat = timings.tick_ms / 1000.0 * timings.heartbeat_ticks
+        self.peer_pool = RpcClientPool(
+            reactor, tls=self.tls_files, backoff_initial=heartbeat / 4, backoff_max=heartbeat
+        )
         self.data_dir = Path(cluster.node_data_dir(kind, gid, index))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = DiskStorage(
             str(self.data_dir / "raft"), fsync=timings.fsync if fsync is None else fsync
         )
         self.transport = RpcRaftTransport(
-            self.pool, raft_id, self.raft_addresses, group=self.name.rsplit("-", 1)[0], clock=reactor
+            self.peer_pool, raft_id, self.raft_addresses, group=self.name.rsplit("-", 1)[0], clock=reactor
         )
         self.state_machine = state_machine
         self.node = RaftNode(
@@ -165,6 +172,7 @@ class ReplicaService(service.MultiService):
             yield self.listening_port.stopListening()
             self.listening_port = None
         yield self.pool.close()
+        yield self.peer_pool.close()
         yield super().stopService()
         self.storage.close()
 
