@@ -30,6 +30,11 @@ Two formats load into the same frozen ``ClusterConfig``:
       fsync = true
       snapshot_entries = 10000
 
+      [limits]                # optional, defaults shown: what one peer may cost a node
+      max_in_flight = 256     # requests one native connection may have running
+      stalled_reader_timeout = 60   # seconds a peer may read none of our replies
+      max_http_body = 16777216      # bytes of one HTTP request body
+
   Without a ``[shardmaster]`` table there must be exactly one group, and it
   serves every shard (a static cluster).
 
@@ -139,6 +144,15 @@ class RaftTimings:
 
 
 @dataclasses.dataclass(frozen=True)
+class Limits:
+    """``[limits]``: what one peer may make a node hold (issue 18's bounds)."""
+
+    max_in_flight: int = 256
+    stalled_reader_timeout: int = 60
+    max_http_body: int = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
 class TLSConfig:
     """``[tls]``: the cluster CA and the directory of per-node key pairs."""
 
@@ -182,6 +196,7 @@ class ClusterConfig:
     blockstores: tuple[str, ...]
     tls: TLSConfig | None
     raft: RaftTimings
+    limits: Limits = Limits()
 
     @property
     def static(self) -> bool:
@@ -298,11 +313,12 @@ class _Checker:
 
 
 class _TomlParser(_Checker):
-    TOP = ("cluster", "shardmaster", "groups", "blockstores", "tls", "raft")
+    TOP = ("cluster", "shardmaster", "groups", "blockstores", "tls", "raft", "limits")
     CLUSTER = ("name", "shards", "data_dir", "chaos")
     NODES = ("nodes",)
     TLS = ("ca", "cert_dir")
     RAFT = tuple(f.name for f in dataclasses.fields(RaftTimings))
+    LIMITS = tuple(f.name for f in dataclasses.fields(Limits))
 
     def parse(self, text: str) -> ClusterConfig:
         try:
@@ -352,6 +368,7 @@ class _TomlParser(_Checker):
 
         tls = self.tls(doc["tls"]) if "tls" in doc else None
         raft = self.raft(doc.get("raft", {}))
+        limits = self.limits(doc.get("limits", {}))
         return ClusterConfig(
             source=self.source,
             format="toml",
@@ -364,6 +381,7 @@ class _TomlParser(_Checker):
             blockstores=blockstores,
             tls=tls,
             raft=raft,
+            limits=limits,
         )
 
     def known_keys(self, where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -425,6 +443,21 @@ class _TomlParser(_Checker):
                 raise self.error(f"tls.{key}", problem, "a file or directory path string")
             paths[key] = self.path(v)
         return TLSConfig(ca=paths["ca"], cert_dir=paths["cert_dir"])
+
+    def limits(self, value: Any) -> Limits:
+        table = self.table("limits", value)
+        self.known_keys("limits", table, self.LIMITS)
+        d = Limits()
+        return Limits(
+            self.integer("limits.max_in_flight", table.get("max_in_flight", d.max_in_flight), 1, 1 << 20),
+            self.integer(
+                "limits.stalled_reader_timeout",
+                table.get("stalled_reader_timeout", d.stalled_reader_timeout),
+                1,
+                86_400,
+            ),
+            self.integer("limits.max_http_body", table.get("max_http_body", d.max_http_body), 1024, 1 << 31),
+        )
 
     def raft(self, value: Any) -> RaftTimings:
         table = self.table("raft", value)

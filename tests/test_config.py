@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from surfshard.config import (
     ClusterConfig,
     ConfigError,
+    Limits,
     NodeKind,
     RaftTimings,
     default_config_path,
@@ -19,6 +20,7 @@ from surfshard.config import (
     node_name,
     parse_address,
 )
+from surfshard.net.server import server_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -109,6 +111,14 @@ BROKEN_TOML: list[tuple[str, str, str, str]] = [
     ("raft fsync string", GOOD + '\n[raft]\nfsync = "yes"\n', "raft.fsync", "is a string"),
     ("raft snapshot 0", GOOD + "\n[raft]\nsnapshot_entries = 0\n", "raft.snapshot_entries", "out of range"),
     ("raft not a table", GOOD.replace("[cluster]", "raft = 5\n[cluster]"), "raft", "is an integer"),
+    ("limits typo", GOOD + "\n[limits]\nmax_inflight = 10\n", "limits.max_inflight", "not a known key"),
+    ("limits in flight 0", GOOD + "\n[limits]\nmax_in_flight = 0\n", "limits.max_in_flight", "out of range"),
+    (
+        "limits body string",
+        GOOD + '\n[limits]\nmax_http_body = "16M"\n',
+        "limits.max_http_body",
+        "is a string",
+    ),
     ("chaos string", GOOD.replace("shards = 4", 'shards = 4\nchaos = "on"'), "cluster.chaos", "is a string"),
     ("bad name", GOOD.replace("shards = 4", 'shards = 4\nname = "a/b"'), "cluster.name", "not a usable name"),
     (
@@ -315,6 +325,18 @@ class HelperTests(ConfigTestCase):
             "[zz]:1",
         ):
             self.assertRaises(ValueError, parse_address, bad)
+
+    def test_limits_are_read_and_default(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text(
+            GOOD + "\n[limits]\nmax_in_flight = 32\nstalled_reader_timeout = 5\n", encoding="utf-8"
+        )
+        config = load_config(path)
+        self.assertEqual(config.limits, Limits(max_in_flight=32, stalled_reader_timeout=5))
+        limits = server_limits(config)
+        self.assertEqual((limits.max_in_flight, limits.stalled_reader_timeout), (32, 5.0))
+        path.write_text(GOOD, encoding="utf-8")
+        self.assertEqual(load_config(path).limits, Limits())
 
     def test_defaults_and_relative_paths(self) -> None:
         path = self.write(GOOD, "mycluster.toml")

@@ -27,7 +27,7 @@ from surfshard.keyspace import validate_block_hash
 from surfshard.net.methods import MethodTable
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.schema import Arg, Value
-from surfshard.net.server import RpcServerFactory
+from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
 
 #: Largest block accepted (SurfStore clients use 4 KiB blocks by default).
@@ -191,8 +191,8 @@ class BlockStoreService(service.Service):
         super().startService()
         host, port = parse_address(self.address)
         factory = node_factory(
-            RpcServerFactory(self.table, self.reactor),
-            make_site(self.root, clock=self.reactor),
+            RpcServerFactory(self.table, self.reactor, server_limits(self.cluster)),
+            make_site(self.root, clock=self.reactor, max_body=self.cluster.limits.max_http_body),
             self.reactor,
             tls=self.tls_files,
         )

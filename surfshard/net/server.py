@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from surfshard.config import ClusterConfig
 from surfshard.errors import (
     BadRequest,
     Forbidden,
@@ -69,6 +70,14 @@ class ServerLimits:
     #: many seconds while they pile up (see ``pauseProducing``). None
     #: disables it.
     stalled_reader_timeout: float | None = 60.0
+
+
+def server_limits(cluster: ClusterConfig) -> ServerLimits:
+    """The ``ServerLimits`` of a node of ``cluster`` (its ``[limits]``)."""
+    limits = cluster.limits
+    return ServerLimits(
+        max_in_flight=limits.max_in_flight, stalled_reader_timeout=float(limits.stalled_reader_timeout)
+    )
 
 
 def format_peer(transport: Any) -> str:

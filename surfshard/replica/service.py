@@ -28,7 +28,7 @@ from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
 from surfshard.net.methods import MethodTable
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
-from surfshard.net.server import RpcServerFactory
+from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
 
 #: How long a call waits for a leader or a commit when the caller gives no timeout.
@@ -152,8 +152,8 @@ class ReplicaService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         factory = node_factory(
-            RpcServerFactory(self.table, self.reactor),
-            make_site(self.root, clock=self.reactor),
+            RpcServerFactory(self.table, self.reactor, server_limits(self.cluster)),
+            make_site(self.root, clock=self.reactor, max_body=self.cluster.limits.max_http_body),
             self.reactor,
             tls=self.tls_files,
         )
