@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from raft.core import RaftCore
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
 from raft.interfaces import IStateMachine, IStorage, ITransport
-from raft.types import Entry, Message, RaftConfig, Ready, Role, Snapshot
+from raft.types import Entry, Message, MessageType, RaftConfig, Ready, Role, Snapshot
 
 #: ``callback(role, leader)`` run after every change of this node's role or of
 #: the leader it believes in (the new values; ``leader`` may be None).
@@ -176,6 +176,10 @@ class RaftNode(service.Service):
         self._leader: int | None = None
         #: Callbacks ``(role, leader)`` run when the role or known leader changes.
         self.on_role_change: list[RoleObserver] = []
+        #: The longest silence (seconds) seen between two messages of one
+        #: leader in one term, on this node as a follower.
+        self.max_leader_gap = 0.0
+        self._last_leader_contact: tuple[int, int, float] | None = None
         #: Callbacks ``(entry, result)`` run after each entry is applied.
         self.on_apply: list[ApplyObserver] = []
 
@@ -368,6 +372,7 @@ class RaftNode(service.Service):
         status["crashed"] = self._crashed
         status["running"] = bool(self.running)
         status["log_size"] = self._core.last_index - self._core.snapshot_meta.index
+        status["max_leader_gap_ms"] = round(self.max_leader_gap * 1000, 1)
         return status
 
     # -- reactor-facing callbacks ------------------------------------------------
@@ -388,9 +393,24 @@ class RaftNode(service.Service):
         core = self._core
         if self._crashed or not self.running or core is None or self.fatal_error is not None:
             raise NodeCrashed("node is crashed")
+        kind = message.type
+        if kind is MessageType.APPEND or kind is MessageType.HEARTBEAT or kind is MessageType.SNAPSHOT:
+            self._note_leader_contact(message)
         core.step(message)
         if self._process_call is None and core.has_ready():
             self._schedule()
+
+    def _note_leader_contact(self, message: Message) -> None:
+        """Track the longest silence between two messages of one leader (same
+        term): how close a busy leader came to losing its followers. A
+        status figure for operators and for tests of starvation."""
+        now = self.reactor.seconds()
+        last = self._last_leader_contact
+        if last is not None and last[0] == message.term and last[1] == message.frm:
+            gap = now - last[2]
+            if gap > self.max_leader_gap:
+                self.max_leader_gap = gap
+        self._last_leader_contact = (message.term, message.frm, now)
 
     def _tick(self) -> None:
         if self._crashed or self._core is None or self.fatal_error is not None:

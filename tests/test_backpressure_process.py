@@ -53,6 +53,16 @@ class SlowReaderTests(SynchronousTestCase):
 
         return wait_until(one, 30.0, 0.1, "no leader") - 1
 
+    def follower_gaps(self, leader: int) -> list[float]:
+        """Each follower's longest silence between two of the leader's
+        messages so far (ms)."""
+        gaps = []
+        for j, address in enumerate(self.cluster.addresses):
+            if j != leader:
+                with NativeClient(address, timeout=5.0) as c:
+                    gaps.append(c.call("status")["max_leader_gap_ms"])
+        return gaps
+
     def latencies(self, address: str, count: int) -> list[float]:
         out = []
         with NativeClient(address, timeout=10.0) as c:
@@ -73,6 +83,7 @@ class SlowReaderTests(SynchronousTestCase):
                 self.assertEqual(c.call("updatefile", {"name": "big", "version": 1, "hashlist": HASHES}), 1)
                 term = c.call("status")["term"]
             idle = self.latencies(address, 50)
+            gaps_before = self.follower_gaps(i)
             before = rss_bytes(pid)
 
             host, port = address.rsplit(":", 1)
@@ -100,6 +111,11 @@ class SlowReaderTests(SynchronousTestCase):
             with NativeClient(address, timeout=10.0) as c:
                 status = c.call("status")
             growth = peak - before
+            gaps = self.follower_gaps(i)
+            print(
+                f"largest gap between the leader's messages on a follower: {max(gaps_before)} ms before, "
+                f"{max(gaps)} ms after the attack (heartbeat 100 ms, elections after 300-600 ms)"
+            )
             print(
                 f"leader RSS {before / 2**20:.0f} MB before, {peak / 2**20:.0f} MB peak; "
                 f"attacker sent {sent / 2**20:.1f} MB of {len(payload) / 2**20:.1f} MB; "
@@ -107,5 +123,9 @@ class SlowReaderTests(SynchronousTestCase):
                 f"{statistics.quantiles(during, n=100)[98] * 1000:.1f} ms during"
             )
             self.assertLess(growth, 64 * 2**20)
+            # The largest heartbeat gap is a figure (printed above, and in
+            # every node's status as max_leader_gap_ms), not an assertion:
+            # timings on a shared machine are for benchmarks. The term
+            # check below is the guarantee: no follower lost its leader.
             self.assertEqual(status["term"], term, "the attack cost an election")
             self.assertEqual(status["role"], "leader")
