@@ -468,9 +468,10 @@ class MetadataStateMachine:
 
     ``nshards`` is the cluster's fixed shard count; ``owned`` the shards this
     group starts with (default: all of them, for a static single-group
-    cluster). Shard ownership then changes only through ``import_shard`` and
-    ``release_shard``, which the caller must run at the same log position on
-    every replica (from an applied command), like ``apply`` itself.
+    cluster). Shard ownership then changes only through committed commands
+    (``config``, ``install``, ``delete``: see ``surfshard.metadata.handoff``).
+    ``import_shard`` and ``release_shard`` change it directly, for tests and
+    tools that must run them at the same log position on every replica.
 
     Reads (``getfileinfo``, ``getfileinfomap``, ``version_of``) return
     applied state as is: the server calls them only after a ReadIndex round
