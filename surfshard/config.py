@@ -34,6 +34,7 @@ Two formats load into the same frozen ``ClusterConfig``:
       max_in_flight = 256     # requests one native connection may have running
       stalled_reader_timeout = 60   # seconds a peer may read none of our replies
       max_http_body = 16777216      # bytes of one HTTP request body
+      memory_budget = 536870912     # bytes all connections may hold before new work gets BUSY
 
   Without a ``[shardmaster]`` table there must be exactly one group, and it
   serves every shard (a static cluster).
@@ -150,6 +151,9 @@ class Limits:
     max_in_flight: int = 256
     stalled_reader_timeout: int = 60
     max_http_body: int = 16 * 1024 * 1024
+    #: Bytes all native connections of a node may hold in buffers before
+    #: it answers new work BUSY.
+    memory_budget: int = 512 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,6 +461,9 @@ class _TomlParser(_Checker):
                 86_400,
             ),
             self.integer("limits.max_http_body", table.get("max_http_body", d.max_http_body), 1024, 1 << 31),
+            self.integer(
+                "limits.memory_budget", table.get("memory_budget", d.memory_budget), 1 << 20, 1 << 40
+            ),
         )
 
     def raft(self, value: Any) -> RaftTimings:

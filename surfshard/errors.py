@@ -22,6 +22,7 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
     FORBIDDEN = "FORBIDDEN"
     NOT_READY = "NOT_READY"
+    BUSY = "BUSY"
     INTERNAL = "INTERNAL"
 
 
@@ -117,6 +118,13 @@ class Internal(SurfShardError):
     code = ErrorCode.INTERNAL
 
 
+class Busy(SurfShardError):
+    """The node is shedding load: the bytes it holds in buffers passed its
+    memory budget. Nothing was done; retry after a backoff."""
+
+    code = ErrorCode.BUSY
+
+
 class NotReady(SurfShardError):
     """This node cannot answer yet, but will: e.g. a group asked for a shard
     under shard map ``num`` before it has applied that map itself. Retry
@@ -141,6 +149,7 @@ _BY_CODE: dict[str, type[SurfShardError]] = {
         Forbidden,
         Internal,
         NotReady,
+        Busy,
     )
 }
 

@@ -149,7 +149,8 @@ class LoopbackTests(TestCase):
             yield deferLater(reactor, 0.01, lambda: None)
         (server,) = self.factory.connections
         self.assertTrue(server.write_blocked)
-        queued = len(server.transport.dataBuffer) + server.transport._tempDataLen
+        queued = server.buffered_bytes()  # what the node's memory budget counts, from the TCP transport
+        self.assertGreater(queued, 0)
         self.assertLess(queued, 8 * 1024 * 1024, "replies piled up in the server's memory")
         self.assertLess(len(self.calls), count)
         # Now read everything: the server answers every request it gets.
@@ -303,3 +304,59 @@ class ClientSideTests(SynchronousTestCase):
         self.assertNoResult(d)
         d.cancel()
         self.failureResultOf(d)
+
+
+class TcpLikeTransport(StringTransport):
+    """Keeps what it was given to send where Twisted's TCP transport does
+    (``dataBuffer``, ``_tempDataLen``), which is what the budget counts."""
+
+    _tempDataLen = 0
+
+    @property
+    def dataBuffer(self) -> bytes:
+        return self.value()
+
+
+class MemoryBudgetTests(SynchronousTestCase):
+    """A node-wide budget over the bytes its connections hold: past it, new
+    work is answered BUSY (retryable) while Raft and health checks go on."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.calls: list[int] = []
+        t = table(self.calls)
+        t.add("raft", lambda: True, essential=True)
+        self.factory = RpcServerFactory(t, self.clock, ServerLimits(memory_budget=1024 * 1024))
+        self.factory.startFactory()
+        self.addCleanup(self.factory.stopFactory)
+        self.hog = self.factory.buildProtocol(None)
+        self.hog_transport = TcpLikeTransport()
+        self.hog.makeConnection(self.hog_transport)
+        self.other = self.factory.buildProtocol(None)
+        self.other_transport = StringTransport()
+        self.other.makeConnection(self.other_transport)
+
+    def call(self, method: str, args: dict[str, Any]) -> dict[Any, Any]:
+        self.other_transport.clear()
+        self.other.dataReceived(wire.encode_request(77, method, args))
+        return wire.decode_payload(self.other_transport.value()[wire.LENGTH_PREFIX_BYTES :])
+
+    def test_new_work_is_shed_while_buffers_pass_the_budget(self) -> None:
+        self.hog.dataReceived(requests(1, 20))  # 1.3 MB of replies the peer never takes
+        self.assertGreater(self.hog.buffered_bytes(), 1024 * 1024)
+        self.clock.advance(0.1)
+        self.assertTrue(self.factory.shedding)
+        answer = self.call("big", {"n": 0})
+        self.assertEqual(answer["error"]["code"], "BUSY")
+        self.assertIsInstance(errors.error_from_wire(answer["error"]), errors.Busy)
+        self.assertEqual(self.call("raft", {}), {"id": 77, "ok": True})  # essential: served
+        # The peer takes its replies: the node serves again.
+        self.hog_transport.clear()
+        self.clock.advance(0.1)
+        self.assertFalse(self.factory.shedding)
+        self.assertIn("ok", self.call("big", {"n": 1}))
+
+    def test_busy_is_retried_by_the_leader_caller(self) -> None:
+        from surfshard.replica.leader_caller import RETRYABLE
+
+        self.assertIn(errors.Busy, RETRYABLE)

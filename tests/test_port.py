@@ -167,9 +167,14 @@ class SniffingTests(SynchronousTestCase):
 
     def test_closing_before_deciding_cancels_the_timer(self):
         protocol, _transport = self.connect()
-        self.assertEqual(len([c for c in self.clock.getDelayedCalls() if c.func.__name__ == "_silent"]), 1)
+        self.assertEqual(
+            len([c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", None) == "_silent"]),
+            1,
+        )
         protocol.connectionLost(Failure(ConnectionError()))
-        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.func.__name__ == "_silent"], [])
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", None) == "_silent"], []
+        )
 
     def test_deciding_cancels_the_first_bytes_timer(self):
         protocol, transport = self.connect()

@@ -47,6 +47,9 @@ class Method:
     #: answers through it (returning nothing) instead of returning a result
     #: or a Deferred.
     takes_reply: bool = False
+    #: Served even while the node sheds load (``ServerLimits.memory_budget``):
+    #: peer traffic and health checks, whose refusal would make things worse.
+    essential: bool = False
 
 
 class CallContext:
@@ -127,6 +130,7 @@ class MethodTable:
         *,
         pass_context: bool = False,
         takes_reply: bool = False,
+        essential: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("a method name must be a non-empty str")
@@ -134,7 +138,7 @@ class MethodTable:
             raise ValueError(f"method {name!r} is already registered in {self.service}")
         if pass_context and takes_reply:
             raise ValueError("a handler takes a CallContext or a Reply, not both")
-        self._methods[name] = Method(name, handler, Schema(args), pass_context, takes_reply)
+        self._methods[name] = Method(name, handler, Schema(args), pass_context, takes_reply, essential)
 
     def method(
         self, name: str, *args: Arg, pass_context: bool = False

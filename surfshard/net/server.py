@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
@@ -28,6 +29,7 @@ from zope.interface import implementer
 from surfshard.config import ClusterConfig
 from surfshard.errors import (
     BadRequest,
+    Busy,
     Forbidden,
     Internal,
     SurfShardError,
@@ -47,6 +49,9 @@ _MAX_ID_STR = 128
 _MIN_ID_INT = -(2**63)
 _MAX_ID_INT = 2**64 - 1
 _REQUEST_KEYS = frozenset({"id", "method", "args", "noreply"})
+
+#: How often a server counts the bytes its connections hold (the memory budget).
+ACCOUNT_INTERVAL = 0.1
 
 #: Corked replies are written once they reach this many bytes (or at the
 #: end of the read), so the transport can push back within one read.
@@ -70,13 +75,21 @@ class ServerLimits:
     #: many seconds while they pile up (see ``pauseProducing``). None
     #: disables it.
     stalled_reader_timeout: float | None = 60.0
+    #: Bytes the node may hold in its connections' buffers (requests read
+    #: and not yet handled, replies not yet taken by their peers), summed
+    #: over all connections every ``ACCOUNT_INTERVAL``. Past it, new
+    #: requests other than essential ones (Raft, ping) are answered BUSY.
+    #: None disables it.
+    memory_budget: int | None = 512 * 1024 * 1024
 
 
 def server_limits(cluster: ClusterConfig) -> ServerLimits:
     """The ``ServerLimits`` of a node of ``cluster`` (its ``[limits]``)."""
     limits = cluster.limits
     return ServerLimits(
-        max_in_flight=limits.max_in_flight, stalled_reader_timeout=float(limits.stalled_reader_timeout)
+        max_in_flight=limits.max_in_flight,
+        stalled_reader_timeout=float(limits.stalled_reader_timeout),
+        memory_budget=limits.memory_budget,
     )
 
 
@@ -164,6 +177,9 @@ class RpcServerProtocol(Protocol):
     #: ``Any`` because Twisted declares it ``ITransport | None``, while this
     #: protocol also uses the producer and abort methods of a connected one.
     transport: Any
+    #: The factory that built it, whose memory budget applies (None when
+    #: built directly, e.g. in tests).
+    server_factory: RpcServerFactory | None = None
 
     def __init__(self, table: MethodTable, clock: IReactorTime, limits: ServerLimits | None = None) -> None:
         self.table = table
@@ -329,6 +345,14 @@ class RpcServerProtocol(Protocol):
             self._paused = True
             self.transport.pauseProducing()
 
+    def buffered_bytes(self) -> int:
+        """Bytes this connection holds: a partial request read, and replies
+        its transport has not sent yet (read from the TCP transport's
+        buffers where it has them; a wrapper without them counts 0)."""
+        transport = self.transport
+        unsent = len(getattr(transport, "dataBuffer", b"")) + int(getattr(transport, "_tempDataLen", 0))
+        return self._decoder.buffered + unsent
+
     def _drain_backlog(self) -> None:
         corked = self._out is None
         if corked:
@@ -392,6 +416,14 @@ class RpcServerProtocol(Protocol):
                 "unknown method",
                 UnknownMethod(f"no method {_short_repr(method_name)}"),
                 method=method_name,
+            )
+            return
+        factory = self.server_factory
+        if factory is not None and factory.shedding and not method.essential:
+            self._send(
+                self._error_frame(
+                    request_id, Busy(f"node over its memory budget ({factory.buffered_bytes} bytes buffered)")
+                )
             )
             return
         try:
@@ -617,10 +649,48 @@ class RpcServerFactory(ServerFactory):
         self.clock = clock
         self.limits = limits or ServerLimits()
         self.connections: set[RpcServerProtocol] = set()
+        #: The bytes held in all connections' buffers at the last count, and
+        #: whether that is over the budget (new non-essential work is shed).
+        self.buffered_bytes = 0
+        self.shedding = False
+        self._accounting: task.LoopingCall | None = None
+
+    def startFactory(self) -> None:
+        if self.limits.memory_budget is not None and self._accounting is None:
+            self._accounting = task.LoopingCall(self.account)
+            self._accounting.clock = self.clock
+            self._accounting.start(ACCOUNT_INTERVAL, now=False)
+
+    def stopFactory(self) -> None:
+        if self._accounting is not None and self._accounting.running:
+            self._accounting.stop()
+        self._accounting = None
+
+    def account(self) -> None:
+        """Count the bytes held in every connection's buffers and shed new
+        work while they pass the budget (a sample every ACCOUNT_INTERVAL:
+        counting per request would cost more than it saves)."""
+        total = sum(proto.buffered_bytes() for proto in self.connections)
+        self.buffered_bytes = total
+        budget = self.limits.memory_budget
+        shedding = budget is not None and total > budget
+        if shedding != self.shedding:
+            self.shedding = shedding
+            if shedding:
+                log.warn(
+                    "rpc: {total} bytes buffered over {n} connections, over the budget of {budget}: "
+                    "answering BUSY to new work",
+                    total=total,
+                    n=len(self.connections),
+                    budget=budget,
+                )
+            else:
+                log.info("rpc: back under the memory budget ({total} bytes buffered)", total=total)
 
     def buildProtocol(self, addr: Any) -> RpcServerProtocol:
         proto = RpcServerProtocol(self.table, self.clock, self.limits)
         proto.factory = self
+        proto.server_factory = self
         self.connections.add(proto)
         proto.notify_lost(lambda _reason: self.connections.discard(proto))
         return proto

@@ -22,7 +22,14 @@ from surfshard.net.interfaces import IPipelinedPool
 
 #: Errors after which the same call may go to another replica. A write is
 #: safe to resend because it carries (client id, sequence number).
-RETRYABLE = (errors.NotLeader, errors.Crashed, errors.Timeout, errors.Unavailable, errors.NotReady)
+RETRYABLE = (
+    errors.NotLeader,
+    errors.Crashed,
+    errors.Timeout,
+    errors.Unavailable,
+    errors.NotReady,
+    errors.Busy,
+)
 
 
 class Backoff:
