@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from raft.node import RaftNode
 from shardmaster.state import ShardMasterStateMachine, encode_join, encode_leave, encode_move
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind
@@ -36,7 +37,7 @@ class ShardMasterReplica(ReplicaControl):
     answer from the dedup table, not "group already exists".
     """
 
-    def __init__(self, node: Any, machine: ShardMasterStateMachine, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, node: RaftNode, machine: ShardMasterStateMachine, *args: Any, **kwargs: Any) -> None:
         super().__init__(node, *args, **kwargs)
         self.machine = machine
         self._anonymous_id = f"anon-{uuid.uuid4().hex}"

@@ -27,6 +27,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from raft.node import RaftNode
 from surfshard import errors
 from surfshard.keyspace import validate_filename
 from surfshard.metadata.handoff import CHUNK_BYTES, cursor_from_wire
@@ -39,7 +40,12 @@ class MetadataReplica(ReplicaControl):
     """The SurfStore calls a metadata node answers, as Deferred-returning methods."""
 
     def __init__(
-        self, node: Any, machine: MetadataStateMachine, *args: Any, batch_updates: bool = True, **kwargs: Any
+        self,
+        node: RaftNode,
+        machine: MetadataStateMachine,
+        *args: Any,
+        batch_updates: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(node, *args, **kwargs)
         self.machine = machine

@@ -11,12 +11,12 @@ has, and says so in its log (once per map).
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from raft.node import RaftNode
 from surfshard import errors
 from surfshard.metadata.state import MetadataStateMachine, encode_config
 from surfshard.replica.leader_caller import LeaderCaller
@@ -51,10 +51,10 @@ class ShardMapWatcher(service.Service):
     def __init__(
         self,
         gid: int,
-        node: Any,
+        node: RaftNode,
         machine: MetadataStateMachine,
         shardmaster: LeaderCaller,
-        reactor: Any,
+        reactor: IReactorTime,
         interval: float = POLL_INTERVAL,
     ) -> None:
         self.gid = gid

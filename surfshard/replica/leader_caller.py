@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from surfshard import errors
-from surfshard.net.interfaces import IPipelinedPool
+from surfshard.net.interfaces import IPipelinedPool, IRpcPool
 
 #: Errors after which the same call may go to another replica. A write is
 #: safe to resend because it carries (client id, sequence number).
@@ -64,7 +64,7 @@ class LeaderCaller:
 
     def __init__(
         self,
-        pool: Any,
+        pool: IRpcPool,
         addresses: Sequence[str],
         reactor: IReactorTime,
         *,
