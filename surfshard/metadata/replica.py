@@ -132,7 +132,7 @@ class MetadataReplica(ReplicaControl):
         def attempt(remaining: float) -> defer.Deferred:
             return propose(command, timeout=remaining)
 
-        d = self.as_leader(attempt, timeout, self._update_result)
+        d = self.as_leader(attempt, timeout, update_result)
         d.addCallbacks(self._one_applied, self._batch_failed, callbackArgs=(reply,), errbackArgs=([reply],))
 
     def _propose_batch(self) -> None:
@@ -178,7 +178,7 @@ class MetadataReplica(ReplicaControl):
                     error = e
             self._batch_failed(Failure(error), waiters)
             return
-        to_version = self._update_result
+        to_version = update_result
         for waiter, answer in zip(waiters, results, strict=True):
             if waiter.called:
                 continue  # cancelled
@@ -203,14 +203,6 @@ class MetadataReplica(ReplicaControl):
             if not waiter.called:
                 waiter.errback(failure)
 
-    def _update_result(self, result: Any) -> int:
-        """The state machine's answer to an update as a version, or its error
-        (WRONG_GROUP carrying this group's map number, see ``_name_map``)."""
-        try:
-            return update_result(result)
-        except errors.WrongGroup as e:
-            raise errors.WrongGroup(e.message, **{**e.details, "num": self.machine.config_num}) from None
-
     def getfileinfo(self, name: str, timeout: float | None = None) -> defer.Deferred:
         """Fires with ``[version, hashlist]`` (``[0, []]`` for an unknown file)
         once a ReadIndex round confirms this node still leads."""
@@ -221,14 +213,9 @@ class MetadataReplica(ReplicaControl):
             d.addCallback(lambda _: fileinfo(self.machine.getfileinfo(name)))
             return d
 
-        return self.as_leader(attempt, timeout).addErrback(self._name_map)
-
-    def _name_map(self, failure: Any) -> Any:
-        """WRONG_GROUP answers carry the shard map number this group is at,
-        so a client can tell whether its own map is older or newer."""
-        failure.trap(errors.WrongGroup)
-        error = failure.value
-        raise errors.WrongGroup(error.message, **{**error.details, "num": self.machine.config_num})
+        # A WRONG_GROUP from the state machine already carries the group's
+        # map number, so the client can tell whose map is older.
+        return self.as_leader(attempt, timeout)
 
     def getfileinfomap(self, timeout: float | None = None) -> defer.Deferred:
         """Fires with ``{name: [version, hashlist]}`` for every file, tombstones included."""

@@ -379,7 +379,6 @@ class _ShardState:
     def restore_sessions(self, sessions_w: Any, shard: int) -> None:
         """Load dedup sessions from ``sessions_to_wire`` output (checked:
         they may come from another group)."""
-        state = self
         if not isinstance(sessions_w, list):
             raise BadRequest(f"shard {shard}: sessions must be a list")
         if len(sessions_w) > MAX_SESSIONS_PER_SHARD:
@@ -389,7 +388,7 @@ class _ShardState:
                 raise BadRequest(f"shard {shard}: session must be [client, floor, answers]")
             client, floor, answers_w = entry
             validate_client(client, 1)
-            if client in state.dedup.sessions:
+            if client in self.dedup.sessions:
                 raise BadRequest(f"shard {shard}: client {client!r} has two sessions")
             if not isinstance(floor, int) or isinstance(floor, bool) or not 0 <= floor <= MAX_VERSION:
                 raise BadRequest(f"shard {shard}: bad session floor {floor!r}")
@@ -408,7 +407,7 @@ class _ShardState:
                 if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= MAX_VERSION:
                     raise BadRequest(f"shard {shard}: bad answer number {number!r}")
                 answers[seq] = (ok, number)
-            state.dedup.restore(client, floor, answers)
+            self.dedup.restore(client, floor, answers)
 
 
 def _check_revision(revision: Any) -> int:
