@@ -81,6 +81,8 @@ def _validate_config(config: RaftConfig) -> tuple[int, ...]:
         raise ValueError("message limits and inflight window must be positive")
     if config.snapshot_chunk_bytes < 1:
         raise ValueError("snapshot_chunk_bytes must be positive")
+    if config.max_snapshot_bytes < config.snapshot_chunk_bytes:
+        raise ValueError("max_snapshot_bytes must hold at least one chunk")
     return peers
 
 
@@ -190,6 +192,12 @@ class RaftCore:
     @property
     def peers(self) -> tuple[int, ...]:
         return self._peers
+
+    @property
+    def incoming_snapshot_bytes(self) -> int:
+        """Bytes of a snapshot being assembled from chunks (0 if none)."""
+        inc = self._incoming_snapshot
+        return 0 if inc is None else len(inc.data)
 
     @property
     def lead_transferee(self) -> int | None:
@@ -988,6 +996,17 @@ class RaftCore:
             reply(have, reject=True)
             return
         end = m.offset + len(m.data)
+        if end > self._cfg.max_snapshot_bytes:
+            _logger.warning(
+                f"raft node {self._id}: refused a snapshot chunk from {m.frm}: the snapshot would pass "
+                f"max_snapshot_bytes ({self._cfg.max_snapshot_bytes})"
+            )
+            self._incoming_snapshot = None
+            # done + reject: the leader stops streaming and retries only on
+            # its stall timer, so a snapshot we cannot take costs a few
+            # chunks per retry, not a busy loop.
+            reply(0, done=True, reject=True)
+            return
         if end > have:
             inc.data += m.data[have - m.offset :]
         if m.done and end == len(inc.data):

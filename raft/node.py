@@ -274,6 +274,12 @@ class RaftNode(service.Service):
     def applied_index(self) -> int:
         return self._applied
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for a snapshot being received in chunks (part of the
+        node's memory budget)."""
+        return 0 if self._core is None else self._core.incoming_snapshot_bytes
+
     def propose(self, command: bytes, timeout: float | None = None) -> defer.Deferred[Any]:
         """Replicate ``command``; fires with ``IStateMachine.apply``'s result.
 

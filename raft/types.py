@@ -393,3 +393,7 @@ class RaftConfig:
     max_bytes_per_msg: int = 1 << 20
     max_inflight_msgs: int = 64
     snapshot_chunk_bytes: int = 256 * 1024
+    #: The largest snapshot a follower assembles from chunks; a chunk that
+    #: would take it past this is rejected (and logged), so a broken or
+    #: forged leader cannot make it buffer without end.
+    max_snapshot_bytes: int = 4 << 30

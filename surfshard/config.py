@@ -35,6 +35,8 @@ Two formats load into the same frozen ``ClusterConfig``:
       stalled_reader_timeout = 60   # seconds a peer may read none of our replies
       max_http_body = 16777216      # bytes of one HTTP request body
       memory_budget = 536870912     # bytes all connections may hold before new work gets BUSY
+      max_connections = 4096        # open connections (native and HTTP) per node
+      max_snapshot_bytes = 4294967296   # size of a snapshot a follower assembles from chunks
 
   Without a ``[shardmaster]`` table there must be exactly one group, and it
   serves every shard (a static cluster).
@@ -154,6 +156,13 @@ class Limits:
     #: Bytes all native connections of a node may hold in buffers before
     #: it answers new work BUSY.
     memory_budget: int = 512 * 1024 * 1024
+    #: Connections a node keeps open at once, native and HTTP together;
+    #: past it new ones are closed at once (and logged).
+    max_connections: int = 4096
+    #: The largest snapshot a follower assembles from a leader's chunks:
+    #: a chunk that would pass it is refused, so a broken or forged leader
+    #: cannot make a follower buffer without end.
+    max_snapshot_bytes: int = 4 * 1024 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,6 +472,15 @@ class _TomlParser(_Checker):
             self.integer("limits.max_http_body", table.get("max_http_body", d.max_http_body), 1024, 1 << 31),
             self.integer(
                 "limits.memory_budget", table.get("memory_budget", d.memory_budget), 1 << 20, 1 << 40
+            ),
+            self.integer(
+                "limits.max_connections", table.get("max_connections", d.max_connections), 1, 1 << 20
+            ),
+            self.integer(
+                "limits.max_snapshot_bytes",
+                table.get("max_snapshot_bytes", d.max_snapshot_bytes),
+                1 << 20,
+                1 << 40,
             ),
         )
 

@@ -360,3 +360,168 @@ class MemoryBudgetTests(SynchronousTestCase):
         from surfshard.replica.leader_caller import RETRYABLE
 
         self.assertIn(errors.Busy, RETRYABLE)
+
+    def test_other_buffers_count_towards_the_budget(self) -> None:
+        # A Raft snapshot arriving in chunks, an HTTP body being read: held
+        # outside the native connections, counted all the same.
+        held = [0]
+        self.factory.add_buffer_source(lambda: held[0])
+        self.clock.advance(0.1)
+        self.assertFalse(self.factory.shedding)
+        held[0] = 2 * 1024 * 1024
+        self.clock.advance(0.1)
+        self.assertTrue(self.factory.shedding)
+        self.assertEqual(self.call("big", {"n": 0})["error"]["code"], "BUSY")
+        held[0] = 0
+        self.clock.advance(0.1)
+        self.assertFalse(self.factory.shedding)
+
+
+class _Slow(Resource):
+    """Answers POSTs only when the test says so, to hold a read body."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        self.waiting.append(request)
+        return NOT_DONE_YET
+
+
+class NodeLimitsLiveTests(TestCase):
+    """The shared port's node-wide bounds, on 127.0.0.1: open connections
+    (``max_connections``) and HTTP bodies counted in the memory budget."""
+
+    LIMIT = 3
+
+    def setUp(self) -> None:
+        from surfshard.net.port import node_factory
+
+        self.slow = _Slow()
+        root = NodeRoot()
+        root.add("slow", self.slow)
+        self.rpc = RpcServerFactory(table([]), reactor, ServerLimits())
+        self.site = make_site(root, clock=reactor)
+        self.factory = node_factory(self.rpc, self.site, reactor, max_connections=self.LIMIT)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        return sock
+
+    @inlineCallbacks
+    def until(self, predicate: Any, what: str) -> Any:
+        for _ in range(500):  # bounded: 5 s
+            if predicate():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    @staticmethod
+    def closed(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    @inlineCallbacks
+    def test_connections_past_the_limit_are_closed_and_the_node_still_serves(self) -> Any:
+        held = [self.connect() for _ in range(self.LIMIT)]
+        yield self.until(lambda: self.factory.open_connections == self.LIMIT, "three open connections")
+        extra = self.connect()
+        yield self.until(lambda: self.closed(extra), "the fourth connection to be closed")
+        self.assertEqual(self.factory.refused_connections, 1)
+        self.assertFalse(any(self.closed(s) for s in held))
+        # One held connection is served; once one goes, a new one is taken.
+        held[0].sendall(wire.encode_request(1, "big", {"n": 1}))
+        got = bytearray()
+
+        def replied() -> bool:
+            try:
+                got.extend(held[0].recv(1 << 20))
+            except BlockingIOError:
+                pass
+            return len(got) >= len(REPLY)
+
+        yield self.until(replied, "a reply on a held connection")
+        held[1].close()
+        yield self.until(lambda: self.factory.open_connections == self.LIMIT - 1, "a connection to close")
+        fresh = self.connect()
+        yield self.until(lambda: self.factory.open_connections == self.LIMIT, "the new connection")
+        self.assertFalse(self.closed(fresh))
+
+    @inlineCallbacks
+    def test_an_http_body_being_handled_counts_towards_the_budget(self) -> Any:
+        sock = self.connect()
+        body = b"z" * 100_000
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        yield self.until(lambda: self.slow.waiting, "the request to arrive")
+        self.rpc.account()
+        self.assertGreaterEqual(self.rpc.buffered_bytes, len(body))
+        request = self.slow.waiting.pop()
+        request.write(b"done")
+        request.finish()
+        self.rpc.account()
+        self.assertEqual(self.rpc.buffered_bytes, 0)
+
+
+class BlockStoreUploadTests(HttpBodyLimitTests):
+    """The block store's XML-RPC upload path (``surfstore.putblock`` at
+    ``/RPC2``) under the same body bound, on a real BlockStoreService; the
+    three tests of HttpBodyLimitTests run against it."""
+
+    def setUp(self) -> None:
+        from pathlib import Path
+
+        from surfshard.blocks.store import BlockStoreService
+        from surfshard.config import load_config
+
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+        probe.close()
+        (directory / "c.toml").write_text(
+            f"""[cluster]
+name = "bp"
+shards = 1
+data_dir = "data"
+[groups.1]
+nodes = ["127.0.0.1:1"]
+[blockstores]
+nodes = ["127.0.0.1:{free}"]
+[limits]
+max_http_body = {self.LIMIT}
+""",
+            encoding="utf-8",
+        )
+        self.service = BlockStoreService(load_config(directory / "c.toml"), 0, reactor, fsync=False)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.port = self.service.listening_port
+
+    @inlineCallbacks
+    def test_a_body_within_the_limit_is_served(self) -> Any:
+        # A real putblock of 1,000 bytes, answered by the store.
+        import xmlrpc.client
+
+        body = xmlrpc.client.dumps((xmlrpc.client.Binary(b"q" * 1000),), "surfstore.putblock").encode()
+        sock = self.connect()
+        sock.send(
+            b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(body) + body
+        )
+        sent, reply = yield self.pump(sock, iter([]), 0)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
+        self.assertIn(b"<boolean>1</boolean>", reply)

@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -136,8 +137,13 @@ class SniffingTests(SynchronousTestCase):
         protocol.dataReceived(request(1, "add", {"a": 1}))
         # The transport now calls the RPC protocol's own method directly.
         self.assertIsInstance(protocol.dataReceived.__self__, RpcServerProtocol)
-        self.assertIsInstance(protocol.connectionLost.__self__, RpcServerProtocol)
         self.assertEqual(len(self.rpc.connections), 1)
+        # connectionLost goes through a one-line closure that counts the
+        # connection out (``max_connections``): once per connection.
+        self.assertEqual(self.factory.open_connections, 1)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.open_connections, 0)
+        self.assertEqual(len(self.rpc.connections), 0)
 
     def test_later_layers_add_resources(self):
         self.root.add("status", FakeResource())

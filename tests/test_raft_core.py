@@ -1062,6 +1062,38 @@ class SnapshotTests(SynchronousTestCase):
         self.assertEqual(len(net.nodes[3].snapshots_received), 1)
         self.assertEqual(net.nodes[3].sm.digest, net.nodes[1].sm.digest)
 
+    def test_a_snapshot_past_max_snapshot_bytes_is_refused_and_not_buffered(self) -> None:
+        # 40 bytes of state against a follower that takes at most 24: every
+        # chunk that would pass the cap is rejected and the partial snapshot
+        # dropped, so what the follower holds never passes the cap.
+        net = Network(3, seed=43, snapshot_chunk_bytes=8, max_snapshot_bytes=24)
+        net.elect(1)
+        net.isolate(3)
+        for k in range(30):
+            net.propose(b"s%d" % k)
+        net.stabilize()
+        net.nodes[1].compact()
+        net.heal()
+        held: list[int] = []
+        for _ in range(12):
+            net.tick(1)
+            held.append(net.core(3).incoming_snapshot_bytes)
+        refused = [
+            m for m in net.delivered if m.type == MessageType.SNAPSHOT_RESP and m.frm == 3 and m.reject
+        ]
+        self.assertTrue(refused, "no chunk was refused")
+        self.assertLessEqual(max(held), 24)
+        self.assertEqual(net.nodes[3].snapshots_received, [])
+        # The rest of the group goes on committing.
+        before = net.core(1).commit_index
+        net.propose(b"more")
+        net.stabilize()
+        self.assertEqual(net.core(1).commit_index, before + 1)
+
+    def test_max_snapshot_bytes_must_hold_a_chunk(self) -> None:
+        with self.assertRaises(ValueError):
+            Network(3, snapshot_chunk_bytes=8, max_snapshot_bytes=4)
+
     def test_follower_with_snapshot_entries_only_fast_forwards(self) -> None:
         c = RaftCore(
             RaftConfig(2, (1, 2, 3)), hard_state=HardState(1, None, 0), entries=[Entry(1, 1), Entry(1, 2)]

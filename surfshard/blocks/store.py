@@ -195,6 +195,7 @@ class BlockStoreService(service.Service):
             make_site(self.root, clock=self.reactor, max_body=self.cluster.limits.max_http_body),
             self.reactor,
             tls=self.tls_files,
+            max_connections=self.cluster.limits.max_connections,
         )
         try:
             self.listening_port = listen_now(self.reactor, port, factory, host)

@@ -149,6 +149,9 @@ class _NodeSite(Site):
     Refusals are logged where they are made."""
 
     max_body = DEFAULT_MAX_HTTP_BODY
+    #: Bytes of request bodies read and not yet answered, over all requests
+    #: (part of the node's memory budget).
+    body_bytes = 0
 
     def log(self, request: Any) -> None:
         pass
@@ -168,6 +171,7 @@ class _BoundedRequest(Request):
     the limit is buffered), and is logged."""
 
     _received = 0
+    _held = 0
     _refused = False
 
     def _limit(self) -> int:
@@ -187,10 +191,33 @@ class _BoundedRequest(Request):
         if self._received > self._limit():
             self._too_large(f"a body past {self._limit()} bytes")
             return
+        self._hold(len(data))
         super().handleContentChunk(data)
+
+    def _hold(self, n: int) -> None:
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, _NodeSite):
+            site.body_bytes += n
+            self._held += n
+
+    def _release(self) -> None:
+        if self._held:
+            site = getattr(self.channel, "site", None)
+            if isinstance(site, _NodeSite):
+                site.body_bytes -= self._held
+            self._held = 0
+
+    def finish(self) -> None:
+        self._release()
+        super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._release()
+        super().connectionLost(reason)
 
     def _too_large(self, what: str) -> None:
         self._refused = True
+        self._release()
         transport: Any = self.channel.transport
         log.warn(
             "port: refused HTTP request from {peer}: {what}, over the limit of {limit} bytes",
@@ -225,6 +252,7 @@ class _SniffingProtocol(Protocol):
         self._decided = False
 
     def connectionMade(self) -> None:
+        self.factory.open_connections += 1
         self.peer = format_peer(self.transport)
         timeout = self.factory.first_bytes_timeout
         if timeout is not None:
@@ -248,7 +276,13 @@ class _SniffingProtocol(Protocol):
         # The transport keeps calling *our* methods; pointing them at the
         # inner protocol's bound methods takes us out of the data path.
         self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
-        self.connectionLost = inner.connectionLost  # type: ignore[method-assign]
+        factory = self.factory
+
+        def lost(reason: Failure = connectionDone) -> None:
+            factory.open_connections -= 1
+            inner.connectionLost(reason)
+
+        self.connectionLost = lost  # type: ignore[method-assign]
         for optional in ("readConnectionLost", "writeConnectionLost"):
             method = getattr(inner, optional, None)
             if method is not None:
@@ -275,7 +309,8 @@ class _SniffingProtocol(Protocol):
         self._timer = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # Only reached before a hand-over (afterwards the inner one is called).
+        # Only reached before a hand-over (afterwards ``lost`` is called).
+        self.factory.open_connections -= 1
         self._cancel_timer()
         if reason.check(SSL.Error):
             log.warn(
@@ -306,13 +341,34 @@ class NodePortFactory(ServerFactory):
         clock: IReactorTime,
         *,
         first_bytes_timeout: float | None = DEFAULT_FIRST_BYTES_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
         self.rpc = rpc
         self.site = site
         self.clock = clock
         self.first_bytes_timeout = first_bytes_timeout
+        self.max_connections = max_connections
+        #: Connections open now (counted from connectionMade to connectionLost).
+        self.open_connections = 0
+        #: Connections closed at once because ``max_connections`` were open.
+        self.refused_connections = 0
+        if isinstance(site, _NodeSite):
+            rpc.add_buffer_source(lambda: site.body_bytes)
 
-    def buildProtocol(self, addr: Any) -> _SniffingProtocol:
+    def buildProtocol(self, addr: Any) -> _SniffingProtocol | None:
+        if self.max_connections is not None and self.open_connections >= self.max_connections:
+            # Returning None makes Twisted close the socket at once. Logged
+            # for the first refusal of a flood and then every 1,000th.
+            if self.refused_connections % 1000 == 0:
+                log.warn(
+                    "port: refused a connection from {peer}: {n} connections open, the limit "
+                    "(max_connections) ({refused} refused so far)",
+                    peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
+                    n=self.open_connections,
+                    refused=self.refused_connections + 1,
+                )
+            self.refused_connections += 1
+            return None
         return _SniffingProtocol(self, addr)
 
     # The inner factories are never listened on directly: start and stop
@@ -333,9 +389,13 @@ def node_factory(
     *,
     tls: TLSFiles | None = None,
     first_bytes_timeout: float | None = DEFAULT_FIRST_BYTES_TIMEOUT,
+    max_connections: int | None = None,
 ) -> IProtocolFactory:
-    """The factory to listen with: the shared port, inside TLS if ``tls``."""
-    factory: IProtocolFactory = NodePortFactory(rpc, site, clock, first_bytes_timeout=first_bytes_timeout)
+    """The factory to listen with: the shared port, inside TLS if ``tls``,
+    keeping at most ``max_connections`` open."""
+    factory: IProtocolFactory = NodePortFactory(
+        rpc, site, clock, first_bytes_timeout=first_bytes_timeout, max_connections=max_connections
+    )
     if tls is not None:
         factory = wrap_server_factory(factory, tls)
     return factory

@@ -654,6 +654,13 @@ class RpcServerFactory(ServerFactory):
         self.buffered_bytes = 0
         self.shedding = False
         self._accounting: task.LoopingCall | None = None
+        self._sources: list[Callable[[], int]] = []
+
+    def add_buffer_source(self, source: Callable[[], int]) -> None:
+        """Count ``source()`` bytes in the budget too: buffers the node
+        holds outside these connections (HTTP bodies being read, a Raft
+        snapshot arriving in chunks)."""
+        self._sources.append(source)
 
     def startFactory(self) -> None:
         if self.limits.memory_budget is not None and self._accounting is None:
@@ -671,6 +678,7 @@ class RpcServerFactory(ServerFactory):
         work while they pass the budget (a sample every ACCOUNT_INTERVAL:
         counting per request would cost more than it saves)."""
         total = sum(proto.buffered_bytes() for proto in self.connections)
+        total += sum(source() for source in self._sources)
         self.buffered_bytes = total
         budget = self.limits.memory_budget
         shedding = budget is not None and total > budget

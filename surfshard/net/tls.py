@@ -95,9 +95,22 @@ def client_options_from_files(files: TLSFiles, hostname: str) -> IOpenSSLClientC
     return client_options(*files.read(), hostname)
 
 
+class _RefusingTLSFactory(TLSMemoryBIOFactory):
+    """A TLS wrapper that lets the wrapped factory refuse a connection:
+    when it builds no protocol (a node at ``max_connections``), the socket
+    is closed at once, as without TLS, instead of being wrapped around
+    nothing."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
+            return None
+        return self.protocol(self, inner)
+
+
 def wrap_server_factory(factory: IProtocolFactory, files: TLSFiles) -> TLSMemoryBIOFactory:
     """Wrap a server factory so every connection speaks TLS first."""
-    return TLSMemoryBIOFactory(server_options_from_files(files), False, factory)
+    return _RefusingTLSFactory(server_options_from_files(files), False, factory)
 
 
 def _pem(data: bytes | str) -> bytes:

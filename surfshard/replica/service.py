@@ -113,6 +113,7 @@ class ReplicaService(service.MultiService):
                 peers=tuple(sorted(self.raft_addresses)),
                 election_ticks=timings.election_ticks,
                 heartbeat_ticks=timings.heartbeat_ticks,
+                max_snapshot_bytes=cluster.limits.max_snapshot_bytes,
             ),
             self.storage,
             self.transport,
@@ -151,11 +152,14 @@ class ReplicaService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        rpc = RpcServerFactory(self.table, self.reactor, server_limits(self.cluster))
+        rpc.add_buffer_source(lambda: self.node.buffered_bytes)
         factory = node_factory(
-            RpcServerFactory(self.table, self.reactor, server_limits(self.cluster)),
+            rpc,
             make_site(self.root, clock=self.reactor, max_body=self.cluster.limits.max_http_body),
             self.reactor,
             tls=self.tls_files,
+            max_connections=self.cluster.limits.max_connections,
         )
         try:
             self.listening_port = listen_now(self.reactor, self.port_number, factory, self.listen_interface)
