@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from surfshard.replica.dedup import DedupTable
+from surfshard.replica.dedup import ONE_SHOT_PREFIX, DedupTable, OneShotIds
 
 
 def offer(table: DedupTable[str], client: str, seq: int) -> str:
@@ -101,3 +101,47 @@ class ExactlyOnceProperty(SynchronousTestCase):
                 applied.append(seq)
         self.assertEqual(len(applied), len(set(applied)))
         self.assertLessEqual(len(t.sessions["c"].answers) if seqs else 0, window)
+
+
+class OneShotTests(SynchronousTestCase):
+    """Callers without an identity get one per call, kept in a pool of
+    their own so a flood of them never evicts a named client."""
+
+    def test_ids_are_new_per_call_and_carry_the_prefix(self) -> None:
+        a, b = OneShotIds(), OneShotIds()
+        ids = [a.next(), a.next(), b.next()]
+        self.assertEqual(len({client for client, _ in ids}), 3)
+        self.assertEqual({seq for _, seq in ids}, {1})
+        self.assertTrue(all(client.startswith(ONE_SHOT_PREFIX) for client, _ in ids))
+
+    def test_a_flood_of_one_shot_calls_does_not_evict_named_clients(self) -> None:
+        t: DedupTable[str] = DedupTable(4, 2, max_one_shot=3)
+        offer(t, "alice", 1)
+        offer(t, "bob", 1)
+        ids = OneShotIds()
+        for _ in range(100):
+            offer(t, ids.next()[0], 1)
+        self.assertEqual(list(t.sessions), ["alice", "bob"])
+        self.assertEqual(len(t.one_shot), 3)
+        self.assertEqual(len(t), 5)
+        self.assertEqual(offer(t, "alice", 1), "applied 1")  # the stored answer: exactly once
+
+    def test_items_and_restore_rebuild_the_same_table(self) -> None:
+        t: DedupTable[str] = DedupTable(4, 2, max_one_shot=3)
+        ids = OneShotIds()
+        one = ids.next()[0]
+        offer(t, "alice", 1)
+        offer(t, one, 1)
+        offer(t, "bob", 2)
+        copy: DedupTable[str] = DedupTable(4, 2, max_one_shot=3)
+        for client, session in t.items():
+            copy.restore(client, session.floor, dict(session.answers))
+        self.assertEqual(list(copy.sessions), ["alice", "bob"])
+        self.assertEqual(list(copy.one_shot), [one])
+        self.assertIn(one, copy)
+        self.assertRaises(ValueError, copy.restore, one, 0, {})
+
+    def test_without_a_one_shot_pool_they_are_ordinary_sessions(self) -> None:
+        t: DedupTable[str] = DedupTable(1, 2)
+        offer(t, OneShotIds().next()[0], 1)
+        self.assertEqual((len(t.sessions), len(t.one_shot)), (1, 0))

@@ -44,7 +44,7 @@ from surfshard.metadata import state as metadata
 from surfshard.metadata.replica import MetadataReplica
 from surfshard.metadata.state import MetadataStateMachine, encode_update
 from surfshard.replica.control import DEFAULT_CALL_TIMEOUT
-from surfshard.replica.dedup import MAX_CLIENT_ID_BYTES, validate_client
+from surfshard.replica.dedup import MAX_CLIENT_ID_BYTES, ONE_SHOT_PREFIX, validate_client
 
 SEED = int(os.environ.get("SURFSHARD_SEED", "20240502"))
 H1, H2, H3 = "a1" * 32, "b2" * 32, "0123456789abcdef" * 4
@@ -505,7 +505,24 @@ class UpdatefileTests(SynchronousTestCase):
         node.commit()
         self.assertEqual((self.successResultOf(a), self.successResultOf(b)), (1, 2))
         (batch,) = node.proposed
-        self.assertEqual([c["seq"] for c in cbor2.loads(batch)["cmds"]], [1, 2])
+        commands = cbor2.loads(batch)["cmds"]
+        self.assertEqual([c["seq"] for c in commands], [1, 1])
+        self.assertNotEqual(commands[0]["client"], commands[1]["client"])
+        self.assertTrue(all(c["client"].startswith(ONE_SHOT_PREFIX) for c in commands))
+
+    def test_calls_without_identity_commit_in_any_order(self) -> None:
+        # More than a dedup window of them (retried after a leader change,
+        # say) committing in reverse order: each is its own call, none is
+        # refused as stale (they were, when they shared one identity).
+        replica, node, clock = self.replica()
+        n = metadata.DEDUP_WINDOW + 8
+        for i in range(n):
+            replica.updatefile(f"f{i}", 1, [H1])
+            clock.advance(0)  # one entry each
+        fresh = MetadataStateMachine(1)
+        answers = [fresh.apply(command) for command in reversed(node.proposed)]
+        self.assertEqual([a.get("ok") for a in answers], [True] * n, answers[:3])
+        self.assertEqual(sorted(fresh.version_of(f"f{i}") for i in range(n)), [1] * n)
 
 
 class UpdateBatchTests(SynchronousTestCase):
@@ -564,6 +581,17 @@ class UpdateBatchTests(SynchronousTestCase):
         replica.updatefile("d", 1, [H1], "c", 4)  # no timeout: the server's default
         clock.advance(0)
         self.assertEqual(node.timeouts, [5.0, DEFAULT_CALL_TIMEOUT])
+
+    def test_a_caller_with_a_shorter_timeout_is_answered_at_its_own(self) -> None:
+        replica, node, clock = self.replica()
+        quick = replica.updatefile("a", 1, [H1], "c", 1, timeout=1.0)
+        patient = replica.updatefile("b", 1, [H1], "c", 2, timeout=5.0)
+        clock.advance(0)
+        clock.advance(1.0)
+        self.failureResultOf(quick, errors.Timeout)
+        self.assertNoResult(patient)
+        node.commit()
+        self.assertEqual(self.successResultOf(patient), 1)
 
     def test_a_failed_batch_fails_every_caller(self) -> None:
         replica, _, clock = self.replica(failures=[RaftTimeout("slow")])

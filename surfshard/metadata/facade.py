@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ from twisted.web import xmlrpc
 
 from surfshard import errors
 from surfshard.metadata.replica import MetadataReplica
+from surfshard.replica.dedup import OneShotIds
 
 #: XML-RPC faults carry an integer code; these are stable, one per ErrorCode.
 FAULT_CODES: dict[errors.ErrorCode, int] = {code: 100 + i for i, code in enumerate(errors.ErrorCode)}
@@ -48,10 +47,10 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
         super().__init__(allowNone=True)
         self.replica = replica
         self.forward = forward
-        # XML-RPC callers carry no identity: each updatefile gets one here,
-        # kept if the call has to be finished on another node (see below).
-        self._client_id = f"xmlrpc-{uuid.uuid4().hex}"
-        self._seq = itertools.count(1)
+        # XML-RPC callers carry no identity: each updatefile gets one of its
+        # own here (surfshard.replica.dedup), kept if the call has to be
+        # finished on another node (see below).
+        self._ids = OneShotIds()
 
     def _guard(self, call, *args: Any) -> defer.Deferred:
         """Run a replica call, turning SurfShard errors (raised or in the
@@ -99,7 +98,7 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
             # committed here. A call to a known follower still answers
             # NOT_LEADER at once, as SurfStore's followers do.
             ours = self.replica.is_leader() or self.replica.leader_address() is None
-            client_id, seq = self._client_id, next(self._seq)
+            client_id, seq = self._ids.next()
             d = self.replica.updatefile(filename, version, list(hashlist), client_id, seq)
             if ours and self.forward is not None:
                 update = {

@@ -20,8 +20,6 @@ that finds no leader here takes the one-at-a-time path (wait or NOT_LEADER).
 
 from __future__ import annotations
 
-import itertools
-import uuid
 from typing import Any
 
 from twisted.internet import defer
@@ -34,6 +32,7 @@ from surfshard.metadata.handoff import CHUNK_BYTES, cursor_from_wire
 from surfshard.metadata.state import MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, MetadataStateMachine
 from surfshard.net.methods import ReplySink
 from surfshard.replica.control import ReplicaControl
+from surfshard.replica.dedup import OneShotIds
 
 
 class MetadataReplica(ReplicaControl):
@@ -58,14 +57,14 @@ class MetadataReplica(ReplicaControl):
         self._batch_bytes = 0
         self._batch_timeout = 0.0
         self._batch_default_timeout = False
+        self._batch_timeouts: list[tuple[float, ReplySink]] = []
         self._batch_call: Any = None
         #: Batches proposed, and the updates they carried (for status).
         self.batches_proposed = 0
         self.batched_updates = 0
-        # Callers without an identity of their own (XML-RPC) get one per call
-        # from this replica, unique across restarts of the process.
-        self._anonymous_id = f"xmlrpc-{uuid.uuid4().hex}"
-        self._anonymous_seq = itertools.count(1)
+        # Callers without an identity of their own get one per call from
+        # this replica (see surfshard.replica.dedup).
+        self.one_shot_ids = OneShotIds()
 
     def updatefile(
         self,
@@ -100,7 +99,7 @@ class MetadataReplica(ReplicaControl):
         server's ``Reply``: no Deferred per request). Raises BadRequest at
         once, before anything is proposed."""
         if client_id is None or seq is None:
-            client_id, seq = self._anonymous_id, next(self._anonymous_seq)
+            client_id, seq = self.one_shot_ids.next()
         # Remembered decoded by the state machine: applying it here skips
         # decoding and validating what was just encoded.
         command = self.machine.encode_update(name, version, hashlist, client_id, seq)
@@ -117,11 +116,15 @@ class MetadataReplica(ReplicaControl):
         batch.append(command)
         self._batch_waiters.append(reply)
         self._batch_bytes += len(command)
-        # The longest wait asked for (clamped once, when proposing).
+        # The batch waits as long as its most patient caller (clamped once,
+        # when proposing); each caller's own timeout is kept for the ones
+        # that are shorter (``_expire_short``).
         if timeout is None:
             self._batch_default_timeout = True
-        elif timeout > self._batch_timeout:
-            self._batch_timeout = timeout
+        else:
+            self._batch_timeouts.append((timeout, reply))
+            if timeout > self._batch_timeout:
+                self._batch_timeout = timeout
         if self._batch_call is None:
             self._batch_call = self.reactor.callLater(0, self._propose_batch)
 
@@ -141,14 +144,15 @@ class MetadataReplica(ReplicaControl):
         if self._batch_call is not None and self._batch_call.active():
             self._batch_call.cancel()
         self._batch_call = None
-        commands, waiters = self._batch, self._batch_waiters
+        commands, waiters, timeouts = self._batch, self._batch_waiters, self._batch_timeouts
         timeout = self.clamp_timeout(self._batch_timeout)
         if self._batch_default_timeout:
             timeout = max(timeout, self.clamp_timeout(None))
         self._batch, self._batch_waiters, self._batch_bytes = [], [], 0
-        self._batch_timeout, self._batch_default_timeout = 0.0, False
+        self._batch_timeout, self._batch_default_timeout, self._batch_timeouts = 0.0, False, []
         if not commands:
             return
+        self._expire_short(timeouts, timeout)
         if len(commands) == 1:
             self._propose_one_into(waiters[0], commands[0], timeout)
             return
@@ -164,6 +168,15 @@ class MetadataReplica(ReplicaControl):
         d.addCallbacks(
             self._batch_applied, self._batch_failed, callbackArgs=(waiters,), errbackArgs=(waiters,)
         )
+
+    def _expire_short(self, timeouts: list[tuple[float, ReplySink]], batch_timeout: float) -> None:
+        """Answer Timeout to each caller of a batch whose own timeout is
+        shorter than the batch's, when it passes (the batch goes on for the
+        others; the update may still be applied, as with any timeout)."""
+        for timeout, waiter in timeouts:
+            mine = self.clamp_timeout(timeout)
+            if mine < batch_timeout:
+                self.reactor.callLater(mine, _time_out, waiter, mine)
 
     def _batch_applied(self, result: Any, waiters: list[ReplySink]) -> None:
         results = result.get("results") if isinstance(result, dict) and result.get("ok") else None
@@ -290,6 +303,11 @@ class MetadataReplica(ReplicaControl):
         status["update_batches"] = self.batches_proposed
         status["batched_updates"] = self.batched_updates
         return status
+
+
+def _time_out(waiter: ReplySink, timeout: float) -> None:
+    if not waiter.called:
+        waiter.errback(errors.Timeout(f"no answer within {timeout:g}s; the update may still be applied"))
 
 
 def update_result(result: Any) -> int:

@@ -21,7 +21,9 @@ Dedup (exactly-once writes for retried requests): every update carries
 table of its clients' recent answers, with a window of ``DEDUP_WINDOW``
 sequences per client (a client may have that many writes in flight to one
 shard, committing in any order) and at most ``MAX_SESSIONS_PER_SHARD``
-clients. The table travels with its shard (``export_shard``). A client
+named clients, plus as many one-shot identities (callers without one of
+their own get one per call). The table travels with its shard
+(``export_shard``). A client
 evicted while a retry is still pending loses exactly-once for that retry:
 the retry is applied as new and, the file having moved on, answers with a
 version mismatch. The CAS rule keeps the file itself correct.
@@ -78,7 +80,12 @@ _READABLE_FORMATS = (1, 2)
 DEDUP_WINDOW = 32
 
 #: Clients remembered per shard before the least recently used is forgotten.
+#: A constant, not a config setting: it is part of what ``apply`` does, and
+#: replicas (or a replay of the log) with different bounds would diverge.
 MAX_SESSIONS_PER_SHARD = 4096
+#: One-shot sessions (callers without an identity, one per call) remembered
+#: per shard, in a pool of their own so they never evict a named client.
+MAX_ONE_SHOT_PER_SHARD = 4096
 
 
 #: Encoded updates a replica remembers decoded (see
@@ -326,7 +333,7 @@ def _answer_result(answer: _Answer) -> dict[str, Any]:
 
 def _new_dedup() -> DedupTable[_Answer]:
     # Module globals read at creation, so a test may patch the window.
-    return DedupTable(DEDUP_WINDOW, MAX_SESSIONS_PER_SHARD)
+    return DedupTable(DEDUP_WINDOW, MAX_SESSIONS_PER_SHARD, MAX_ONE_SHOT_PER_SHARD)
 
 
 @dataclass
@@ -340,7 +347,7 @@ class _ShardState:
     def sessions_to_wire(self) -> list[Any]:
         return [
             [client, s.floor, [[seq, ok, n] for seq, (ok, n) in sorted(s.answers.items())]]
-            for client, s in self.dedup.sessions.items()
+            for client, s in self.dedup.items()
         ]
 
     def to_wire(self) -> dict[str, Any]:
@@ -381,14 +388,16 @@ class _ShardState:
         they may come from another group)."""
         if not isinstance(sessions_w, list):
             raise BadRequest(f"shard {shard}: sessions must be a list")
-        if len(sessions_w) > MAX_SESSIONS_PER_SHARD:
-            raise BadRequest(f"shard {shard}: more than {MAX_SESSIONS_PER_SHARD} sessions")
+        if len(sessions_w) > MAX_SESSIONS_PER_SHARD + MAX_ONE_SHOT_PER_SHARD:
+            raise BadRequest(
+                f"shard {shard}: more than {MAX_SESSIONS_PER_SHARD + MAX_ONE_SHOT_PER_SHARD} sessions"
+            )
         for entry in sessions_w:
             if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[2], list):
                 raise BadRequest(f"shard {shard}: session must be [client, floor, answers]")
             client, floor, answers_w = entry
             validate_client(client, 1)
-            if client in self.dedup.sessions:
+            if client in self.dedup:
                 raise BadRequest(f"shard {shard}: client {client!r} has two sessions")
             if not isinstance(floor, int) or isinstance(floor, bool) or not 0 <= floor <= MAX_VERSION:
                 raise BadRequest(f"shard {shard}: bad session floor {floor!r}")

@@ -27,18 +27,32 @@ used is evicted first. Recency is insertion order of a dict, touched in log
 order, so every replica evicts the same one. A client evicted while a retry
 is pending loses exactly-once for that retry: the retry is applied as new.
 
+Callers with no identity of their own (XML-RPC writers, native calls
+without a client id) get one identity *per call* from the node that takes
+the call, named with ``ONE_SHOT_PREFIX``: a shared identity would make
+their writes one client's, refused as stale once more than ``window`` of
+them commit out of order. Such one-shot sessions live in a pool of their
+own (``max_one_shot``, least recently used evicted first), so a flood of
+them never evicts a named client's session. They need to live only as long
+as a retry of their one call may come (a forward to a new leader).
+
 Everything here must stay deterministic: it runs inside ``apply``.
 Encoding is left to each state machine, whose snapshot formats differ.
 """
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from typing import Any, Generic, TypeVar
 
 from surfshard.errors import BadRequest
 from surfshard.keyspace import MAX_VERSION
 
 A = TypeVar("A")
+
+#: Client ids starting with this are one call each (see the module docstring).
+ONE_SHOT_PREFIX = "call:"
 
 #: Longest client id accepted, in UTF-8 bytes (a UUID is 32 hex characters).
 MAX_CLIENT_ID_BYTES = 128
@@ -73,6 +87,20 @@ def validate_seq(seq: Any) -> int:
     return seq
 
 
+class OneShotIds:
+    """Identities for callers that have none: ``(client_id, 1)``, a new
+    client id per call, unique across processes and restarts."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = f"{ONE_SHOT_PREFIX}{uuid.uuid4().hex}-"
+        self._count = itertools.count(1)
+
+    def next(self) -> tuple[str, int]:
+        return f"{self._prefix}{next(self._count)}", 1
+
+
 class DedupSession(Generic[A]):
     """One client's remembered answers."""
 
@@ -98,28 +126,48 @@ class DedupSession(Generic[A]):
 class DedupTable(Generic[A]):
     """Sessions by client id, least recently used first."""
 
-    __slots__ = ("max_sessions", "sessions", "window")
+    __slots__ = ("max_one_shot", "max_sessions", "one_shot", "sessions", "window")
 
-    def __init__(self, window: int, max_sessions: int) -> None:
-        if window < 1 or max_sessions < 1:
-            raise ValueError("window and max_sessions must be >= 1")
+    def __init__(self, window: int, max_sessions: int, max_one_shot: int = 0) -> None:
+        if window < 1 or max_sessions < 1 or max_one_shot < 0:
+            raise ValueError("window and max_sessions must be >= 1, max_one_shot >= 0")
         self.window = window
         self.max_sessions = max_sessions
-        #: Invariant: insertion order is recency order (least recent first).
+        #: 0: one-shot ids are ordinary sessions (the ShardMaster's table).
+        self.max_one_shot = max_one_shot
+        #: Named clients' sessions. Invariant: insertion order is recency
+        #: order (least recent first); at most ``max_sessions``.
         self.sessions: dict[str, DedupSession[A]] = {}
+        #: One-shot sessions (ids with ONE_SHOT_PREFIX), the same way; at
+        #: most ``max_one_shot``. No id is in both.
+        self.one_shot: dict[str, DedupSession[A]] = {}
 
     def __len__(self) -> int:
-        return len(self.sessions)
+        return len(self.sessions) + len(self.one_shot)
+
+    def __contains__(self, client: object) -> bool:
+        return client in self.sessions or client in self.one_shot
+
+    def items(self) -> list[tuple[str, DedupSession[A]]]:
+        """Every session, named ones first, each pool least recent first
+        (the order ``restore`` rebuilds the same table from)."""
+        return [*self.sessions.items(), *self.one_shot.items()]
+
+    def _pool(self, client: str) -> tuple[dict[str, DedupSession[A]], int]:
+        if self.max_one_shot and client.startswith(ONE_SHOT_PREFIX):
+            return self.one_shot, self.max_one_shot
+        return self.sessions, self.max_sessions
 
     def touch(self, client: str) -> DedupSession[A]:
         """The session of ``client``, made the most recently used (created
-        if new; the least recently used beyond ``max_sessions`` evicted)."""
-        sessions = self.sessions
+        if new; the least recently used of its pool beyond the pool's bound
+        evicted)."""
+        sessions, bound = self._pool(client)
         session = sessions.pop(client, None)
         if session is None:
             session = DedupSession()
         sessions[client] = session
-        while len(sessions) > self.max_sessions:
+        while len(sessions) > bound:
             del sessions[next(iter(sessions))]
         return session
 
@@ -138,8 +186,8 @@ class DedupTable(Generic[A]):
     def restore(self, client: str, floor: int, answers: dict[int, A]) -> None:
         """Put back a session read from a snapshot or a shard transfer (the
         caller has validated it; sessions are restored in recency order)."""
-        if client in self.sessions:
+        if client in self:
             raise ValueError(f"client {client!r} has two sessions")
         session: DedupSession[A] = DedupSession(floor)
         session.answers = dict(sorted(answers.items()))
-        self.sessions[client] = session
+        self._pool(client)[0][client] = session
