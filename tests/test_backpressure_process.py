@@ -129,3 +129,62 @@ class SlowReaderTests(SynchronousTestCase):
             # check below is the guarantee: no follower lost its leader.
             self.assertEqual(status["term"], term, "the attack cost an election")
             self.assertEqual(status["role"], "leader")
+
+    def test_a_chunked_200_mb_post_is_refused_without_growing_the_node(self) -> None:
+        with self.cluster.logs_on_failure():
+            self.cluster.start_all()
+            i = self.leader()
+            address = self.cluster.addresses[i]
+            pid = self.cluster.nodes[i].pid
+            assert pid is not None
+            before = peak = rss_bytes(pid)
+            host, port = address.rsplit(":", 1)
+            sock = socket.create_connection((host, int(port)))
+            self.addCleanup(sock.close)
+            sock.sendall(
+                b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: text/xml\r\n\r\n"
+            )
+            sock.settimeout(0.0)
+            piece = b"%x\r\n%s\r\n" % (65536, b"<" * 65536)
+            sent, reply, pending = 0, b"", b""
+            deadline = time.monotonic() + 30.0
+            while sent < 200 * 2**20 and time.monotonic() < deadline:  # bounded by size and deadline
+                try:
+                    pending = pending or piece
+                    n = sock.send(pending)
+                    sent, pending = sent + n, pending[n:]
+                except BlockingIOError:
+                    time.sleep(0.005)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                try:
+                    data = sock.recv(65536)
+                    reply += data
+                    if not data:
+                        break
+                except BlockingIOError:
+                    pass
+                except ConnectionResetError:
+                    break
+                peak = max(peak, rss_bytes(pid))
+            sock.settimeout(5.0)
+            try:
+                while not reply.startswith(b"HTTP/1.1 413") and time.monotonic() < deadline:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    reply += data
+            except OSError:
+                pass
+            peak = max(peak, rss_bytes(pid))
+            after = rss_bytes(pid)
+            print(
+                f"chunked POST: sent {sent / 2**20:.0f} MB before the node closed; leader RSS "
+                f"{before / 2**20:.0f} MB before, {peak / 2**20:.0f} MB peak, {after / 2**20:.0f} MB after"
+            )
+            self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply[:80])
+            self.assertLess(peak - before, 64 * 2**20)
+            with NativeClient(address, timeout=10.0) as c:
+                self.assertEqual(
+                    c.call("updatefile", {"name": "after", "version": 1, "hashlist": HASHES[:1]}), 1
+                )
