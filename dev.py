@@ -5,6 +5,8 @@
     python3 dev.py test [ARGS...]   run the whole test suite with trial
     python3 dev.py check            ruff (lint and format) and mypy over the tree
     python3 dev.py bench NAME       run benchmarks/NAME.py
+    python3 dev.py mutants          remove each fsync/sync of Raft's durable path in turn;
+                                    every removal must fail a test (tests/mutants.py)
     python3 dev.py setup            only create or refresh .venv
 
 Both create ``.venv`` on first use (and refresh it when setup.py changes), so
@@ -126,6 +128,8 @@ def main(argv: list[str]) -> int:
         return run_checks()
     if command == "up":
         return hand_over([str(BIN / "surfshard"), "up", *rest])
+    if command == "mutants":
+        return hand_over([str(PY), str(ROOT / "tests" / "mutants.py"), *rest])
     if command == "bench":
         if not rest:
             sys.exit("usage: python3 dev.py bench NAME [ARGS...]")

@@ -48,7 +48,8 @@ class IStorage(Interface):
 
     def save_snapshot(snapshot: Snapshot) -> None:
         """Store a snapshot and drop every entry it covers (index <= its index);
-        entries after it that agree with it stay."""
+        entries after it that agree with it stay. Durable when it returns,
+        with everything stored before it: no ``sync()`` is needed after."""
 
     def sync() -> None:
         """Make everything stored so far durable (one fsync per batch)."""

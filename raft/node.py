@@ -206,17 +206,28 @@ class RaftNode(service.Service):
         self._schedule()
 
     def stopService(self) -> defer.Deferred[None] | None:
+        """A clean stop: what a leader sent but had not yet written is
+        written (losing it would be safe, as in a crash, but a clean stop
+        need not lose anything)."""
+        return self._stop(flush=True)
+
+    def power_off(self) -> None:
+        """Stop as a power loss or SIGKILL would: nothing more reaches the
+        storage, not even a leader's entries sent and not yet written (the
+        crash window of thesis 10.2.1, which tests must be able to hit).
+        Pair it with the storage's own power loss (``simulate_crash``)."""
+        self._stop(flush=False)
+
+    def _stop(self, *, flush: bool) -> defer.Deferred[None] | None:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         self._ticker = None
         if self._process_call is not None and self._process_call.active():
             self._process_call.cancel()
         self._process_call = None
-        # A restart over the same storage applies it; a leader's entries
-        # sent but not yet written are written now (losing them would be
-        # safe, as in a crash, but a clean stop need not lose anything).
+        # A restart over the same storage applies it.
         held, self._sent_ready = self._sent_ready, None
-        if held is not None and self._sent_unpersisted and self.fatal_error is None:
+        if flush and held is not None and self._sent_unpersisted and self.fatal_error is None:
             self._sent_unpersisted = False
             try:
                 self._persist(held)
@@ -366,8 +377,9 @@ class RaftNode(service.Service):
         if self._core is None or self._applied <= self._snapshot_index:
             return None
         snapshot = self._core.compact(self._applied, self.state_machine.snapshot())
+        # Durable when it returns (IStorage); and were it lost, the entries
+        # it replaces would still be on disk: no sync() here.
         self.storage.save_snapshot(snapshot)
-        self.storage.sync()
         self._snapshot_index = snapshot.meta.index
         return snapshot
 

@@ -159,3 +159,32 @@ class WriteOrderTests(SynchronousTestCase):
         ack = next(i for i, e in enumerate(events) if e[0] == "send" and e[1] == MessageType.APPEND_RESP)
         self.assertIn(("write", (1, 2)), events[:ack], events)
         self.assertIn(("sync",), events[events.index(("write", (1, 2))) : ack], events)
+
+    def test_power_off_between_a_leaders_send_and_its_write_writes_nothing(self) -> None:
+        # The crash window of sending first: the leader dies (power loss or
+        # SIGKILL) right after its appends left. Nothing more may reach its
+        # disk (a clean stopService writes them; a power loss cannot), so
+        # the simulated clusters exercise a leader whose own log lacks an
+        # entry its followers hold.
+        node, transport, events, clock = self.node(1)
+        self.elect(node, transport, clock)
+        storage = node.storage
+        assert isinstance(storage, RecordingStorage)
+        index = node.core.last_index + 1
+        real_send = transport.send
+
+        def send_then_die(message: Message) -> None:
+            real_send(message)
+            if any(e.index == index for e in message.entries) and node.running:
+                node.power_off()
+
+        transport.send = send_then_die  # type: ignore[method-assign]
+        d = node.propose(b"x")
+        clock.advance(0)
+        clock.advance(1.0)
+        self.assertFalse(node.running)
+        self.assertNotIn(("write", (index,)), events, events)
+        storage.simulate_crash()
+        _, _, entries = storage.load()
+        self.assertNotIn(index, [e.index for e in entries])
+        self.failureResultOf(d)  # the proposer learns nothing was settled here

@@ -467,13 +467,17 @@ class SimCluster:
         synced is lost too, which catches acknowledging before ``sync()``."""
         node = self.nodes[i]
         if node.running:
-            node.stopService()
             storage = self.storages[i]
             simulate_crash = getattr(storage, "simulate_crash", None)
             if power_loss and simulate_crash is not None:
+                # Nothing more is written: not even a leader's entries sent
+                # and not yet on its disk.
+                node.power_off()
                 simulate_crash()
-            elif self.reopen_storage:
-                storage.close()
+            else:
+                node.stopService()
+                if self.reopen_storage:
+                    storage.close()
             if self.reopen_storage:
                 self.storages[i] = self.storage_factory(i)
 
