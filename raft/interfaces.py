@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from zope.interface import Attribute, Interface
@@ -26,6 +27,18 @@ class IStateMachine(Interface):
 
     def restore(data: bytes) -> None:
         """Replace the whole state with a snapshot from ``snapshot()``."""
+
+
+class ISnapshotCopy(Interface):
+    """Optional for an ``IStateMachine``: snapshots encoded off the event
+    loop. A node whose state machine provides it takes its periodic
+    snapshots in a thread (``RaftNode``'s ``offload``)."""
+
+    def snapshot_copy() -> Callable[[], bytes]:
+        """A consistent copy of the state as of the last applied command,
+        cheap next to encoding it; the function returned encodes the copy
+        (the bytes ``snapshot()`` would return now) and may run in another
+        thread while ``apply`` goes on."""
 
 
 class IStorage(Interface):
@@ -58,6 +71,21 @@ class IStorage(Interface):
         """Release files."""
 
     fsyncs = Attribute("Number of fsync rounds performed (for tests and benchmarks).")
+
+
+class ISnapshotFile(Interface):
+    """Optional for an ``IStorage``: ``save_snapshot`` in two steps, so the
+    slow one (writing the snapshot durably) runs off the event loop."""
+
+    def write_snapshot(snapshot: Snapshot) -> None:
+        """Make ``snapshot`` durable without touching the log. Safe to call
+        from another thread while the event loop uses the storage. Does
+        nothing if a snapshot at least as new was written already."""
+
+    def install_written_snapshot(snapshot: Snapshot) -> None:
+        """On the event loop, after ``write_snapshot(snapshot)`` returned:
+        what ``save_snapshot`` does after writing (drop the entries it
+        covers). Does nothing if a newer snapshot was saved since."""
 
 
 class ITransport(Interface):

@@ -39,15 +39,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet import defer, task, threads
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from raft.core import RaftCore
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
-from raft.interfaces import IStateMachine, IStorage, ITransport
-from raft.types import Entry, Message, MessageType, RaftConfig, Ready, Role, Snapshot
+from raft.interfaces import ISnapshotCopy, ISnapshotFile, IStateMachine, IStorage, ITransport
+from raft.types import Entry, Message, MessageType, RaftConfig, Ready, Role, Snapshot, SnapshotMeta
 
 #: ``callback(role, leader)`` run after every change of this node's role or of
 #: the leader it believes in (the new values; ``leader`` may be None).
@@ -126,6 +126,7 @@ class RaftNode(service.Service):
         tick_interval: float = 0.05,
         snapshot_entries: int = 10000,
         rng: random.Random | None = None,
+        offload: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None,
     ) -> None:
         if tick_interval <= 0:
             raise ValueError("tick_interval must be positive")
@@ -139,6 +140,14 @@ class RaftNode(service.Service):
         self.tick_interval = tick_interval
         self.snapshot_entries = snapshot_entries
         self._rng = rng
+        #: Runs a function away from the event loop and fires with its
+        #: result: a thread of the reactor's pool, or, on a reactor without
+        #: threads (simulated time), the next turn of its clock, so the
+        #: simulations go through the same interleavings in one thread.
+        self._offload = offload or _default_offload(reactor)
+        #: The periodic snapshot being encoded and written away from the
+        #: event loop, if any (at most one at a time).
+        self._snapshot_job: defer.Deferred[Any] | None = None
         self._core: RaftCore | None = None
         self._ticker: task.LoopingCall | None = None
         self._process_call: IDelayedCall | None = None
@@ -219,6 +228,9 @@ class RaftNode(service.Service):
         self._stop(flush=False)
 
     def _stop(self, *, flush: bool) -> defer.Deferred[None] | None:
+        job, self._snapshot_job = self._snapshot_job, None
+        if job is not None and not flush:
+            job.cancel()  # simulated time: the work never runs (a thread would run on)
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         self._ticker = None
@@ -237,6 +249,13 @@ class RaftNode(service.Service):
         result: defer.Deferred[None] | None = super().stopService()  # type: ignore[no-untyped-call]
         # After ``running`` is cleared: a callback that retries at once is refused.
         self._fail_all(ProposalDropped("node stopped"), ReadAborted("node stopped"))
+        if job is not None and flush and not job.called:
+            # A snapshot being written: its owner closes the storage once we
+            # have stopped, so stop only when the write is over (its result
+            # is dropped: a stopped node compacts nothing).
+            waiting: defer.Deferred[None] = defer.Deferred()
+            job.addBoth(lambda _: waiting.callback(None))
+            return waiting
         return result
 
     # -- simulated crash -----------------------------------------------------
@@ -382,6 +401,54 @@ class RaftNode(service.Service):
         self.storage.save_snapshot(snapshot)
         self._snapshot_index = snapshot.meta.index
         return snapshot
+
+    def _snapshot_in_background(self) -> None:
+        """Take a snapshot without stalling the event loop: copy the state
+        here, encode it and write it durably through ``offload`` (a thread),
+        then compact the log back here once it is durable. Entries go on
+        being applied meanwhile; the snapshot is of the index copied."""
+        core = self.core
+        index = self._applied
+        term = core.log_term(index)
+        if term is None:  # pragma: no cover - applied entries are in the log or the snapshot
+            return
+        meta = SnapshotMeta(index, term, core.peers)
+        encode = ISnapshotCopy(self.state_machine).snapshot_copy()
+        storage = self.storage
+        writes = ISnapshotFile.providedBy(storage)
+
+        def work() -> Snapshot:
+            snapshot = Snapshot(meta, bytes(encode()))
+            if writes:
+                ISnapshotFile(storage).write_snapshot(snapshot)
+            return snapshot
+
+        job = self._snapshot_job = self._offload(work)
+        job.addCallbacks(self._snapshot_written, self._snapshot_failed, callbackArgs=(writes,))
+
+    def _snapshot_written(self, snapshot: Snapshot, written: bool) -> None:
+        self._snapshot_job = None
+        if not self.running or self._core is None or self.fatal_error is not None:
+            return
+        if snapshot.meta.index <= self._snapshot_index:
+            return  # a snapshot from the leader got there first
+        try:
+            self._core.compact(snapshot.meta.index, snapshot.data)
+            if written:
+                ISnapshotFile(self.storage).install_written_snapshot(snapshot)
+            else:
+                self.storage.save_snapshot(snapshot)
+        except Exception:
+            self._fail_stop(Failure())
+            return
+        self._snapshot_index = snapshot.meta.index
+
+    def _snapshot_failed(self, failure: Failure) -> None:
+        self._snapshot_job = None
+        if failure.check(defer.CancelledError):
+            return
+        if self.running and self.fatal_error is None:
+            self._fail_stop(failure)
 
     def status(self) -> dict[str, Any]:
         if self._core is None:
@@ -561,8 +628,11 @@ class RaftNode(service.Service):
         self._serve_reads()
         core.advance(rd)
         # 6. Compact once enough has been applied since the last snapshot.
-        if self._applied - self._snapshot_index >= self.snapshot_entries:
-            self.take_snapshot()
+        if self._applied - self._snapshot_index >= self.snapshot_entries and self._snapshot_job is None:
+            if ISnapshotCopy.providedBy(self.state_machine):
+                self._snapshot_in_background()
+            else:
+                self.take_snapshot()
 
     def _apply(self, entries: list[Entry]) -> None:
         # One loop over the batch with everything it touches in locals: this
@@ -726,3 +796,9 @@ class RaftNode(service.Service):
                 observer(self._role, self._leader)
             except Exception:
                 self.log.failure("role-change observer {observer!r} failed", observer=observer)
+
+
+def _default_offload(reactor: Any) -> Callable[[Callable[[], Any]], defer.Deferred[Any]]:
+    if IReactorThreads.providedBy(reactor):
+        return lambda work: threads.deferToThreadPool(reactor, reactor.getThreadPool(), work)
+    return lambda work: task.deferLater(reactor, 0, work)

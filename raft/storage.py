@@ -59,6 +59,7 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 import zlib
 from typing import Any
 
@@ -68,7 +69,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from raft.errors import RaftError, StorageCorrupt
-from raft.interfaces import IStorage
+from raft.interfaces import ISnapshotFile, IStorage
 from raft.types import (
     Entry,
     HardState,
@@ -355,7 +356,7 @@ def _fs_path(directory: str | FilePath[str]) -> str:
 # DiskStorage
 
 
-@implementer(IStorage)
+@implementer(IStorage, ISnapshotFile)
 class DiskStorage:
     """``IStorage`` on a directory: WAL + snapshot file (see the module doc).
 
@@ -389,6 +390,11 @@ class DiskStorage:
         self._open_hard_state: dict[str, Any] | None = None
         self._failed: BaseException | None = None
         self._closed = False
+        #: Held while the snapshot file is written, which ``write_snapshot``
+        #: does from another thread; guards ``_written_snapshot_index``, the
+        #: index of the newest snapshot file written (never goes back).
+        self._snapshot_lock = threading.Lock()
+        self._written_snapshot_index = 0
         #: sync rounds that had something to write; with fsync=True each is
         #: exactly one os.fsync of the WAL (snapshot/compaction fsyncs aside).
         self.fsyncs = 0
@@ -419,7 +425,38 @@ class DiskStorage:
         state.check_snapshot(snapshot)
         self.sync()
         try:
+            with self._snapshot_lock:
+                self._write_snapshot_file(snapshot)
+                self._written_snapshot_index = snapshot.meta.index
+            state.save_snapshot(snapshot)
+            self._compact_wal(state)
+        except BaseException as e:
+            self._failed = e
+            raise
+
+    # -- ISnapshotFile
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        # Only the snapshot file (temp, fsync, rename, directory fsync): the
+        # WAL and the in-memory state stay the event loop's. A crash after
+        # this and before ``install_written_snapshot`` leaves a snapshot
+        # newer than the WAL's base, which recovery takes (the same state
+        # as a crash inside ``save_snapshot``).
+        with self._snapshot_lock:
+            if snapshot.meta.index <= self._written_snapshot_index:
+                return
             self._write_snapshot_file(snapshot)
+            self._written_snapshot_index = snapshot.meta.index
+
+    def install_written_snapshot(self, snapshot: Snapshot) -> None:
+        state = self._loaded_state()
+        if snapshot.meta.index <= state.snapshot_meta.index:
+            return
+        with self._snapshot_lock:
+            if self._written_snapshot_index != snapshot.meta.index:
+                return  # the file holds another snapshot now: this one is gone
+        self.sync()
+        try:
             state.save_snapshot(snapshot)
             self._compact_wal(state)
         except BaseException as e:
@@ -524,6 +561,8 @@ class DiskStorage:
                 log.info("removing unfinished {tmp}", tmp=tmp)
                 self._sys.unlink(tmp)
         snapshot = self._read_snapshot_file()
+        with self._snapshot_lock:
+            self._written_snapshot_index = snapshot.meta.index if snapshot is not None else 0
         if not os.path.exists(self._wal_path):
             if snapshot is not None:
                 raise StorageCorrupt(f"{self._wal_path}: missing although a snapshot exists")

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from raft.errors import NodeCrashed, NotLeaderError
-from raft.interfaces import IStateMachine, IStorage, ITransport
+from raft.interfaces import ISnapshotCopy, IStateMachine, IStorage, ITransport
 from raft.node import RaftNode
 from raft.types import Entry, Message, MessageType, RaftConfig, Role
 
@@ -305,9 +305,11 @@ class SimNetwork(Reachability[int]):
 # -- a state machine for tests ----------------------------------------------------------
 
 
-@implementer(IStateMachine)
+@implementer(IStateMachine, ISnapshotCopy)
 class RecordingStateMachine:
-    """Records every command it applies, in order.
+    """Records every command it applies, in order. Its periodic snapshots
+    are taken in the background (``ISnapshotCopy``): in the simulations the
+    encoding runs a clock turn later, while applies go on.
 
     ``apply`` returns the number of commands applied so far (so a proposer
     learns its command's position); a command starting with ``b"!error"``
@@ -326,6 +328,10 @@ class RecordingStateMachine:
 
     def snapshot(self) -> bytes:
         return cbor2.dumps(self.applied)
+
+    def snapshot_copy(self) -> Callable[[], bytes]:
+        copy = list(self.applied)
+        return lambda: cbor2.dumps(copy)
 
     def restore(self, data: bytes) -> None:
         self.applied = list(cbor2.loads(data))

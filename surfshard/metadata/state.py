@@ -31,7 +31,7 @@ version mismatch. The CAS rule keeps the file itself correct.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ import cbor2
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from raft.interfaces import IStateMachine
+from raft.interfaces import ISnapshotCopy, IStateMachine
 from surfshard.errors import BadRequest, ErrorCode, NotReady, WrongGroup
 from surfshard.keyspace import (
     HASH_JOINER,
@@ -419,6 +419,61 @@ class _ShardState:
             self.dedup.restore(client, floor, answers)
 
 
+@dataclass(frozen=True, slots=True)
+class _ShardCopy:
+    """A shard as of one moment, for a snapshot encoded later."""
+
+    files: dict[str, FileInfo]
+    sessions: list[Any]
+    revision: int
+
+    @classmethod
+    def of(cls, state: _ShardState) -> _ShardCopy:
+        return cls(dict(state.files), state.sessions_to_wire(), state.revision)
+
+    def to_wire(self) -> dict[str, Any]:
+        """``_ShardState.to_wire`` of the copy, its file map pre-encoded."""
+        return {"files": _encode_files(self.files), "sessions": self.sessions, "revision": self.revision}
+
+
+class _RawCBOR:
+    """Bytes already encoded as CBOR, written as they are (``_write_raw``)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _write_raw(encoder: Any, value: Any) -> None:
+    if not isinstance(value, _RawCBOR):
+        raise TypeError(f"cannot encode {type(value).__name__} in a snapshot")
+    encoder.write(value.data)
+
+
+#: Files encoded per cbor2 call in a snapshot: a call holds the GIL while
+#: it runs, so an encoding in a thread yields to the event loop between
+#: slices (a slice of small files encodes in about a millisecond).
+_SNAPSHOT_SLICE = 2048
+
+
+def _encode_files(files: dict[str, FileInfo]) -> _RawCBOR:
+    """``{name: [version, hashes]}`` as canonical CBOR (keys ordered by
+    their encoding: length first, then bytes), a slice at a time. A map's
+    body is the concatenation of its keys and values, which is the body of
+    the array of them in that order: each slice is encoded as an array and
+    its head dropped."""
+    keyed = sorted((len(b), b, name) for name in files for b in (name.encode("utf-8"),))
+    parts = [_cbor_head(0xA0, len(keyed))]  # a map
+    for i in range(0, len(keyed), _SNAPSHOT_SLICE):
+        flat: list[Any] = []
+        for _, _, name in keyed[i : i + _SNAPSHOT_SLICE]:
+            flat.append(name)
+            flat.append(files[name])  # (version, tuple of hashes): an array, as [v, list(h)]
+        parts.append(cbor2.dumps(flat)[len(_cbor_head(0x80, len(flat))) :])  # minus the array's head
+    return _RawCBOR(b"".join(parts))
+
+
 def _check_revision(revision: Any) -> int:
     if type(revision) is not int or not 0 <= revision <= MAX_VERSION:
         raise BadRequest(f"revision must be an integer >= 0, not {revision!r}"[:200])
@@ -470,7 +525,7 @@ def _decode(data: Any, what: str) -> Any:
         raise BadRequest(f"{what} is not valid CBOR: {type(e).__name__}: {e}") from None
 
 
-@implementer(IStateMachine)
+@implementer(IStateMachine, ISnapshotCopy)
 class MetadataStateMachine:
     """SurfStore's file map for the shards this group owns, plus dedup.
 
@@ -853,23 +908,40 @@ class MetadataStateMachine:
     def snapshot(self) -> bytes:
         """Every shard held, serving or in transit, in canonical CBOR (equal
         states, equal bytes)."""
-        wire: dict[str, Any] = {
+        return self.snapshot_copy()()
+
+    def snapshot_copy(self) -> Callable[[], bytes]:
+        """A consistent copy of the state now, and the function that encodes
+        it into what ``snapshot()`` returns (``raft.interfaces.ISnapshotCopy``).
+
+        The copy is cheap next to the encoding: a dict copy per shard (file
+        entries are immutable tuples, shared) and the small dedup tables.
+        The encoding may then run in a thread while ``apply`` goes on: it
+        reads only the copy, and encodes the file maps a slice at a time so
+        the event loop gets the GIL between slices.
+        """
+        shards = {shard: _ShardCopy.of(state) for shard, state in self._shards.items()}
+        outgoing = {
+            shard: (out.num, out.target, list(out.addresses), _ShardCopy.of(out.state))
+            for shard, out in self._outgoing.items()
+        }
+        head = {
             "format": FORMAT,
             "nshards": self.nshards,
-            "shards": {shard: state.to_wire() for shard, state in self._shards.items()},
             "config": self.config_num,
             "incoming": {shard: inc.to_wire() for shard, inc in self._incoming.items()},
-            "outgoing": {
-                shard: {
-                    "num": out.num,
-                    "to": out.target,
-                    "addrs": list(out.addresses),
-                    "state": out.state.to_wire(),
-                }
-                for shard, out in self._outgoing.items()
-            },
         }
-        return cbor2.dumps(wire, canonical=True)
+
+        def encode() -> bytes:
+            wire: dict[str, Any] = dict(head)
+            wire["shards"] = {shard: copy.to_wire() for shard, copy in shards.items()}
+            wire["outgoing"] = {
+                shard: {"num": num, "to": target, "addrs": addrs, "state": copy.to_wire()}
+                for shard, (num, target, addrs, copy) in outgoing.items()
+            }
+            return cbor2.dumps(wire, canonical=True, default=_write_raw)
+
+        return encode
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with ``snapshot()`` output (format 1 or 2).
