@@ -194,7 +194,12 @@ class Processes:
             # A session of its own: a Ctrl-C in the terminal reaches only us,
             # and we stop the children in order.
             proc = subprocess.Popen(
-                argv, cwd=ROOT, stdout=kwargs.pop("stdout", out), stderr=out, start_new_session=True, **kwargs
+                argv,
+                cwd=kwargs.pop("cwd", ROOT),
+                stdout=kwargs.pop("stdout", out),
+                stderr=out,
+                start_new_session=True,
+                **kwargs,
             )
         self.children[key] = proc
         return proc
