@@ -109,9 +109,13 @@ def run(tree: Path, args: argparse.Namespace, label: str) -> dict[str, Any]:
             )
         finally:
             load.close()
-        statuses = [bench.try_status(a) for a in addresses]
-        if not all(statuses):
-            raise RuntimeError(f"a node stopped answering; logs in {workdir}")
+        # A node busy writing a snapshot on its event loop may not answer
+        # at once: ask until all three do (the stall itself is the figure).
+        def all_status() -> list[dict[str, Any]] | None:
+            got = [bench.try_status(a) for a in addresses]
+            return got if all(got) else None  # type: ignore[return-value]
+
+        statuses = bench.wait_for(all_status, 120.0, "every node to answer its status")
         snapshots = [s.get("snapshot_index") for s in statuses if s]
         gaps = [s["max_leader_gap_ms"] for s in statuses if s and s["role"] != "leader"]
         terms = [s["term"] for s in statuses if s]

@@ -187,7 +187,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     @defer.inlineCallbacks
     def body(reactor: Any):
-        client = ClusterClient(cluster, reactor)
+        client = ClusterClient(cluster, reactor, admin=True)
         say = (lambda line: err_console.print(line)) if args.json else print
         try:
             if args.action == "random":
@@ -272,7 +272,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
     @defer.inlineCallbacks
     def body(reactor: Any):
-        client = ClusterClient(cluster, reactor, timeout=args.timeout)
+        client = ClusterClient(cluster, reactor, timeout=args.timeout, admin=action not in ("show", "query"))
         sm = client.shardmaster
         try:
             if action == "show":
@@ -311,15 +311,17 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from client.cluster import CLIENT_CERT_NAME
+    from client.cluster import ADMIN_CERT_NAME, CLIENT_CERT_NAME
     from surfshard.config import parse_address
     from surfshard.net.tls import generate_dev_pki
+    from surfshard.replica.access import ADMIN, CLIENT, NODE
 
     cluster = _load(args)
     names: dict[str, str] = {}
     for node in cluster.all_nodes():
         names[node_name(node.kind, node.gid, node.index)] = parse_address(node.address)[0]
-    out = generate_dev_pki(args.out, [*names, CLIENT_CERT_NAME], {n: h for n, h in names.items()})
+    roles = {**dict.fromkeys(names, NODE), CLIENT_CERT_NAME: CLIENT, ADMIN_CERT_NAME: ADMIN}
+    out = generate_dev_pki(args.out, list(roles), {n: h for n, h in names.items()}, roles=roles)
     _emit(
         args,
         {name: {"ca": f.ca, "cert": f.cert, "key": f.key} for name, f in out.items()},

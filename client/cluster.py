@@ -29,14 +29,16 @@ from surfshard.shardmap import ShardMap
 #: map again (the group may have handed the shard on and been shut down).
 GROUP_ATTEMPT = 5.0
 
-#: The certificate name a command-line client presents when TLS is on.
+#: The certificate names a command-line client presents when TLS is on:
+#: the client's, and the operator's for admin and chaos calls.
 CLIENT_CERT_NAME = "client"
+ADMIN_CERT_NAME = "admin"
 
 
-def client_tls(cluster: ClusterConfig) -> TLSFiles | None:
+def client_tls(cluster: ClusterConfig, *, admin: bool = False) -> TLSFiles | None:
     if cluster.tls is None:
         return None
-    cert, key = cluster.tls.cert_paths(CLIENT_CERT_NAME)
+    cert, key = cluster.tls.cert_paths(ADMIN_CERT_NAME if admin else CLIENT_CERT_NAME)
     return TLSFiles(ca=str(cluster.tls.ca), cert=str(cert), key=str(key))
 
 
@@ -52,10 +54,13 @@ class ClusterClient:
         timeout: float = 30.0,
         client_id: str | None = None,
         rng: random.Random | None = None,
+        admin: bool = False,
     ) -> None:
+        """``admin``: present the admin certificate (TLS), for shard moves
+        and chaos calls."""
         self.cluster = cluster
         self.reactor = reactor
-        self.pool = pool if pool is not None else RpcClientPool(reactor, tls=client_tls(cluster))
+        self.pool = pool if pool is not None else RpcClientPool(reactor, tls=client_tls(cluster, admin=admin))
         self.timeout = timeout
         self.client_id = client_id or uuid.uuid4().hex
         self.rng = rng or random.Random()

@@ -79,13 +79,21 @@ class Launcher:
         self.reactor = reactor
         self.console = console or _console()
         self.children: dict[str, NodeProcess] = {}
-        self.client = ClusterClient(cluster, reactor, timeout=10.0)
+        self.client = ClusterClient(cluster, reactor, timeout=10.0, admin=True)
         self._last_view: Any = None
         self.log_dir = Path(cluster.data_dir) / "logs"
 
     def start(self) -> None:
         plugins = available_plugins()
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.cluster.tls is None:
+            self.console.print(
+                "[yellow]TLS is off: every node trusts whoever reaches its port (any client can make Raft, "
+                "admin and chaos calls). To turn it on:\n"
+                f"  surfshard certs --config {self.config_path} --out certs\n"
+                '  then add  [tls] ca = "certs/ca.pem"  cert_dir = "certs"  to the config '
+                "(configs/local-tls.toml is the local cluster with TLS on)[/yellow]"
+            )
         for node in self.cluster.all_nodes():
             plugin = PLUGINS[node.kind]
             name = node_name(node.kind, node.gid, node.index)

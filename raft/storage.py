@@ -320,6 +320,26 @@ def _frame(offset: int, payload: bytes) -> bytes:
     return _FRAME.pack(len(payload), _record_crc(offset, payload)) + payload
 
 
+def _frame_pieces(offset: int, pieces: list[bytes]) -> list[bytes]:
+    """``_frame(offset, b"".join(pieces))`` without joining: the frame's
+    head, then the pieces."""
+    length = sum(len(p) for p in pieces)
+    crc = zlib.crc32(_CRC_PREFIX.pack(offset, length))
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return [_FRAME.pack(length, crc), *pieces]
+
+
+def _cbor_bytes_head(n: int) -> bytes:
+    """The head of a CBOR byte string of ``n`` bytes."""
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 24:
+            return bytes((0x40 | n,))
+        if n < 1 << (8 * size):
+            return bytes((0x40 | extra,)) + n.to_bytes(size, "big")
+    raise ValueError(f"{n} bytes is too long")
+
+
 def _read_record(buf: memoryview, pos: int) -> memoryview | None:
     """The payload of a valid record at ``pos``, or None."""
     if len(buf) - pos < _FRAME.size:
@@ -718,8 +738,16 @@ class DiskStorage:
             view = view[written:]
 
     def _write_snapshot_file(self, snapshot: Snapshot) -> None:
-        payload = cbor2.dumps(snapshot.to_wire())
-        self._replace_file(self._snapshot_path, SNAPSHOT_MAGIC + _frame(_HEADER_LEN, payload))
+        # The payload is the CBOR of ``snapshot.to_wire()``, built around the
+        # state rather than through it: the (maybe large) data is written as
+        # it is and its CRC taken in place, never copied in memory (a copy
+        # holds the GIL, which ``write_snapshot`` in a thread must not).
+        data = snapshot.data
+        head = cbor2.dumps({"meta": snapshot.meta.to_wire(), "data": b""})
+        if not head.endswith(b"\x40"):  # pragma: no cover - cbor2 encodes empty bytes as 0x40
+            raise AssertionError("unexpected encoding of the snapshot's head")
+        pieces = [head[:-1] + _cbor_bytes_head(len(data)), data]
+        self._replace_file(self._snapshot_path, [SNAPSHOT_MAGIC, *_frame_pieces(_HEADER_LEN, pieces)])
 
     def _compact_wal(self, state: _LogState) -> None:
         """Rewrite the WAL as base + hard state + the entries after the
@@ -749,13 +777,15 @@ class DiskStorage:
             index=state.snapshot_meta.index,
         )
 
-    def _replace_file(self, path: str, data: bytes) -> None:
-        """Atomically make ``path`` hold ``data``: temp file, fsync, rename,
-        fsync the directory (so the rename itself survives a power loss)."""
+    def _replace_file(self, path: str, data: bytes | list[bytes]) -> None:
+        """Atomically make ``path`` hold ``data`` (or its pieces, in order):
+        temp file, fsync, rename, fsync the directory (so the rename itself
+        survives a power loss)."""
         tmp = path + self._TMP_SUFFIX
         fd = self._sys.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            self._write_all(fd, data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                self._write_all(fd, piece)
             if self._fsync:
                 self._sys.fsync(fd)
         finally:

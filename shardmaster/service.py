@@ -13,7 +13,7 @@ from raft.node import RaftNode
 from shardmaster.state import ShardMasterStateMachine, encode_join, encode_leave, encode_move
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind
-from surfshard.net.methods import MethodTable
+from surfshard.net.methods import Access, MethodTable
 from surfshard.net.schema import Arg, Value
 from surfshard.replica.control import TIMEOUT_ARG, ReplicaControl
 from surfshard.replica.dedup import validate_client
@@ -114,13 +114,20 @@ def shardmaster_methods(replica: ShardMasterReplica) -> MethodTable:
             *CLIENT_ARGS,
             TIMEOUT_ARG,
         ],
+        access=(Access.ADMIN,),
     )
     t.add(
         "leave",
         replica.leave,
         [Arg("gids", Value(list, min_len=1, max_len=1024, items=Value(int))), *CLIENT_ARGS, TIMEOUT_ARG],
+        access=(Access.ADMIN,),
     )
-    t.add("move", replica.move, [Arg("shard", int), Arg("gid", int), *CLIENT_ARGS, TIMEOUT_ARG])
+    t.add(
+        "move",
+        replica.move,
+        [Arg("shard", int), Arg("gid", int), *CLIENT_ARGS, TIMEOUT_ARG],
+        access=(Access.ADMIN,),
+    )
     t.add("query", replica.query, [Arg("num", int, default=-1), TIMEOUT_ARG])
     return t
 

@@ -29,6 +29,7 @@ from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.schema import Arg, Value
 from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
+from surfshard.replica.access import server_access
 
 #: Largest block accepted (SurfStore clients use 4 KiB blocks by default).
 MAX_BLOCK_BYTES = 4 * 1024 * 1024
@@ -191,7 +192,12 @@ class BlockStoreService(service.Service):
         super().startService()
         host, port = parse_address(self.address)
         factory = node_factory(
-            RpcServerFactory(self.table, self.reactor, server_limits(self.cluster)),
+            RpcServerFactory(
+                self.table,
+                self.reactor,
+                server_limits(self.cluster),
+                **server_access(self.cluster, self.name),
+            ),
             make_site(self.root, clock=self.reactor, max_body=self.cluster.limits.max_http_body),
             self.reactor,
             tls=self.tls_files,

@@ -21,6 +21,8 @@ from twisted.web import xmlrpc
 
 from surfshard import errors
 from surfshard.metadata.replica import MetadataReplica
+from surfshard.net.methods import Access, Caller
+from surfshard.replica.access import CLIENT, ClusterAccess
 from surfshard.replica.dedup import OneShotIds
 
 #: XML-RPC faults carry an integer code; these are stable, one per ErrorCode.
@@ -43,10 +45,17 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
 
     log = Logger()
 
-    def __init__(self, replica: MetadataReplica, forward: Forward | None = None) -> None:
+    def __init__(
+        self, replica: MetadataReplica, forward: Forward | None = None, access: ClusterAccess | None = None
+    ) -> None:
         super().__init__(allowNone=True)
         self.replica = replica
         self.forward = forward
+        #: With TLS: who may make the chaos calls; ``caller`` is set by RPC2
+        #: for the call being made (XML-RPC procedures run synchronously in
+        #: its render_POST).
+        self.access = access
+        self.caller: Caller | None = None
         # XML-RPC callers carry no identity: each updatefile gets one of its
         # own here (surfshard.replica.dedup), kept if the call has to be
         # finished on another node (see below).
@@ -139,24 +148,38 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
     def xmlrpc_isLeader(self) -> Any:
         return self._guard(self.replica.is_leader)
 
+    def _admin(self, call: Callable[[], Any]) -> Callable[[], Any]:
+        """``call``, refused (FORBIDDEN) with TLS unless the caller is an admin."""
+        access, caller = self.access, self.caller
+
+        def checked() -> Any:
+            if access is not None:
+                who = caller or Caller(CLIENT, "")
+                why = access.authorize(who, (Access.ADMIN,))
+                if why is not None:
+                    raise errors.Forbidden(f"chaos calls are not for {who.role} {who.name!r}: {why}")
+            return call()
+
+        return checked
+
     def xmlrpc_crash(self) -> Any:
-        return self._guard(self.replica.crash)
+        return self._guard(self._admin(self.replica.crash))
 
     def xmlrpc_restore(self) -> Any:
-        return self._guard(self.replica.restore)
+        return self._guard(self._admin(self.replica.restore))
 
     def xmlrpc_isCrashed(self) -> Any:
         return self._guard(self.replica.is_crashed)
 
     def xmlrpc_setLeader(self) -> Any:
-        return self._guard(self.replica.set_leader)
+        return self._guard(self._admin(self.replica.set_leader))
 
     def xmlrpc_sendHeartbeat(self) -> Any:
         def call():
             self._alive()
             return self.replica.send_heartbeat()
 
-        return self._guard(call)
+        return self._guard(self._admin(call))
 
 
 def _mismatch_is_false(failure: Any) -> bool:
@@ -182,10 +205,23 @@ class RPC2(xmlrpc.XMLRPC):
 
     log = Logger()
 
-    def __init__(self, replica: MetadataReplica, forward: Forward | None = None) -> None:
+    def __init__(
+        self, replica: MetadataReplica, forward: Forward | None = None, access: ClusterAccess | None = None
+    ) -> None:
         super().__init__(allowNone=True)
-        self.putSubHandler("surfstore", SurfStoreHandler(replica, forward))
+        self.surfstore = SurfStoreHandler(replica, forward, access)
+        self.putSubHandler("surfstore", self.surfstore)
         xmlrpc.addIntrospection(self)
+
+    def render_POST(self, request: Any) -> Any:
+        access = self.surfstore.access
+        if access is None:
+            return super().render_POST(request)
+        self.surfstore.caller = access.identify(request.channel.transport)
+        try:
+            return super().render_POST(request)
+        finally:
+            self.surfstore.caller = None
 
     def lookupProcedure(self, procedurePath):
         try:

@@ -13,8 +13,9 @@ from surfshard.metadata.migration import ShardMigrator
 from surfshard.metadata.replica import MetadataReplica
 from surfshard.metadata.shardwatch import ShardMapWatcher
 from surfshard.metadata.state import MetadataStateMachine
-from surfshard.net.methods import MethodTable
+from surfshard.net.methods import Access, MethodTable
 from surfshard.net.schema import Arg, Value
+from surfshard.replica.access import ClusterAccess
 from surfshard.replica.control import TIMEOUT_ARG
 from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.replica.service import ReplicaService
@@ -54,7 +55,8 @@ class MetadataService(ReplicaService):
             ShardMapWatcher(gid, self.node, self.machine, shardmaster, reactor).setServiceParent(self)
             self.migrator = ShardMigrator(gid, self.node, self.machine, self.pool, reactor)
             self.migrator.setServiceParent(self)
-        self.root.add("RPC2", RPC2(self.replica, forward=self.pool.call))
+        access = ClusterAccess(cluster, self.name) if cluster.tls is not None else None
+        self.root.add("RPC2", RPC2(self.replica, forward=self.pool.call, access=access))
 
     @property
     def replica(self) -> MetadataReplica:
@@ -108,6 +110,7 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
             Arg("max_bytes", int, required=False, min=MIN_CHUNK_BYTES, max=MAX_CHUNK_BYTES),
             TIMEOUT_ARG,
         ],
+        access=(Access.CLUSTER,),
     )
-    t.add("shard_installed", replica.shard_installed, [*shard_args, TIMEOUT_ARG])
+    t.add("shard_installed", replica.shard_installed, [*shard_args, TIMEOUT_ARG], access=(Access.CLUSTER,))
     return t

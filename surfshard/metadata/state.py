@@ -31,6 +31,7 @@ version mismatch. The CAS rule keeps the file itself correct.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -437,18 +438,20 @@ class _ShardCopy:
 
 
 class _RawCBOR:
-    """Bytes already encoded as CBOR, written as they are (``_write_raw``)."""
+    """One CBOR item already encoded, in pieces, written as they are
+    (``_write_raw``)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("parts",)
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
 
 
 def _write_raw(encoder: Any, value: Any) -> None:
     if not isinstance(value, _RawCBOR):
         raise TypeError(f"cannot encode {type(value).__name__} in a snapshot")
-    encoder.write(value.data)
+    for part in value.parts:
+        encoder.write(part)
 
 
 #: Files encoded per cbor2 call in a snapshot: a call holds the GIL while
@@ -471,7 +474,7 @@ def _encode_files(files: dict[str, FileInfo]) -> _RawCBOR:
             flat.append(name)
             flat.append(files[name])  # (version, tuple of hashes): an array, as [v, list(h)]
         parts.append(cbor2.dumps(flat)[len(_cbor_head(0x80, len(flat))) :])  # minus the array's head
-    return _RawCBOR(b"".join(parts))
+    return _RawCBOR(parts)
 
 
 def _check_revision(revision: Any) -> int:
@@ -939,7 +942,12 @@ class MetadataStateMachine:
                 shard: {"num": num, "to": target, "addrs": addrs, "state": copy.to_wire()}
                 for shard, (num, target, addrs, copy) in outgoing.items()
             }
-            return cbor2.dumps(wire, canonical=True, default=_write_raw)
+            # Into a BytesIO a piece at a time, whose getvalue() hands over
+            # its buffer without a copy: no single step copies the whole
+            # state while holding the GIL.
+            out = io.BytesIO()
+            cbor2.dump(wire, out, canonical=True, default=_write_raw)
+            return out.getvalue()
 
         return encode
 

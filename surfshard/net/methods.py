@@ -9,6 +9,7 @@ a Deferred or a ``Reply`` alike.
 
 from __future__ import annotations
 
+import enum
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,44 @@ class ReplySink(typing.Protocol):
     def errback(self, fail: BaseException) -> object: ...
 
 
+class Access(enum.StrEnum):
+    """Who may call a method. With TLS the server learns the caller's role
+    and name from its verified certificate (``Caller``), never from a
+    request field; without TLS the cluster trusts its network and every
+    caller may call everything (as etcd does without TLS)."""
+
+    #: Any caller the port accepted (with TLS: any certificate the CA signed).
+    CLIENT = "client"
+    #: Operators: shard moves, chaos calls, leadership changes.
+    ADMIN = "admin"
+    #: The other replicas of this node's own group (Raft).
+    PEER = "peer"
+    #: Any node of the cluster's replica groups (a shard moving between groups).
+    CLUSTER = "cluster"
+
+
+#: The default: every caller.
+OPEN: tuple[Access, ...] = (Access.CLIENT,)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The party at the other end of a connection, as its TLS certificate
+    names it: ``role`` is ``node``, ``admin`` or ``client`` (``trusted``
+    without TLS) and ``name`` its common name (a node's name for nodes)."""
+
+    role: str
+    name: str
+
+
+#: Without TLS: the network is trusted, so is every caller.
+TRUSTED = Caller("trusted", "")
+
+#: ``authorize(caller, grants)``: None if ``caller`` holds one of
+#: ``grants``, else why not (sent back with FORBIDDEN and logged).
+Authorizer = Callable[[Caller, tuple[Access, ...]], "str | None"]
+
+
 @dataclass(frozen=True, slots=True)
 class Method:
     name: str
@@ -50,18 +89,24 @@ class Method:
     #: Served even while the node sheds load (``ServerLimits.memory_budget``):
     #: peer traffic and health checks, whose refusal would make things worse.
     essential: bool = False
+    #: Who may call it: a caller holding any one of these grants.
+    access: tuple[Access, ...] = OPEN
 
 
 class CallContext:
     """Who is calling, for handlers that need it (authorisation, logging)."""
 
-    __slots__ = ("method", "peer", "request_id", "transport")
+    __slots__ = ("caller", "method", "peer", "request_id", "transport")
 
-    def __init__(self, peer: str, method: str, request_id: int | str, transport: Any) -> None:
+    def __init__(
+        self, peer: str, method: str, request_id: int | str, transport: Any, caller: Caller = TRUSTED
+    ) -> None:
         self.peer = peer
         self.method = method
         self.request_id = request_id
         self.transport = transport
+        #: Who is calling, from the verified certificate (``TRUSTED`` without TLS).
+        self.caller = caller
 
     def peer_certificate(self) -> Any:
         """The peer's TLS certificate (pyOpenSSL X509), or None without TLS."""
@@ -131,6 +176,7 @@ class MethodTable:
         pass_context: bool = False,
         takes_reply: bool = False,
         essential: bool = False,
+        access: tuple[Access, ...] = OPEN,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("a method name must be a non-empty str")
@@ -138,7 +184,17 @@ class MethodTable:
             raise ValueError(f"method {name!r} is already registered in {self.service}")
         if pass_context and takes_reply:
             raise ValueError("a handler takes a CallContext or a Reply, not both")
-        self._methods[name] = Method(name, handler, Schema(args), pass_context, takes_reply, essential)
+        if not access or not all(isinstance(a, Access) for a in access):
+            raise TypeError("access must be a non-empty tuple of Access")
+        self._methods[name] = Method(
+            name,
+            handler,
+            Schema(args),
+            pass_context,
+            takes_reply,
+            essential,
+            OPEN if access == OPEN else access,
+        )
 
     def method(
         self, name: str, *args: Arg, pass_context: bool = False

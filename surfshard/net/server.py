@@ -36,7 +36,7 @@ from surfshard.errors import (
     UnknownMethod,
 )
 from surfshard.net import wire
-from surfshard.net.methods import CallContext, MethodTable, Reply
+from surfshard.net.methods import OPEN, TRUSTED, Authorizer, CallContext, Caller, MethodTable, Reply
 from surfshard.net.schema import _MISSING, _TYPE_NAMES, _WIRE_TYPES, _describe, _Invalid, _short_repr
 
 log = Logger()
@@ -208,6 +208,19 @@ class RpcServerProtocol(Protocol):
         self._idle_timer: Any = None
         self._abort_timer: Any = None
         self._on_lost: list[Callable[[Failure], object]] = []
+        #: Who is calling (from the TLS certificate, learnt on the first
+        #: call that needs it); TRUSTED when the factory checks nothing.
+        self._caller: Caller | None = None
+
+    def caller(self) -> Caller:
+        """Who is at the other end: what the factory's ``identify`` makes of
+        the transport (its verified certificate), TRUSTED without one."""
+        caller = self._caller
+        if caller is None:
+            factory = self.server_factory
+            identify = factory.identify if factory is not None else None
+            caller = self._caller = identify(self.transport) if identify is not None else TRUSTED
+        return caller
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -419,6 +432,17 @@ class RpcServerProtocol(Protocol):
             )
             return
         factory = self.server_factory
+        if method.access is not OPEN and factory is not None and factory.authorize is not None:
+            caller = self.caller()
+            why = factory.authorize(caller, method.access)
+            if why is not None:
+                self._reject(
+                    request_id,
+                    "forbidden",
+                    Forbidden(f"{method_name} is not for {caller.role} {caller.name!r}: {why}"),
+                    method=method_name,
+                )
+                return
         if factory is not None and factory.shedding and not method.essential:
             self._send(
                 self._error_frame(
@@ -452,7 +476,7 @@ class RpcServerProtocol(Protocol):
         try:
             if method.pass_context:
                 result = method.handler(
-                    CallContext(self.peer, method_name, request_id, self.transport), **kwargs
+                    CallContext(self.peer, method_name, request_id, self.transport, self.caller()), **kwargs
                 )
             else:
                 result = method.handler(**kwargs)
@@ -644,10 +668,23 @@ class RpcServerFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, table: MethodTable, clock: IReactorTime, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        table: MethodTable,
+        clock: IReactorTime,
+        limits: ServerLimits | None = None,
+        *,
+        identify: Callable[[Any], Caller] | None = None,
+        authorize: Authorizer | None = None,
+    ) -> None:
         self.table = table
         self.clock = clock
         self.limits = limits or ServerLimits()
+        #: Who a connection's peer is (from its transport: the TLS
+        #: certificate), and whether it may call a method that is not open
+        #: to all. Both None: the network is trusted, nothing is checked.
+        self.identify = identify
+        self.authorize = authorize
         self.connections: set[RpcServerProtocol] = set()
         #: The bytes held in all connections' buffers at the last count, and
         #: whether that is over the budget (new non-essential work is shed).

@@ -127,6 +127,7 @@ def generate_dev_pki(
     names: Iterable[str],
     hosts: Mapping[str, str | Iterable[str]] | None = None,
     *,
+    roles: Mapping[str, str] | None = None,
     days: int = DEFAULT_VALIDITY_DAYS,
     now: datetime.datetime | None = None,
 ) -> dict[str, TLSFiles]:
@@ -137,7 +138,9 @@ def generate_dev_pki(
     node later keeps the other certificates valid.  Each certificate is
     usable as server and client, names the loopback addresses and the hosts
     ``hosts[name]`` (a DNS name or IP address, or several), and has the name
-    as its common name.  Returns ``{name: TLSFiles}``.
+    as its common name and ``roles[name]`` (if given) as its organizational
+    unit: the role a node grants its holder (``surfshard.replica.access``).
+    Returns ``{name: TLSFiles}``.
     """
     names = list(names)
     for name in names:
@@ -158,7 +161,8 @@ def generate_dev_pki(
     for name in names:
         extra = hosts.get(name, ())
         extra_hosts = [extra] if isinstance(extra, str) else list(extra)
-        cert, key = _make_leaf(name, [*_LOOPBACK_HOSTS, *extra_hosts], ca_cert, ca_key, now, days)
+        role = (roles or {}).get(name)
+        cert, key = _make_leaf(name, [*_LOOPBACK_HOSTS, *extra_hosts], ca_cert, ca_key, now, days, role)
         cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
         _write(key_path, _key_pem(key), private=True)
         _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
@@ -217,8 +221,12 @@ def _make_leaf(
     ca_key: Any,
     now: datetime.datetime,
     days: int,
+    role: str | None = None,
 ) -> tuple[x509.Certificate, Any]:
     key = ec.generate_private_key(ec.SECP256R1())
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    if role is not None:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
     alt_names: list[x509.GeneralName] = []
     seen: set[str] = set()
     for host in hosts:
@@ -231,7 +239,7 @@ def _make_leaf(
             alt_names.append(x509.DNSName(host))
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

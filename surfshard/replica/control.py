@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
 from raft.node import RaftNode
 from surfshard import errors
-from surfshard.net.methods import MethodTable
+from surfshard.net.methods import Access, MethodTable
 from surfshard.net.schema import Arg
 
 #: How long a call waits for a leader or a commit when the caller gives no timeout.
@@ -255,11 +255,18 @@ class ReplicaControl:
         table.add("status", self.status)
         table.add("is_leader", self.is_leader)
         table.add("is_crashed", self.is_crashed)
-        table.add("crash", self.crash)
-        table.add("restore", self.restore)
-        table.add("send_heartbeat", self.send_heartbeat)
-        table.add("set_leader", self.set_leader, [TIMEOUT_ARG])
-        table.add("transfer_leadership", self.transfer_leadership, [Arg("to", int, min=0, max=1 << 16)])
+        admin = (Access.ADMIN,)
+        table.add("crash", self.crash, access=admin)
+        table.add("restore", self.restore, access=admin)
+        table.add("send_heartbeat", self.send_heartbeat, access=admin)
+        table.add("set_leader", self.set_leader, [TIMEOUT_ARG], access=admin)
+        # A replica asks its leader to hand over (set_leader on a follower).
+        table.add(
+            "transfer_leadership",
+            self.transfer_leadership,
+            [Arg("to", int, min=0, max=1 << 16)],
+            access=(Access.PEER, Access.ADMIN),
+        )
 
 
 def plain(value: Any) -> Any:

@@ -34,6 +34,7 @@ from raft.types import Message
 from surfshard import errors
 from surfshard.net import wire
 from surfshard.net.interfaces import IPipelinedPool
+from surfshard.net.methods import TRUSTED, CallContext
 from surfshard.net.schema import Arg, Value
 
 #: Messages in one batch, at most (a receiver refuses longer batches).
@@ -168,15 +169,52 @@ class RpcRaftTransport:
 
     # -- server side --------------------------------------------------------
 
-    def deliver(self, group: str, msg: dict[str, Any] | None = None, msgs: list[Any] | None = None) -> None:
-        """The ``raft`` method's handler: validate every message, then hand
-        them to Raft in order."""
+    def deliver_from(
+        self, ctx: CallContext, group: str, msg: dict[str, Any] | None = None, msgs: list[Any] | None = None
+    ) -> None:
+        """The ``raft`` method's handler: ``deliver``, with the sender taken
+        from the caller's certificate. Without TLS (a trusted caller) the
+        messages' ``frm`` is taken as it is."""
+        caller = ctx.caller
+        sender = None
+        if caller.role != TRUSTED.role:
+            prefix = f"{self.group}-"
+            index = caller.name[len(prefix) :] if caller.name.startswith(prefix) else ""
+            sender = int(index) + 1 if index.isdigit() else -1
+        self.deliver(group, msg, msgs, sender=sender)
+
+    def deliver(
+        self,
+        group: str,
+        msg: dict[str, Any] | None = None,
+        msgs: list[Any] | None = None,
+        *,
+        sender: int | None = None,
+    ) -> None:
+        """Validate every message, then hand them to Raft in order. With a
+        ``sender`` (the raft id the caller's certificate names), a message
+        claiming to be from anyone else is refused, and none of the batch is
+        delivered."""
         if group != self.group:
             raise errors.BadRequest(f"raft message for group {group!r} reached group {self.group!r}")
         if (msg is None) == (msgs is None):
             raise errors.BadRequest("a raft request carries either msg or msgs")
         wires = [msg] if msgs is None else msgs
         messages = [self._parse(w, i) for i, w in enumerate(wires)]
+        if sender is not None:
+            for message in messages:
+                if message.frm != sender:
+                    self.log.warn(
+                        "raft: refused a message claiming to be from node {frm} of {group}: "
+                        "the caller's certificate is for raft id {sender}",
+                        frm=message.frm,
+                        group=self.group,
+                        sender=sender,
+                    )
+                    raise errors.Forbidden(
+                        f"raft message says it is from node {message.frm}, the caller's certificate "
+                        f"is of {'node ' + str(sender) if sender > 0 else 'no node of this group'}"
+                    )
         handler = self._handler
         if handler is None:
             raise errors.Unavailable("raft node is not running")

@@ -25,11 +25,12 @@ from raft.node import RaftNode
 from raft.storage import DiskStorage
 from raft.types import RaftConfig
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
-from surfshard.net.methods import MethodTable
+from surfshard.net.methods import Access, MethodTable
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
+from surfshard.replica.access import server_access
 
 #: How long a call waits for a leader or a commit when the caller gives no timeout.
 from surfshard.replica.control import ReplicaControl, plain
@@ -125,7 +126,14 @@ class ReplicaService(service.MultiService):
         )
         self.node.setServiceParent(self)
         self.table = MethodTable(service=self.name)
-        self.table.add("raft", self.transport.deliver, RpcRaftTransport.method_args(), essential=True)
+        self.table.add(
+            "raft",
+            self.transport.deliver_from,
+            RpcRaftTransport.method_args(),
+            essential=True,
+            pass_context=True,
+            access=(Access.PEER,),
+        )
         self.table.add("ping", lambda: True, essential=True)
         self.control = self.make_control(cluster.chaos if chaos is None else chaos)
         self.control.add_methods(self.table)
@@ -152,7 +160,9 @@ class ReplicaService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        rpc = RpcServerFactory(self.table, self.reactor, server_limits(self.cluster))
+        rpc = RpcServerFactory(
+            self.table, self.reactor, server_limits(self.cluster), **server_access(self.cluster, self.name)
+        )
         rpc.add_buffer_source(lambda: self.node.buffered_bytes)
         factory = node_factory(
             rpc,
