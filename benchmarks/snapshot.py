@@ -109,6 +109,7 @@ def run(tree: Path, args: argparse.Namespace, label: str) -> dict[str, Any]:
             )
         finally:
             load.close()
+
         # A node busy writing a snapshot on its event loop may not answer
         # at once: ask until all three do (the stall itself is the figure).
         def all_status() -> list[dict[str, Any]] | None:
