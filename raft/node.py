@@ -148,6 +148,12 @@ class RaftNode(service.Service):
         #: The periodic snapshot being encoded and written away from the
         #: event loop, if any (at most one at a time).
         self._snapshot_job: defer.Deferred[Any] | None = None
+        #: How much later than every ``snapshot_entries`` this node takes its
+        #: first snapshot: node k of n, k/n of the period (0 on the first).
+        peers = sorted(config.peers)
+        self._snapshot_stagger = (
+            peers.index(config.id) * snapshot_entries // len(peers) if config.id in peers else 0
+        )
         self._core: RaftCore | None = None
         self._ticker: task.LoopingCall | None = None
         self._process_call: IDelayedCall | None = None
@@ -627,8 +633,13 @@ class RaftNode(service.Service):
                 self._reads_confirmed.append(waiter)
         self._serve_reads()
         core.advance(rd)
-        # 6. Compact once enough has been applied since the last snapshot.
-        if self._applied - self._snapshot_index >= self.snapshot_entries and self._snapshot_job is None:
+        # 6. Compact once enough has been applied since the last snapshot
+        #    (the first time after a start, later by a share of the period
+        #    that differs by node: replicas that snapshot at the same index
+        #    would all spend their CPU on it at once).
+        due = self.snapshot_entries + self._snapshot_stagger
+        if self._applied - self._snapshot_index >= due and self._snapshot_job is None:
+            self._snapshot_stagger = 0
             if ISnapshotCopy.providedBy(self.state_machine):
                 self._snapshot_in_background()
             else:

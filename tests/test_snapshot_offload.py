@@ -265,3 +265,41 @@ class SnapshotFileTests(SynchronousTestCase):
         self.addCleanup(storage.close)
         _, snap, entries = storage.load()
         self.assertEqual((snap, [e.index for e in entries]), (leader, [10]))
+
+
+class StaggerTests(SynchronousTestCase):
+    def test_replicas_take_their_first_snapshot_at_different_points(self) -> None:
+        # Node k of n waits k/n of a period more the first time, so the
+        # replicas of a group never all encode a snapshot at once.
+        due = []
+        for node_id in (1, 2, 3):
+            clock = Clock()
+            offload = HeldOffload()
+            node = RaftNode(
+                RaftConfig(id=node_id, peers=(node_id,)),
+                MemoryStorage(),
+                NullTransport(),  # type: ignore[arg-type]
+                RecordingStateMachine(),
+                clock,
+                snapshot_entries=30,
+                offload=offload,
+            )
+            node._snapshot_stagger = RaftNode(
+                RaftConfig(id=node_id, peers=(1, 2, 3)),
+                MemoryStorage(),
+                NullTransport(),  # type: ignore[arg-type]
+                RecordingStateMachine(),
+                clock,
+                snapshot_entries=30,
+            )._snapshot_stagger
+            node.startService()
+            self.addCleanup(node.stopService)
+            node.campaign()
+            clock.advance(0)
+            for k in range(100):
+                node.propose(b"%d" % k)
+                clock.advance(0)
+                if offload.jobs:
+                    due.append(node.applied_index)
+                    break
+        self.assertEqual(due, [30, 40, 50])

@@ -32,6 +32,7 @@ version mismatch. The CAS rule keeps the file itself correct.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -474,6 +475,9 @@ def _encode_files(files: dict[str, FileInfo]) -> _RawCBOR:
             flat.append(name)
             flat.append(files[name])  # (version, tuple of hashes): an array, as [v, list(h)]
         parts.append(cbor2.dumps(flat)[len(_cbor_head(0x80, len(flat))) :])  # minus the array's head
+        # Hand the GIL over now: an event loop waiting for it runs at once
+        # instead of at the interpreter's next switch.
+        time.sleep(0)
     return _RawCBOR(parts)
 
 
