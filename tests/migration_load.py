@@ -97,6 +97,32 @@ def main(reactor: Any, options: argparse.Namespace) -> Any:
     print(json.dumps(counts), flush=True)
 
 
+def check_history(ops: list[dict[str, Any]]) -> Any:
+    """The linearizability checker's verdict on a history this script
+    wrote (``surfshard.testing.linearizability.CheckResult``)."""
+    from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
+
+    recorder = HistoryRecorder()
+    for op in sorted(ops, key=lambda o: o["call"]):
+        if op["kind"] == "update":
+            version, hashlist = op["args"]
+            op_id = recorder.invoke(op["client"], UPDATE, op["name"], (version, hashlist), op["call"])
+            if op["result"] == "ok":
+                recorder.complete(op_id, True, op["return"])
+            elif op["result"] == "mismatch":
+                recorder.complete(op_id, Mismatch(op["current"]), op["return"])
+            else:
+                recorder.unknown(op_id)
+        else:
+            op_id = recorder.invoke(op["client"], GET, op["name"], (), op["call"])
+            if op["result"] == "value":
+                version, hashlist = op["value"]
+                recorder.complete(op_id, (version, tuple(hashlist)) if version else None, op["return"])
+            else:
+                recorder.unknown(op_id)
+    return recorder.check()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)

@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from surfshard.errors import SurfShardError
 from surfshard.keyspace import shard_of
-from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
+from tests.migration_load import check_history
 from tests.procs import (
     REPO_ROOT,
     NativeClient,
@@ -271,28 +271,10 @@ class MigrationProcessTests(SynchronousTestCase):
         self.assertEqual(self.load.returncode, 0, f"load failed:\n{output}\n{self.logs()}")
         wait_until(lambda: self.settled(self.admin("show")), 90, 0.2, lambda: self.logs())
 
-        recorder = HistoryRecorder()
         ops = json.loads(history.read_text())
-        for op in sorted(ops, key=lambda o: o["call"]):
-            if op["kind"] == "update":
-                version, hashlist = op["args"]
-                op_id = recorder.invoke(op["client"], UPDATE, op["name"], (version, hashlist), op["call"])
-                if op["result"] == "ok":
-                    recorder.complete(op_id, True, op["return"])
-                elif op["result"] == "mismatch":
-                    recorder.complete(op_id, Mismatch(op["current"]), op["return"])
-                else:
-                    recorder.unknown(op_id)
-            else:
-                op_id = recorder.invoke(op["client"], GET, op["name"], (), op["call"])
-                if op["result"] == "value":
-                    version, hashlist = op["value"]
-                    recorder.complete(op_id, (version, tuple(hashlist)) if version else None, op["return"])
-                else:
-                    recorder.unknown(op_id)
         ok_writes = sum(1 for op in ops if op["result"] == "ok")
         self.assertGreater(ok_writes, 50, output)
-        result = recorder.check()
+        result = check_history(ops)
         self.assertTrue(result.ok, f"not linearizable: {result.explanation}")
         # The big files came through every move whole.
         latest = self.admin("show")
