@@ -222,6 +222,7 @@ class HttpBodyLimitTests(TestCase):
                     closed = True
             else:
                 yield deferLater(reactor, 0.01, lambda: None)
+        self.closed = closed
         return sent, reply
 
     @inlineCallbacks
@@ -243,6 +244,27 @@ class HttpBodyLimitTests(TestCase):
         sock.send(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (200 * 1024 * 1024))
         sent, reply = yield self.pump(sock, iter([]), 0)
         self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply[:100])
+
+    @inlineCallbacks
+    def test_request_line_and_headers_are_bounded(self) -> Any:
+        # Twisted's HTTPChannel bounds them (16 KiB a line, 16 KiB of
+        # headers): past that the connection gets a 400 and is closed.
+        for head in (
+            b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n",
+            b"POST /RPC2 HTTP/1.1\r\n"
+            + b"X-Pad: "
+            + b"b" * 8000
+            + b"\r\n"
+            + b"X-Pad2: "
+            + b"c" * 9000
+            + b"\r\n",
+        ):
+            sock = self.connect()
+            sent, reply = yield self.pump(sock, iter([head, b"\r\n"]), len(head) + 2)
+            # Refused and closed (the 400 may be lost to the reset of a
+            # socket closed with our bytes unread).
+            self.assertTrue(self.closed, "the connection was kept open")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 400") or not reply, reply[:80])
 
     @inlineCallbacks
     def test_a_body_within_the_limit_is_served(self) -> Any:
