@@ -26,6 +26,7 @@ TESTS = [
     "tests.test_power_loss",
     "tests.test_raft_storage",
     "tests.test_raft_write_order",
+    "tests.test_snapshot_offload",
     "tests.test_raft_cluster",
 ]
 CALL = re.compile(r"^(\s*)((self\.)?(_sys|storage)?\.?(fsync\(|sync\(\)|_fsync_directory\(\)).*)$")

@@ -266,6 +266,25 @@ class SnapshotFileTests(SynchronousTestCase):
         _, snap, entries = storage.load()
         self.assertEqual((snap, [e.index for e in entries]), (leader, [10]))
 
+    def test_install_keeps_entries_appended_but_not_yet_synced(self) -> None:
+        # The event loop goes on appending while the file is written: the
+        # install must make those durable before it rewrites the log.
+        directory = self.mktemp()
+        storage = self.open(directory)
+        self.fill(storage, 10)
+        snapshot = Snapshot(SnapshotMeta(6, 1), b"six")
+        storage.write_snapshot(snapshot)
+        storage.append([Entry(1, 11, b"e11")])
+        storage.append([Entry(1, 12, b"e12")])  # frames the record of 11
+        storage.install_written_snapshot(snapshot)
+        storage.append([Entry(1, 13, b"e13")])
+        storage.sync()
+        storage.close()
+        storage = self.open(directory)
+        self.addCleanup(storage.close)
+        _, snap, entries = storage.load()
+        self.assertEqual((snap, [e.index for e in entries]), (snapshot, [7, 8, 9, 10, 11, 12, 13]))
+
 
 class StaggerTests(SynchronousTestCase):
     def test_replicas_take_their_first_snapshot_at_different_points(self) -> None:
