@@ -16,7 +16,7 @@ Two formats load into the same frozen ``ClusterConfig``:
       [groups.1]
       nodes = ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"]
 
-      [blockstores]
+      [blockstores]           # block stores; each block on `replicas` of them (default 2, or 1 with one store)
       nodes = ["127.0.0.1:7301"]
 
       [tls]                   # optional: mutual TLS with a cluster CA
@@ -210,6 +210,10 @@ class ClusterConfig:
     tls: TLSConfig | None
     raft: RaftTimings
     limits: Limits = Limits()
+    #: Copies of each block, on distinct block stores (``[blockstores]
+    #: replicas``; default 2 with two stores or more, else 1; 0 without
+    #: block stores).
+    block_replicas: int = 0
 
     @property
     def static(self) -> bool:
@@ -376,8 +380,15 @@ class _TomlParser(_Checker):
             )
 
         blockstores: tuple[str, ...] = ()
+        block_replicas = 0
         if "blockstores" in doc:
-            blockstores = self.node_list("blockstores", doc["blockstores"])
+            table = dict(self.table("blockstores", doc["blockstores"], required=True))
+            replicas = table.pop("replicas", None)
+            blockstores = self.node_list("blockstores", table)
+            default = min(2, len(blockstores))
+            block_replicas = self.integer(
+                "blockstores.replicas", default if replicas is None else replicas, 1, len(blockstores)
+            )
 
         tls = self.tls(doc["tls"]) if "tls" in doc else None
         raft = self.raft(doc.get("raft", {}))
@@ -395,6 +406,7 @@ class _TomlParser(_Checker):
             tls=tls,
             raft=raft,
             limits=limits,
+            block_replicas=block_replicas,
         )
 
     def known_keys(self, where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -566,6 +578,7 @@ class _SurfStoreParser(_Checker):
             blockstores=(blockstore,) if blockstore else (),
             tls=None,
             raft=RaftTimings(),
+            block_replicas=1 if blockstore else 0,
         )
 
 

@@ -126,8 +126,14 @@ class PartitionTests(SynchronousTestCase):
         directory = Path(self.mktemp()).resolve()
         directory.mkdir(parents=True)
         lab = Lab(NODES + 1, seed)
-        self.addCleanup(lab.close)
+        self.addCleanup(lab.close)  # on failure; a run that ends well closes it at once
         lab.open()
+        try:
+            return self.run_in(lab, directory, seed)
+        finally:
+            lab.close()
+
+    def run_in(self, lab: Lab, directory: Path, seed: int) -> dict[str, object]:
         config = write_config(directory, lab.addresses[:NODES])
         nemesis = Nemesis(lab, config, directory, random.Random(seed))
         for i in range(NODES):

@@ -2,10 +2,16 @@
 
 Blocks are immutable and named by their SHA-256, so storing one is
 idempotent and needs no coordination: a block store is not replicated by
-Raft (a client that cares puts a block on several stores). A block is
-written to a temporary file, fsynced and renamed into place, so a crash
-leaves either the whole block or nothing; a block read back is checked
-against its name, so silent disk corruption is reported, never served.
+Raft. Clients place each block on several stores (``surfshard.blocks.ring``)
+and read another copy when one is missing or bad. A block is written to a
+temporary file, fsynced and renamed into place, so a crash leaves either
+the whole block or nothing; a block whose caller names its hash is checked
+against it before it is stored; a block read back is checked against its
+name, so silent disk corruption is reported, never served.
+
+The service runs every disk operation in the reactor's thread pool: file
+reads, writes and fsyncs never stall the event loop. Batch calls
+(``putblocks``, ``getblocks``) carry many blocks per request.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import xmlrpc
 
@@ -35,6 +42,12 @@ from surfshard.replica.access import server_access
 MAX_BLOCK_BYTES = 4 * 1024 * 1024
 #: Most hashes one hasblocks call may ask about.
 MAX_HASBLOCKS = 100_000
+#: Most blocks, and bytes, in one putblocks or getblocks call (a reply
+#: stays well under the 16 MiB frame limit).
+MAX_BATCH_BLOCKS = 1024
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+#: Most names one listblocks page returns.
+MAX_LIST = 10_000
 
 
 class BlockStore:
@@ -50,13 +63,21 @@ class BlockStore:
     def _path(self, block_hash: str) -> Path:
         return self.directory / block_hash[:2] / block_hash
 
-    def put(self, data: bytes) -> str:
-        """Store ``data``; returns its hash (storing it again is a no-op)."""
+    def put(self, data: bytes, expected: str | None = None) -> str:
+        """Store ``data``; returns its hash (storing it again is a no-op).
+        With ``expected``, a block whose hash is not that is refused."""
         if not isinstance(data, bytes):
             raise errors.BadRequest("a block must be bytes")
         if len(data) > MAX_BLOCK_BYTES:
             raise errors.BadRequest(f"block of {len(data)} bytes is over the limit of {MAX_BLOCK_BYTES}")
         block_hash = hashlib.sha256(data).hexdigest()
+        if expected is not None and expected != block_hash:
+            self.log.warn(
+                "refused a block sent as {expected}: its hash is {actual}",
+                expected=expected,
+                actual=block_hash,
+            )
+            raise errors.BadRequest(f"block sent as {expected} has hash {block_hash}", hash=expected)
         path = self._path(block_hash)
         if path.exists():
             return block_hash
@@ -97,16 +118,98 @@ class BlockStore:
             validate_block_hash(h)
         return [h for h in hashes if self._path(h).exists()]
 
+    def put_many(self, blocks: list[list[Any]]) -> list[str]:
+        """Store ``[[hash, data], ...]``, each checked against its hash
+        (all checked before any is stored); returns the hashes."""
+        checked = []
+        for i, item in enumerate(blocks):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], bytes)):
+                raise errors.BadRequest(f"blocks[{i}] must be [hash, bytes]")
+            expected = validate_block_hash(item[0])
+            actual = hashlib.sha256(item[1]).hexdigest()
+            if actual != expected:
+                self.log.warn(
+                    "refused a block sent as {expected}: its hash is {actual}",
+                    expected=expected,
+                    actual=actual,
+                )
+                raise errors.BadRequest(f"blocks[{i}] sent as {expected} has hash {actual}", hash=expected)
+            checked.append(item[1])
+        return [self.put(data) for data in checked]
 
-def blockstore_methods(store: BlockStore) -> MethodTable:
+    def get_many(self, hashes: list[str]) -> dict[str, Any]:
+        """``{"blocks": {hash: data}, "missing": [...], "corrupt": [...]}``:
+        a corrupt copy is reported (and logged), never served."""
+        found: dict[str, bytes] = {}
+        missing: list[str] = []
+        corrupt: list[str] = []
+        for h in hashes:
+            try:
+                found[h] = self.get(h)
+            except errors.Internal:
+                corrupt.append(h)
+            except errors.BadRequest as e:
+                if e.details.get("missing") != h:
+                    raise
+                missing.append(h)
+        return {"blocks": found, "missing": missing, "corrupt": corrupt}
+
+    def list(self, after: str = "", limit: int = MAX_LIST) -> list[str]:
+        """Up to ``limit`` stored hashes greater than ``after``, in order
+        (for repair, a page at a time)."""
+        out: list[str] = []
+        for prefix in sorted(p.name for p in self.directory.iterdir() if p.is_dir() and len(p.name) == 2):
+            if prefix < after[:2]:
+                continue
+            names = sorted(n.name for n in (self.directory / prefix).iterdir() if len(n.name) == 64)
+            for name in names:
+                if name > after:
+                    out.append(name)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+
+def _inline(call: Callable[..., Any], *args: Any) -> Any:
+    return call(*args)
+
+
+def blockstore_methods(store: BlockStore, run: Callable[..., Any] = _inline) -> MethodTable:
+    """The native methods of ``store``; ``run(call, *args)`` runs each disk
+    operation (the service: in a thread, returning a Deferred)."""
     t = MethodTable(service="blockstore")
     # Handlers get the wire argument names as keywords.
-    t.add("putblock", lambda data: store.put(data), [Arg("data", bytes, max_bytes=MAX_BLOCK_BYTES)])
-    t.add("getblock", lambda hash: store.get(hash), [Arg("hash", str, min_len=64, max_len=64)])
+    t.add(
+        "putblock",
+        lambda data, hash=None: run(store.put, data, hash),
+        [
+            Arg("data", bytes, max_bytes=MAX_BLOCK_BYTES),
+            Arg("hash", str, required=False, min_len=64, max_len=64),
+        ],
+    )
+    t.add("getblock", lambda hash: run(store.get, hash), [Arg("hash", str, min_len=64, max_len=64)])
     t.add(
         "hasblocks",
-        lambda hashes: store.has(hashes),
+        lambda hashes: run(store.has, hashes),
         [Arg("hashes", Value(list, max_len=MAX_HASBLOCKS, items=Value(str, max_len=64)))],
+    )
+    t.add(
+        "putblocks",
+        lambda blocks: run(store.put_many, blocks),
+        [Arg("blocks", Value(list, max_len=MAX_BATCH_BLOCKS, items=Value(list, min_len=2, max_len=2)))],
+    )
+    t.add(
+        "getblocks",
+        lambda hashes: run(store.get_many, hashes),
+        [Arg("hashes", Value(list, max_len=MAX_BATCH_BLOCKS, items=Value(str, min_len=64, max_len=64)))],
+    )
+    t.add(
+        "listblocks",
+        lambda after="", limit=MAX_LIST: run(store.list, after, limit),
+        [
+            Arg("after", str, required=False, max_len=64),
+            Arg("limit", int, required=False, min=1, max=MAX_LIST),
+        ],
     )
     t.add("ping", lambda: True)
     return t
@@ -176,7 +279,11 @@ class BlockStoreService(service.Service):
         self.address = cluster.node_address(NodeKind.BLOCKSTORE, 0, index)
         data_dir = Path(cluster.node_data_dir(NodeKind.BLOCKSTORE, 0, index))
         self.store = BlockStore(data_dir / "blocks", fsync=cluster.raft.fsync if fsync is None else fsync)
-        self.table = blockstore_methods(self.store)
+
+        def in_thread(call: Callable[..., Any], *args: Any) -> Any:
+            return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call, *args)
+
+        self.table = blockstore_methods(self.store, in_thread)
         self.table.add("status", lambda: {"role": "blockstore", "name": self.name, "address": self.address})
         self.root = NodeRoot()
         rpc2 = xmlrpc.XMLRPC(allowNone=True)
