@@ -333,6 +333,63 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from client.sync import IndexError_, TerminalProgress, summary, sync_folder, watch
+
+    cluster = _load(args)
+    options: dict[str, Any] = {"block_size": args.block_size}
+    try:
+        if args.watch:
+            watch(args.basedir, cluster, args.watch, **options)
+            return EXIT_OK
+        progress = TerminalProgress() if sys.stderr.isatty() and not args.json else None
+        try:
+            result = sync_folder(args.basedir, cluster, progress=progress, **options)
+        finally:
+            if progress is not None:
+                progress.close()
+    except IndexError_ as e:
+        err_console.print(f"[red]error:[/red] {escape(str(e))}; nothing in the folder was changed")
+        return EXIT_FAILED
+    except errors.SurfShardError as e:
+        err_console.print(f"[red]error:[/red] {escape(str(e))}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    for name, why in sorted(result.skipped.items()):
+        err_console.print(f"[yellow]skipped[/yellow] {escape(name)}: {why}")
+    for name in result.conflicts:
+        err_console.print(f"[yellow]conflict:[/yellow] your edit is kept as {escape(name)}")
+    _emit(args, result.to_json(), lambda: print(summary(result)))
+    return EXIT_OK
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from client.blocks import BlockClient
+    from client.cluster import ClusterClient
+
+    cluster = _load(args)
+    if not cluster.blockstores:
+        err_console.print(f"[red]error:[/red] {escape(str(cluster.source))} has no \\[blockstores]")
+        return EXIT_USAGE
+
+    @defer.inlineCallbacks
+    def body(reactor: Any):
+        client = ClusterClient(cluster, reactor)
+        try:
+            blocks = BlockClient(cluster, client.pool)
+            if args.action == "where":
+                value = blocks.where(args.hashes)
+            else:
+                value = yield blocks.repair()
+        finally:
+            yield client.close()
+        _emit(args, value, lambda: print(json.dumps(value, indent=1)))
+        return EXIT_OK
+
+    return _react(body)
+
+
 # -- parser -------------------------------------------------------------------
 
 
@@ -380,6 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show", "query", "join", "leave", "move"])
     p.add_argument("params", nargs="*", metavar="ARG")
     p.add_argument("--timeout", type=float, default=30.0, help="give up after this many seconds (default 30)")
+    p = command("sync", cmd_sync, "sync a folder with the cluster (SurfStore's client; index.txt in it)")
+    p.add_argument("basedir", metavar="BASEDIR")
+    p.add_argument("--block-size", type=int, default=4096, help="bytes per block (default 4096)")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until Ctrl-C")
+    p = command(
+        "blocks", cmd_blocks, "block stores: where HASH... (GetBlockStoreMap) | repair (copy blocks back)"
+    )
+    p.add_argument("action", choices=["where", "repair"])
+    p.add_argument("hashes", nargs="*", metavar="HASH")
     p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
     p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")
     return parser

@@ -1,0 +1,235 @@
+"""Blocks on the cluster's block stores, replicated by placement.
+
+``BlockClient`` puts each block on the first ``replicas`` stores of its
+clockwise walk on the ring (``surfshard.blocks.ring``) that answer, so a
+store that is down is stepped over and the copy lands on the next one; it
+reads a block from the first store of the same walk that has a good copy,
+so a missing block, a store that is down or a corrupt copy (which the store
+reports and never serves) sends it on to the next. Calls are batched per
+store (``putblocks``/``getblocks``, up to ``MAX_BATCH_BYTES`` each).
+
+``repair`` copies every block back onto its placement stores (after a store
+was down or was replaced): it walks every store's blocks a page at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from surfshard import errors
+from surfshard.blocks.ring import BlockRing
+from surfshard.blocks.store import MAX_BATCH_BLOCKS, MAX_BATCH_BYTES, MAX_LIST
+from surfshard.config import ClusterConfig
+from surfshard.net.interfaces import IRpcPool
+
+__all__ = ["BlockClient", "block_hash"]
+
+log = Logger()
+
+#: One call to one store waits at most this long.
+CALL_TIMEOUT = 30.0
+
+
+def block_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _batches(items: Sequence[tuple[str, bytes]]) -> Iterable[list[tuple[str, bytes]]]:
+    batch: list[tuple[str, bytes]] = []
+    size = 0
+    for item in items:
+        if batch and (len(batch) >= MAX_BATCH_BLOCKS or size + len(item[1]) > MAX_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item[1])
+    if batch:
+        yield batch
+
+
+class BlockClient:
+    """The block stores of ``cluster`` seen through ``pool``."""
+
+    def __init__(self, cluster: ClusterConfig, pool: IRpcPool, *, ring: BlockRing | None = None) -> None:
+        self.ring = ring or BlockRing(
+            cluster.blockstores, max(cluster.block_replicas, 1 if cluster.blockstores else 0)
+        )
+        self.pool = pool
+        #: Bytes sent to and received from stores (for sync's summary).
+        self.sent = 0
+        self.received = 0
+        #: Copies that had to land past their placement (a store was down).
+        self.misplaced = 0
+
+    def where(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        """SurfStore's GetBlockStoreMap: store -> the blocks it should hold."""
+        return self.ring.map(hashes)
+
+    @defer.inlineCallbacks
+    def has(self, store: str, hashes: Sequence[str]) -> Any:
+        found: set[str] = set()
+        for i in range(0, len(hashes), 50_000):
+            got = yield self.pool.call(
+                store, "hasblocks", {"hashes": list(hashes[i : i + 50_000])}, CALL_TIMEOUT
+            )
+            found.update(got)
+        return found
+
+    @defer.inlineCallbacks
+    def put(self, blocks: dict[str, bytes]) -> Any:
+        """Store every block on ``replicas`` stores (checked against its hash
+        by each store); only blocks a store lacks are sent. Fails with
+        Unavailable if some block found fewer than ``replicas`` stores up.
+        Returns the bytes sent."""
+        for h, data in blocks.items():
+            if block_hash(data) != h:
+                raise errors.BadRequest(f"block given as {h} has hash {block_hash(data)}")
+        need = {h: self.ring.replicas for h in blocks}
+        walks = {h: self.ring.candidates(h) for h in blocks}
+        sent = 0
+        depth = 0
+        # Round k asks each block's k-th candidate; a block leaves once it
+        # has its copies. Bounded by the number of stores.
+        while any(need.values()) and depth < len(self.ring.stores):
+            by_store: dict[str, list[str]] = {}
+            for h, missing in need.items():
+                if missing and depth < len(walks[h]):
+                    by_store.setdefault(walks[h][depth], []).append(h)
+            results = yield defer.DeferredList(
+                [self._put_on(store, hs, blocks) for store, hs in by_store.items()], consumeErrors=True
+            )
+            for (ok, value), (store, hs) in zip(results, by_store.items(), strict=True):
+                if not ok:
+                    log.warn(
+                        "block store {store} did not take blocks: {why}",
+                        store=store,
+                        why=value.getErrorMessage(),
+                    )
+                    continue
+                sent += value
+                for h in hs:
+                    need[h] -= 1
+                    if depth >= self.ring.replicas:
+                        self.misplaced += 1
+            depth += 1
+        short = [h for h, missing in need.items() if missing]
+        if short:
+            raise errors.Unavailable(
+                f"{len(short)} blocks found fewer than {self.ring.replicas} block stores up",
+                blocks=short[:10],
+            )
+        self.sent += sent
+        return sent
+
+    @defer.inlineCallbacks
+    def _put_on(self, store: str, hashes: list[str], blocks: dict[str, bytes]) -> Any:
+        present = yield self.has(store, hashes)
+        todo = [(h, blocks[h]) for h in hashes if h not in present]
+        sent = 0
+        for batch in _batches(todo):
+            yield self.pool.call(store, "putblocks", {"blocks": [[h, d] for h, d in batch]}, CALL_TIMEOUT)
+            sent += sum(len(d) for _, d in batch)
+        return sent
+
+    @defer.inlineCallbacks
+    def get(self, hashes: Iterable[str]) -> Any:
+        """``{hash: data}`` for every hash, each read from the first store of
+        its walk with a good copy; Unavailable naming the blocks no store
+        could give."""
+        wanted = list(dict.fromkeys(hashes))
+        walks = {h: self.ring.candidates(h) for h in wanted}
+        got: dict[str, bytes] = {}
+        depth = 0
+        while len(got) < len(wanted) and depth < len(self.ring.stores):
+            by_store: dict[str, list[str]] = {}
+            for h in wanted:
+                if h not in got and depth < len(walks[h]):
+                    by_store.setdefault(walks[h][depth], []).append(h)
+            results = yield defer.DeferredList(
+                [self._get_from(store, hs) for store, hs in by_store.items()], consumeErrors=True
+            )
+            for (ok, value), store in zip(results, by_store, strict=True):
+                if not ok:
+                    log.warn(
+                        "block store {store} could not be read: {why}",
+                        store=store,
+                        why=value.getErrorMessage(),
+                    )
+                    continue
+                got.update(value)
+            depth += 1
+        lost = [h for h in wanted if h not in got]
+        if lost:
+            raise errors.Unavailable(
+                f"{len(lost)} blocks are on no block store that answers", blocks=lost[:10]
+            )
+        self.received += sum(len(d) for d in got.values())
+        return got
+
+    @defer.inlineCallbacks
+    def _get_from(self, store: str, hashes: list[str]) -> Any:
+        out: dict[str, bytes] = {}
+        # Block sizes are unknown before reading: ask in pages of a few
+        # hundred (4 KiB blocks make a reply of about 1 MiB).
+        for i in range(0, len(hashes), 256):
+            answer = yield self.pool.call(store, "getblocks", {"hashes": hashes[i : i + 256]}, CALL_TIMEOUT)
+            for h in answer.get("corrupt", []):
+                log.error(
+                    "block store {store} holds a corrupt copy of {hash}; reading another", store=store, hash=h
+                )
+            for h, data in answer["blocks"].items():
+                if block_hash(data) == h:  # checked again here: never trust a copy blindly
+                    out[h] = data
+                else:
+                    log.error("block store {store} sent a bad copy of {hash}", store=store, hash=h)
+        return out
+
+    @defer.inlineCallbacks
+    def repair(self) -> Any:
+        """Copy every block found on any store onto each of its placement
+        stores that lacks it. Returns ``{"blocks": seen, "copied": n}``."""
+        seen: set[str] = set()
+        copied = 0
+        for store in self.ring.stores:
+            after = ""
+            while True:
+                try:
+                    page = yield self.pool.call(
+                        store, "listblocks", {"after": after, "limit": MAX_LIST}, CALL_TIMEOUT
+                    )
+                except errors.SurfShardError as e:
+                    log.warn("repair: cannot list {store}: {e}", store=store, e=e)
+                    break
+                if not page:
+                    break
+                after = page[-1]
+                new = [h for h in page if h not in seen]
+                seen.update(new)
+                copied += yield self._repair_blocks(new)
+        return {"blocks": len(seen), "copied": copied}
+
+    @defer.inlineCallbacks
+    def _repair_blocks(self, hashes: list[str]) -> Any:
+        by_store: dict[str, list[str]] = {}
+        for h in hashes:
+            for store in self.ring.placement(h):
+                by_store.setdefault(store, []).append(h)
+        copied = 0
+        for store, hs in by_store.items():
+            try:
+                present = yield self.has(store, hs)
+            except errors.SurfShardError:
+                continue  # still down: the next repair gets it
+            missing = [h for h in hs if h not in present]
+            if not missing:
+                continue
+            blocks = yield self.get(missing)
+            for batch in _batches(list(blocks.items())):
+                yield self.pool.call(store, "putblocks", {"blocks": [[h, d] for h, d in batch]}, CALL_TIMEOUT)
+                copied += len(batch)
+        return copied

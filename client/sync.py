@@ -1,0 +1,477 @@
+"""``surfshard sync BASEDIR``: keep a folder in sync with the cluster, with
+SurfStore's semantics.
+
+A folder holds regular files (no subfolders) and ``index.txt``, one line
+``name,version,h1 h2 ...`` per file: the state both sides agreed on at the
+last sync (``0`` alone for a deleted file, nothing after the comma for an
+empty one). A sync compares, per name, the folder (hashed in blocks of
+``block_size``), the index and the server:
+
+- the server moved on (its version is not the index's): its version wins.
+  If the folder also changed since the index, the local edit is kept beside
+  it as ``NAME (conflicted copy HOST YYYY-MM-DD HHMMSS).EXT`` (as Dropbox
+  names them) and uploaded as a file of its own, never lost; the server's
+  content (or deletion) is then written;
+- only the folder changed: its blocks go to the block stores (only those
+  they lack), then ``updatefile`` at the index's version + 1 (a deletion
+  is the tombstone ``["0"]``). If another client got there first, that is
+  a conflict, handled as above;
+- where the folder already matches the server (a sync killed after doing
+  the work and before writing the index), the index just catches up.
+
+Crash safety: files are written to a temporary file in the folder and
+renamed into place; ``index.txt`` is replaced the same way, and only ever
+records what is already true on both sides, so a sync killed at any point
+(kill -9 included) leaves every file whole under its name and the next
+sync finishes the job (the last rule above). Leftover temporary files are
+removed by the next sync.
+
+Names that cannot be synced are reported and skipped: names with ``,``
+(the index's separator) or ``/``, ``index.txt`` itself, names that are not
+valid UTF-8 or too long, and anything that is not a regular file (symlinks
+are never followed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+import socket
+import stat
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, threads
+
+from surfshard import errors
+from surfshard.keyspace import TOMBSTONE, validate_filename
+
+__all__ = ["INDEX_NAME", "IndexError_", "SyncResult", "sync_folder"]
+
+INDEX_NAME = "index.txt"
+DEFAULT_BLOCK_SIZE = 4096
+#: Temporary files of an unfinished write (never synced; removed on start).
+TMP_PREFIX = ".surfshard-tmp-"
+#: How many files one batch of downloads or uploads holds in memory at most.
+BATCH_BYTES = 64 * 1024 * 1024
+#: updatefile calls in flight at once.
+CONCURRENCY = 64
+TOMB = [TOMBSTONE]
+
+Hashes = list[str]
+
+
+class IndexError_(Exception):
+    """``index.txt`` cannot be read; nothing in the folder was touched."""
+
+
+@dataclass
+class SyncResult:
+    uploaded: list[str] = field(default_factory=list)
+    downloaded: list[str] = field(default_factory=list)
+    deleted_local: list[str] = field(default_factory=list)
+    deleted_remote: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uploaded": len(self.uploaded),
+            "downloaded": len(self.downloaded),
+            "deleted_local": len(self.deleted_local),
+            "deleted_remote": len(self.deleted_remote),
+            "conflicts": self.conflicts,
+            "skipped": self.skipped,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+        }
+
+
+# -- the index -------------------------------------------------------------------
+
+
+def read_index(path: Path) -> dict[str, tuple[int, Hashes]]:
+    """``index.txt`` as ``{name: (version, hashes)}``; ``IndexError_`` with
+    the line at fault if it is not one."""
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise IndexError_(f"{path}: cannot read it: {e}") from None
+    out: dict[str, tuple[int, Hashes]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(",")
+        if len(parts) != 3:
+            raise IndexError_(f"{path}:{number}: expected name,version,hashes, got {line[:80]!r}")
+        name, version_text, hashes_text = parts
+        try:
+            version = int(version_text)
+            if version < 1:
+                raise ValueError
+        except ValueError:
+            raise IndexError_(
+                f"{path}:{number}: version {version_text[:20]!r} is not an integer >= 1"
+            ) from None
+        hashes = hashes_text.split()
+        if hashes != TOMB and not all(
+            len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in hashes
+        ):
+            raise IndexError_(f"{path}:{number}: {hashes_text[:80]!r} is not a list of block hashes")
+        if not name or name in out:
+            raise IndexError_(f"{path}:{number}: {'empty' if not name else 'repeated'} name {name!r}")
+        out[name] = (version, hashes)
+    return out
+
+
+def write_index(path: Path, index: dict[str, tuple[int, Hashes]]) -> None:
+    lines = [f"{name},{version},{' '.join(hashes)}\n" for name, (version, hashes) in sorted(index.items())]
+    _write_atomically(path, "".join(lines).encode("utf-8"))
+
+
+def _write_atomically(path: Path, data: bytes | Iterator[bytes]) -> None:
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# -- the folder ------------------------------------------------------------------
+
+
+def syncable(name: str) -> str | None:
+    """Why ``name`` cannot be synced, or None."""
+    if name == INDEX_NAME:
+        return "the index's own name"
+    if "," in name:
+        return "contains ',' (the index's separator)"
+    if "/" in name or name in (".", ".."):
+        return "not a plain file name"
+    try:
+        name.encode("utf-8")
+        validate_filename(name)
+    except (UnicodeEncodeError, errors.BadRequest) as e:
+        return f"not a valid name: {e}"
+    return None
+
+
+def hash_file(path: Path, block_size: int) -> Hashes:
+    hashes = []
+    with open(path, "rb") as f:
+        while chunk := f.read(block_size):
+            hashes.append(hashlib.sha256(chunk).hexdigest())
+    return hashes
+
+
+def scan(base: Path, block_size: int, result: SyncResult) -> dict[str, Hashes]:
+    """The folder's regular files and their block hashes (temporary files of
+    an unfinished sync are removed)."""
+    out: dict[str, Hashes] = {}
+    with os.scandir(base) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith(TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                continue
+            if name == INDEX_NAME:
+                continue
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if not stat.S_ISREG(mode):
+                if not stat.S_ISDIR(mode) or name not in (".", ".."):
+                    result.skipped[name] = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                continue
+            why = syncable(name)
+            if why is not None:
+                result.skipped[name] = why
+                continue
+            out[name] = hash_file(Path(entry.path), block_size)
+    return out
+
+
+def conflict_name(name: str, when: datetime.datetime, host: str, taken: Callable[[str], bool]) -> str:
+    stem, dot, ext = name.rpartition(".")
+    if not stem:  # no extension (or a dotfile)
+        stem, dot, ext = name, "", ""
+    base = f"{stem} (conflicted copy {host} {when:%Y-%m-%d %H%M%S})"
+    candidate = f"{base}{dot}{ext}"
+    n = 2
+    while taken(candidate):  # bounded: each try is a new name
+        candidate = f"{base} {n}{dot}{ext}"
+        n += 1
+    return candidate
+
+
+# -- the sync --------------------------------------------------------------------
+
+
+class Folder:
+    """One sync of ``base`` against a cluster, driven from a thread that is
+    not the reactor's (``client.blocking`` runs the reactor)."""
+
+    def __init__(
+        self,
+        base: Path,
+        reactor: Any,
+        cluster_client: Any,
+        blocks: Any,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        progress: Any = None,
+        host: str | None = None,
+    ) -> None:
+        self.base = base
+        self.reactor = reactor
+        self.client = cluster_client
+        self.blocks = blocks
+        self.block_size = block_size
+        self.progress = progress
+        self.host = (host or socket.gethostname().split(".")[0] or "host").replace(",", "_").replace("/", "_")
+        self.result = SyncResult()
+        self.index_path = base / INDEX_NAME
+
+    def _call(self, f: Callable[..., Any], *args: Any) -> Any:
+        return threads.blockingCallFromThread(self.reactor, f, *args)
+
+    def run(self) -> SyncResult:
+        index = read_index(self.index_path)  # before touching anything
+        local = scan(self.base, self.block_size, self.result)
+        remote = {name: (v, list(h)) for name, (v, h) in self._call(self.client.getfileinfomap).items()}
+        downloads: dict[str, tuple[int, Hashes]] = {}
+        uploads: dict[str, tuple[int, Hashes]] = {}
+        for name in sorted(set(index) | set(local) | set(remote)):
+            if name not in local and syncable(name) is not None:
+                self.result.skipped.setdefault(name, syncable(name) or "")
+                continue
+            mine = local.get(name)  # None: absent
+            known = index.get(name)
+            theirs = remote.get(name)
+            known_v = known[0] if known else 0
+            theirs_v = theirs[0] if theirs else 0
+            mine_state = mine if mine is not None else TOMB
+            known_state = known[1] if known else TOMB
+            if theirs is not None and mine_state == theirs[1]:
+                index[name] = theirs  # already alike (maybe a sync killed half-way)
+                continue
+            if theirs_v != known_v:
+                if mine_state != known_state and mine is not None:
+                    self._keep_conflict(name, local)
+                downloads[name] = theirs if theirs is not None else (0, TOMB)
+            elif mine_state != known_state:
+                uploads[name] = (theirs_v + 1, mine_state)
+        if self.progress is not None:
+            work = {**downloads, **uploads}
+            self.progress.plan(
+                len(work), sum(len(h) for _, h in work.values() if h != TOMB) * self.block_size
+            )
+        self._download(downloads, index)
+        self._upload(uploads, index, local)
+        # Conflict copies made above are new files: send them now.
+        if self.result.conflicts:
+            fresh = {
+                n: h for n, h in scan(self.base, self.block_size, SyncResult()).items() if n not in index
+            }
+            self._upload({n: (1, h) for n, h in fresh.items() if n in self.result.conflicts}, index, fresh)
+        write_index(self.index_path, index)
+        return self.result
+
+    def _keep_conflict(self, name: str, local: dict[str, Hashes]) -> None:
+        when = datetime.datetime.now()
+        copy = conflict_name(name, when, self.host, lambda n: (self.base / n).exists() or n in local)
+        os.replace(self.base / name, self.base / copy)
+        self.result.conflicts.append(copy)
+
+    def _download(
+        self, downloads: dict[str, tuple[int, Hashes]], index: dict[str, tuple[int, Hashes]]
+    ) -> None:
+        pending = sorted(downloads.items())
+        while pending:  # a batch at a time: bounded memory
+            batch: list[tuple[str, tuple[int, Hashes]]] = []
+            size = 0
+            while pending and (not batch or size < BATCH_BYTES):
+                name, info = pending.pop(0)
+                batch.append((name, info))
+                size += len(info[1]) * self.block_size
+            needed = {h for _, (_, hashes) in batch if hashes != TOMB for h in hashes}
+            got = self._call(self.blocks.get, sorted(needed)) if needed else {}
+            self.result.bytes_down += sum(len(d) for d in got.values())
+            for name, (version, hashes) in batch:
+                path = self.base / name
+                if hashes == TOMB:
+                    if path.exists() or path.is_symlink():
+                        path.unlink()
+                        self.result.deleted_local.append(name)
+                else:
+                    _write_atomically(path, (got[h] for h in hashes))
+                    self.result.downloaded.append(name)
+                if version:
+                    index[name] = (version, hashes)
+                else:
+                    index.pop(name, None)
+                self._tick(name)
+
+    def _upload(
+        self,
+        uploads: dict[str, tuple[int, Hashes]],
+        index: dict[str, tuple[int, Hashes]],
+        local: dict[str, Hashes],
+    ) -> None:
+        names = sorted(uploads)
+        while names:
+            batch: list[str] = []
+            size = 0
+            while names and (not batch or size < BATCH_BYTES):
+                name = names.pop(0)
+                batch.append(name)
+                size += len(uploads[name][1]) * self.block_size
+            blocks: dict[str, bytes] = {}
+            for name in batch:
+                version, hashes = uploads[name]
+                if hashes == TOMB:
+                    continue
+                with open(self.base / name, "rb") as f:
+                    for h in hashes:
+                        data = f.read(self.block_size)
+                        if hashlib.sha256(data).hexdigest() != h:
+                            raise errors.Unavailable(f"{name} changed while it was being synced; sync again")
+                        blocks[h] = data
+            if blocks:
+                self.result.bytes_up += self._call(self.blocks.put, blocks)
+            answers = self._call(self._commit_all, [(n, *uploads[n]) for n in batch])
+            for name, answer in answers.items():
+                version, hashes = uploads[name]
+                if isinstance(answer, errors.VersionMismatch):
+                    # Someone else got there first: their version wins, ours is a conflict copy.
+                    if hashes != TOMB:
+                        self._keep_conflict(name, local)
+                    info = self._call(self.client.getfileinfo, name)
+                    self._download({name: (info[0], list(info[1]))}, index)
+                    continue
+                if isinstance(answer, Exception):
+                    raise answer
+                index[name] = (version, hashes)
+                (self.result.deleted_remote if hashes == TOMB else self.result.uploaded).append(name)
+                self._tick(name)
+
+    @defer.inlineCallbacks
+    def _commit_all(self, items: list[tuple[str, int, Hashes]]) -> Any:
+        """updatefile for every item, CONCURRENCY at a time; ``{name: version
+        or the exception}`` (on the reactor)."""
+        semaphore = defer.DeferredSemaphore(CONCURRENCY)
+        answers: dict[str, Any] = {}
+
+        def one(name: str, version: int, hashes: Hashes) -> defer.Deferred:
+            d = semaphore.run(self.client.updatefile, name, version, hashes)
+            d.addCallbacks(
+                lambda v: answers.__setitem__(name, v), lambda f: answers.__setitem__(name, f.value)
+            )
+            return d
+
+        yield defer.gatherResults([one(*item) for item in items])
+        return answers
+
+    def _tick(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.advance(name, self.result.bytes_up + self.result.bytes_down)
+
+
+def sync_folder(
+    base: str | os.PathLike[str],
+    cluster: Any,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: Any = None,
+    timeout: float = 60.0,
+    host: str | None = None,
+) -> SyncResult:
+    """One sync of ``base`` against ``cluster`` (a ClusterConfig), blocking."""
+    from client.blocking import _reactor
+    from client.blocks import BlockClient
+    from client.cluster import ClusterClient
+
+    folder = Path(base)
+    if not folder.is_dir():
+        raise IndexError_(f"{folder} is not a folder")
+    if block_size < 1 or block_size > 4 * 1024 * 1024:
+        raise ValueError("block size must be 1 byte .. 4 MiB")
+    if not cluster.blockstores:
+        raise errors.Unavailable(
+            f"{cluster.source} has no [blockstores]: there is nowhere to keep file contents"
+        )
+    reactor = _reactor()
+    client = threads.blockingCallFromThread(reactor, lambda: ClusterClient(cluster, reactor, timeout=timeout))
+    try:
+        blocks = BlockClient(cluster, client.pool)
+        return Folder(
+            folder, reactor, client, blocks, block_size=block_size, progress=progress, host=host
+        ).run()
+    finally:
+        threads.blockingCallFromThread(reactor, client.close)
+
+
+def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
+    """Sync every ``interval`` seconds until interrupted."""
+    while True:  # stopped by Ctrl-C
+        result = sync_folder(base, cluster, **options)
+        changed = result.uploaded or result.downloaded or result.deleted_local or result.deleted_remote
+        if changed:
+            print(f"{time.strftime('%H:%M:%S')} {summary(result)}", file=sys.stderr, flush=True)
+        time.sleep(interval)
+
+
+class TerminalProgress:
+    """A bar of files and bytes on a terminal (``rich``)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.bar = Progress(
+            TextColumn("sync"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            DownloadColumn(),
+            TextColumn("{task.description}"),
+        )
+        self.task: Any = None
+        self.files = 0
+
+    def plan(self, files: int, nbytes: int) -> None:
+        if files:
+            self.bar.start()
+            self.task = self.bar.add_task("", total=files)
+
+    def advance(self, name: str, nbytes: int) -> None:
+        if self.task is not None:
+            self.files += 1
+            self.bar.update(self.task, completed=self.files, description=name[:40])
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+def summary(result: SyncResult) -> str:
+    return (
+        f"up {len(result.uploaded)}, down {len(result.downloaded)}, deleted here {len(result.deleted_local)}, "
+        f"deleted there {len(result.deleted_remote)}, conflicts {len(result.conflicts)}, "
+        f"{result.bytes_up} bytes up, {result.bytes_down} bytes down"
+    )
