@@ -74,7 +74,9 @@ def digest(path: Path) -> str:
 
 def folder_state(folder: Path) -> dict[str, str]:
     return {
-        p.name: digest(p) for p in folder.iterdir() if p.is_file() and not p.is_symlink() and p.name != "index.txt"
+        p.name: digest(p)
+        for p in folder.iterdir()
+        if p.is_file() and not p.is_symlink() and p.name != "index.txt"
     }
 
 
