@@ -308,3 +308,128 @@ class SyncTests(SyncCluster):
             state = folder_state(a)
             self.assertEqual(folder_state(b), state, f"seed={seed}")
             self.assert_index_matches_server(b)
+
+
+class SyncAcrossMovesTests(SynchronousTestCase):
+    """Syncing goes on while a shard holding some of the files moves to
+    another group and a metadata leader and a block store are SIGKILLed and
+    restarted (a ShardMaster, two groups and three block stores)."""
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        ports = free_ports(12)
+        addr = [f"127.0.0.1:{p}" for p in ports]
+        self.sm, self.groups, self.stores = addr[0:3], {1: addr[3:6], 2: addr[6:9]}, addr[9:12]
+
+        def nodes(addresses: list[str]) -> str:
+            return "nodes = [" + ", ".join(f'"{a}"' for a in addresses) + "]"
+
+        self.config = self.dir / "moves.toml"
+        self.config.write_text(
+            "\n".join(
+                [
+                    "[cluster]",
+                    'name = "moves"',
+                    "shards = 4",
+                    'data_dir = "data"',
+                    "[shardmaster]",
+                    nodes(self.sm),
+                    "[groups.1]",
+                    nodes(self.groups[1]),
+                    "[groups.2]",
+                    nodes(self.groups[2]),
+                    "[blockstores]",
+                    nodes(self.stores),
+                    "[raft]",
+                    "fsync = false",
+                    "",
+                ]
+            ),
+            encoding="utf-8",
+        )
+        self.nodes: dict[str, NodeProcess] = {}
+        base = [*twistd_command(), "--nodaemon", "--pidfile=", "--logfile=-"]
+        for i, a in enumerate(self.sm):
+            self.add(f"sm-{i}", [*base, "shardmaster", "--config", str(self.config), "--node", str(i)], a)
+        for gid, addresses in self.groups.items():
+            for i, a in enumerate(addresses):
+                self.add(f"g{gid}-{i}", twistd_node_argv(self.config, i, group=gid), a)
+        for i, a in enumerate(self.stores):
+            self.add(f"store-{i}", [*base, "surfblock", "--config", str(self.config), "--node", str(i)], a)
+        for node in self.nodes.values():
+            node.start()
+            self.addCleanup(node.kill)
+        self.cli("admin", "join", "1", *self.groups[1])
+        self.cli("admin", "join", "2", *self.groups[2])
+
+    def add(self, name: str, argv: list[str], address: str) -> None:
+        self.nodes[name] = NodeProcess(name, argv, self.dir / "logs" / f"{name}.log", address)
+
+    def cli(self, *args: str, timeout: float = 180.0) -> Any:
+        command, rest = args[0], list(args[1:])
+        argv = [sys.executable, "-m", "client.cli", command, "--config", str(self.config), "--json", *rest]
+        deadline = time.monotonic() + timeout
+        while True:  # bounded by the deadline: the cluster may still be starting
+            done = subprocess.run(argv, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=timeout)
+            if done.returncode == 0:
+                return json.loads(done.stdout)
+            if time.monotonic() > deadline:
+                self.fail(f"{args} failed:\n{done.stdout}\n{done.stderr}")
+            time.sleep(0.5)
+
+    def leader_of(self, gid: int) -> str:
+        def find() -> str | None:
+            for i, a in enumerate(self.groups[gid]):
+                try:
+                    with NativeClient(a, timeout=2.0) as c:
+                        if c.call("is_leader"):
+                            return f"g{gid}-{i}"
+                except Exception:
+                    continue
+            return None
+
+        return wait_until(find, 60.0, 0.1, f"a leader of group {gid}")
+
+    def test_sync_through_a_move_and_kills(self) -> None:
+        from surfshard.keyspace import shard_of
+
+        a, b = self.dir / "a", self.dir / "b"
+        a.mkdir()
+        b.mkdir()
+        rng = random.Random(11)
+        for i in range(200):
+            (a / f"doc-{i}.txt").write_bytes(rng.randbytes(rng.randrange(0, 9000)))
+        self.cli("sync", str(a))
+        shown = self.cli("admin", "show")
+        shard = shard_of("doc-0.txt", 4)
+        source = shown["shards"][shard]
+        target = 2 if source == 1 else 1
+        leader = self.leader_of(source)
+        # The move, a metadata leader and a block store killed, while b syncs
+        # and a keeps changing.
+        self.cli("admin", "move", str(shard), str(target))
+        self.nodes[leader].kill()
+        self.nodes["store-1"].kill()
+        for i in range(0, 200, 7):
+            (a / f"doc-{i}.txt").write_bytes(rng.randbytes(rng.randrange(0, 9000)))
+        (a / "doc-3.txt").unlink()
+        self.cli("sync", str(b))
+        self.cli("sync", str(a))
+        self.nodes[leader].start()
+        self.nodes["store-1"].start()
+        self.cli("sync", str(b))
+        self.assertEqual(folder_state(b), folder_state(a))
+        self.assertEqual(self.cli("admin", "show")["shards"][shard], target)
+        # Conflicting edits across the move: both contents stay on disk.
+        (a / "doc-0.txt").write_bytes(b"a's edit")
+        (b / "doc-0.txt").write_bytes(b"b's edit")
+        self.cli("sync", str(a))
+        result = self.cli("sync", str(b))
+        self.assertEqual(len(result["conflicts"]), 1)
+        self.assertEqual((b / "doc-0.txt").read_bytes(), b"a's edit")
+        self.assertEqual((b / result["conflicts"][0]).read_bytes(), b"b's edit")
+        self.cli("sync", str(a))
+        self.assertEqual(folder_state(a), folder_state(b))
+        repaired = self.cli("blocks", "repair")
+        self.assertGreater(repaired["blocks"], 0)
