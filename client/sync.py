@@ -442,13 +442,14 @@ class TerminalProgress:
     """A bar of files and bytes on a terminal (``rich``)."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
             TextColumn("sync"),
             BarColumn(),
             MofNCompleteColumn(),
-            DownloadColumn(),
+            TextColumn("files, {task.fields[moved]}"),
+            TimeRemainingColumn(),
             TextColumn("{task.description}"),
         )
         self.task: Any = None
@@ -457,12 +458,14 @@ class TerminalProgress:
     def plan(self, files: int, nbytes: int) -> None:
         if files:
             self.bar.start()
-            self.task = self.bar.add_task("", total=files)
+            self.task = self.bar.add_task("", total=files, moved="0 B")
 
     def advance(self, name: str, nbytes: int) -> None:
         if self.task is not None:
+            from rich.filesize import decimal
+
             self.files += 1
-            self.bar.update(self.task, completed=self.files, description=name[:40])
+            self.bar.update(self.task, completed=self.files, description=name[:40], moved=decimal(nbytes))
 
     def close(self) -> None:
         if self.task is not None:

@@ -159,3 +159,17 @@ class BlockClientTests(SynchronousTestCase):
         self.assertFalse(ok)
         self.assertIsInstance(error, errors.Unavailable)
         self.assertIn(h(b"never stored"), error.details["blocks"])
+
+
+class BlockStoreMapTests(SynchronousTestCase):
+    def test_getblockstoremap_over_xmlrpc(self) -> None:
+        from twisted.web import xmlrpc
+
+        from surfshard.metadata.facade import SurfStoreHandler
+
+        handler = SurfStoreHandler(None)  # type: ignore[arg-type]  # this call needs no replica
+        handler.ring = BlockRing(["s1", "s2", "s3"], 2)
+        blocks = [h(b"a"), h(b"b")]
+        self.assertEqual(self.successResultOf(handler.xmlrpc_getblockstoremap(blocks)), handler.ring.map(blocks))
+        fault = self.successResultOf(handler.xmlrpc_getblockstoremap(["short"]))
+        self.assertIsInstance(fault, xmlrpc.Fault)

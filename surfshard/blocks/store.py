@@ -218,9 +218,11 @@ def blockstore_methods(store: BlockStore, run: Callable[..., Any] = _inline) -> 
 class BlockStoreXMLRPC(xmlrpc.XMLRPC):
     """SurfStore's ``surfstore.getblock/putblock/hasblocks/ping``."""
 
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, run: Callable[..., Any] = _inline) -> None:
         super().__init__(allowNone=True)
         self.store = store
+        #: Runs each disk operation (the service: in a thread).
+        self.run = run
 
     def _guard(self, call: Any, *args: Any) -> defer.Deferred:
         from surfshard.metadata.facade import to_fault
@@ -230,7 +232,7 @@ class BlockStoreXMLRPC(xmlrpc.XMLRPC):
                 return to_fault(failure.value)
             return to_fault(errors.Internal("internal error"))
 
-        return defer.maybeDeferred(call, *args).addErrback(fault)
+        return defer.maybeDeferred(self.run, call, *args).addErrback(fault)
 
     def xmlrpc_ping(self) -> Any:
         return True
@@ -287,7 +289,7 @@ class BlockStoreService(service.Service):
         self.table.add("status", lambda: {"role": "blockstore", "name": self.name, "address": self.address})
         self.root = NodeRoot()
         rpc2 = xmlrpc.XMLRPC(allowNone=True)
-        rpc2.putSubHandler("surfstore", BlockStoreXMLRPC(self.store))
+        rpc2.putSubHandler("surfstore", BlockStoreXMLRPC(self.store, in_thread))
         self.root.add("RPC2", rpc2)
         self.tls_files = None
         if cluster.tls is not None:

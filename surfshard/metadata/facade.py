@@ -56,6 +56,8 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
         #: its render_POST).
         self.access = access
         self.caller: Caller | None = None
+        #: Where blocks live (set by the service; None: no block stores known).
+        self.ring: Any = None
         # XML-RPC callers carry no identity: each updatefile gets one of its
         # own here (surfshard.replica.dedup), kept if the call has to be
         # finished on another node (see below).
@@ -142,6 +144,16 @@ class SurfStoreHandler(xmlrpc.XMLRPC):
             if not isinstance(filename, str):
                 raise errors.BadRequest("filename must be a string")
             return self.replica.tester_getversion(filename)
+
+        return self._guard(call)
+
+    def xmlrpc_getblockstoremap(self, hashes: Any) -> Any:
+        """SurfStore's GetBlockStoreMap: ``{store address: [hashes]}``."""
+
+        def call() -> dict[str, list[str]]:
+            if not isinstance(hashes, list) or not all(isinstance(h, str) and len(h) == 64 for h in hashes):
+                raise errors.BadRequest("hashes must be a list of block hashes")
+            return {} if self.ring is None else self.ring.map(hashes)
 
         return self._guard(call)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from surfshard.blocks.ring import BlockRing
 from surfshard.config import ClusterConfig, NodeKind
 from surfshard.keyspace import MAX_HASHLIST, MAX_SHARDS
 from surfshard.metadata.facade import RPC2
@@ -56,7 +57,16 @@ class MetadataService(ReplicaService):
             self.migrator = ShardMigrator(gid, self.node, self.machine, self.pool, reactor)
             self.migrator.setServiceParent(self)
         access = ClusterAccess(cluster, self.name) if cluster.tls is not None else None
-        self.root.add("RPC2", RPC2(self.replica, forward=self.pool.call, access=access))
+        rpc2 = RPC2(self.replica, forward=self.pool.call, access=access)
+        self.root.add("RPC2", rpc2)
+        # SurfStore's GetBlockStoreMap: where blocks live, from the config's ring.
+        ring = BlockRing(cluster.blockstores, cluster.block_replicas)
+        rpc2.surfstore.ring = ring
+        self.table.add(
+            "getblockstoremap",
+            lambda hashes: ring.map(hashes),
+            [Arg("hashes", Value(list, max_len=100_000, items=Value(str, min_len=64, max_len=64)))],
+        )
 
     @property
     def replica(self) -> MetadataReplica:
