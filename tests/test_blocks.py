@@ -170,6 +170,8 @@ class BlockStoreMapTests(SynchronousTestCase):
         handler = SurfStoreHandler(None)  # type: ignore[arg-type]  # this call needs no replica
         handler.ring = BlockRing(["s1", "s2", "s3"], 2)
         blocks = [h(b"a"), h(b"b")]
-        self.assertEqual(self.successResultOf(handler.xmlrpc_getblockstoremap(blocks)), handler.ring.map(blocks))
+        self.assertEqual(
+            self.successResultOf(handler.xmlrpc_getblockstoremap(blocks)), handler.ring.map(blocks)
+        )
         fault = self.successResultOf(handler.xmlrpc_getblockstoremap(["short"]))
         self.assertIsInstance(fault, xmlrpc.Fault)
