@@ -38,6 +38,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import re
 import socket
 import stat
 import sys
@@ -64,6 +65,7 @@ BATCH_BYTES = 64 * 1024 * 1024
 #: updatefile calls in flight at once.
 CONCURRENCY = 64
 TOMB = [TOMBSTONE]
+_HASH = re.compile(r"[0-9a-f]{64}")
 
 Hashes = list[str]
 
@@ -125,9 +127,7 @@ def read_index(path: Path) -> dict[str, tuple[int, Hashes]]:
                 f"{path}:{number}: version {version_text[:20]!r} is not an integer >= 1"
             ) from None
         hashes = hashes_text.split()
-        if hashes != TOMB and not all(
-            len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in hashes
-        ):
+        if hashes != TOMB and not all(_HASH.fullmatch(h) for h in hashes):
             raise IndexError_(f"{path}:{number}: {hashes_text[:80]!r} is not a list of block hashes")
         if not name or name in out:
             raise IndexError_(f"{path}:{number}: {'empty' if not name else 'repeated'} name {name!r}")
@@ -174,11 +174,15 @@ def syncable(name: str) -> str | None:
     return None
 
 
-def hash_file(path: Path, block_size: int) -> Hashes:
-    hashes = []
+def hash_file(path: str | Path, block_size: int) -> Hashes:
+    sha256 = hashlib.sha256
     with open(path, "rb") as f:
+        data = f.read(block_size)
+        if len(data) < block_size:  # most files: one block or none
+            return [sha256(data).hexdigest()] if data else []
+        hashes = [sha256(data).hexdigest()]
         while chunk := f.read(block_size):
-            hashes.append(hashlib.sha256(chunk).hexdigest())
+            hashes.append(sha256(chunk).hexdigest())
     return hashes
 
 
@@ -204,7 +208,7 @@ def scan(base: Path, block_size: int, result: SyncResult) -> dict[str, Hashes]:
             if why is not None:
                 result.skipped[name] = why
                 continue
-            out[name] = hash_file(Path(entry.path), block_size)
+            out[name] = hash_file(entry.path, block_size)
     return out
 
 
@@ -254,6 +258,7 @@ class Folder:
 
     def run(self) -> SyncResult:
         index = read_index(self.index_path)  # before touching anything
+        before = dict(index)
         local = scan(self.base, self.block_size, self.result)
         remote = {name: (v, list(h)) for name, (v, h) in self._call(self.client.getfileinfomap).items()}
         downloads: dict[str, tuple[int, Hashes]] = {}
@@ -291,7 +296,8 @@ class Folder:
                 n: h for n, h in scan(self.base, self.block_size, SyncResult()).items() if n not in index
             }
             self._upload({n: (1, h) for n, h in fresh.items() if n in self.result.conflicts}, index, fresh)
-        write_index(self.index_path, index)
+        if index != before:
+            write_index(self.index_path, index)
         return self.result
 
     def _keep_conflict(self, name: str, local: dict[str, Hashes]) -> None:
