@@ -33,17 +33,22 @@ log = Logger()
 
 #: One call to one store waits at most this long.
 CALL_TIMEOUT = 30.0
+#: Blocks per putblocks call, and such calls in flight per store.
+PUT_BATCH_BLOCKS = 256
+PUTS_IN_FLIGHT = 4
 
 
 def block_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _batches(items: Sequence[tuple[str, bytes]]) -> Iterable[list[tuple[str, bytes]]]:
+def _batches(
+    items: Sequence[tuple[str, bytes]], max_blocks: int = MAX_BATCH_BLOCKS
+) -> Iterable[list[tuple[str, bytes]]]:
     batch: list[tuple[str, bytes]] = []
     size = 0
     for item in items:
-        if batch and (len(batch) >= MAX_BATCH_BLOCKS or size + len(item[1]) > MAX_BATCH_BYTES):
+        if batch and (len(batch) >= max_blocks or size + len(item[1]) > MAX_BATCH_BYTES // 4):
             yield batch
             batch, size = [], 0
         batch.append(item)
@@ -130,11 +135,17 @@ class BlockClient:
     def _put_on(self, store: str, hashes: list[str], blocks: dict[str, bytes]) -> Any:
         present = yield self.has(store, hashes)
         todo = [(h, blocks[h]) for h in hashes if h not in present]
-        sent = 0
-        for batch in _batches(todo):
-            yield self.pool.call(store, "putblocks", {"blocks": [[h, d] for h, d in batch]}, CALL_TIMEOUT)
-            sent += sum(len(d) for _, d in batch)
-        return sent
+        # Several batches in flight per store: its thread pool writes them
+        # at once (creating block files is kernel time, not the GIL's).
+        semaphore = defer.DeferredSemaphore(PUTS_IN_FLIGHT)
+
+        def put(batch: list[tuple[str, bytes]]) -> defer.Deferred:
+            args = {"blocks": [[h, d] for h, d in batch]}
+            return semaphore.run(self.pool.call, store, "putblocks", args, CALL_TIMEOUT)
+
+        batches = list(_batches(todo, PUT_BATCH_BLOCKS))
+        yield defer.gatherResults([put(b) for b in batches], consumeErrors=True)
+        return sum(len(d) for _, d in todo)
 
     @defer.inlineCallbacks
     def get(self, hashes: Iterable[str]) -> Any:

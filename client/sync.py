@@ -140,14 +140,15 @@ def write_index(path: Path, index: dict[str, tuple[int, Hashes]]) -> None:
     _write_atomically(path, "".join(lines).encode("utf-8"))
 
 
-def _write_atomically(path: Path, data: bytes | Iterator[bytes]) -> None:
+def _write_atomically(path: Path, data: bytes | Iterator[bytes], *, fsync: bool = True) -> None:
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
             for piece in [data] if isinstance(data, bytes) else data:
                 f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -252,6 +253,8 @@ class Folder:
         self.host = (host or socket.gethostname().split(".")[0] or "host").replace(",", "_").replace("/", "_")
         self.result = SyncResult()
         self.index_path = base / INDEX_NAME
+        #: Files were written without an fsync each (see ``_download``).
+        self.wrote = False
 
     def _call(self, f: Callable[..., Any], *args: Any) -> Any:
         return threads.blockingCallFromThread(self.reactor, f, *args)
@@ -297,6 +300,8 @@ class Folder:
             }
             self._upload({n: (1, h) for n, h in fresh.items() if n in self.result.conflicts}, index, fresh)
         if index != before:
+            if self.wrote:
+                os.sync()  # the files the index is about to name are on disk first
             write_index(self.index_path, index)
         return self.result
 
@@ -327,7 +332,10 @@ class Folder:
                         path.unlink()
                         self.result.deleted_local.append(name)
                 else:
-                    _write_atomically(path, (got[h] for h in hashes))
+                    # Made durable all at once before the index names them
+                    # (``run``): one sync for the batch, not one per file.
+                    _write_atomically(path, (got[h] for h in hashes), fsync=False)
+                    self.wrote = True
                     self.result.downloaded.append(name)
                 if version:
                     index[name] = (version, hashes)
