@@ -35,6 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ from twisted.python.failure import Failure
 from raft.core import RaftCore
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
 from raft.interfaces import ISnapshotCopy, ISnapshotFile, IStateMachine, IStorage, ITransport
+from raft.stats import SIZE_BUCKETS, Histogram
 from raft.types import Entry, Message, MessageType, RaftConfig, Ready, Role, Snapshot, SnapshotMeta
 
 #: ``callback(role, leader)`` run after every change of this node's role or of
@@ -194,6 +196,16 @@ class RaftNode(service.Service):
         #: The longest silence (seconds) seen between two messages of one
         #: leader in one term, on this node as a follower.
         self.max_leader_gap = 0.0
+        #: For metrics (``surfshard.metrics``): how long each write of a
+        #: Ready to storage took (append + sync), elections this node
+        #: started, leader changes it saw, proposals made on it, and each
+        #: periodic snapshot's duration and size.
+        self.stats_persist_seconds = Histogram()
+        self.stats_elections = 0
+        self.stats_leader_changes = 0
+        self.stats_proposals = 0
+        self.stats_snapshot_seconds = Histogram()
+        self.stats_snapshot_bytes = Histogram(SIZE_BUCKETS)
         self._last_leader_contact: tuple[int, int, float] | None = None
         #: Callbacks ``(entry, result)`` run after each entry is applied.
         self.on_apply: list[ApplyObserver] = []
@@ -328,6 +340,7 @@ class RaftNode(service.Service):
         core = self._core
         if core is None or self._crashed or not self.running or self.fatal_error is not None:
             return defer.fail(self._refusal() or NodeCrashed("node is not running"))
+        self.stats_proposals += 1
         try:
             index, term = core.propose(command)
         except NotLeaderError as e:
@@ -429,11 +442,14 @@ class RaftNode(service.Service):
                 ISnapshotFile(storage).write_snapshot(snapshot)
             return snapshot
 
+        started = time.perf_counter()
         job = self._snapshot_job = self._offload(work)
-        job.addCallbacks(self._snapshot_written, self._snapshot_failed, callbackArgs=(writes,))
+        job.addCallbacks(self._snapshot_written, self._snapshot_failed, callbackArgs=(writes, started))
 
-    def _snapshot_written(self, snapshot: Snapshot, written: bool) -> None:
+    def _snapshot_written(self, snapshot: Snapshot, written: bool, started: float) -> None:
         self._snapshot_job = None
+        self.stats_snapshot_seconds.observe(time.perf_counter() - started)
+        self.stats_snapshot_bytes.observe(len(snapshot.data))
         if not self.running or self._core is None or self.fatal_error is not None:
             return
         if snapshot.meta.index <= self._snapshot_index:
@@ -582,6 +598,11 @@ class RaftNode(service.Service):
         self._finish_ready(rd)
 
     def _persist(self, rd: Ready) -> None:
+        started = time.perf_counter()
+        self._persist_unmeasured(rd)
+        self.stats_persist_seconds.observe(time.perf_counter() - started)
+
+    def _persist_unmeasured(self, rd: Ready) -> None:
         if rd.snapshot is not None:
             self.storage.save_snapshot(rd.snapshot)
         if rd.entries:
@@ -801,6 +822,10 @@ class RaftNode(service.Service):
         core = self._core
         if core is None or (core.role, core.leader) == (self._role, self._leader):
             return
+        if core.role == Role.CANDIDATE and self._role != Role.CANDIDATE:
+            self.stats_elections += 1
+        if core.leader != self._leader and core.leader is not None:
+            self.stats_leader_changes += 1
         self._role, self._leader = core.role, core.leader
         for observer in list(self.on_role_change):
             try:

@@ -60,6 +60,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 import zlib
 from typing import Any
 
@@ -70,6 +71,7 @@ from zope.interface import implementer
 
 from raft.errors import RaftError, StorageCorrupt
 from raft.interfaces import ISnapshotFile, IStorage
+from raft.stats import Histogram
 from raft.types import (
     Entry,
     HardState,
@@ -418,6 +420,8 @@ class DiskStorage:
         #: sync rounds that had something to write; with fsync=True each is
         #: exactly one os.fsync of the WAL (snapshot/compaction fsyncs aside).
         self.fsyncs = 0
+        #: How long each fsync of the WAL took (for metrics).
+        self.fsync_seconds = Histogram()
 
     # -- IStorage
 
@@ -491,7 +495,9 @@ class DiskStorage:
         try:
             self._write_all(self._wal_fd, self._pending)
             if self._fsync:
+                started = time.perf_counter()
                 self._sys.fsync(self._wal_fd)
+                self.fsync_seconds.observe(time.perf_counter() - started)
         except BaseException as e:
             self._failed = e
             raise

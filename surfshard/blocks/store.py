@@ -32,6 +32,7 @@ from twisted.web import xmlrpc
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
 from surfshard.keyspace import validate_block_hash
+from surfshard.metrics import MetricsResource, node_registry
 from surfshard.net.methods import MethodTable
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.schema import Arg, Value
@@ -61,6 +62,9 @@ class BlockStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._root = str(self.directory)
         self.fsync = fsync
+        #: For metrics: blocks and bytes written and blocks read by this
+        #: process, and blocks whose hash did not match (refused or corrupt).
+        self.stats = {"written": 0, "bytes_written": 0, "read": 0, "verification_failures": 0}
 
     def _path(self, block_hash: str) -> Path:
         return self.directory / block_hash[:2] / block_hash
@@ -74,6 +78,7 @@ class BlockStore:
             raise errors.BadRequest(f"block of {len(data)} bytes is over the limit of {MAX_BLOCK_BYTES}")
         block_hash = hashlib.sha256(data).hexdigest()
         if expected is not None and expected != block_hash:
+            self.stats["verification_failures"] += 1
             self.log.warn(
                 "refused a block sent as {expected}: its hash is {actual}",
                 expected=expected,
@@ -93,6 +98,8 @@ class BlockStore:
         path = os.path.join(folder, block_hash)
         if os.path.exists(path):
             return
+        self.stats["written"] += 1
+        self.stats["bytes_written"] += len(data)
         tmp = os.path.join(folder, f".tmp-{block_hash[:16]}-{threading.get_ident()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -127,8 +134,10 @@ class BlockStore:
         except FileNotFoundError:
             raise errors.BadRequest(f"no block {block_hash}", missing=block_hash) from None
         if hashlib.sha256(data).hexdigest() != block_hash:
+            self.stats["verification_failures"] += 1
             self.log.error("block {hash} is corrupt on disk", hash=block_hash)
             raise errors.Internal(f"block {block_hash} is corrupt on this store")
+        self.stats["read"] += 1
         return data
 
     def has(self, hashes: list[str]) -> list[str]:
@@ -147,6 +156,7 @@ class BlockStore:
             expected = validate_block_hash(item[0])
             actual = hashlib.sha256(item[1]).hexdigest()
             if actual != expected:
+                self.stats["verification_failures"] += 1
                 self.log.warn(
                     "refused a block sent as {expected}: its hash is {actual}",
                     expected=expected,
@@ -315,22 +325,25 @@ class BlockStoreService(service.Service):
         rpc2 = xmlrpc.XMLRPC(allowNone=True)
         rpc2.putSubHandler("surfstore", BlockStoreXMLRPC(self.store, in_thread))
         self.root.add("RPC2", rpc2)
+        self.root.add("metrics", MetricsResource(node_registry(self)))
+        self.rpc_factory: RpcServerFactory | None = None
         self.tls_files = None
         if cluster.tls is not None:
             cert, key = cluster.tls.cert_paths(self.name)
             self.tls_files = TLSFiles(ca=str(cluster.tls.ca), cert=str(cert), key=str(key))
         self.listening_port: Any = None
 
+    def _make_rpc_factory(self) -> RpcServerFactory:
+        self.rpc_factory = RpcServerFactory(
+            self.table, self.reactor, server_limits(self.cluster), **server_access(self.cluster, self.name)
+        )
+        return self.rpc_factory
+
     def startService(self) -> None:
         super().startService()
         host, port = parse_address(self.address)
         factory = node_factory(
-            RpcServerFactory(
-                self.table,
-                self.reactor,
-                server_limits(self.cluster),
-                **server_access(self.cluster, self.name),
-            ),
+            self._make_rpc_factory(),
             make_site(self.root, clock=self.reactor, max_body=self.cluster.limits.max_http_body),
             self.reactor,
             tls=self.tls_files,

@@ -1121,6 +1121,10 @@ class MetadataStateMachine:
                 files.update(state.files)
         return files, missing
 
+    def shard_sizes(self) -> dict[int, tuple[int, int, int]]:
+        """``{shard: (files, dedup sessions, revision)}`` of the shards served."""
+        return {shard: (len(s.files), len(s.dedup), s.revision) for shard, s in self._shards.items()}
+
     def stats(self) -> dict[str, Any]:
         """Sizes for status pages and benchmarks."""
         return {

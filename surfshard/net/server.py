@@ -432,6 +432,9 @@ class RpcServerProtocol(Protocol):
             )
             return
         factory = self.server_factory
+        if factory is not None:
+            counts = factory.requests
+            counts[method_name] = counts.get(method_name, 0) + 1
         if method.access is not OPEN and factory is not None and factory.authorize is not None:
             caller = self.caller()
             why = factory.authorize(caller, method.access)
@@ -444,6 +447,7 @@ class RpcServerProtocol(Protocol):
                 )
                 return
         if factory is not None and factory.shedding and not method.essential:
+            self._count_error(method_name, "BUSY")
             self._send(
                 self._error_frame(
                     request_id, Busy(f"node over its memory budget ({factory.buffered_bytes} bytes buffered)")
@@ -582,8 +586,15 @@ class RpcServerProtocol(Protocol):
             )
         self._send(frame)
 
+    def _count_error(self, method: Any, code: str) -> None:
+        factory = self.server_factory
+        if factory is not None:
+            key = (method if isinstance(method, str) and method in self._methods else "-", code)
+            factory.errors[key] = factory.errors.get(key, 0) + 1
+
     def _send_error(self, failure: Failure, request_id: int | str, method_name: str) -> None:
         error = failure.value
+        self._count_error(method_name, error.code.value if isinstance(error, SurfShardError) else "INTERNAL")
         if isinstance(error, SurfShardError):
             if isinstance(error, (BadRequest, Forbidden)):
                 self._refuse(f"{method_name} call", str(error), request_id=request_id, method=method_name)
@@ -610,6 +621,7 @@ class RpcServerProtocol(Protocol):
             return wire.encode_frame({"id": request_id, "error": plain})
 
     def _reject(self, request_id: int | str, what: str, error: SurfShardError, **fields: Any) -> None:
+        self._count_error(fields.get("method"), error.code.value)
         self._refuse(what, error.message, request_id=request_id, **fields)
         self._send(self._error_frame(request_id, error))
 
@@ -686,6 +698,10 @@ class RpcServerFactory(ServerFactory):
         self.identify = identify
         self.authorize = authorize
         self.connections: set[RpcServerProtocol] = set()
+        #: For metrics: requests by method, and refusals and failures by
+        #: (method, error code) ("-" for a method that does not exist).
+        self.requests: dict[str, int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
         #: The bytes held in all connections' buffers at the last count, and
         #: whether that is over the budget (new non-essential work is shed).
         self.buffered_bytes = 0

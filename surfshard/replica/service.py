@@ -25,14 +25,13 @@ from raft.node import RaftNode
 from raft.storage import DiskStorage
 from raft.types import RaftConfig
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
+from surfshard.metrics import MetricsResource, node_registry
 from surfshard.net.methods import Access, MethodTable
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
 from surfshard.replica.access import server_access
-
-#: How long a call waits for a leader or a commit when the caller gives no timeout.
 from surfshard.replica.control import ReplicaControl, plain
 from surfshard.replica.raft_transport import RpcRaftTransport
 
@@ -139,6 +138,8 @@ class ReplicaService(service.MultiService):
         self.control.add_methods(self.table)
         self.root = NodeRoot()
         self.root.add("status", StatusResource(self.status))
+        self.rpc_factory: RpcServerFactory | None = None
+        self.root.add("metrics", MetricsResource(node_registry(self)))
         host, self.port_number = parse_address(self.address)
         self.listen_interface = host if listen_interface is None else listen_interface
         self.listening_port: Any = None
@@ -160,7 +161,7 @@ class ReplicaService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        rpc = RpcServerFactory(
+        rpc = self.rpc_factory = RpcServerFactory(
             self.table, self.reactor, server_limits(self.cluster), **server_access(self.cluster, self.name)
         )
         rpc.add_buffer_source(lambda: self.node.buffered_bytes)

@@ -1,0 +1,60 @@
+"""Figures a running node keeps about itself, for metrics: plain counters
+and fixed-bucket histograms, cheap enough for the paths they sit on (a
+bisect and two additions per observation) and with no dependency, so the
+Raft library stays free of any metrics system. ``surfshard.metrics``
+exports them to Prometheus at scrape time."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+__all__ = ["LATENCY_BUCKETS", "Histogram", "SIZE_BUCKETS"]
+
+#: Seconds: 100 us to 10 s.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
+#: Bytes: 1 KB to 10 GB.
+SIZE_BUCKETS = tuple(float(10**k) for k in range(3, 11))
+
+
+class Histogram:
+    """Counts of observations at or below each bound (the last bucket is
+    +Inf), their sum and their number: Prometheus's histogram, kept here."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        #: counts[i]: observations in (bounds[i-1], bounds[i]]; the last one is above every bound.
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``[(upper bound, observations at or below it)]``, +Inf last."""
+        out, running = [], 0
+        for bound, n in zip([*map(repr, self.bounds), "+Inf"], self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
