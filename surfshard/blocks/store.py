@@ -34,11 +34,13 @@ from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
 from surfshard.keyspace import validate_block_hash
 from surfshard.metrics import MetricsResource, node_registry
 from surfshard.net.methods import MethodTable
+from surfshard.net.pool import RpcClientPool
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.schema import Arg, Value
 from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
 from surfshard.replica.access import server_access
+from surfshard.statuspage import ClusterResource, ClusterView, PageResource
 
 #: Largest block accepted (SurfStore clients use 4 KiB blocks by default).
 MAX_BLOCK_BYTES = 4 * 1024 * 1024
@@ -326,11 +328,16 @@ class BlockStoreService(service.Service):
         rpc2.putSubHandler("surfstore", BlockStoreXMLRPC(self.store, in_thread))
         self.root.add("RPC2", rpc2)
         self.root.add("metrics", MetricsResource(node_registry(self)))
+
         self.rpc_factory: RpcServerFactory | None = None
         self.tls_files = None
         if cluster.tls is not None:
             cert, key = cluster.tls.cert_paths(self.name)
             self.tls_files = TLSFiles(ca=str(cluster.tls.ca), cert=str(cert), key=str(key))
+        # The status page asks the other nodes how they are.
+        self.pool = RpcClientPool(reactor, tls=self.tls_files)
+        self.root.add("cluster", ClusterResource(ClusterView(cluster, self.pool, self.name)))
+        self.root.index = PageResource()
         self.listening_port: Any = None
 
     def _make_rpc_factory(self) -> RpcServerFactory:
@@ -362,4 +369,5 @@ class BlockStoreService(service.Service):
     def stopService(self):
         if self.listening_port is not None:
             yield self.listening_port.stopListening()
+        yield self.pool.close()
         yield super().stopService()

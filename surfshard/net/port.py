@@ -99,6 +99,8 @@ class NodeRoot(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.add("health", HealthResource())
+        #: What ``/`` serves (None: the list of paths, as JSON).
+        self.index: IResource | None = None
 
     def add(self, path: str, resource: IResource) -> None:
         """Serve ``resource`` at ``/path`` (one path segment)."""
@@ -110,7 +112,7 @@ class NodeRoot(Resource):
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
-            return self
+            return self.index if self.index is not None else self
         return NoResource()
 
     def render_GET(self, request: Request) -> bytes:

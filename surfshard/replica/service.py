@@ -34,6 +34,7 @@ from surfshard.net.tls import TLSFiles
 from surfshard.replica.access import server_access
 from surfshard.replica.control import ReplicaControl, plain
 from surfshard.replica.raft_transport import RpcRaftTransport
+from surfshard.statuspage import ClusterResource, ClusterView, PageResource
 
 
 class StatusResource(Resource):
@@ -140,6 +141,8 @@ class ReplicaService(service.MultiService):
         self.root.add("status", StatusResource(self.status))
         self.rpc_factory: RpcServerFactory | None = None
         self.root.add("metrics", MetricsResource(node_registry(self)))
+        self.root.add("cluster", ClusterResource(ClusterView(cluster, self.pool, self.name)))
+        self.root.index = PageResource()
         host, self.port_number = parse_address(self.address)
         self.listen_interface = host if listen_interface is None else listen_interface
         self.listening_port: Any = None
