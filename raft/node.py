@@ -448,8 +448,16 @@ class RaftNode(service.Service):
 
     def _snapshot_written(self, snapshot: Snapshot, written: bool, started: float) -> None:
         self._snapshot_job = None
-        self.stats_snapshot_seconds.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.stats_snapshot_seconds.observe(seconds)
         self.stats_snapshot_bytes.observe(len(snapshot.data))
+        self.log.info(
+            "raft node {id}: snapshot at index {index}, {size} bytes, {ms:.0f} ms off the event loop",
+            id=self.config.id,
+            index=snapshot.meta.index,
+            size=len(snapshot.data),
+            ms=seconds * 1000,
+        )
         if not self.running or self._core is None or self.fatal_error is not None:
             return
         if snapshot.meta.index <= self._snapshot_index:
@@ -824,8 +832,28 @@ class RaftNode(service.Service):
             return
         if core.role == Role.CANDIDATE and self._role != Role.CANDIDATE:
             self.stats_elections += 1
+            last = self._last_leader_contact
+            silent = (
+                f"{(self.reactor.seconds() - last[2]) * 1000:.0f} ms after the last leader message"
+                if last
+                else "with no leader yet"
+            )
+            self.log.info(
+                "raft node {id}: election for term {term}, {silent}",
+                id=self.config.id,
+                term=core.term,
+                silent=silent,
+            )
         if core.leader != self._leader and core.leader is not None:
             self.stats_leader_changes += 1
+            self.log.info(
+                "raft node {id}: leader is now node {leader} (term {term}, commit {commit}, applied {applied})",
+                id=self.config.id,
+                leader=core.leader,
+                term=core.term,
+                commit=core.commit_index,
+                applied=self._applied,
+            )
         self._role, self._leader = core.role, core.leader
         for observer in list(self.on_role_change):
             try:

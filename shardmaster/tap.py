@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from surfshard.config import ClusterConfig
+from surfshard.config import ClusterConfig, NodeKind
 from surfshard.replica.options import NodeOptions
 
 
@@ -13,6 +13,8 @@ class Options(NodeOptions):
         *NodeOptions.optFlags,
         ["chaos", None, "answer ChaosMonkey calls (crash/restore/set_leader) even if the config does not"],
     ]
+
+    kind = NodeKind.SHARDMASTER
 
     def nodes(self, cluster: ClusterConfig) -> tuple[str, ...]:
         return cluster.shardmaster

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from surfshard.config import ClusterConfig
+from surfshard.config import ClusterConfig, NodeKind
 from surfshard.replica.options import NodeOptions
 
 
 class Options(NodeOptions):
     synopsis = "--config FILE --node I"
     longdesc = "Run block store I ([blockstores] nodes) of the cluster described by FILE."
+
+    kind = NodeKind.BLOCKSTORE
 
     def nodes(self, cluster: ClusterConfig) -> tuple[str, ...]:
         return cluster.blockstores

@@ -7,7 +7,8 @@ from typing import Any
 
 from twisted.python import usage
 
-from surfshard.config import ClusterConfig, ConfigError, default_config_path, load_config
+from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
+from surfshard.logs import FORMATS, install
 
 
 class NodeOptions(usage.Options):
@@ -17,7 +18,10 @@ class NodeOptions(usage.Options):
     optParameters: list[list[Any]] = [
         ["config", "c", None, "cluster config file (default: the built-in local cluster)"],
         ["node", "n", None, "node index, from 0", int],
+        ["log-format", None, "text", "log lines as text (naming the node) or json (one object per line)"],
     ]
+    #: The kind of node these options start (for its name in logs).
+    kind = NodeKind.GROUP
     optFlags: list[list[Any]] = [
         ["no-fsync", None, "do not fsync (faster, not crash-safe; for benchmarks)"],
     ]
@@ -39,6 +43,10 @@ class NodeOptions(usage.Options):
                 if nodes
                 else f"{cluster.source}: the config lists no such nodes"
             )
+        if self["log-format"] not in FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)}")
+        name = node_name(self.kind, self.get("group") or 0, self["node"])
+        install(getattr(self, "parent", None), name, self["log-format"])
 
     @property
     def fsync(self) -> bool | None:
