@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from raft.core import RaftCore
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
 from raft.interfaces import ISnapshotCopy, ISnapshotFile, IStateMachine, IStorage, ITransport
-from raft.stats import SIZE_BUCKETS, Histogram
+from raft.stats import SIZE_BUCKETS, Histogram, StageTracer
 from raft.types import Entry, Message, MessageType, RaftConfig, Ready, Role, Snapshot, SnapshotMeta
 
 #: ``callback(role, leader)`` run after every change of this node's role or of
@@ -206,6 +206,10 @@ class RaftNode(service.Service):
         self.stats_proposals = 0
         self.stats_snapshot_seconds = Histogram()
         self.stats_snapshot_bytes = Histogram(SIZE_BUCKETS)
+        #: Stage timestamps of sampled entries (None: not tracing; see
+        #: ``benchmarks/breakdown.py``). ``arrived`` given to ``propose`` is
+        #: when the first request of the entry reached the node.
+        self.tracer: StageTracer | None = None
         self._last_leader_contact: tuple[int, int, float] | None = None
         #: Callbacks ``(entry, result)`` run after each entry is applied.
         self.on_apply: list[ApplyObserver] = []
@@ -328,7 +332,9 @@ class RaftNode(service.Service):
         node's memory budget)."""
         return 0 if self._core is None else self._core.incoming_snapshot_bytes
 
-    def propose(self, command: bytes, timeout: float | None = None) -> defer.Deferred[Any]:
+    def propose(
+        self, command: bytes, timeout: float | None = None, *, arrived: float | None = None
+    ) -> defer.Deferred[Any]:
         """Replicate ``command``; fires with ``IStateMachine.apply``'s result.
 
         Fails with NotLeaderError (at once), NodeCrashed, ProposalDropped
@@ -345,6 +351,10 @@ class RaftNode(service.Service):
             index, term = core.propose(command)
         except NotLeaderError as e:
             return defer.fail(e)
+        if self.tracer is not None:
+            self.tracer.mark(index, "proposed")
+            if arrived is not None:
+                self.tracer.mark(index, "arrived", arrived)
         proposals = self._proposals
         if index in proposals:  # cannot normally happen: the old term's waiters are failed on step-down
             proposals.pop(index).fail(ProposalDropped(f"index {index} was reused by term {term}"))
@@ -488,6 +498,8 @@ class RaftNode(service.Service):
         status["running"] = bool(self.running)
         status["log_size"] = self._core.last_index - self._core.snapshot_meta.index
         status["max_leader_gap_ms"] = round(self.max_leader_gap * 1000, 1)
+        if self.tracer is not None:
+            status["trace"] = {str(i): dict(r) for i, r in self.tracer.records.items()}
         return status
 
     # -- reactor-facing callbacks ------------------------------------------------
@@ -511,6 +523,12 @@ class RaftNode(service.Service):
         kind = message.type
         if kind is MessageType.APPEND or kind is MessageType.HEARTBEAT or kind is MessageType.SNAPSHOT:
             self._note_leader_contact(message)
+        tracer = self.tracer
+        if tracer is not None:
+            if kind is MessageType.APPEND and message.entries:
+                tracer.mark_range(message.entries[0].index, message.entries[-1].index, "received")
+            elif kind is MessageType.APPEND_RESP and not message.reject:
+                tracer.mark_range(message.index - 1023, message.index, "ack_received")
         core.step(message)
         if self._process_call is None and core.has_ready():
             self._schedule()
@@ -609,6 +627,8 @@ class RaftNode(service.Service):
         started = time.perf_counter()
         self._persist_unmeasured(rd)
         self.stats_persist_seconds.observe(time.perf_counter() - started)
+        if self.tracer is not None and rd.entries:
+            self.tracer.mark_range(rd.entries[0].index, rd.entries[-1].index, "persisted")
 
     def _persist_unmeasured(self, rd: Ready) -> None:
         if rd.snapshot is not None:
@@ -627,6 +647,13 @@ class RaftNode(service.Service):
         for message in messages:
             send(message)
         self.transport.flush()
+        tracer = self.tracer
+        if tracer is not None:
+            for m in messages:
+                if m.type is MessageType.APPEND and m.entries:
+                    tracer.mark_range(m.entries[0].index, m.entries[-1].index, "sent")
+                elif m.type is MessageType.APPEND_RESP and not m.reject:
+                    tracer.mark_range(m.index - 1023, m.index, "acked")
 
     def _finish_sent_ready(self, rd: Ready) -> None:
         if self._sent_unpersisted:
@@ -650,7 +677,12 @@ class RaftNode(service.Service):
                 )
         # 4. Apply committed entries, settling the proposals they answer.
         if rd.committed_entries:
+            tracer = self.tracer
+            if tracer is not None:
+                tracer.mark_range(rd.committed_entries[0].index, rd.committed_entries[-1].index, "committed")
             self._apply(rd.committed_entries)
+            if tracer is not None:
+                tracer.mark_range(rd.committed_entries[0].index, rd.committed_entries[-1].index, "applied")
         # Proposals left over from a term we no longer lead cannot be
         # answered by us any more (they may still commit: outcome unknown).
         self._drop_stale_waiters(core)

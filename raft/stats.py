@@ -7,9 +7,10 @@ exports them to Prometheus at scrape time."""
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Sequence
 
-__all__ = ["LATENCY_BUCKETS", "Histogram", "SIZE_BUCKETS"]
+__all__ = ["LATENCY_BUCKETS", "SIZE_BUCKETS", "Histogram", "StageTracer"]
 
 #: Seconds: 100 us to 10 s.
 LATENCY_BUCKETS = (
@@ -58,3 +59,36 @@ class Histogram:
             running += n
             out.append((bound, running))
         return out
+
+
+class StageTracer:
+    """When each sampled log entry passed each stage on this node
+    (``time.monotonic()``: comparable between processes of one host), for
+    the latency breakdown of ``benchmarks/breakdown.py``. Only every
+    ``every``-th index is kept, and only the last ``keep`` of them, so a
+    node can trace under full load."""
+
+    __slots__ = ("every", "keep", "records")
+
+    def __init__(self, every: int = 10, keep: int = 2000) -> None:
+        self.every = max(1, every)
+        self.keep = keep
+        self.records: dict[int, dict[str, float]] = {}
+
+    def mark(self, index: int, stage: str, when: float | None = None) -> None:
+        if index % self.every:
+            return
+        record = self.records.get(index)
+        if record is None:
+            record = self.records[index] = {}
+            if len(self.records) > self.keep:
+                del self.records[next(iter(self.records))]
+        if stage not in record:
+            record[stage] = time.monotonic() if when is None else when
+
+    def mark_range(self, first: int, last: int, stage: str) -> None:
+        """``mark`` every sampled index in [first, last]."""
+        start = first + (-first % self.every)
+        now = time.monotonic()
+        for index in range(start, last + 1, self.every):
+            self.mark(index, stage, now)

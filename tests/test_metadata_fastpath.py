@@ -428,7 +428,11 @@ class ScriptedNode:
         self.proposed: list[bytes] = []
         self.timeouts: list[float | None] = []
 
-    def propose(self, command: bytes, timeout: float | None = None) -> defer.Deferred:
+    tracer = None
+
+    def propose(
+        self, command: bytes, timeout: float | None = None, arrived: float | None = None
+    ) -> defer.Deferred:
         self.proposed.append(command)
         self.timeouts.append(timeout)
         if self.failures:

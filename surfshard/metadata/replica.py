@@ -20,6 +20,7 @@ that finds no leader here takes the one-at-a-time path (wait or NOT_LEADER).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.internet import defer
@@ -58,6 +59,8 @@ class MetadataReplica(ReplicaControl):
         self._batch_timeout = 0.0
         self._batch_default_timeout = False
         self._batch_timeouts: list[tuple[float, ReplySink]] = []
+        #: When the batch's first update arrived (kept only while tracing).
+        self._batch_arrived: float | None = None
         self._batch_call: Any = None
         #: Batches proposed, and the updates they carried (for status).
         self.batches_proposed = 0
@@ -113,6 +116,8 @@ class MetadataReplica(ReplicaControl):
         if not batch and (not self.batch_updates or not self.is_leader()):
             self._propose_one_into(reply, command, timeout)
             return
+        if not batch and self.node.tracer is not None:
+            self._batch_arrived = time.monotonic()
         batch.append(command)
         self._batch_waiters.append(reply)
         self._batch_bytes += len(command)
@@ -128,12 +133,16 @@ class MetadataReplica(ReplicaControl):
         if self._batch_call is None:
             self._batch_call = self.reactor.callLater(0, self._propose_batch)
 
-    def _propose_one_into(self, reply: ReplySink, command: bytes, timeout: float | None) -> None:
+    def _propose_one_into(
+        self, reply: ReplySink, command: bytes, timeout: float | None, arrived: float | None = None
+    ) -> None:
         """Propose one update as an entry of its own; its answer goes to ``reply``."""
         propose = self.node.propose
+        if arrived is None and self.node.tracer is not None:
+            arrived = time.monotonic()
 
         def attempt(remaining: float) -> defer.Deferred:
-            return propose(command, timeout=remaining)
+            return propose(command, timeout=remaining, arrived=arrived)
 
         d = self.as_leader(attempt, timeout, update_result)
         d.addCallbacks(self._one_applied, self._batch_failed, callbackArgs=(reply,), errbackArgs=([reply],))
@@ -153,8 +162,9 @@ class MetadataReplica(ReplicaControl):
         if not commands:
             return
         self._expire_short(timeouts, timeout)
+        arrived = self._batch_arrived
         if len(commands) == 1:
-            self._propose_one_into(waiters[0], commands[0], timeout)
+            self._propose_one_into(waiters[0], commands[0], timeout, arrived)
             return
         batch = self.machine.encode_batch(commands)
         propose = self.node.propose
@@ -162,7 +172,7 @@ class MetadataReplica(ReplicaControl):
         self.batched_updates += len(commands)
 
         def attempt(remaining: float) -> defer.Deferred:
-            return propose(batch, timeout=remaining)
+            return propose(batch, timeout=remaining, arrived=arrived)
 
         d = self.as_leader(attempt, timeout)
         d.addCallbacks(

@@ -10,6 +10,7 @@ native protocol, the method table, the HTTP side, the listening port) as a
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from twisted.web.resource import Resource
 
 from raft.interfaces import IStateMachine
 from raft.node import RaftNode
+from raft.stats import StageTracer
 from raft.storage import DiskStorage
 from raft.types import RaftConfig
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
@@ -125,6 +127,10 @@ class ReplicaService(service.MultiService):
             rng=rng,
         )
         self.node.setServiceParent(self)
+        # Stage timestamps of every Nth entry, for benchmarks/breakdown.py.
+        trace_every = int(os.environ.get("SURFSHARD_TRACE_EVERY", "0") or 0)
+        if trace_every > 0:
+            self.node.tracer = StageTracer(trace_every)
         self.table = MethodTable(service=self.name)
         self.table.add(
             "raft",
