@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -17,6 +16,7 @@ from surfshard import errors
 from surfshard.blocks.ring import BlockRing
 from surfshard.blocks.store import BlockStore, blockstore_methods
 from surfshard.testing.simrpc import SimRpcNetwork, resolve
+from tests.test_blockstore import damage
 
 
 def h(data: bytes) -> str:
@@ -133,8 +133,7 @@ class BlockClientTests(SynchronousTestCase):
         data = b"precious bytes"
         ok, _ = s.run(s.client.put({h(data): data}))
         first = s.client.ring.placement(h(data))[0]
-        path = Path(s.stores[first].directory) / h(data)[:2] / h(data)
-        path.write_bytes(b"precious bytez")
+        damage(s.stores[first], h(data))
         ok, got = s.run(s.client.get([h(data)]))
         self.assertEqual((ok, got), (True, {h(data): data}))
         self.flushLoggedErrors()

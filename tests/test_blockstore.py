@@ -34,15 +34,63 @@ class BlockStoreTests(SynchronousTestCase):
 
     def test_corruption_is_reported_not_served(self) -> None:
         h = self.store.put(b"precious")
-        path = Path(self.store.directory) / h[:2] / h
-        path.write_bytes(b"precioux")
+        damage(self.store, h)
         self.assertRaises(errors.Internal, self.store.get, h)
+        self.flushLoggedErrors()
 
     def test_survives_reopen_and_leaves_no_temp_files(self) -> None:
         h = self.store.put(b"kept")
+        self.store.close()
         again = BlockStore(self.store.directory, fsync=True)
         self.assertEqual(again.get(h), b"kept")
         self.assertEqual([p.name for p in Path(self.store.directory).rglob(".tmp-*")], [])
+
+    def test_a_batch_is_one_record_each_and_survives_reopen(self) -> None:
+        blocks = [bytes([i]) * (i + 1) for i in range(200)]
+        hashes = self.store.put_many([[hashlib.sha256(b).hexdigest(), b] for b in blocks])
+        self.store.put_many([[hashes[0], blocks[0]]])  # stored again: nothing written
+        self.assertEqual(self.store.stats["written"], 200)
+        self.store.close()
+        again = BlockStore(self.store.directory, fsync=False)
+        self.assertEqual([again.get(h) for h in hashes], blocks)
+        self.assertEqual(again.list(), sorted(hashes))
+        self.assertEqual(again.list(after=sorted(hashes)[10], limit=3), sorted(hashes)[11:14])
+
+    def test_a_torn_last_record_is_cut_and_the_rest_kept(self) -> None:
+        kept = self.store.put(b"kept block")
+        torn = self.store.put(b"torn block, half written when the power went")
+        path, offset, length = self.store.location(torn)
+        self.store.close()
+        with open(path, "r+b") as f:
+            f.truncate(offset + length // 2)  # a crash in the middle of the last write
+        again = BlockStore(self.store.directory, fsync=False)
+        self.assertEqual(again.get(kept), b"kept block")
+        self.assertEqual(again.has([kept, torn]), [kept])
+        h = again.put(b"after")  # appends after the cut
+        again.close()
+        third = BlockStore(self.store.directory, fsync=False)
+        self.assertEqual((third.get(kept), third.get(h)), (b"kept block", b"after"))
+        self.flushLoggedErrors()
+
+    def test_blocks_of_the_older_layout_are_still_read(self) -> None:
+        data = b"from an older version"
+        h = hashlib.sha256(data).hexdigest()
+        folder = Path(self.store.directory) / h[:2]
+        folder.mkdir()
+        (folder / h).write_bytes(data)
+        self.assertEqual((self.store.get(h), self.store.has([h]), self.store.list()), (data, [h], [h]))
+        self.store.put(data)  # already there: not appended again
+        self.assertEqual(self.store.stats["written"], 0)
+
+
+def damage(store: BlockStore, block_hash: str) -> None:
+    """Flip a byte of the block's data where the store keeps it."""
+    path, offset, _ = store.location(block_hash)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        first = f.read(1)
+        f.seek(offset)
+        f.write(bytes([first[0] ^ 0xFF]))
 
 
 class BlockStoreRpcTests(SynchronousTestCase):

@@ -16,10 +16,13 @@ reads, writes and fsyncs never stall the event loop. Batch calls
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import os
+import struct
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,10 +55,29 @@ MAX_BATCH_BLOCKS = 1024
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: Most names one listblocks page returns.
 MAX_LIST = 10_000
+#: A pack file is closed once it holds this much.
+PACK_BYTES = 256 * 1024 * 1024
+#: A pack record's head: magic, SHA-256 of the data, data length, CRC-32 of
+#: the head (less the CRC) and the data.
+_HEAD = struct.Struct(">4s32sII")
+_MAGIC = b"SSB1"
 
 
 class BlockStore:
-    """Blocks in ``directory/<first 2 hex>/<hash>``."""
+    """Blocks in append-only pack files, ``directory/packs/NNNNNN.pack``.
+
+    A record is a 48-byte head (magic, the block's SHA-256, its length, a
+    CRC-32 of the head and data) then the data. A batch of blocks is one
+    write and one fsync, where a file per block cost a file creation, a
+    rename and two fsyncs each (about 1 ms on this project's disks). The
+    index (hash -> pack, offset, length) lives in memory and is rebuilt at
+    start by reading the heads; a torn record at the end of the last pack
+    (a crash mid-write, never acknowledged: the fsync comes before the
+    answer) is cut off. A pack is closed at ``PACK_BYTES``; a new pack's
+    name is made durable (directory fsync) before anything in it is
+    acknowledged. Blocks of the older layout (``directory/<2 hex>/<hash>``)
+    are still read, listed and counted.
+    """
 
     log = Logger()
 
@@ -63,13 +85,141 @@ class BlockStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._root = str(self.directory)
+        self._packs_dir = self.directory / "packs"
+        self._packs_dir.mkdir(exist_ok=True)
         self.fsync = fsync
         #: For metrics: blocks and bytes written and blocks read by this
         #: process, and blocks whose hash did not match (refused or corrupt).
         self.stats = {"written": 0, "bytes_written": 0, "read": 0, "verification_failures": 0}
+        #: hash -> (pack number, offset of the data, length). Writers run in
+        #: threads: ``_lock`` guards the index, the current pack and its end.
+        self._index: dict[str, tuple[int, int, int]] = {}
+        self._lock = threading.Lock()
+        self._readers: dict[int, int] = {}  # pack number -> read-only fd
+        self._sorted: list[str] | None = None  # hashes in order, for list(); None when stale
+        self._pack = 0
+        self._pack_fd: int | None = None
+        self._pack_end = 0
+        self._load()
+
+    # -- the packs ------------------------------------------------------------
+
+    def _pack_path(self, number: int) -> str:
+        return os.path.join(str(self._packs_dir), f"{number:06d}.pack")
+
+    def _load(self) -> None:
+        numbers = sorted(int(p.name[:6]) for p in self._packs_dir.iterdir() if p.name.endswith(".pack"))
+        for number in numbers:
+            path = self._pack_path(number)
+            with open(path, "rb") as f:
+                data = f.read()
+            pos = 0
+            while pos + _HEAD.size <= len(data):  # bounded: each pass moves on or stops
+                magic, digest, length, crc = _HEAD.unpack_from(data, pos)
+                end = pos + _HEAD.size + length
+                if magic != _MAGIC or end > len(data):
+                    break
+                body = data[pos + _HEAD.size : end]
+                if zlib.crc32(body, zlib.crc32(data[pos : pos + _HEAD.size - 4])) != crc:
+                    break
+                self._index[digest.hex()] = (number, pos + _HEAD.size, length)
+                pos = end
+            if pos < len(data):
+                if number != numbers[-1]:
+                    raise errors.Internal(f"{path}: damaged at offset {pos}, before the last pack")
+                self.log.warn(
+                    "{path}: cutting a torn record at offset {pos} ({n} bytes, a crash mid-write)",
+                    path=path,
+                    pos=pos,
+                    n=len(data) - pos,
+                )
+                with open(path, "r+b") as f:
+                    f.truncate(pos)
+            self._pack, self._pack_end = number, pos
+        if numbers:
+            self._pack_fd = os.open(self._pack_path(self._pack), os.O_WRONLY | os.O_APPEND)
+
+    def _append(self, records: list[tuple[str, bytes]]) -> None:
+        """Write ``records`` (hash, data) at the end of the current pack, in
+        one write and one fsync, then index them. Under ``_lock``."""
+        if self._pack_fd is None or self._pack_end >= PACK_BYTES:
+            self._new_pack()
+        assert self._pack_fd is not None
+        parts: list[bytes] = []
+        placed: list[tuple[str, int, int]] = []
+        pos = self._pack_end
+        for block_hash, data in records:
+            head = _HEAD.pack(_MAGIC, bytes.fromhex(block_hash), len(data), 0)[:-4]
+            crc = zlib.crc32(data, zlib.crc32(head))
+            parts.append(head + crc.to_bytes(4, "big"))
+            parts.append(data)
+            placed.append((block_hash, pos + _HEAD.size, len(data)))
+            pos += _HEAD.size + len(data)
+        payload = b"".join(parts)
+        view = memoryview(payload)
+        while view:  # bounded: each write makes progress or raises
+            view = view[os.write(self._pack_fd, view) :]
+        if self.fsync:
+            os.fsync(self._pack_fd)
+        self._pack_end = pos
+        for block_hash, offset, length in placed:
+            self._index[block_hash] = (self._pack, offset, length)
+        self._sorted = None
+
+    def _new_pack(self) -> None:
+        if self._pack_fd is not None:
+            os.close(self._pack_fd)
+        self._pack += 1
+        self._pack_fd = os.open(self._pack_path(self._pack), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._pack_end = 0
+        if self.fsync:
+            dir_fd = os.open(str(self._packs_dir), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _read(self, block_hash: str) -> bytes | None:
+        with self._lock:
+            where = self._index.get(block_hash)
+            fd = -1
+            if where is not None:
+                fd = self._readers.get(where[0], -1)
+                if fd < 0:
+                    fd = self._readers[where[0]] = os.open(self._pack_path(where[0]), os.O_RDONLY)
+        if where is not None:
+            return os.pread(fd, where[2], where[1])
+        try:
+            return self._path(block_hash).read_bytes()  # the older layout
+        except FileNotFoundError:
+            return None
+
+    def location(self, block_hash: str) -> tuple[str, int, int]:
+        """(file, offset, length) of a block's data (for tests that damage it)."""
+        with self._lock:
+            where = self._index.get(block_hash)
+        if where is None:
+            path = self._path(block_hash)
+            return str(path), 0, path.stat().st_size
+        number, offset, length = where
+        return self._pack_path(number), offset, length
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in [self._pack_fd, *self._readers.values()]:
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._pack_fd = None
+            self._readers.clear()
 
     def _path(self, block_hash: str) -> Path:
         return self.directory / block_hash[:2] / block_hash
+
+    def _have(self, block_hash: str) -> bool:
+        return block_hash in self._index or os.path.exists(
+            os.path.join(self._root, block_hash[:2], block_hash)
+        )
 
     def put(self, data: bytes, expected: str | None = None) -> str:
         """Store ``data``; returns its hash (storing it again is a no-op).
@@ -87,54 +237,29 @@ class BlockStore:
                 actual=block_hash,
             )
             raise errors.BadRequest(f"block sent as {expected} has hash {block_hash}", hash=expected)
-        self._store(block_hash, data)
+        self._store_many([(block_hash, data)])
         return block_hash
 
-    def _store(self, block_hash: str, data: bytes) -> None:
-        """Write a block already checked against its hash: a temporary file
-        (named for the block and the thread, so concurrent writers never
-        share one), fsync, rename, fsync of the directory. Plain ``os``
-        calls: this runs once per block (~40 us here, against ~150 us with
-        pathlib and ``mkstemp``)."""
-        folder = os.path.join(self._root, block_hash[:2])
-        path = os.path.join(folder, block_hash)
-        if os.path.exists(path):
-            return
-        self.stats["written"] += 1
-        self.stats["bytes_written"] += len(data)
-        tmp = os.path.join(folder, f".tmp-{block_hash[:16]}-{threading.get_ident()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            try:
-                view = memoryview(data)
-                while view:  # bounded: each write makes progress or raises
-                    view = view[os.write(fd, view) :]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if self.fsync:
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+    def _store_many(self, blocks: list[tuple[str, bytes]]) -> None:
+        """Append the blocks not stored yet (checked against their hashes
+        already), one write and one fsync for all of them."""
+        with self._lock:
+            seen: set[str] = set()
+            todo = []
+            for block_hash, data in blocks:
+                if block_hash not in seen and not self._have(block_hash):
+                    seen.add(block_hash)
+                    todo.append((block_hash, data))
+            if todo:
+                self._append(todo)
+        self.stats["written"] += len(todo)
+        self.stats["bytes_written"] += sum(len(d) for _, d in todo)
 
     def get(self, block_hash: str) -> bytes:
         validate_block_hash(block_hash)
-        try:
-            data = self._path(block_hash).read_bytes()
-        except FileNotFoundError:
-            raise errors.BadRequest(f"no block {block_hash}", missing=block_hash) from None
+        data = self._read(block_hash)
+        if data is None:
+            raise errors.BadRequest(f"no block {block_hash}", missing=block_hash)
         if hashlib.sha256(data).hexdigest() != block_hash:
             self.stats["verification_failures"] += 1
             self.log.error("block {hash} is corrupt on disk", hash=block_hash)
@@ -146,7 +271,8 @@ class BlockStore:
         """The subset of ``hashes`` stored here, in the order given."""
         for h in hashes:
             validate_block_hash(h)
-        return [h for h in hashes if self._path(h).exists()]
+        with self._lock:
+            return [h for h in hashes if self._have(h)]
 
     def put_many(self, blocks: list[list[Any]]) -> list[str]:
         """Store ``[[hash, data], ...]``, each checked against its hash
@@ -169,8 +295,7 @@ class BlockStore:
         for _, data in checked:
             if len(data) > MAX_BLOCK_BYTES:
                 raise errors.BadRequest(f"block of {len(data)} bytes is over the limit of {MAX_BLOCK_BYTES}")
-        for block_hash, data in checked:
-            self._store(block_hash, data)
+        self._store_many(checked)
         return [block_hash for block_hash, _ in checked]
 
     def get_many(self, hashes: list[str]) -> dict[str, Any]:
@@ -193,17 +318,19 @@ class BlockStore:
     def list(self, after: str = "", limit: int = MAX_LIST) -> list[str]:
         """Up to ``limit`` stored hashes greater than ``after``, in order
         (for repair, a page at a time)."""
-        out: list[str] = []
-        for prefix in sorted(p.name for p in self.directory.iterdir() if p.is_dir() and len(p.name) == 2):
-            if prefix < after[:2]:
-                continue
-            names = sorted(n.name for n in (self.directory / prefix).iterdir() if len(n.name) == 64)
-            for name in names:
-                if name > after:
-                    out.append(name)
-                    if len(out) >= limit:
-                        return out
-        return out
+        with self._lock:
+            if self._sorted is None:
+                legacy = [
+                    name
+                    for prefix in self.directory.iterdir()
+                    if prefix.is_dir() and len(prefix.name) == 2
+                    for name in os.listdir(prefix)
+                    if len(name) == 64
+                ]
+                self._sorted = sorted(set(self._index).union(legacy))
+            ordered = self._sorted
+        start = bisect.bisect_right(ordered, after)
+        return ordered[start : start + limit]
 
 
 def _inline(call: Callable[..., Any], *args: Any) -> Any:
@@ -371,3 +498,4 @@ class BlockStoreService(service.Service):
             yield self.listening_port.stopListening()
         yield self.pool.close()
         yield super().stopService()
+        self.store.close()
