@@ -3,11 +3,12 @@
 Blocks are immutable and named by their SHA-256, so storing one is
 idempotent and needs no coordination: a block store is not replicated by
 Raft. Clients place each block on several stores (``surfshard.blocks.ring``)
-and read another copy when one is missing or bad. A block is written to a
-temporary file, fsynced and renamed into place, so a crash leaves either
-the whole block or nothing; a block whose caller names its hash is checked
-against it before it is stored; a block read back is checked against its
-name, so silent disk corruption is reported, never served.
+and read another copy when one is missing or bad. Blocks are appended to
+pack files (``BlockStore``) and fsynced before they are acknowledged, so a
+crash leaves each block whole or absent; a block whose caller names its
+hash is checked against it before it is stored; a block read back is
+checked against its name, so silent disk corruption is reported, never
+served.
 
 The service runs every disk operation in the reactor's thread pool: file
 reads, writes and fsyncs never stall the event loop. Batch calls
