@@ -19,6 +19,8 @@ from twisted.internet.interfaces import IReactorTime
 from client.metadata_client import MetadataClient
 from surfshard import errors
 from surfshard.config import ClusterConfig
+from surfshard.keyspace import shard_of
+from surfshard.metadata.state import DEDUP_WINDOW
 from surfshard.net.interfaces import IRpcPool
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.tls import TLSFiles
@@ -70,6 +72,8 @@ class ClusterClient:
         self._seq = itertools.count(1)
         self._map: ShardMap | None = None
         self._shardmaster: Any = None
+        #: Per shard: how many of this client's updates may be in flight.
+        self._gates: dict[int, defer.DeferredSemaphore] = {}
 
     def group_client(self, addresses: tuple[str, ...]) -> MetadataClient:
         """One MetadataClient per group (so its leader guess is kept)."""
@@ -163,8 +167,32 @@ class ClusterClient:
             yield task.deferLater(self.reactor, min(backoff.next_delay(), remaining), lambda: None)
 
     def updatefile(self, name: str, version: int, hashlist: list[str]) -> defer.Deferred:
-        seq = next(self._seq)  # one number for every attempt, on any group
-        return self._routed(name, lambda c, t: c.updatefile(name, version, hashlist, seq, t))
+        """At most ``DEDUP_WINDOW`` of this client's updates are in flight
+        to one shard at a time (the rest wait their turn, in order): more
+        could commit out of order past the shard's dedup window and be
+        refused as stale, and no caller should have to know that."""
+        shard = shard_of(name, self.cluster.shards)
+        gate = self._gates.get(shard)
+        if gate is None:
+            gate = self._gates[shard] = defer.DeferredSemaphore(DEDUP_WINDOW)
+
+        def send() -> defer.Deferred:
+            # The number is taken once the update may go: the numbers in
+            # flight to a shard are then its most recent ones.
+            seq = next(self._seq)  # one number for every attempt, on any group
+            return self._routed(name, lambda c, t: c.updatefile(name, version, hashlist, seq, t))
+
+        # A Deferred of its own, that fires only with the outcome (the
+        # semaphore's is "called" as soon as the update may go).
+        running = gate.run(send)
+        outcome: defer.Deferred = defer.Deferred(lambda _: running.cancel())
+
+        def settle(result: Any) -> None:
+            if not outcome.called:
+                outcome.callback(result)
+
+        running.addBoth(settle)
+        return outcome
 
     def getfileinfo(self, name: str) -> defer.Deferred:
         return self._routed(name, lambda c, t: c.getfileinfo(name, t))

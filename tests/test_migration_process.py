@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from surfshard import errors
 from surfshard.errors import SurfShardError
 from surfshard.keyspace import shard_of
 from tests.migration_load import check_history
@@ -212,8 +213,15 @@ class MigrationProcessTests(SynchronousTestCase):
                 "client_id": "preload",
                 "seq": k + 1,
             }
-            with NativeClient(leader, timeout=30) as client:
-                self.assertEqual(client.call("updatefile", args), 1)
+            for _attempt in range(20):  # bounded; a leader change on a loaded machine moves us on
+                try:
+                    with NativeClient(leader, timeout=30) as client:
+                        self.assertEqual(client.call("updatefile", args), 1)
+                    break
+                except errors.NotLeader:
+                    leader = self.nodes[self.leader_of(1)].address
+            else:
+                self.fail("no leader took the preload")
 
         history = self.directory / "history.json"
         self.load = subprocess.Popen(
