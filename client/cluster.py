@@ -30,6 +30,10 @@ from surfshard.shardmap import ShardMap
 #: Longest one try on one group takes before the client looks at the shard
 #: map again (the group may have handed the shard on and been shut down).
 GROUP_ATTEMPT = 5.0
+#: Files per listfiles page, and how many times a shard that changes while
+#: it is being listed is listed again from the start.
+LIST_PAGE = 2000
+LIST_ATTEMPTS = 3
 
 #: The certificate names a command-line client presents when TLS is on:
 #: the client's, and the operator's for admin and chaos calls.
@@ -198,6 +202,35 @@ class ClusterClient:
         return self._routed(name, lambda c, t: c.getfileinfo(name, t))
 
     @defer.inlineCallbacks
+    def list_shard(self, group: MetadataClient, shard: int, timeout: float) -> Any:
+        """Every file of ``shard`` from ``group``, a page at a time
+        (``listfiles``: no reply has to hold a whole shard), all pages read at
+        one revision of the shard: if it changed between pages, the listing
+        starts again (a few times, then the latest pages are taken). None if
+        the group does not serve the shard now."""
+        files: dict[str, Any] = {}
+        for attempt in range(LIST_ATTEMPTS):
+            # The last attempt takes the pages as they come: every name is
+            # still in exactly one page, only not all at one revision.
+            strict = attempt < LIST_ATTEMPTS - 1
+            files = {}
+            after, revision = "", None
+            while True:  # bounded: each page moves ``after`` on, or ends
+                page = yield group.listfiles(shard, after, LIST_PAGE, timeout)
+                if not page.get("served"):
+                    return None
+                if revision is None:
+                    revision = page["revision"]
+                elif strict and page["revision"] != revision:
+                    break  # the shard changed under us: list it again
+                for name, version, hashlist in page["files"]:
+                    files[name] = [version, hashlist]
+                if not page["more"] or not page["files"]:
+                    return files
+                after = page["files"][-1][0]
+        return files
+
+    @defer.inlineCallbacks
     def getfileinfomap(self):
         """Every file of every shard, merged. A shard in transit between
         groups is waited for (within the timeout), never silently left out:
@@ -205,9 +238,10 @@ class ClusterClient:
         the missing shards."""
         if self.cluster.static:
             merged: dict[str, Any] = {}
-            for addresses in [tuple(a) for a in self.cluster.groups.values()]:
-                part = yield self.group_client(addresses).getfileinfomap()
-                merged.update(part)
+            group = self.group_client(tuple(next(iter(self.cluster.groups.values()))))
+            for shard in range(self.cluster.shards):
+                part = yield self.list_shard(group, shard, self.timeout)
+                merged.update(part or {})
             return merged
         deadline = self.reactor.seconds() + self.timeout
         backoff = Backoff(base=0.02, cap=0.5, rng=self.rng)
@@ -222,15 +256,16 @@ class ClusterClient:
             for gid, shards in wanted.items():
                 if gid == 0:
                     continue
-                try:
-                    slice_ = max(0.0, min(deadline - self.reactor.seconds(), GROUP_ATTEMPT))
-                    group = self.group_client(tuple(shard_map.addresses_of(gid)))
-                    part = yield group.getshardfiles(shards, slice_)
-                except (errors.Timeout, errors.Unavailable):
-                    continue  # that group is down: its shards stay missing for now
-                got = set(shards) - set(part.get("missing", []))
-                files.update(part["files"])
-                missing -= got
+                group = self.group_client(tuple(shard_map.addresses_of(gid)))
+                for shard in shards:
+                    try:
+                        slice_ = max(0.0, min(deadline - self.reactor.seconds(), GROUP_ATTEMPT))
+                        listed = yield self.list_shard(group, shard, slice_)
+                    except (errors.Timeout, errors.Unavailable):
+                        break  # that group is down: its shards stay missing for now
+                    if listed is not None:
+                        files.update(listed)
+                        missing.discard(shard)
             if not missing:
                 return files
             remaining = deadline - self.reactor.seconds()

@@ -39,6 +39,13 @@ class MetadataClient(GroupClient):
         and the ones it does not (moving, or not its own)."""
         return self.read("getshardfiles", {"shards": list(shards)}, timeout)
 
+    def listfiles(
+        self, shard: int, after: str = "", limit: int = 1000, timeout: float | None = None
+    ) -> defer.Deferred:
+        """A page of ``shard``'s files in name order after ``after`` (see
+        ``MetadataReplica.listfiles``)."""
+        return self.read("listfiles", {"shard": shard, "after": after, "limit": limit}, timeout)
+
     def status(self, address: str, timeout: float = 2.0) -> defer.Deferred:
         """One node's status (role, term, leader, indexes), no leader needed."""
         return self.pool.call(address, "status", {}, timeout=timeout)

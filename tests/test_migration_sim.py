@@ -259,6 +259,26 @@ class ClientTests(WorldCase):
         self.assertIsInstance(error, errors.Unavailable)
         self.assertIn(shard, error.details["shards"])
 
+    def test_the_map_is_listed_in_pages_per_shard(self) -> None:
+        # Pages of 3 files (listfiles), across shards on two groups and a
+        # shard that moves between listings: every file, once.
+        from client import cluster as cluster_module
+
+        self.patch(cluster_module, "LIST_PAGE", 3)
+        w = self.world(gids=(1, 2))
+        c = w.client("c1", timeout=10.0)
+        w.join(1, 2)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        listed = w.value(c.getfileinfomap())
+        self.assertEqual(sorted(listed), sorted(NAMES))
+        self.assertTrue(all(v == [1, [block(i)]] for i, v in enumerate(listed[n] for n in NAMES)))
+        shard = shard_of(NAMES[0], w.nshards)
+        source = 1 if shard in w.serving()[1] else 2
+        w.value(w.admin.move(shard, 3 - source))
+        w.wait_settled()
+        self.assertEqual(sorted(w.value(c.getfileinfomap())), sorted(NAMES))
+
     def test_xmlrpc_style_wrong_group_carries_the_map_number(self) -> None:
         w = self.world(gids=(1, 2))
         w.join(1, 2)

@@ -246,3 +246,43 @@ class TransitRefusalTests(SynchronousTestCase):
         }
         m.restore(cbor2.dumps(old, canonical=True))
         self.assertEqual((m.config_num, sorted(m.owned_shards)), (5, [0]))
+
+
+class ListShardTests(SynchronousTestCase):
+    """``list_shard``: a shard's files a page at a time, in name order."""
+
+    def test_pages_in_name_order_bounded_by_files_and_hashes(self) -> None:
+        from surfshard.metadata.state import encode_update
+
+        m = MetadataStateMachine(1)
+        names = [f"n{i:03d}" for i in range(25)]
+        for i, name in enumerate(reversed(names)):
+            m.apply(encode_update(name, 1, ["a" * 64] * (1 + i % 3), "c", i + 1))
+        pages, after = [], ""
+        for _ in range(30):  # bounded
+            page = m.list_shard(0, after, 10, 10_000)
+            assert page is not None
+            pages.append(page)
+            if not page["more"]:
+                break
+            after = page["files"][-1][0]
+        self.assertEqual([f[0] for p in pages for f in p["files"]], names)
+        self.assertEqual([len(p["files"]) for p in pages], [10, 10, 5])
+        self.assertEqual({p["revision"] for p in pages}, {25})
+        # The hash bound cuts a page short (but never below one file).
+        small = m.list_shard(0, "", 10, 4)
+        assert small is not None
+        self.assertLessEqual(sum(len(f[2]) for f in small["files"]), 4)
+        self.assertTrue(small["more"])
+        one = m.list_shard(0, "", 10, 0)
+        assert one is not None
+        self.assertEqual(len(one["files"]), 1)
+        # A write moves the revision on; later pages say so.
+        m.apply(encode_update("n000", 2, ["b" * 64], "c", 99))
+        later = m.list_shard(0, after, 10, 10_000)
+        assert later is not None
+        self.assertEqual(later["revision"], 26)
+
+    def test_a_shard_not_served_is_none(self) -> None:
+        m = MetadataStateMachine(4, owned=(0,))
+        self.assertIsNone(m.list_shard(1, "", 10, 100))

@@ -250,6 +250,30 @@ class MetadataReplica(ReplicaControl):
 
         return self.as_leader(attempt, timeout)
 
+    def listfiles(
+        self, shard: int, after: str = "", limit: int = 1000, timeout: float | None = None
+    ) -> defer.Deferred:
+        """Fires with a page of ``shard``'s files in name order after
+        ``after`` (``{"num", "shard", "served", "revision", "files": [[name,
+        version, hashlist]...], "more"}``), read once a ReadIndex round
+        confirms this node leads. ``served`` is false when the group does not
+        serve the shard now (moving, or another group's)."""
+
+        def attempt(remaining: float) -> defer.Deferred:
+            d = self.node.read(timeout=remaining)
+
+            def answer(_: Any) -> dict[str, Any]:
+                page = self.machine.list_shard(shard, after, limit, MAX_LIST_HASHES)
+                head = {"num": self.machine.config_num, "shard": shard}
+                if page is None:
+                    return {**head, "served": False}
+                return {**head, "served": True, **page}
+
+            d.addCallback(answer)
+            return d
+
+        return self.as_leader(attempt, timeout)
+
     def getshardfiles(self, shards: list[int], timeout: float | None = None) -> defer.Deferred:
         """Fires with ``{"num", "files", "missing"}`` once a ReadIndex round
         confirms this node leads: the files of the served ones of ``shards``,
@@ -313,6 +337,10 @@ class MetadataReplica(ReplicaControl):
         status["update_batches"] = self.batches_proposed
         status["batched_updates"] = self.batched_updates
         return status
+
+
+#: Block hashes one listfiles page carries at most (about 6.6 MB of reply).
+MAX_LIST_HASHES = 100_000
 
 
 def _time_out(waiter: ReplySink, timeout: float) -> None:

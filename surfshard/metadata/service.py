@@ -7,7 +7,7 @@ from typing import Any
 
 from surfshard.blocks.ring import BlockRing
 from surfshard.config import ClusterConfig, NodeKind
-from surfshard.keyspace import MAX_HASHLIST, MAX_SHARDS
+from surfshard.keyspace import MAX_FILENAME_BYTES, MAX_HASHLIST, MAX_SHARDS
 from surfshard.metadata.facade import RPC2
 from surfshard.metadata.handoff import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from surfshard.metadata.migration import ShardMigrator
@@ -108,6 +108,16 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
         "getshardfiles",
         replica.getshardfiles,
         [Arg("shards", list, max_len=MAX_SHARDS, items=Value(int, min=0, max=MAX_SHARDS - 1)), TIMEOUT_ARG],
+    )
+    t.add(
+        "listfiles",
+        replica.listfiles,
+        [
+            Arg("shard", int, min=0, max=MAX_SHARDS - 1),
+            Arg("after", str, required=False, max_len=MAX_FILENAME_BYTES),
+            Arg("limit", int, required=False, min=1, max=10_000),
+            TIMEOUT_ARG,
+        ],
     )
     # Shard migration, between the groups' leaders (see surfshard.metadata.handoff).
     shard_args = [Arg("num", int, min=1), Arg("shard", int, min=0, max=MAX_SHARDS - 1)]

@@ -31,6 +31,7 @@ version mismatch. The CAS rule keeps the file itself correct.
 
 from __future__ import annotations
 
+import bisect
 import io
 import time
 from collections.abc import Callable, Iterable
@@ -345,6 +346,16 @@ class _ShardState:
     #: Successful writes this shard has taken, wherever it was: it travels
     #: with the shard and never goes back. Invariant: never decreases.
     revision: int = 0
+    #: The file names in order as of ``_names_at`` (a revision): derived,
+    #: not state, rebuilt for a listing when the shard changed since.
+    _names: list[str] = field(default_factory=list, compare=False, repr=False)
+    _names_at: int = field(default=-1, compare=False, repr=False)
+
+    def sorted_names(self) -> list[str]:
+        if self._names_at != self.revision or len(self._names) != len(self.files):
+            self._names = sorted(self.files)
+            self._names_at = self.revision
+        return self._names
 
     def sessions_to_wire(self) -> list[Any]:
         return [
@@ -1120,6 +1131,28 @@ class MetadataStateMachine:
             else:
                 files.update(state.files)
         return files, missing
+
+    def list_shard(self, shard: int, after: str, limit: int, max_hashes: int) -> dict[str, Any] | None:
+        """A page of a served shard's files in name order, after ``after``:
+        at most ``limit`` files and about ``max_hashes`` block hashes (at
+        least one file), with the shard's revision (pages read at different
+        revisions may disagree: the client compares them). None if this
+        group does not serve the shard now."""
+        state = self._shards.get(self._shard_arg(shard))
+        if state is None:
+            return None
+        names = state.sorted_names()
+        start = bisect.bisect_right(names, after)
+        files: list[list[Any]] = []
+        hashes = 0
+        for name in names[start : start + limit]:
+            version, hashlist = state.files[name]
+            if files and hashes + len(hashlist) > max_hashes:
+                break
+            files.append([name, version, list(hashlist)])
+            hashes += len(hashlist)
+        more = start + len(files) < len(names)
+        return {"revision": state.revision, "files": files, "more": more}
 
     def shard_sizes(self) -> dict[int, tuple[int, int, int]]:
         """``{shard: (files, dedup sessions, revision)}`` of the shards served."""
