@@ -451,9 +451,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def options_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the subcommand's options moved before its positional
+    arguments, so ``surfshard admin move 0 2 --config F`` and ``surfshard
+    admin move --config F 0 2`` both work (argparse cannot take options
+    between the positionals of a subcommand whose last one takes several)."""
+    if not argv or argv[0].startswith("-"):
+        return argv
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subparser = sub.choices.get(argv[0])
+    if subparser is None:
+        return argv
+    takes_value = {
+        flag for action in subparser._actions if action.nargs != 0 for flag in action.option_strings
+    }
+    options: list[str] = []
+    positionals: list[str] = []
+    rest = iter(argv[1:])
+    for token in rest:
+        if token == "--":
+            positionals.extend(rest)
+            break
+        if token.startswith("-") and len(token) > 1 and not token[1:].isdigit():
+            options.append(token)
+            if token in takes_value:  # "--config F": the value goes with it
+                value = next(rest, None)
+                if value is not None:
+                    options.append(value)
+        else:
+            positionals.append(token)
+    return [argv[0], *options, *positionals]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(options_first(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         return args.func(args)
     except ConfigError as e:

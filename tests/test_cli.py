@@ -199,3 +199,23 @@ class NewcomerSessionTests(SynchronousTestCase):
         self.assertIn("stopped 10 node(s)", self._log())
         for pid in self.child_pids:
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+
+class OptionsAnywhereTests(SynchronousTestCase):
+    def test_options_may_follow_the_positionals(self) -> None:
+        from client.cli import build_parser, options_first
+
+        parser = build_parser()
+        for argv in (
+            ["admin", "move", "--config", "c.toml", "0", "2"],
+            ["admin", "move", "0", "2", "--config", "c.toml"],
+            ["admin", "--config", "c.toml", "move", "0", "2"],
+        ):
+            args = parser.parse_args(options_first(parser, argv))
+            self.assertEqual((args.action, args.params, args.config), ("move", ["0", "2"], "c.toml"), argv)
+        args = parser.parse_args(options_first(parser, ["sync", "/tmp/x", "--json", "--block-size", "8192"]))
+        self.assertEqual((args.basedir, args.json, args.block_size), ("/tmp/x", True, 8192))
+        args = parser.parse_args(options_first(parser, ["admin", "query", "-1", "--json"]))
+        self.assertEqual((args.params, args.json), (["-1"], True))
+        args = parser.parse_args(options_first(parser, ["put", "a,b", "2", "0", "--config=c.toml"]))
+        self.assertEqual((args.name, args.version, args.hashes, args.config), ("a,b", 2, ["0"], "c.toml"))
