@@ -286,3 +286,18 @@ class ListShardTests(SynchronousTestCase):
     def test_a_shard_not_served_is_none(self) -> None:
         m = MetadataStateMachine(4, owned=(0,))
         self.assertIsNone(m.list_shard(1, "", 10, 100))
+
+    def test_new_names_keep_a_fresh_order_without_a_sort(self) -> None:
+        from surfshard.metadata.state import encode_update
+
+        m = MetadataStateMachine(1)
+        for i, name in enumerate(["b", "d", "f"]):
+            m.apply(encode_update(name, 1, [], "c", i + 1))
+        self.assertEqual([f[0] for f in m.list_shard(0, "", 10, 100)["files"]], ["b", "d", "f"])  # type: ignore[index]
+        state = m._shards[0]
+        cached = state._names
+        m.apply(encode_update("c", 1, [], "c", 10))
+        m.apply(encode_update("a", 1, [], "c", 11))
+        m.apply(encode_update("d", 2, [], "c", 12))  # an existing name
+        self.assertIs(state._names, cached)  # kept in order, not rebuilt
+        self.assertEqual([f[0] for f in m.list_shard(0, "", 10, 100)["files"]], ["a", "b", "c", "d", "f"])  # type: ignore[index]

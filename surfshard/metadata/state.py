@@ -761,6 +761,12 @@ class MetadataStateMachine:
         else:
             state.files[name] = (version, hashes)
             state.revision += 1
+            if state._names_at == state.revision - 1:
+                # Keep a fresh listing order fresh: a new name goes in at
+                # its place, instead of a sort of the whole shard later.
+                if stored is None:
+                    bisect.insort(state._names, name)
+                state._names_at = state.revision
             answer = (True, version)
 
         dedup.record(session, seq, answer)
