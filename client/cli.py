@@ -334,7 +334,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from client.sync import IndexError_, TerminalProgress, summary, sync_folder, watch
+    from client.sync import IndexFileError, TerminalProgress, summary, sync_folder, watch
 
     cluster = _load(args)
     options: dict[str, Any] = {"block_size": args.block_size}
@@ -348,7 +348,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         finally:
             if progress is not None:
                 progress.close()
-    except IndexError_ as e:
+    except IndexFileError as e:
         err_console.print(f"[red]error:[/red] {escape(str(e))}; nothing in the folder was changed")
         return EXIT_FAILED
     except errors.SurfShardError as e:

@@ -54,7 +54,7 @@ from twisted.internet import defer, threads
 from surfshard import errors
 from surfshard.keyspace import TOMBSTONE, validate_filename
 
-__all__ = ["INDEX_NAME", "IndexError_", "SyncResult", "sync_folder"]
+__all__ = ["INDEX_NAME", "IndexFileError", "SyncResult", "sync_folder"]
 
 INDEX_NAME = "index.txt"
 DEFAULT_BLOCK_SIZE = 4096
@@ -70,7 +70,7 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 Hashes = list[str]
 
 
-class IndexError_(Exception):
+class IndexFileError(Exception):
     """``index.txt`` cannot be read; nothing in the folder was touched."""
 
 
@@ -102,35 +102,35 @@ class SyncResult:
 
 
 def read_index(path: Path) -> dict[str, tuple[int, Hashes]]:
-    """``index.txt`` as ``{name: (version, hashes)}``; ``IndexError_`` with
+    """``index.txt`` as ``{name: (version, hashes)}``; ``IndexFileError`` with
     the line at fault if it is not one."""
     if not path.exists():
         return {}
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise IndexError_(f"{path}: cannot read it: {e}") from None
+        raise IndexFileError(f"{path}: cannot read it: {e}") from None
     out: dict[str, tuple[int, Hashes]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(",")
         if len(parts) != 3:
-            raise IndexError_(f"{path}:{number}: expected name,version,hashes, got {line[:80]!r}")
+            raise IndexFileError(f"{path}:{number}: expected name,version,hashes, got {line[:80]!r}")
         name, version_text, hashes_text = parts
         try:
             version = int(version_text)
             if version < 1:
                 raise ValueError
         except ValueError:
-            raise IndexError_(
+            raise IndexFileError(
                 f"{path}:{number}: version {version_text[:20]!r} is not an integer >= 1"
             ) from None
         hashes = hashes_text.split()
         if hashes != TOMB and not all(_HASH.fullmatch(h) for h in hashes):
-            raise IndexError_(f"{path}:{number}: {hashes_text[:80]!r} is not a list of block hashes")
+            raise IndexFileError(f"{path}:{number}: {hashes_text[:80]!r} is not a list of block hashes")
         if not name or name in out:
-            raise IndexError_(f"{path}:{number}: {'empty' if not name else 'repeated'} name {name!r}")
+            raise IndexFileError(f"{path}:{number}: {'empty' if not name else 'repeated'} name {name!r}")
         out[name] = (version, hashes)
     return out
 
@@ -424,7 +424,7 @@ def sync_folder(
 
     folder = Path(base)
     if not folder.is_dir():
-        raise IndexError_(f"{folder} is not a folder")
+        raise IndexFileError(f"{folder} is not a folder")
     if block_size < 1 or block_size > 4 * 1024 * 1024:
         raise ValueError("block size must be 1 byte .. 4 MiB")
     if not cluster.blockstores:
