@@ -57,9 +57,14 @@ class NodeCollector(Collector):
             c.add_metric(values, value)
             return c
 
-        node = getattr(s, "node", None)
-        if node is not None and node.running and node._core is not None:
-            core = node.core
+        node: Any = getattr(s, "node", None)
+        core = None
+        if node is not None and node.running:
+            try:
+                core = node.core
+            except RuntimeError:  # not started yet
+                core = None
+        if core is not None:
             yield gauge("surfshard_raft_term", "Current Raft term.", core.term)
             role = GaugeMetricFamily(
                 "surfshard_raft_role", "1 for the node's Raft role.", labels=[*names, "role"]
