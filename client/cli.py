@@ -379,7 +379,11 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         try:
             blocks = BlockClient(cluster, client.pool)
             if args.action == "where":
-                value = blocks.where(args.hashes)
+                try:
+                    value = blocks.where(args.hashes)
+                except errors.BadRequest as e:
+                    err_console.print(f"usage: surfshard blocks where HASH...: {escape(e.message)}")
+                    return EXIT_USAGE
             else:
                 value = yield blocks.repair()
         finally:

@@ -174,3 +174,7 @@ class BlockStoreMapTests(SynchronousTestCase):
         )
         fault = self.successResultOf(handler.xmlrpc_getblockstoremap(["short"]))
         self.assertIsInstance(fault, xmlrpc.Fault)
+        # 64 characters, not hex: refused too, as BAD_REQUEST (not INTERNAL).
+        fault = self.successResultOf(handler.xmlrpc_getblockstoremap(["z" * 64]))
+        self.assertIn("BAD_REQUEST", str(fault.faultString) + str(fault.faultCode))
+        self.assertRaises(errors.BadRequest, handler.ring.map, ["z" * 64])

@@ -19,6 +19,8 @@ import bisect
 import hashlib
 from collections.abc import Sequence
 
+from surfshard.keyspace import validate_block_hash
+
 __all__ = ["BlockRing", "DEFAULT_VNODES"]
 
 #: Points per store: enough for an even spread over a handful of stores.
@@ -64,7 +66,11 @@ class BlockRing:
 
     def map(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         """SurfStore's GetBlockStoreMap: store address -> the blocks it
-        should hold, of ``hashes`` (each block under each of its replicas)."""
+        should hold, of ``hashes`` (each block under each of its replicas).
+        ``BadRequest`` if one is not a block hash (the map answers callers
+        from outside, unlike ``candidates``)."""
+        for h in hashes:
+            validate_block_hash(h)
         out: dict[str, list[str]] = {}
         for h in hashes:
             for store in self.placement(h):
