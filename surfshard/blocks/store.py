@@ -112,33 +112,43 @@ class BlockStore:
         numbers = sorted(int(p.name[:6]) for p in self._packs_dir.iterdir() if p.name.endswith(".pack"))
         for number in numbers:
             path = self._pack_path(number)
-            with open(path, "rb") as f:
-                data = f.read()
-            pos = 0
-            while pos + _HEAD.size <= len(data):  # bounded: each pass moves on or stops
-                magic, digest, length, crc = _HEAD.unpack_from(data, pos)
-                end = pos + _HEAD.size + length
-                if magic != _MAGIC or end > len(data):
-                    break
-                body = data[pos + _HEAD.size : end]
-                if zlib.crc32(body, zlib.crc32(data[pos : pos + _HEAD.size - 4])) != crc:
-                    break
-                self._index[digest.hex()] = (number, pos + _HEAD.size, length)
-                pos = end
-            if pos < len(data):
-                if number != numbers[-1]:
+            last = number == numbers[-1]
+            pos, size = self._scan(number, path, verify=last)
+            if pos < size:
+                if not last:
                     raise errors.Internal(f"{path}: damaged at offset {pos}, before the last pack")
                 self.log.warn(
                     "{path}: cutting a torn record at offset {pos} ({n} bytes, a crash mid-write)",
                     path=path,
                     pos=pos,
-                    n=len(data) - pos,
+                    n=size - pos,
                 )
                 with open(path, "r+b") as f:
                     f.truncate(pos)
             self._pack, self._pack_end = number, pos
         if numbers:
             self._pack_fd = os.open(self._pack_path(self._pack), os.O_WRONLY | os.O_APPEND)
+
+    def _scan(self, number: int, path: str, *, verify: bool) -> tuple[int, int]:
+        """Index a pack's records; (end of the last whole record, file size).
+        Only the last pack can end in a torn record, so only its records'
+        CRCs are checked (their data read); older packs are walked head to
+        head (each block is checked against its hash whenever it is read)."""
+        size = os.path.getsize(path)
+        pos = 0
+        with open(path, "rb") as f:
+            while pos + _HEAD.size <= size:  # bounded: each pass moves on or stops
+                f.seek(pos)
+                head = f.read(_HEAD.size)
+                magic, digest, length, crc = _HEAD.unpack(head)
+                end = pos + _HEAD.size + length
+                if magic != _MAGIC or end > size:
+                    break
+                if verify and zlib.crc32(f.read(length), zlib.crc32(head[:-4])) != crc:
+                    break
+                self._index[digest.hex()] = (number, pos + _HEAD.size, length)
+                pos = end
+        return pos, size
 
     def _append(self, records: list[tuple[str, bytes]]) -> None:
         """Write ``records`` (hash, data) at the end of the current pack, in
@@ -225,21 +235,25 @@ class BlockStore:
     def put(self, data: bytes, expected: str | None = None) -> str:
         """Store ``data``; returns its hash (storing it again is a no-op).
         With ``expected``, a block whose hash is not that is refused."""
-        if not isinstance(data, bytes):
-            raise errors.BadRequest("a block must be bytes")
-        if len(data) > MAX_BLOCK_BYTES:
-            raise errors.BadRequest(f"block of {len(data)} bytes is over the limit of {MAX_BLOCK_BYTES}")
-        block_hash = hashlib.sha256(data).hexdigest()
-        if expected is not None and expected != block_hash:
-            self.stats["verification_failures"] += 1
-            self.log.warn(
-                "refused a block sent as {expected}: its hash is {actual}",
-                expected=expected,
-                actual=block_hash,
-            )
-            raise errors.BadRequest(f"block sent as {expected} has hash {block_hash}", hash=expected)
+        block_hash = self._checked(data, expected, "block")
         self._store_many([(block_hash, data)])
         return block_hash
+
+    def _checked(self, data: Any, expected: str | None, what: str) -> str:
+        """The hash of a block about to be stored; ``BadRequest`` (counted
+        and logged) if it is not bytes, is too big, or is not ``expected``."""
+        if not isinstance(data, bytes):
+            raise errors.BadRequest(f"{what} must be bytes")
+        if len(data) > MAX_BLOCK_BYTES:
+            raise errors.BadRequest(f"{what} of {len(data)} bytes is over the limit of {MAX_BLOCK_BYTES}")
+        actual = hashlib.sha256(data).hexdigest()
+        if expected is not None and expected != actual:
+            self.stats["verification_failures"] += 1
+            self.log.warn(
+                "refused a block sent as {expected}: its hash is {actual}", expected=expected, actual=actual
+            )
+            raise errors.BadRequest(f"{what} sent as {expected} has hash {actual}", hash=expected)
+        return actual
 
     def _store_many(self, blocks: list[tuple[str, bytes]]) -> None:
         """Append the blocks not stored yet (checked against their hashes
@@ -280,22 +294,10 @@ class BlockStore:
         (all checked before any is stored); returns the hashes."""
         checked = []
         for i, item in enumerate(blocks):
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], bytes)):
+            if not (isinstance(item, list) and len(item) == 2):
                 raise errors.BadRequest(f"blocks[{i}] must be [hash, bytes]")
             expected = validate_block_hash(item[0])
-            actual = hashlib.sha256(item[1]).hexdigest()
-            if actual != expected:
-                self.stats["verification_failures"] += 1
-                self.log.warn(
-                    "refused a block sent as {expected}: its hash is {actual}",
-                    expected=expected,
-                    actual=actual,
-                )
-                raise errors.BadRequest(f"blocks[{i}] sent as {expected} has hash {actual}", hash=expected)
-            checked.append((expected, item[1]))
-        for _, data in checked:
-            if len(data) > MAX_BLOCK_BYTES:
-                raise errors.BadRequest(f"block of {len(data)} bytes is over the limit of {MAX_BLOCK_BYTES}")
+            checked.append((self._checked(item[1], expected, f"blocks[{i}]"), item[1]))
         self._store_many(checked)
         return [block_hash for block_hash, _ in checked]
 
