@@ -34,6 +34,7 @@ are never followed).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -314,12 +315,12 @@ class Folder:
     def _download(
         self, downloads: dict[str, tuple[int, Hashes]], index: dict[str, tuple[int, Hashes]]
     ) -> None:
-        pending = sorted(downloads.items())
+        pending = collections.deque(sorted(downloads.items()))
         while pending:  # a batch at a time: bounded memory
             batch: list[tuple[str, tuple[int, Hashes]]] = []
             size = 0
             while pending and (not batch or size < BATCH_BYTES):
-                name, info = pending.pop(0)
+                name, info = pending.popleft()
                 batch.append((name, info))
                 size += len(info[1]) * self.block_size
             needed = {h for _, (_, hashes) in batch if hashes != TOMB for h in hashes}
@@ -349,12 +350,12 @@ class Folder:
         index: dict[str, tuple[int, Hashes]],
         local: dict[str, Hashes],
     ) -> None:
-        names = sorted(uploads)
+        names = collections.deque(sorted(uploads))
         while names:
             batch: list[str] = []
             size = 0
             while names and (not batch or size < BATCH_BYTES):
-                name = names.pop(0)
+                name = names.popleft()
                 batch.append(name)
                 size += len(uploads[name][1]) * self.block_size
             blocks: dict[str, bytes] = {}
