@@ -196,7 +196,7 @@ class RaftNode(service.Service):
         #: The longest silence (seconds) seen between two messages of one
         #: leader in one term, on this node as a follower.
         self.max_leader_gap = 0.0
-        #: For metrics (``surfshard.metrics``): how long each write of a
+        #: For metrics (``surfshard.observe.metrics``): how long each write of a
         #: Ready to storage took (append + sync), elections this node
         #: started, leader changes it saw, proposals made on it, and each
         #: periodic snapshot's duration and size.

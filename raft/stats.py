@@ -1,7 +1,7 @@
 """Figures a running node keeps about itself, for metrics: plain counters
 and fixed-bucket histograms, cheap enough for the paths they sit on (a
 bisect and two additions per observation) and with no dependency, so the
-Raft library stays free of any metrics system. ``surfshard.metrics``
+Raft library stays free of any metrics system. ``surfshard.observe.metrics``
 exports them to Prometheus at scrape time."""
 
 from __future__ import annotations

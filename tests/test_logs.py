@@ -12,7 +12,7 @@ from pathlib import Path
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from surfshard.logs import bridge_stdlib_logging, observer
+from surfshard.observe.logs import bridge_stdlib_logging, observer
 from tests.procs import NodeProcess, free_ports, twistd_command, wait_until
 
 

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from surfshard import errors
 from surfshard.blocks.store import BlockStore
-from surfshard.metrics import node_registry
+from surfshard.observe.metrics import node_registry
 from tests.procs import Cluster, NativeClient, wait_until
 
 H = "a" * 64

@@ -36,15 +36,15 @@ from twisted.web import xmlrpc
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
 from surfshard.keyspace import validate_block_hash
-from surfshard.metrics import MetricsResource, node_registry
 from surfshard.net.methods import MethodTable
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.schema import Arg, Value
 from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
+from surfshard.observe.metrics import MetricsResource, node_registry
+from surfshard.observe.statuspage import ClusterResource, ClusterView, PageResource
 from surfshard.replica.access import server_access
-from surfshard.statuspage import ClusterResource, ClusterView, PageResource
 
 #: Largest block accepted (SurfStore clients use 4 KiB blocks by default).
 MAX_BLOCK_BYTES = 4 * 1024 * 1024

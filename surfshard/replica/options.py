@@ -8,7 +8,7 @@ from typing import Any
 from twisted.python import usage
 
 from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
-from surfshard.logs import FORMATS, install
+from surfshard.observe.logs import FORMATS, install
 
 
 class NodeOptions(usage.Options):

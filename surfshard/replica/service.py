@@ -27,16 +27,16 @@ from raft.stats import StageTracer
 from raft.storage import DiskStorage
 from raft.types import RaftConfig
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
-from surfshard.metrics import MetricsResource, node_registry
 from surfshard.net.methods import Access, MethodTable
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.server import RpcServerFactory, server_limits
 from surfshard.net.tls import TLSFiles
+from surfshard.observe.metrics import MetricsResource, node_registry
+from surfshard.observe.statuspage import ClusterResource, ClusterView, PageResource
 from surfshard.replica.access import server_access
 from surfshard.replica.control import ReplicaControl, plain
 from surfshard.replica.raft_transport import RpcRaftTransport
-from surfshard.statuspage import ClusterResource, ClusterView, PageResource
 
 
 class StatusResource(Resource):
