@@ -24,7 +24,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-err_console = Console(stderr=True)
+# Errors are never wrapped: a path or a message split across lines defeats
+# grep and the scripts that read them.
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def console() -> Console:
