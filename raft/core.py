@@ -14,8 +14,21 @@ Implemented from the Raft paper and Ongaro's thesis: elections with
 randomized timeouts (§5.2), pre-vote and check-quorum with leader lease
 (thesis 9.6), replication with batching, pipelining and fast backtracking
 (§5.3), commitment of current-term entries only (§5.4.2), ReadIndex (thesis
-6.4), leader transfer (thesis 3.10) and chunked InstallSnapshot (§7).
-Membership is fixed (``RaftConfig.peers``).
+6.4), leader transfer (thesis 3.10), chunked InstallSnapshot (§7), and
+membership change one server at a time with learners (thesis chapter 4).
+
+Membership. ``RaftConfig.peers`` is only the bootstrap; after that the
+members are what the log says. A change is an ``EntryKind.MEMBERSHIP`` entry
+holding the whole new ``Membership``, and it is in force on a server as soon
+as the entry is in its log, committed or not (thesis 4.1): a truncated entry
+takes its membership with it. Each change adds or removes at most one voter,
+so every majority of the old voters meets every majority of the new; a new
+one is accepted only when the previous change has committed and the leader
+has committed an entry of its own term (the fix of thesis 4.1's single-server
+bug). A new server joins as a learner, replicated to but not counted, and
+becomes a voter in a later change once it has caught up. A leader that
+removes itself goes on leading without counting itself until the change
+commits, then steps down.
 
 A leader's new commit index never costs a message of its own right away:
 it rides on the next append, and a follower that no append reached learns
@@ -34,7 +47,9 @@ from raft.log import LogError, RaftLog
 from raft.progress import Progress, ProgressState, ReadIndexTracker
 from raft.types import (
     Entry,
+    EntryKind,
     HardState,
+    Membership,
     Message,
     MessageType,
     RaftConfig,
@@ -45,6 +60,7 @@ from raft.types import (
     SnapshotMeta,
     SoftState,
     entries_problem,
+    single_change_problem,
 )
 
 _logger = logging.getLogger(__name__)
@@ -71,8 +87,10 @@ def _validate_config(config: RaftConfig) -> tuple[int, ...]:
     peers = tuple(sorted(set(config.peers)))
     if len(peers) != len(config.peers):
         raise ValueError(f"duplicate ids in peers {config.peers}")
-    if config.id not in peers:
-        raise ValueError(f"node id {config.id} is not among the peers {peers}")
+    if not peers:
+        raise ValueError("the bootstrap peers may not be empty")
+    if not isinstance(config.id, int) or isinstance(config.id, bool) or config.id <= 0:
+        raise ValueError(f"node id must be a positive integer: {config.id!r}")
     if any(not isinstance(p, int) or isinstance(p, bool) or p <= 0 for p in peers):
         raise ValueError(f"peer ids must be positive integers: {peers}")
     if config.heartbeat_ticks < 1 or config.election_ticks <= config.heartbeat_ticks:
@@ -102,13 +120,14 @@ class RaftCore:
     ) -> None:
         self._cfg = config
         self._id = config.id
-        self._peers = _validate_config(config)
-        self._quorum = len(self._peers) // 2 + 1
-        self._has_followers = len(self._peers) > 1
+        bootstrap = Membership(_validate_config(config))
         self._rng = rng if rng is not None else random.Random()
 
-        if snapshot is None:
-            snapshot = Snapshot(SnapshotMeta(0, 0, self._peers), b"")
+        if snapshot is None or not snapshot.meta.voters:
+            meta = snapshot.meta if snapshot is not None else SnapshotMeta()
+            snapshot = Snapshot(
+                SnapshotMeta.of(meta.index, meta.term, bootstrap), snapshot.data if snapshot else b""
+            )
         # The latest snapshot we hold, sent to followers that lag behind it.
         self._snapshot = snapshot
         self._log = RaftLog(snapshot.meta.index, snapshot.meta.term, entries, hard_state.commit)
@@ -116,8 +135,22 @@ class RaftCore:
             raise LogError(
                 f"hard state term {hard_state.term} is below the last log term {self._log.last_term}"
             )
-        if hard_state.vote is not None and hard_state.vote not in self._peers:
-            raise LogError(f"hard state vote {hard_state.vote} is not a peer")
+        if hard_state.vote is not None and (type(hard_state.vote) is not int or hard_state.vote <= 0):
+            raise LogError(f"hard state vote {hard_state.vote!r} is not a node id")
+        #: Membership entries in the log after the snapshot, in index order:
+        #: (index, term, membership). The membership in force is the last
+        #: one's, or the snapshot's when there is none.
+        self._conf_log: list[tuple[int, int, Membership]] = []
+        for e in entries:
+            if e.kind == EntryKind.MEMBERSHIP:
+                self._conf_log.append((e.index, e.term, Membership.decode(e.data)))
+        # Set by _use_membership (below): the members (voters and learners,
+        # what a leader replicates to), the voters, and a voters' majority.
+        self._membership = snapshot.meta.membership
+        self._peers: tuple[int, ...] = ()
+        self._voters: frozenset[int] = frozenset()
+        self._quorum = 1
+        self._has_followers = False
 
         self._term = hard_state.term
         self._vote: int | None = hard_state.vote
@@ -131,6 +164,7 @@ class RaftCore:
         self._progress: dict[int, Progress] = {}
         self._lead_transferee: int | None = None
         self._reads = ReadIndexTracker(self._id, self._quorum)
+        self._use_membership(self._conf_log[-1][2] if self._conf_log else self._membership)
         # Reads asked of a leader before it committed an entry of its term:
         # its commit index may still be behind the previous leader's.
         self._deferred_reads: list[bytes] = []
@@ -191,7 +225,30 @@ class RaftCore:
 
     @property
     def peers(self) -> tuple[int, ...]:
+        """Every member now (voters and learners)."""
         return self._peers
+
+    @property
+    def voters(self) -> frozenset[int]:
+        return self._voters
+
+    @property
+    def membership(self) -> Membership:
+        """The membership in force: the newest in the log, committed or not."""
+        return self._membership
+
+    @property
+    def membership_pending(self) -> bool:
+        """Whether the newest membership change is not yet committed."""
+        return bool(self._conf_log) and self._conf_log[-1][0] > self._log.committed
+
+    def membership_at(self, index: int) -> Membership:
+        """The membership in force once the log holds entries through
+        ``index`` (``index`` at or after the snapshot)."""
+        for i, _term, m in reversed(self._conf_log):
+            if i <= index:
+                return m
+        return self._snapshot.meta.membership
 
     @property
     def incoming_snapshot_bytes(self) -> int:
@@ -224,6 +281,8 @@ class RaftCore:
             "applied": self._log.applied,
             "last_index": self._log.last_index,
             "snapshot_index": self._snapshot.meta.index,
+            "voters": sorted(self._voters),
+            "learners": list(self._membership.learners),
         }
         if self._role == Role.LEADER:
             st["progress"] = {pid: pr.describe() for pid, pr in self._progress.items() if pid != self._id}
@@ -264,6 +323,32 @@ class RaftCore:
         self._bcast_entries = self._has_followers
         return index, self._term
 
+    def propose_membership(self, new: Membership) -> tuple[int, int]:
+        """Append a change to membership ``new`` (one voter added or removed
+        at most, see the module docstring); returns its (index, term).
+        Raises ``NotLeaderError`` off the leader and ``ValueError`` when the
+        change is not allowed now (another one is pending, the leader has not
+        committed in its term yet, or it changes too much)."""
+        if self._role != Role.LEADER:
+            raise NotLeaderError(self._leader)
+        if self._lead_transferee is not None:
+            raise NotLeaderError(self._lead_transferee)
+        if not isinstance(new, Membership):
+            raise TypeError("propose_membership takes a Membership")
+        if self.membership_pending:
+            raise ValueError("another membership change is not committed yet")
+        if not self._committed_in_current_term():
+            raise ValueError("the leader has not committed an entry of its term yet; try again")
+        problem = single_change_problem(self._membership, new)
+        if problem:
+            raise ValueError(problem)
+        index = self._log.last_index + 1
+        self._log.append([Entry(self._term, index, new.encode(), EntryKind.MEMBERSHIP)])
+        self._conf_log.append((index, self._term, new))
+        self._use_membership(new)
+        self._bcast_entries = self._has_followers
+        return index, self._term
+
     def read_index(self, context: bytes) -> None:
         """Ask for a linearizable read point; it shows up later as a
         ``ReadState`` with this ``context`` in ``Ready.read_states``."""
@@ -282,8 +367,8 @@ class RaftCore:
         timeout)."""
         if self._role != Role.LEADER:
             raise NotLeaderError(self._leader)
-        if to not in self._peers:
-            raise ValueError(f"cannot transfer leadership to unknown node {to}")
+        if to not in self._voters:
+            raise ValueError(f"cannot transfer leadership to {to}: not a voter")
         if self._lead_transferee is not None:
             if self._lead_transferee == to:
                 return
@@ -305,10 +390,12 @@ class RaftCore:
             raise ValueError(f"log already compacted through {self._log.snapshot_index}")
         if index > self._log.applying:
             raise ValueError(f"cannot snapshot at {index}: only applied through {self._log.applying}")
+        membership = self.membership_at(index)
         term = self._log.compact(index)
         # Everything compacted was persisted and applied by the driver.
         self._log.snapshot_persisted(index)
-        self._snapshot = Snapshot(SnapshotMeta(index, term, self._peers), bytes(data))
+        self._snapshot = Snapshot(SnapshotMeta.of(index, term, membership), bytes(data))
+        self._conf_log = [c for c in self._conf_log if c[0] > index]
         return self._snapshot
 
     def step(self, msg: Message) -> None:
@@ -396,14 +483,20 @@ class RaftCore:
             return "not a raft message"
         if m.to != self._id:
             return f"addressed to {m.to}"
-        if m.frm == self._id or m.frm not in self._peers:
-            return f"from unknown node {m.frm}"
+        # Not only members: a server learns of a membership that adds it
+        # from the very leader whose messages it must take to learn it.
+        if type(m.frm) is not int or m.frm <= 0 or m.frm == self._id:
+            return f"from bad node id {m.frm}"
         if not isinstance(m.term, int) or m.term < 0:
             return "bad term"
         if m.term == 0 and not (m.type == MessageType.PRE_VOTE_RESP and m.reject):
             # Only a node that never saw an election refuses a pre-vote at
             # term 0; everything else is sent in some term >= 1.
             return "missing term"
+        if m.type in _FROM_LEADER and m.term == self._term and self._leader not in (None, m.frm):
+            # Election safety makes this impossible from an honest peer;
+            # strangers are let in (a joining server's first leader is one).
+            return f"claims to lead term {m.term}, led by {self._leader}"
         if m.type == MessageType.APPEND and m.entries:
             problem = entries_problem(m.entries, m.index + 1, m.log_term, m.term)
             if problem:
@@ -506,7 +599,9 @@ class RaftCore:
             self._poll(m.frm, not m.reject)
 
     def _step_leader(self, m: Message) -> None:
-        pr = self._progress[m.frm]
+        pr = self._progress.get(m.frm)
+        if pr is None:
+            return  # not a member (any more): nothing of ours to track
         if m.type == MessageType.APPEND_RESP:
             pr.recent_active = True
             self._handle_append_resp(m, pr)
@@ -525,7 +620,14 @@ class RaftCore:
         self._election_elapsed += 1
         if self._election_elapsed >= self._randomized_election_timeout:
             self._election_elapsed = 0
-            self._hup(transfer=False)
+            if self._may_campaign():
+                self._hup(transfer=False)
+            else:
+                # No word from a leader for an election timeout: forget it,
+                # which also ends its lease here, so that this server (a
+                # learner, or a voter whose log has not told it so yet)
+                # answers the next candidate instead of ignoring it.
+                self._leader = None
 
     def _tick_leader(self) -> None:
         self._heartbeat_elapsed += 1
@@ -550,10 +652,18 @@ class RaftCore:
         self._send_commit_updates()
 
     def _quorum_active(self) -> bool:
-        return sum(1 for pr in self._progress.values() if pr.recent_active) >= self._quorum
+        voters = self._voters
+        return (
+            sum(1 for pid, pr in self._progress.items() if pr.recent_active and pid in voters) >= self._quorum
+        )
 
     def _hup(self, *, transfer: bool) -> None:
         if self._role == Role.LEADER:
+            return
+        if not self._may_campaign():
+            _logger.info(
+                f"raft node {self._id}: not a voter ({self._membership.describe()}), not campaigning"
+            )
             return
         if self._cfg.pre_vote and not transfer:
             self._campaign(pre_vote=True, transfer=False)
@@ -569,7 +679,7 @@ class RaftCore:
             vote_type, vote_term = MessageType.VOTE, self._term
         if self._poll(self._id, True):
             return  # single-voter group: already decided
-        for pid in self._peers:
+        for pid in sorted(self._voters):
             if pid == self._id:
                 continue
             self._send(
@@ -586,6 +696,8 @@ class RaftCore:
 
     def _poll(self, voter: int, granted: bool) -> bool:
         """Count a vote; returns True if the election was decided."""
+        if voter not in self._voters:
+            return False  # a learner's or a stranger's answer counts for nothing
         self._votes.setdefault(voter, granted)
         yes = sum(1 for v in self._votes.values() if v)
         no = len(self._votes) - yes
@@ -595,7 +707,7 @@ class RaftCore:
             else:
                 self._become_leader()
             return True
-        if no > len(self._peers) - self._quorum:
+        if no > len(self._voters) - self._quorum:
             self._become_follower(self._term, None)
             return True
         return False
@@ -615,7 +727,11 @@ class RaftCore:
         self._lead_transferee = None
         self._votes = {}
         next_index = self._log.last_index + 1
-        self._progress = {pid: Progress(next_index, self._cfg.max_inflight_msgs) for pid in self._peers}
+        # Our own progress is kept even when we are not a member: a leader
+        # that removed itself leads until that change commits.
+        self._progress = {
+            pid: Progress(next_index, self._cfg.max_inflight_msgs) for pid in {*self._peers, self._id}
+        }
         self._progress[self._id].match = self._log.stable
         # Reads in flight die with the leadership they were confirming; the
         # driver sees the role change in soft_state and fails them.
@@ -667,7 +783,7 @@ class RaftCore:
             self._bcast_heartbeat(ReadIndexTracker.encode(round_id))
         if self._bcast_entries:
             self._bcast_entries = False
-            for pid in self._peers:
+            for pid in self._progress:
                 if pid != self._id:
                     self._send_all_appends(pid, send_if_empty=False)
 
@@ -792,9 +908,20 @@ class RaftCore:
             self._read_states.extend(self._reads.ack(m.frm, round_id))
 
     def _maybe_commit(self) -> bool:
-        matches = sorted((pr.match for pr in self._progress.values()), reverse=True)
+        progress = self._progress
+        matches = sorted((progress[v].match for v in self._voters), reverse=True)
         if not self._log.maybe_commit(matches[self._quorum - 1], self._term):
             return False
+        if len(progress) > len(self._peers) and not self.membership_pending:
+            self._drop_departed()
+        if self._id not in self._voters and not self.membership_pending:
+            # Thesis 4.2.2: a leader removed by a change steps down once
+            # that change is committed (it has told the others by now or
+            # will at their next election: it no longer counts anyway).
+            _logger.info(f"raft node {self._id}: removed from the group, stepping down (term {self._term})")
+            self._send_commit_updates()
+            self._become_follower(self._term, None)
+            return True
         if self._deferred_reads:
             deferred, self._deferred_reads = self._deferred_reads, []
             for context in deferred:
@@ -806,7 +933,7 @@ class RaftCore:
 
     def _enqueue_read(self, context: bytes) -> None:
         read = ReadState(self._log.committed, context)
-        if len(self._peers) == 1:
+        if self._voters == {self._id}:
             self._read_states.append(read)
         else:
             self._reads.enqueue(read)
@@ -933,11 +1060,20 @@ class RaftCore:
                 )
             )
             return
+        entries = m.entries
+        conf_entries = [e for e in entries if e.kind] if entries else []
         try:
-            last_new = self._log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+            new_confs = [(e.index, e.term, Membership.decode(e.data)) for e in conf_entries]
+        except ValueError as e:
+            self._refuse(m, f"bad membership entry: {e}")
+            return
+        try:
+            last_new = self._log.maybe_append(m.index, m.log_term, m.commit, entries)
         except LogError as e:
             self._refuse(m, str(e))
             return
+        if last_new is not None and (new_confs or (self._conf_log and self._conf_log[-1][0] > m.index)):
+            self._track_membership(new_confs)
         if last_new is not None:
             self._send(
                 Message(MessageType.APPEND_RESP, to=m.frm, frm=self._id, term=self._term, index=last_new)
@@ -1027,6 +1163,69 @@ class RaftCore:
         self._log.restore(meta.index, meta.term)
         self._snapshot = snap
         self._unpersisted_snapshot = snap
+        self._conf_log = []
+        self._use_membership(meta.membership)
+
+    # -- membership ------------------------------------------------------------
+
+    def _track_membership(self, appended: list[tuple[int, int, Membership]]) -> None:
+        """After an append: forget membership entries the log no longer
+        holds (truncated by a conflict), take the appended ones, and put the
+        newest in force."""
+        log = self._log
+        kept = {c[0]: c for c in self._conf_log if log.match_term(c[0], c[1])}
+        for c in appended:
+            if log.match_term(c[0], c[1]):
+                kept[c[0]] = c
+        self._conf_log = [kept[i] for i in sorted(kept)]
+        newest = self._conf_log[-1][2] if self._conf_log else self._snapshot.meta.membership
+        if newest != self._membership:
+            self._use_membership(newest)
+
+    def _may_campaign(self) -> bool:
+        """Voters campaign; learners do not. Nor does a removed server, once
+        it knows its removal committed; before that it may still be needed
+        (thesis 4.2.2, figure 4.6: a leader that removed itself stepped
+        down before the change committed, and the one voter left needs this
+        server's log). It then does not count its own vote (``_poll``)."""
+        if self._id in self._voters:
+            return True
+        if not self.membership_pending:
+            return False
+        return self._id in self.membership_at(self._conf_log[-1][0] - 1).voters
+
+    def _drop_departed(self) -> None:
+        """Leader: stop replicating to servers no longer members. Not before
+        their removal commits: until then they get the log too, so a removed
+        server learns of its removal (and stops campaigning) in most cases."""
+        for pid in [p for p in self._progress if p != self._id and p not in self._peers]:
+            # A last append tells it the commit index: knowing its removal
+            # committed, it stops campaigning (``_may_campaign``).
+            self._send_append(pid)
+            del self._progress[pid]
+
+    def _use_membership(self, m: Membership) -> None:
+        """Put ``m`` in force: who is replicated to, who votes, how many
+        make a quorum, and, on a leader, whose progress is tracked."""
+        before = self._membership
+        self._membership = m
+        self._peers = m.members
+        self._voters = frozenset(m.voters)
+        self._quorum = len(m.voters) // 2 + 1
+        self._has_followers = any(p != self._id for p in self._peers)
+        self._reads.set_voters(self._voters, self._quorum)
+        if self._role == Role.LEADER:
+            next_index = self._log.last_index + 1
+            for pid in self._peers:
+                if pid not in self._progress:
+                    pr = self._progress[pid] = Progress(next_index, self._cfg.max_inflight_msgs)
+                    pr.recent_active = True  # give it an election timeout to answer
+            if not self.membership_pending:
+                self._drop_departed()
+            if self._lead_transferee is not None and self._lead_transferee not in self._voters:
+                self._abort_leader_transfer()
+        if m != before:
+            _logger.info(f"raft node {self._id}: membership now {m.describe()} (was {before.describe()})")
 
     # -- plumbing --------------------------------------------------------------
 

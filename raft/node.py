@@ -49,7 +49,17 @@ from raft.core import RaftCore
 from raft.errors import NodeCrashed, NotLeaderError, ProposalDropped, RaftTimeout, ReadAborted
 from raft.interfaces import ISnapshotCopy, ISnapshotFile, IStateMachine, IStorage, ITransport
 from raft.stats import SIZE_BUCKETS, Histogram, StageTracer
-from raft.types import Entry, Message, MessageType, RaftConfig, Ready, Role, Snapshot, SnapshotMeta
+from raft.types import (
+    Entry,
+    Membership,
+    Message,
+    MessageType,
+    RaftConfig,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+)
 
 #: ``callback(role, leader)`` run after every change of this node's role or of
 #: the leader it believes in (the new values; ``leader`` may be None).
@@ -57,6 +67,10 @@ RoleObserver = Callable[[Role, "int | None"], None]
 #: ``callback(entry, result)`` run after each committed entry is applied
 #: (no-ops included, with result None): for metrics and test harnesses.
 ApplyObserver = Callable[[Entry, Any], None]
+#: ``callback(membership)`` run when the membership in force on this node
+#: changes (a change appended to its log, truncated away, or installed
+#: with a snapshot), and once at start.
+MembershipObserver = Callable[[Membership], None]
 
 
 _PROPOSAL = "proposal"
@@ -213,6 +227,9 @@ class RaftNode(service.Service):
         self._last_leader_contact: tuple[int, int, float] | None = None
         #: Callbacks ``(entry, result)`` run after each entry is applied.
         self.on_apply: list[ApplyObserver] = []
+        #: Callbacks ``(membership)`` (see ``MembershipObserver``).
+        self.on_membership_change: list[MembershipObserver] = []
+        self._membership_seen: Membership | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -227,6 +244,7 @@ class RaftNode(service.Service):
             self.config, hard_state=hard_state, snapshot=snapshot, entries=entries, rng=self._rng
         )
         self._role, self._leader = self._core.role, self._core.leader
+        self._notify_membership_change()
         self.transport.set_handler(self._on_message)
         super().startService()  # type: ignore[no-untyped-call]
         self._ticker = task.LoopingCall(self._tick)
@@ -366,6 +384,39 @@ class RaftNode(service.Service):
             self._schedule()
         return waiter.deferred
 
+    @property
+    def membership(self) -> Membership:
+        """The membership in force on this node (the newest in its log)."""
+        return self.core.membership
+
+    def change_membership(self, new: Membership, timeout: float | None = None) -> defer.Deferred[Any]:
+        """Replicate a change to membership ``new`` (one voter added or
+        removed at most; see ``raft.core``); fires with ``new`` once the
+        change is committed and applied here.
+
+        Fails like ``propose``, and with ``ValueError`` (at once) when the
+        change is not allowed now."""
+        refused = self._refusal()
+        if refused is not None:
+            return defer.fail(refused)
+        core = self.core
+        try:
+            index, term = core.propose_membership(new)
+        except (NotLeaderError, ValueError, TypeError) as e:
+            return defer.fail(e)
+        self.log.info(
+            "raft node {id}: proposed membership {new} at index {index}",
+            id=self.config.id,
+            new=new.describe(),
+            index=index,
+        )
+        waiter = _Waiter(term, index, self._forget_proposal, _PROPOSAL, timeout)
+        self._proposals[index] = waiter
+        if timeout is not None:
+            self._watch_deadline(waiter, timeout)
+        self._schedule()
+        return waiter.deferred
+
     def read(self, timeout: float | None = None) -> defer.Deferred[None]:
         """Fires (with None) once a linearizable read may run against the
         state machine (ReadIndex: leadership confirmed by a majority after the
@@ -394,8 +445,8 @@ class RaftNode(service.Service):
         refused = self._refusal()
         if refused is not None:
             raise refused
-        if to not in self.config.peers:
-            raise ValueError(f"{to} is not a member of this group")
+        if to not in self.core.voters:
+            raise ValueError(f"{to} is not a voter of this group")
         if not self.is_leader:
             raise NotLeaderError(self.leader_id)
         self.core.transfer_leader(to)
@@ -441,7 +492,7 @@ class RaftNode(service.Service):
         term = core.log_term(index)
         if term is None:  # pragma: no cover - applied entries are in the log or the snapshot
             return
-        meta = SnapshotMeta(index, term, core.peers)
+        meta = SnapshotMeta.of(index, term, core.membership_at(index))
         encode = ISnapshotCopy(self.state_machine).snapshot_copy()
         storage = self.storage
         writes = ISnapshotFile.providedBy(storage)
@@ -575,6 +626,8 @@ class RaftNode(service.Service):
             self._fail_stop(Failure())
             return
         self._notify_role_change()
+        if core.membership is not self._membership_seen:
+            self._notify_membership_change()
         if self._sent_ready is not None or core.has_ready():
             # Work produced by advance() (e.g. a commit the leader's own
             # persisted entries completed) goes in the next turn, batched
@@ -721,7 +774,11 @@ class RaftNode(service.Service):
             if index != applied + 1:
                 raise RuntimeError(f"committed entry {index} does not follow applied index {applied}")
             result: Any = None
-            if entry.data is not None:
+            if entry.kind:
+                # A membership change: Raft's own, already in force since it
+                # was appended; the state machine never sees it.
+                result = Membership.decode(entry.data)
+            elif entry.data is not None:
                 try:
                     result = apply(entry.data)
                 except Exception as e:
@@ -857,6 +914,14 @@ class RaftNode(service.Service):
         self._stop_deadline_timer()
         error = NodeCrashed(f"node stopped after a fatal error: {failure.getErrorMessage()}")
         self._fail_all(error, error)
+
+    def _notify_membership_change(self) -> None:
+        membership = self._membership_seen = self.core.membership
+        for observer in list(self.on_membership_change):
+            try:
+                observer(membership)
+            except Exception:
+                self.log.failure("membership observer {observer!r} failed", observer=observer)
 
     def _notify_role_change(self) -> None:
         core = self._core

@@ -191,9 +191,20 @@ class ReadIndexTracker:
     def __init__(self, self_id: int, quorum: int) -> None:
         self._self_id = self_id
         self._quorum = quorum
+        #: Whose acks count (None: everyone's, before a membership is set).
+        self._voters: frozenset[int] | None = None
         self._next_round_id = 1
         self.queued: list[ReadState] = []
         self._rounds: dict[int, ReadRound] = {}
+
+    def set_voters(self, voters: frozenset[int], quorum: int) -> None:
+        """The voters changed: only their acks count from now on, toward
+        their majority (a leader that is no longer a voter does not count
+        itself either)."""
+        self._voters = voters
+        self._quorum = quorum
+        for rnd in self._rounds.values():
+            rnd.acks &= voters
 
     def reset(self) -> None:
         self.queued.clear()
@@ -212,7 +223,8 @@ class ReadIndexTracker:
             return None
         round_id = self._next_round_id
         self._next_round_id += 1
-        self._rounds[round_id] = ReadRound(round_id, self.queued, {self._self_id})
+        me = {self._self_id} if self._voters is None or self._self_id in self._voters else set()
+        self._rounds[round_id] = ReadRound(round_id, self.queued, me)
         self.queued = []
         return round_id
 
@@ -222,6 +234,8 @@ class ReadIndexTracker:
     def ack(self, peer: int, round_id: int) -> list[ReadState]:
         """``peer`` acknowledged our leadership in round ``round_id`` (and so
         in every earlier round); returns the reads that became safe."""
+        if self._voters is not None and peer not in self._voters:
+            return []
         confirmed = 0
         for rid, rnd in self._rounds.items():
             if rid <= round_id:

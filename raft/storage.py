@@ -21,8 +21,10 @@ WAL records (the ``t`` key says which):
 - ``h``: a hard state, replacing the previous one.
 - ``e``: a run of contiguous entries, as columns: ``i`` the first index,
   ``et`` the terms (one int, or ``[term, count, ...]`` runs), ``ed`` the
-  payloads; replaces the stored suffix from ``i`` on (a follower resolving a
-  conflict). It may also carry ``h``, a hard state applied after the entries.
+  payloads, and ``ek`` the kinds of entries that are not NORMAL (membership
+  changes; absent when there are none); replaces the stored suffix from ``i``
+  on (a follower resolving a conflict). It may also carry ``h``, a hard
+  state applied after the entries.
 
 A hard state is not written when it is set but with the next entries record
 (or on its own at ``sync()`` if none comes): a leader's commit index changes
@@ -80,6 +82,7 @@ from raft.types import (
     check_contiguous,
     entries_from_columns,
     entries_to_columns,
+    kinds_column,
 )
 
 log = Logger()
@@ -436,6 +439,9 @@ class DiskStorage:
             self._check_usable()
             self._close_record()
             self._open_record = {"t": "e", "i": entries[0].index, "et": terms, "ed": datas}
+            kinds = kinds_column(entries)
+            if kinds is not None:
+                self._open_record["ek"] = kinds
             state.append(entries)
 
     def set_hard_state(self, state: HardState) -> None:
@@ -688,7 +694,7 @@ class DiskStorage:
             first = record["i"]
             if type(first) is not int:
                 raise ValueError(f"first index must be an integer, got {first!r}")
-            entries = entries_from_columns(first, record["et"], record["ed"])
+            entries = entries_from_columns(first, record["et"], record["ed"], record.get("ek"))
             try:
                 state.append(state.check_append(entries))
             except ValueError as e:
@@ -769,7 +775,11 @@ class DiskStorage:
         for i in range(0, len(state.entries), _ENTRIES_PER_COMPACTED_RECORD):
             chunk = state.entries[i : i + _ENTRIES_PER_COMPACTED_RECORD]
             terms, datas = entries_to_columns(chunk)
-            put({"t": "e", "i": chunk[0].index, "et": terms, "ed": datas})
+            record = {"t": "e", "i": chunk[0].index, "et": terms, "ed": datas}
+            kinds = kinds_column(chunk)
+            if kinds is not None:
+                record["ek"] = kinds
+            put(record)
         self._replace_file(self._wal_path, bytes(out))
         old_fd, self._wal_fd = self._wal_fd, None
         if old_fd is not None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
+import cbor2
+
 
 class Role(enum.StrEnum):
     FOLLOWER = "follower"
@@ -43,29 +45,56 @@ class MessageType(enum.StrEnum):
     TIMEOUT_NOW = "timeout_now"  # leader transfer: start an election now
 
 
+class EntryKind(enum.IntEnum):
+    """What a log entry holds (etcd's ``EntryType``, hashicorp's ``LogType``)."""
+
+    #: A command for the state machine (or, with ``data`` None, a leader's no-op).
+    NORMAL = 0
+    #: A new group membership (``Membership.encode``), in force from the
+    #: moment the entry is appended to a log, committed or not (thesis 4.1).
+    MEMBERSHIP = 1
+
+
 # Not frozen: a frozen dataclass costs three object.__setattr__ calls per
 # construction, and the log builds one per entry. Treat entries
 # as immutable all the same: the log, storage and Ready batches share them.
 @dataclass(slots=True, unsafe_hash=True)
 class Entry:
     """A log entry. ``data`` is opaque to Raft; ``None`` marks the no-op a new
-    leader appends to commit entries of earlier terms (§5.4.2)."""
+    leader appends to commit entries of earlier terms (§5.4.2). ``kind`` is
+    ``EntryKind.MEMBERSHIP`` for a membership change, whose ``data`` Raft
+    reads itself and never hands to the state machine."""
 
     term: int
     index: int
     data: bytes | None = None
+    kind: int = EntryKind.NORMAL
 
     def to_wire(self) -> list[Any]:
+        if self.kind:
+            return [self.term, self.index, self.data, int(self.kind)]
         return [self.term, self.index, self.data]
 
     @classmethod
     def from_wire(cls, w: Any) -> Entry:
-        term, index, data = w
+        if not isinstance(w, list) or len(w) not in (3, 4):
+            raise ValueError("an entry is [term, index, data] or [term, index, data, kind]")
+        term, index, data = w[:3]
         if not (isinstance(term, int) and isinstance(index, int)):
             raise ValueError("entry term/index must be integers")
         if data is not None and not isinstance(data, bytes):
             raise ValueError("entry data must be bytes or None")
-        return cls(term, index, data)
+        kind = _entry_kind(w[3]) if len(w) == 4 else EntryKind.NORMAL
+        return cls(term, index, data, kind)
+
+
+def _entry_kind(value: Any) -> EntryKind:
+    if type(value) is not int or value not in _ENTRY_KINDS:
+        raise ValueError(f"unknown entry kind {value!r}")
+    return _ENTRY_KINDS[value]
+
+
+_ENTRY_KINDS = {k.value: k for k in EntryKind}
 
 
 _NONE_TYPE = type(None)
@@ -93,10 +122,36 @@ def entries_to_columns(entries: Sequence[Entry]) -> tuple[int | list[int], list[
     return runs, datas
 
 
-def entries_from_columns(first_index: int, terms: Any, datas: Any) -> list[Entry]:
-    """Inverse of ``entries_to_columns`` for entries starting at
-    ``first_index``; raises ``ValueError`` on anything malformed (the input
-    comes from a peer or from disk)."""
+def kinds_column(entries: Sequence[Entry]) -> list[int] | None:
+    """The kinds of ``entries`` that are not NORMAL, as a flat list
+    ``[position, kind, ...]`` (positions from 0), or None when all are
+    NORMAL: membership changes are rare, so the column is usually absent."""
+    if not any(e.kind for e in entries):
+        return None
+    out: list[int] = []
+    for pos, e in enumerate(entries):
+        if e.kind:
+            out += (pos, int(e.kind))
+    return out
+
+
+def entries_from_columns(first_index: int, terms: Any, datas: Any, kinds: Any = None) -> list[Entry]:
+    """Inverse of ``entries_to_columns`` (and ``kinds_column``) for entries
+    starting at ``first_index``; raises ``ValueError`` on anything malformed
+    (the input comes from a peer or from disk)."""
+    entries = _entries_from_columns(first_index, terms, datas)
+    if kinds is not None:
+        if type(kinds) is not list or len(kinds) % 2 or not set(map(type, kinds)) <= {int}:
+            raise ValueError("entry kinds must be a list of (position, kind) pairs")
+        for k in range(0, len(kinds), 2):
+            pos = kinds[k]
+            if not 0 <= pos < len(entries):
+                raise ValueError(f"entry kind for position {pos} of {len(entries)} entries")
+            entries[pos].kind = _entry_kind(kinds[k + 1])
+    return entries
+
+
+def _entries_from_columns(first_index: int, terms: Any, datas: Any) -> list[Entry]:
     if type(datas) is not list:
         raise ValueError("entry payloads must be a list")
     if not set(map(type, datas)) <= _DATA_TYPES:
@@ -160,18 +215,174 @@ class HardState:
         return cls(int(w["term"]), w["vote"], int(w["commit"]))
 
 
+def _ids(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(type(v) is int and v > 0 for v in value):
+        raise ValueError(f"{what} must be a list of positive integers")
+    return tuple(sorted(value))
+
+
+@dataclass(slots=True, frozen=True)
+class Membership:
+    """Who is in a Raft group (thesis chapter 4; hashicorp's ``Configuration``).
+
+    ``voters`` elect leaders and make up quorums; ``learners`` receive the
+    log but neither vote nor count toward a commit, so a new server catches
+    up without weakening the group (etcd's learners). ``addresses`` pairs
+    ids with where to reach them: opaque to Raft, carried so that every
+    replica, and a server joining, learns them from the log itself.
+
+    Invariants: ids are positive, sorted, voters and learners disjoint;
+    ``max_id`` is at least every id ever used, so an id is never reused for
+    a different server (a removed server's stale messages cannot pass for
+    the new one's)."""
+
+    voters: tuple[int, ...]
+    learners: tuple[int, ...] = ()
+    addresses: tuple[tuple[int, str], ...] = ()
+    max_id: int = 0
+
+    def __post_init__(self) -> None:
+        if set(self.voters) & set(self.learners):
+            raise ValueError(
+                f"ids {sorted(set(self.voters) & set(self.learners))} are both voter and learner"
+            )
+        top = max((*self.voters, *self.learners), default=0)
+        if self.max_id < top:
+            object.__setattr__(self, "max_id", top)
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """Every member, voters and learners, sorted."""
+        return tuple(sorted((*self.voters, *self.learners)))
+
+    def address_of(self, node: int) -> str | None:
+        for i, address in self.addresses:
+            if i == node:
+                return address
+        return None
+
+    def with_learner(self, node: int, address: str) -> Membership:
+        """``node`` added as a learner at ``address``."""
+        if node in self.voters or node in self.learners:
+            raise ValueError(f"node {node} is already a member")
+        addresses = tuple(sorted((*self.addresses, (node, address))))
+        return Membership(self.voters, _ids((*self.learners, node), "learners"), addresses, self.max_id)
+
+    def promoted(self, node: int) -> Membership:
+        """Learner ``node`` made a voter."""
+        if node not in self.learners:
+            raise ValueError(f"node {node} is not a learner")
+        learners = tuple(i for i in self.learners if i != node)
+        return Membership(tuple(sorted((*self.voters, node))), learners, self.addresses, self.max_id)
+
+    def without(self, node: int) -> Membership:
+        """``node`` removed, voter or learner."""
+        if node not in self.voters and node not in self.learners:
+            raise ValueError(f"node {node} is not a member")
+        return Membership(
+            tuple(i for i in self.voters if i != node),
+            tuple(i for i in self.learners if i != node),
+            tuple(p for p in self.addresses if p[0] != node),
+            self.max_id,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        w: dict[str, Any] = {"voters": list(self.voters)}
+        if self.learners:
+            w["learners"] = list(self.learners)
+        if self.addresses:
+            w["addresses"] = [[i, a] for i, a in self.addresses]
+        if self.max_id:
+            w["max_id"] = self.max_id
+        return w
+
+    @classmethod
+    def from_wire(cls, w: Any) -> Membership:
+        """Parse (from a peer, a log entry or disk); ``ValueError`` if malformed."""
+        if not isinstance(w, dict):
+            raise ValueError("a membership must be a map")
+        voters = _ids(w.get("voters", []), "voters")
+        learners = _ids(w.get("learners", []), "learners")
+        pairs = w.get("addresses", [])
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and type(p[0]) is int and isinstance(p[1], str) for p in pairs
+        ):
+            raise ValueError("membership addresses must be [id, address] pairs")
+        max_id = w.get("max_id", 0)
+        if type(max_id) is not int or max_id < 0:
+            raise ValueError("membership max_id must be a non-negative integer")
+        return cls(voters, learners, tuple(sorted((i, a) for i, a in pairs)), max_id)
+
+    def encode(self) -> bytes:
+        """The payload of an ``EntryKind.MEMBERSHIP`` entry."""
+        return cbor2.dumps(self.to_wire())
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> Membership:
+        if data is None:
+            raise ValueError("a membership entry has no data")
+        try:
+            w = cbor2.loads(data)
+        except Exception as e:
+            raise ValueError(f"membership entry is not CBOR: {e}") from None
+        return cls.from_wire(w)
+
+    def describe(self) -> str:
+        return f"voters {list(self.voters)}, learners {list(self.learners)}"
+
+
+def single_change_problem(old: Membership, new: Membership) -> str:
+    """Why going from ``old`` to ``new`` in one step is unsafe ("" if it is
+    not): at most one voter added or removed (so any majority of the old
+    voters and any majority of the new ones overlap, thesis 4.1), and at
+    least one voter left."""
+    if not new.voters:
+        return "a group needs at least one voter"
+    changed = set(old.voters) ^ set(new.voters)
+    if len(changed) > 1:
+        return f"voters {sorted(changed)} change at once; change one server at a time"
+    if new.max_id < old.max_id:
+        return "max_id may not go back"
+    return ""
+
+
 @dataclass(slots=True, frozen=True)
 class SnapshotMeta:
+    """Where a snapshot stands in the log, and the membership in force at
+    ``index`` (so a server restored from it knows its group)."""
+
     index: int = 0
     term: int = 0
     voters: tuple[int, ...] = ()
+    learners: tuple[int, ...] = ()
+    addresses: tuple[tuple[int, str], ...] = ()
+    max_id: int = 0
+
+    def __post_init__(self) -> None:
+        top = max((*self.voters, *self.learners), default=0)
+        if self.max_id < top:
+            object.__setattr__(self, "max_id", top)
+
+    @classmethod
+    def of(cls, index: int, term: int, membership: Membership) -> SnapshotMeta:
+        return cls(
+            index, term, membership.voters, membership.learners, membership.addresses, membership.max_id
+        )
+
+    @property
+    def membership(self) -> Membership:
+        return Membership(self.voters, self.learners, self.addresses, self.max_id)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"index": self.index, "term": self.term, "voters": list(self.voters)}
+        w = self.membership.to_wire()
+        w["index"] = self.index
+        w["term"] = self.term
+        return w
 
     @classmethod
     def from_wire(cls, w: Any) -> SnapshotMeta:
-        return cls(int(w["index"]), int(w["term"]), tuple(int(v) for v in w["voters"]))
+        m = Membership.from_wire(w)
+        return cls(int(w["index"]), int(w["term"]), m.voters, m.learners, m.addresses, m.max_id)
 
 
 @dataclass(slots=True, frozen=True)
@@ -239,6 +450,9 @@ class Message:
             if not check_contiguous(entries, self.index + 1):
                 raise ValueError(f"message entries do not follow index {self.index} contiguously")
             w["et"], w["ed"] = entries_to_columns(entries)
+            kinds = kinds_column(entries)
+            if kinds is not None:
+                w["ek"] = kinds
         if self.commit:
             w["commit"] = self.commit
         if self.reject:
@@ -287,13 +501,13 @@ class Message:
             fields[name] = value
         entries: list[Entry] = []
         if "ed" in w:
-            entries = entries_from_columns(fields.get("index", 0) + 1, w.get("et"), w["ed"])
+            entries = entries_from_columns(fields.get("index", 0) + 1, w.get("et"), w["ed"], w.get("ek"))
         meta = w.get("snapshot_meta")
         snapshot_meta = None
         if meta is not None:
             try:
                 snapshot_meta = SnapshotMeta.from_wire(meta)
-            except (TypeError, KeyError) as e:
+            except (TypeError, KeyError, ValueError) as e:
                 raise ValueError(f"malformed raft message snapshot_meta: {e}") from e
         get = fields.get
         return cls(
@@ -384,7 +598,11 @@ class RaftConfig:
     """
 
     id: int
-    peers: tuple[int, ...]  # every voter, this node included
+    #: The group's first voters, before any membership change (the
+    #: bootstrap; etcd's ``--initial-cluster``). Later the log and snapshots
+    #: say who the members are. A server joining a running group is
+    #: started with the same bootstrap and need not be among it.
+    peers: tuple[int, ...]
     election_ticks: int = 6
     heartbeat_ticks: int = 2
     pre_vote: bool = True

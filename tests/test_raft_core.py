@@ -1196,7 +1196,7 @@ class RobustnessTests(SynchronousTestCase):
         term = f.term
         bad = [
             Message(MessageType.APPEND, to=9, frm=1, term=term),  # not for us
-            Message(MessageType.APPEND, to=2, frm=7, term=term),  # unknown sender
+            Message(MessageType.APPEND, to=2, frm=7, term=term),  # a second leader of the term
             Message(MessageType.APPEND, to=2, frm=2, term=term),  # from ourselves
             Message(MessageType.APPEND, to=2, frm=1, term=0),  # no term
             # gap in entries
