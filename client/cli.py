@@ -238,10 +238,126 @@ def shard_map_table(shard_map: Any) -> Any:
     return table
 
 
+def _member_usage(problem: str) -> int:
+    err_console.print(
+        "usage: surfshard admin member list GID | add GID HOST:PORT | remove GID ID: " + escape(problem)
+    )
+    return EXIT_USAGE
+
+
+def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
+    """``surfshard admin member list|add|remove GID ...``: a group's
+    membership, through its leader (``surfshard.replica.membership``)."""
+    from client.cluster import ClusterClient
+    from surfshard.replica.leader_caller import LeaderCaller
+
+    rest = list(args.params)
+    if len(rest) < 2 or rest[0] not in ("list", "add", "remove"):
+        return _member_usage("say list, add or remove, then the group id")
+    verb = rest[0]
+    try:
+        gid = int(rest[1])
+    except ValueError:
+        return _member_usage(f"{rest[1]!r} is not a group id")
+    if gid not in cluster.groups:
+        return _member_usage(f"{cluster.source} has no group {gid} (groups: {sorted(cluster.groups)})")
+    if verb == "list" and len(rest) != 2:
+        return _member_usage("list takes only the group id")
+    if verb == "add":
+        if len(rest) != 3:
+            return _member_usage("add takes the group id and the new node's HOST:PORT")
+        from surfshard.config import parse_address
+
+        try:
+            parse_address(rest[2])
+        except ValueError as e:
+            return _member_usage(str(e))
+    if verb == "remove":
+        if len(rest) != 3 or not rest[2].isdigit() or int(rest[2]) < 1:
+            return _member_usage("remove takes the group id and the node's id (see member list)")
+
+    @defer.inlineCallbacks
+    def body(reactor: Any):
+        client = ClusterClient(cluster, reactor, timeout=args.timeout, admin=verb != "list")
+        try:
+            # Where the group is: the ShardMaster's list (it follows the
+            # membership) and the config's.
+            addresses = list(cluster.groups[gid])
+            if cluster.shardmaster:
+                try:
+                    shard_map = yield client.shardmaster.query(-1)
+                    addresses = [*shard_map.groups.get(gid, ()), *addresses]
+                except errors.SurfShardError:
+                    pass
+            caller = LeaderCaller(client.pool, list(dict.fromkeys(addresses)), reactor, timeout=args.timeout)
+            if verb == "add":
+                result = yield caller.call("member_add", {"address": rest[2]}, timeout=args.timeout)
+            elif verb == "remove":
+                result = yield caller.call("member_remove", {"node": int(rest[2])}, timeout=args.timeout)
+            else:
+                result = None
+            listing = yield caller.call("members", {}, timeout=args.timeout)
+            leader = listing.get("leader_address")
+            if "match" not in listing and leader:
+                # The leader's answer also says how far each log is.
+                try:
+                    listing = yield client.pool.call(leader, "members", {}, timeout=args.timeout)
+                except errors.SurfShardError:
+                    pass
+        finally:
+            yield client.close()
+
+        def human() -> None:
+            out = console()
+            if verb == "add":
+                node_id = result["id"]
+                if result["added"]:
+                    out.print(f"added node {node_id} to group {gid} as a learner at {rest[2]}")
+                else:
+                    out.print(f"{rest[2]} is already node {node_id} of group {gid}")
+                config = f" --config {args.config}" if args.config else ""
+                out.print(
+                    "start it (it catches up, then the leader makes it a voter):\n"
+                    f"  twistd -n surfshard{config} --group {gid} --node {node_id - 1} --address {rest[2]}"
+                )
+            elif verb == "remove":
+                node_id = result["id"]
+                said = "removed node" if result["removed"] else "no longer a member:"
+                out.print(f"{said} {node_id} of group {gid}; stop its process")
+            out.print(members_table(gid, listing))
+
+        _emit(args, {"result": result, "members": listing}, human)
+        return EXIT_OK
+
+    return _react(body)
+
+
+def members_table(gid: int, listing: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        title=f"group {gid} members" + (" (a change is in progress)" if listing.get("pending") else "")
+    )
+    for column in ("id", "address", "role", "log"):
+        table.add_column(column)
+    match = listing.get("match") or {}
+    last = listing.get("last_index")
+    for role in ("voters", "learners"):
+        for m in listing.get(role, []):
+            i = m["id"]
+            what = "leader" if i == listing.get("leader") else role[:-1]
+            caught = match.get(str(i))
+            log = f"{caught}/{last}" if caught is not None and last is not None else "-"
+            table.add_row(str(i), str(m.get("address") or "?"), what, log)
+    return table
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     from client.cluster import ClusterClient
 
     cluster = _load(args)
+    if args.action == "member":
+        return cmd_member(args, cluster)
     if not cluster.shardmaster:
         err_console.print(
             f"[red]error:[/red] {escape(str(cluster.source))} has no \\[shardmaster]: it is a static cluster"
@@ -438,9 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "admin",
         cmd_admin,
-        "ShardMaster: show | query [NUM] | join GID HOST:PORT... | leave GID... | move SHARD GID",
+        "ShardMaster: show | query [NUM] | join GID HOST:PORT... | leave GID... | move SHARD GID; "
+        "a group's replicas: member list GID | member add GID HOST:PORT | member remove GID ID",
     )
-    p.add_argument("action", choices=["show", "query", "join", "leave", "move"])
+    p.add_argument("action", choices=["show", "query", "join", "leave", "move", "member"])
     p.add_argument("params", nargs="*", metavar="ARG")
     p.add_argument("--timeout", type=float, default=30.0, help="give up after this many seconds (default 30)")
     p = command("sync", cmd_sync, "sync a folder with the cluster (SurfStore's client; index.txt in it)")

@@ -27,6 +27,10 @@ class ShardMasterClient(GroupClient):
     def move(self, shard: int, gid: int) -> defer.Deferred:
         return self.write("move", {"shard": shard, "gid": gid})
 
+    def servers(self, gid: int, servers: Sequence[str]) -> defer.Deferred:
+        """Replace group ``gid``'s addresses; fires with the map's number."""
+        return self.write("servers", {"gid": gid, "servers": list(servers)})
+
     def query(self, num: int = -1) -> defer.Deferred:
         """Fires with the ``ShardMap`` numbered ``num`` (-1: the latest)."""
         return self.read("query", {"num": num}).addCallback(ShardMap.from_wire)

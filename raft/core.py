@@ -242,6 +242,14 @@ class RaftCore:
         """Whether the newest membership change is not yet committed."""
         return bool(self._conf_log) and self._conf_log[-1][0] > self._log.committed
 
+    def match_of(self, node: int) -> int | None:
+        """Leader: the highest index known to be in ``node``'s log (None
+        off the leader, or for a server it does not replicate to)."""
+        if self._role != Role.LEADER:
+            return None
+        pr = self._progress.get(node)
+        return None if pr is None else pr.match
+
     def membership_at(self, index: int) -> Membership:
         """The membership in force once the log holds entries through
         ``index`` (``index`` at or after the snapshot)."""

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet import defer
 
 from raft.node import RaftNode
-from shardmaster.state import ShardMasterStateMachine, encode_join, encode_leave, encode_move
+from shardmaster.state import ShardMasterStateMachine, encode_join, encode_leave, encode_move, encode_servers
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind
 from surfshard.net.methods import Access, MethodTable
@@ -77,6 +77,17 @@ class ShardMasterReplica(ReplicaControl):
         """Pin ``shard`` to group ``gid`` until the next join or leave."""
         return self._write(encode_move(shard, gid, *self._identity(client_id, seq)), timeout)
 
+    def servers(
+        self,
+        gid: int,
+        servers: list,
+        client_id: str | None = None,
+        seq: int | None = None,
+        timeout: float | None = None,
+    ):
+        """Replace group ``gid``'s addresses (its membership changed)."""
+        return self._write(encode_servers(gid, servers, *self._identity(client_id, seq)), timeout)
+
     def query(self, num: int = -1, timeout: float | None = None) -> defer.Deferred:
         """Map ``num`` (-1: the latest), after a ReadIndex round."""
 
@@ -127,6 +138,12 @@ def shardmaster_methods(replica: ShardMasterReplica) -> MethodTable:
         replica.move,
         [Arg("shard", int), Arg("gid", int), *CLIENT_ARGS, TIMEOUT_ARG],
         access=(Access.ADMIN,),
+    )
+    t.add(
+        "servers",
+        replica.servers,
+        [Arg("gid", int), Arg("servers", addresses), *CLIENT_ARGS, TIMEOUT_ARG],
+        access=(Access.ADMIN, Access.CLUSTER),
     )
     t.add("query", replica.query, [Arg("num", int, default=-1), TIMEOUT_ARG])
     return t

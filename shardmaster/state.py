@@ -11,6 +11,10 @@ Commands (canonical CBOR maps, built by the ``encode_*`` functions):
 - ``join``: ``{gid: [addresses]}`` adds groups, then rebalances;
 - ``leave``: ``[gids]`` removes groups, then rebalances (the last group
   leaving leaves every shard unassigned, gid 0);
+- ``servers``: ``(gid, [addresses])`` replaces a live group's addresses
+  after its membership changed (``surfshard.replica.membership``); shards
+  stay where they are. Unlike the others it is idempotent: the addresses
+  the group has already make no new map.
 - ``move``: ``(shard, gid)`` pins one shard to a live group. It is not
   rebalanced away on its own: it holds until the next join or leave, whose
   rebalancing starts from the current map (so a pinned shard only moves
@@ -85,11 +89,13 @@ DEFAULT_HISTORY_LIMIT = 1000
 OP_JOIN = "join"
 OP_LEAVE = "leave"
 OP_MOVE = "move"
+OP_SERVERS = "servers"
 
 _KEYS = {
     OP_JOIN: frozenset({"op", "groups", "client", "seq"}),
     OP_LEAVE: frozenset({"op", "gids", "client", "seq"}),
     OP_MOVE: frozenset({"op", "shard", "gid", "client", "seq"}),
+    OP_SERVERS: frozenset({"op", "gid", "servers", "client", "seq"}),
 }
 
 Groups = dict[int, tuple[str, ...]]
@@ -213,6 +219,34 @@ def validate_move_args(shard: Any, gid: Any, current: ShardMap | None = None) ->
     return shard, gid
 
 
+def validate_servers_args(
+    gid: Any, servers: Any, current: ShardMap | None = None
+) -> tuple[int, tuple[str, ...]]:
+    """Check ``servers(gid, addresses)``: a valid gid and a non-empty list of
+    distinct addresses; with ``current`` also that the group is live and no
+    other group lists one of the addresses."""
+    _check_gid(gid)
+    if not _is_sequence(servers) or not servers:
+        raise BadRequest(f"group {gid}: servers must be a non-empty list of host:port", gid=gid)
+    if len(servers) > MAX_NODES_PER_GROUP:
+        raise BadRequest(f"group {gid}: {len(servers)} nodes is over the limit of {MAX_NODES_PER_GROUP}")
+    if len(set(servers)) != len(servers):
+        raise BadRequest(f"group {gid}: an address is listed twice", gid=gid)
+    for address in servers:
+        try:
+            parse_address(address)
+        except (ValueError, TypeError) as e:
+            raise BadRequest(f"group {gid}: malformed address: {e}", gid=gid) from None
+    if current is not None:
+        if gid not in current.groups:
+            raise BadRequest(f"group {gid} is unknown (not in shard map {current.num})", gid=gid)
+        for other, addresses in current.groups.items():
+            shared = set(addresses) & set(servers)
+            if other != gid and shared:
+                raise BadRequest(f"group {gid}: {sorted(shared)[0]} is already in group {other}", gid=gid)
+    return gid, tuple(servers)
+
+
 # -- command encoders -----------------------------------------------------------
 
 
@@ -241,6 +275,15 @@ def encode_move(shard: int, gid: int, client_id: str, seq: int) -> bytes:
     validate_client(client_id, seq)
     shard, gid = validate_move_args(shard, gid)
     return _encode({"op": OP_MOVE, "shard": shard, "gid": gid, "client": client_id, "seq": seq})
+
+
+def encode_servers(gid: int, servers: Sequence[str], client_id: str, seq: int) -> bytes:
+    """The command for ``servers(gid, addresses)`` sent by ``(client_id, seq)``."""
+    validate_client(client_id, seq)
+    gid, normalized = validate_servers_args(gid, servers)
+    return _encode(
+        {"op": OP_SERVERS, "gid": gid, "servers": list(normalized), "client": client_id, "seq": seq}
+    )
 
 
 # -- results --------------------------------------------------------------------
@@ -475,6 +518,12 @@ class ShardMasterStateMachine:
             leaving = validate_leave_args(wire["gids"], current)
             groups = {gid: a for gid, a in current.groups.items() if gid not in leaving}
             shards = rebalance.leave(current.shards, tuple(current.groups), leaving)
+        elif op == OP_SERVERS:
+            gid, servers = validate_servers_args(wire["gid"], wire["servers"], current)
+            if current.groups[gid] == servers:
+                return current.num  # nothing changes: no new map
+            groups = {**current.groups, gid: servers}
+            shards = current.shards
         else:
             shard, gid = validate_move_args(wire["shard"], wire["gid"], current)
             groups = dict(current.groups)

@@ -241,9 +241,14 @@ class ClusterConfig:
 
     def node_data_dir(self, kind: NodeKind | str, gid: int, index: int) -> Path:
         """Where that node keeps its state: ``data_dir/group-<gid>/node-<i>``,
-        ``data_dir/shardmaster/node-<i>``, ``data_dir/blockstore/node-<i>``."""
-        self.node_address(kind, gid, index)  # refuse nodes the config lacks
+        ``data_dir/shardmaster/node-<i>``, ``data_dir/blockstore/node-<i>``.
+        A metadata group may have nodes past its config's list (added while
+        it runs, ``surfshard admin member add``); other kinds may not."""
         kind = NodeKind(kind)
+        if kind is NodeKind.GROUP and index >= 0:
+            self.nodes_of(kind, gid)  # refuse groups the config lacks
+        else:
+            self.node_address(kind, gid, index)  # refuse nodes the config lacks
         sub = f"group-{gid}" if kind is NodeKind.GROUP else kind.value
         return self.data_dir / sub / f"node-{index}"
 

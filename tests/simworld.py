@@ -103,7 +103,16 @@ class SimWorld:
         def services(i: int, node: Any, machine: Any, pool: Any) -> list[Any]:
             shardmaster = LeaderCaller(pool, self.sm_addresses, self.clock, timeout=2.0)
             return [
-                ShardMapWatcher(gid, node, machine, shardmaster, self.clock, interval=0.05),
+                ShardMapWatcher(
+                    gid,
+                    node,
+                    machine,
+                    shardmaster,
+                    self.clock,
+                    interval=0.05,
+                    # Looked up at each call: a restart attaches a new one.
+                    servers=lambda: self.groups[gid].memberships[i].servers(),
+                ),
                 ShardMigrator(
                     gid, node, machine, pool, self.clock, interval=0.05, chunk_bytes=self.chunk_bytes
                 ),

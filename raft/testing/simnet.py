@@ -39,7 +39,7 @@ from zope.interface import implementer
 from raft.errors import NodeCrashed, NotLeaderError
 from raft.interfaces import ISnapshotCopy, IStateMachine, IStorage, ITransport
 from raft.node import RaftNode
-from raft.types import Entry, Message, MessageType, RaftConfig, Role
+from raft.types import Entry, Membership, Message, MessageType, RaftConfig, Role
 
 log = Logger()
 
@@ -382,7 +382,13 @@ class SimCluster:
         self.net = SimNetwork(self.clock, seed, faults)
         #: The one random stream of the simulation (shared with the network).
         self.rng = self.net.rng
+        #: The group's members now: the bootstrap, plus servers added with
+        #: ``add_node``, less those retired with ``retire``.
         self.ids: list[int] = list(range(1, n + 1))
+        #: Every node's bootstrap membership (``RaftConfig.peers``).
+        self.bootstrap = tuple(self.ids)
+        #: Membership changes applied anywhere, by log index.
+        self.memberships: dict[int, Membership] = {}
         self.config_overrides = dict(config_overrides or {})
         self.state_machine_factory = state_machine_factory or (lambda _i: RecordingStateMachine())
         self.tick_interval = tick_interval
@@ -442,7 +448,28 @@ class SimCluster:
     # -- node lifecycle ----------------------------------------------------------------------
 
     def config(self, i: int) -> RaftConfig:
-        return RaftConfig(id=i, peers=tuple(self.ids), **self.config_overrides)
+        return RaftConfig(id=i, peers=self.bootstrap, **self.config_overrides)
+
+    def add_node(self, i: int) -> RaftNode:
+        """Start a new server ``i`` (with the bootstrap config, as a joining
+        server starts): it joins once a leader adds it to the membership."""
+        if i in self.storages:
+            raise ValueError(f"node {i} exists already; ids are never reused")
+        self.storages[i] = self.storage_factory(i)
+        self.ids.append(i)
+        return self.start(i)
+
+    def retire(self, i: int) -> None:
+        """Stop a server removed from the membership for good. Its storage
+        stays, and the log checks still read it."""
+        self.stop(i, power_loss=False)
+        self.ids.remove(i)
+
+    def voters_at(self, index: int) -> tuple[int, ...]:
+        """The voters that committed ``index``: those of the newest
+        membership change applied at or before it (the bootstrap before any)."""
+        changes = [k for k in self.memberships if k <= index]
+        return self.memberships[max(changes)].voters if changes else self.bootstrap
 
     def start(self, i: int) -> RaftNode:
         """Start node i (a fresh RaftNode over its storage)."""
@@ -543,10 +570,13 @@ class SimCluster:
     def reaches_majority(self, i: int) -> bool:
         """Whether node i and the live nodes it can talk to (both ways) form a
         majority of the cluster."""
+        voters = self.nodes[i].core.voters
         reach = sum(
-            1 for j in self.live_ids() if j == i or (self.net.connected(i, j) and self.net.connected(j, i))
+            1
+            for j in self.live_ids()
+            if j in voters and (j == i or (self.net.connected(i, j) and self.net.connected(j, i)))
         )
-        return reach * 2 > len(self.ids)
+        return reach * 2 > len(voters)
 
     def leaders(self) -> list[int]:
         """Believed leaders that reach a majority: the ones that can commit."""
@@ -707,7 +737,9 @@ class SimCluster:
                 f"node {node.node_id} applied {(entry.term, entry.data)!r} at index {entry.index}, "
                 f"another node applied {seen!r}"
             )
-        if entry.data is not None:
+        if entry.kind:
+            self.memberships[entry.index] = Membership.decode(entry.data)
+        elif entry.data is not None:
             self._index_of_command.setdefault(entry.data, entry.index)
 
     def check_invariants(self) -> None:
@@ -745,14 +777,19 @@ class SimCluster:
         """Whatever was applied anywhere is stored (in the log or covered by a
         snapshot) on a majority: persist-before-ack on leader and followers."""
         for index, (term, data) in self.committed.items():
-            holders = 0
+            holding = set()
             for i, log_ in logs.items():
                 entry = log_.get(index)
-                if snapshot_indexes[i] >= index or (
+                if snapshot_indexes.get(i, 0) >= index or (
                     entry is not None and (entry.term, entry.data) == (term, data)
                 ):
-                    holders += 1
-            if holders * 2 <= len(self.ids):
+                    holding.add(i)
+            # Committed by a majority of the voters in force then, or of a
+            # later membership's (a leader commits older entries with the
+            # newest voters it has).
+            quorums = [self.voters_at(index), *(m.voters for k, m in self.memberships.items() if k > index)]
+            if not any(len(holding & set(q)) * 2 > len(q) for q in quorums):
+                holders = len(holding)
                 self._violation(f"committed index {index} {(term, data)!r} is stored on only {holders} nodes")
                 return
 

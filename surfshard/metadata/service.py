@@ -40,6 +40,7 @@ class MetadataService(ReplicaService):
         chaos: bool | None = None,
         fsync: bool | None = None,
         rng: random.Random | None = None,
+        address: str | None = None,
     ) -> None:
         # A static cluster (no shard master) has one group serving every
         # shard; a sharded group starts owning none and learns its shards
@@ -47,13 +48,24 @@ class MetadataService(ReplicaService):
         owned = range(cluster.shards) if cluster.static else ()
         self.machine = MetadataStateMachine(cluster.shards, owned)
         super().__init__(
-            cluster, NodeKind.GROUP, gid, index, self.machine, reactor, chaos=chaos, fsync=fsync, rng=rng
+            cluster,
+            NodeKind.GROUP,
+            gid,
+            index,
+            self.machine,
+            reactor,
+            chaos=chaos,
+            fsync=fsync,
+            rng=rng,
+            address=address,
         )
         self.table.include(metadata_methods(self.replica))
         self.migrator: ShardMigrator | None = None
         if not cluster.static:
             shardmaster = LeaderCaller(self.pool, cluster.shardmaster, reactor, timeout=2.0, rng=rng)
-            ShardMapWatcher(gid, self.node, self.machine, shardmaster, reactor).setServiceParent(self)
+            ShardMapWatcher(
+                gid, self.node, self.machine, shardmaster, reactor, servers=self.membership.servers
+            ).setServiceParent(self)
             self.migrator = ShardMigrator(gid, self.node, self.machine, self.pool, reactor)
             self.migrator.setServiceParent(self)
         access = ClusterAccess(cluster, self.name) if cluster.tls is not None else None

@@ -1,7 +1,8 @@
 """A metadata group following the ShardMaster's maps, one at a time.
 
 The group's leader polls the ShardMaster for the map after the one the group
-has applied. When that map only gives this group shards that were
+has applied. It also keeps the ShardMaster's list of this group's addresses
+in step with the group's membership (``report_servers``). When that map only gives this group shards that were
 unassigned (so they hold no data yet), the leader proposes a ``config``
 command and every replica adopts them at the same log position. A map that
 moves a shard holding data between groups needs shard migration, which is
@@ -10,6 +11,8 @@ has, and says so in its log (once per map).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -26,6 +29,8 @@ from surfshard.shardmap import UNASSIGNED, ShardMap
 #: How often a leader asks the ShardMaster for the next map: the delay
 #: before a move starts, and part of how long a moving shard pauses.
 POLL_INTERVAL = 0.1
+#: Least time between two reports of the group's addresses.
+REPORT_INTERVAL = 1.0
 
 
 def plan_config(gid: int, current: ShardMap, following: ShardMap) -> tuple[list[int], list[int], list[int]]:
@@ -56,6 +61,7 @@ class ShardMapWatcher(service.Service):
         shardmaster: LeaderCaller,
         reactor: IReactorTime,
         interval: float = POLL_INTERVAL,
+        servers: Callable[[], tuple[str, ...] | None] | None = None,
     ) -> None:
         self.gid = gid
         self.node = node
@@ -66,6 +72,10 @@ class ShardMapWatcher(service.Service):
         self._loop: task.LoopingCall | None = None
         self._maps: dict[int, ShardMap] = {0: ShardMap.initial(machine.nshards)}
         self._blocked_at: int | None = None
+        #: The group's addresses as its membership has them (None: the
+        #: membership never changed, the config's list stands).
+        self.servers = servers
+        self._reported_at = float("-inf")
 
     def startService(self) -> None:
         super().startService()
@@ -89,6 +99,34 @@ class ShardMapWatcher(service.Service):
         return shard_map
 
     @defer.inlineCallbacks
+    def report_servers(self, latest: ShardMap):
+        """Leader: when the ShardMaster lists other addresses for this group
+        than its membership has, send the ShardMaster the new list, so that
+        clients and other groups (pulling shards) find the members."""
+        servers = self.servers() if self.servers is not None else None
+        listed = latest.groups.get(self.gid)
+        if servers is None or listed is None or set(listed) == set(servers):
+            return
+        now = self.reactor.seconds()
+        if now - self._reported_at < REPORT_INTERVAL:
+            return
+        self._reported_at = now
+        try:
+            num = yield self.shardmaster.call(
+                "servers", {"gid": self.gid, "servers": list(servers)}, timeout=2.0
+            )
+        except errors.SurfShardError as e:
+            self.log.info("reporting group {gid}'s addresses failed: {e}", gid=self.gid, e=e)
+            return
+        self._maps.pop(latest.num + 1, None)
+        self.log.info(
+            "group {gid}'s addresses are now {servers} in shard map {num}",
+            gid=self.gid,
+            servers=servers,
+            num=num,
+        )
+
+    @defer.inlineCallbacks
     def _poll(self):
         if not self.node.is_leader or self.node.crashed:
             return
@@ -98,6 +136,7 @@ class ShardMapWatcher(service.Service):
         try:
             following = yield self._map(current_num + 1)
             if following.num != current_num + 1:
+                yield self.report_servers(following)
                 return  # nothing newer yet
             current = yield self._map(current_num)
         except errors.BadRequest as e:

@@ -9,15 +9,20 @@ from surfshard.replica.options import NodeOptions
 
 
 class Options(NodeOptions):
-    synopsis = "--config FILE --group GID --node I [--chaos]"
+    synopsis = "--config FILE --group GID --node I [--address HOST:PORT] [--chaos]"
     longdesc = (
         "Run replica I of metadata group GID of the cluster described by FILE "
-        "(a TOML cluster config or a SurfStore 'M: N' config)."
+        "(a TOML cluster config or a SurfStore 'M: N' config). A replica added "
+        "to a running group (`surfshard admin member add`) is past the config's "
+        "list: give its --node and --address as that command prints them."
     )
     optParameters = [
         *NodeOptions.optParameters,
         ["group", "g", None, "group id (1 for a SurfStore-format config)", int],
+        ["address", None, None, "this node's host:port, for a node added to a running group"],
     ]
+    #: Nodes past the config's list are allowed when --address names them.
+    allows_added_nodes = True
     optFlags = [
         *NodeOptions.optFlags,
         ["chaos", None, "answer ChaosMonkey calls (crash/restore/set_leader) even if the config does not"],
@@ -47,4 +52,5 @@ def makeService(options: Options):
         reactor,
         chaos=True if options["chaos"] else None,
         fsync=options.fsync,
+        address=options["address"],
     )

@@ -7,7 +7,15 @@ from typing import Any
 
 from twisted.python import usage
 
-from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
+from surfshard.config import (
+    ClusterConfig,
+    ConfigError,
+    NodeKind,
+    default_config_path,
+    load_config,
+    node_name,
+    parse_address,
+)
 from surfshard.observe.logs import FORMATS, install
 
 
@@ -37,7 +45,19 @@ class NodeOptions(usage.Options):
         except (ConfigError, OSError) as e:
             raise usage.UsageError(str(e)) from e
         nodes = self.nodes(cluster)
-        if not 0 <= self["node"] < len(nodes):
+        added = getattr(self, "allows_added_nodes", False) and self.get("address") is not None
+        if added:
+            if self["node"] < 0:
+                raise usage.UsageError("--node counts from 0")
+            try:
+                parse_address(self["address"])
+            except ValueError as e:
+                raise usage.UsageError(f"--address: {e}") from e
+            if self["node"] < len(nodes) and nodes[self["node"]] != self["address"]:
+                raise usage.UsageError(
+                    f"{cluster.source}: node {self['node']} is at {nodes[self['node']]}, not {self['address']}"
+                )
+        elif not 0 <= self["node"] < len(nodes):
             raise usage.UsageError(
                 f"{cluster.source}: node {self['node']} does not exist (valid: nodes 0..{len(nodes) - 1})"
                 if nodes

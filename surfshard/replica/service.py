@@ -36,6 +36,7 @@ from surfshard.observe.metrics import MetricsResource, node_registry
 from surfshard.observe.statuspage import ClusterResource, ClusterView, PageResource
 from surfshard.replica.access import server_access
 from surfshard.replica.control import ReplicaControl, plain
+from surfshard.replica.membership import GroupMembership
 from surfshard.replica.raft_transport import RpcRaftTransport
 
 
@@ -76,21 +77,29 @@ class ReplicaService(service.MultiService):
         fsync: bool | None = None,
         listen_interface: str | None = None,
         rng: random.Random | None = None,
+        address: str | None = None,
     ) -> None:
         super().__init__()
         addresses = cluster.nodes_of(kind, gid)
-        if not 0 <= index < len(addresses):
-            raise ValueError(f"node index {index} out of range: the config lists {len(addresses)} nodes")
+        if index < 0 or (index >= len(addresses) and address is None):
+            raise ValueError(
+                f"node index {index} out of range: the config lists {len(addresses)} nodes "
+                "(a node added to a running group also needs its address)"
+            )
         self.cluster = cluster
         self.kind = kind
         self.gid = gid
         self.index = index
         self.name = node_name(kind, gid, index)
-        self.address = addresses[index]
+        self.address = address if address is not None else addresses[index]
         self.reactor = reactor
-        # Raft ids are 1-based so that "no node" can never be confused with node 0.
-        self.raft_addresses = {i + 1: a for i, a in enumerate(addresses)}
+        # Raft ids are 1-based so that "no node" can never be confused with
+        # node 0. The config's nodes are the group's bootstrap members; the
+        # address book follows membership changes from there
+        # (surfshard.replica.membership).
+        bootstrap = {i + 1: a for i, a in enumerate(addresses)}
         raft_id = index + 1
+        self.raft_addresses = {**bootstrap, raft_id: self.address}
         timings = cluster.raft
         self.tls_files = _tls_files(cluster, self.name)
         self.pool = RpcClientPool(reactor, tls=self.tls_files)
@@ -113,7 +122,7 @@ class ReplicaService(service.MultiService):
         self.node = RaftNode(
             RaftConfig(
                 id=raft_id,
-                peers=tuple(sorted(self.raft_addresses)),
+                peers=tuple(sorted(bootstrap)),
                 election_ticks=timings.election_ticks,
                 heartbeat_ticks=timings.heartbeat_ticks,
                 max_snapshot_bytes=cluster.limits.max_snapshot_bytes,
@@ -143,6 +152,15 @@ class ReplicaService(service.MultiService):
         self.table.add("ping", lambda: True, essential=True)
         self.control = self.make_control(cluster.chaos if chaos is None else chaos)
         self.control.add_methods(self.table)
+        self.membership = GroupMembership(
+            self.control,
+            reactor,
+            on_addresses=self._addresses_changed,
+            pool=self.pool,
+            seeds=tuple(a for a in addresses if a != self.address),
+        )
+        self.membership.add_methods(self.table)
+        self.membership.setServiceParent(self)
         self.root = NodeRoot()
         self.root.add("status", StatusResource(self.status))
         self.rpc_factory: RpcServerFactory | None = None
@@ -159,7 +177,11 @@ class ReplicaService(service.MultiService):
         )
 
     def _ask_transfer(self, leader: int, to: int) -> defer.Deferred:
-        return self.pool.call(self.raft_addresses[leader], "transfer_leadership", {"to": to}, timeout=2.0)
+        return self.pool.call(self.control.addresses[leader], "transfer_leadership", {"to": to}, timeout=2.0)
+
+    def _addresses_changed(self, book: dict[int, str]) -> None:
+        self.raft_addresses = book
+        self.transport.addresses = dict(book)
 
     def status(self) -> dict[str, Any]:
         status = self.control.status()

@@ -52,6 +52,7 @@ from surfshard.net.interfaces import IPipelinedPool
 from surfshard.net.methods import MethodTable, ReplySink
 from surfshard.net.pool import encode_notification
 from surfshard.net.server import RpcServerProtocol, ServerLimits
+from surfshard.replica.membership import GroupMembership
 
 __all__ = ["SimReplicaGroup", "SimRpcNetwork", "SimRpcPool", "resolve"]
 
@@ -563,6 +564,8 @@ class SimReplicaGroup:
         #: Each replica's own client pool (for replica-to-replica calls).
         self.node_pools = {i: self.rpc.pool(self.addresses[i]) for i in self.ids}
         self.controls: dict[int, Any] = {}
+        #: Each live replica's membership calls and upkeep.
+        self.memberships: dict[int, GroupMembership] = {}
         self.sync()
 
     # -- replicas ---------------------------------------------------------------
@@ -592,16 +595,20 @@ class SimReplicaGroup:
         table = MethodTable(service=f"sim-{self.addresses[i]}")
         table.add("ping", lambda: True)
         control.add_methods(table)
+        membership = GroupMembership(control, self.clock)
+        membership.add_methods(table)
+        self.memberships[i] = membership
         if self._methods is not None:
             table.include(self._methods(control))
         self.controls[i] = control
         self.rpc.register(self.addresses[i], table)
         self._stop_services(i)
+        started = [membership]
         if self._services_factory is not None:
-            started = self._services_factory(i, node, self.cluster.state_machines[i], pool)
-            for s in started:
-                s.startService()
-            self.services[i] = list(started)
+            started += self._services_factory(i, node, self.cluster.state_machines[i], pool)
+        for s in started:
+            s.startService()
+        self.services[i] = started
 
     def _stop_services(self, i: int) -> None:
         for s in self.services.pop(i, []):
@@ -627,6 +634,22 @@ class SimReplicaGroup:
     def restart(self, i: int) -> None:
         self.stop(i)
         self.start(i)
+
+    def add(self, i: int, address: str) -> None:
+        """Start a new server ``i`` at ``address``; it becomes a member once
+        the leader adds it (``member_add``)."""
+        self.addresses[i] = address
+        self.id_of[address] = i
+        self.node_pools[i] = self.rpc.pool(address)
+        self.ids.append(i)
+        self.cluster.add_node(i)
+        self._attach(i)
+
+    def retire(self, i: int) -> None:
+        """Stop a removed server for good."""
+        self.stop(i)
+        self.cluster.retire(i)
+        self.ids.remove(i)
 
     def crash(self, i: int) -> None:
         """SurfStore's simulated crash: frozen, still answering CRASHED."""

@@ -1,0 +1,216 @@
+"""Membership change of a metadata group in simulated time, on the real
+replicas, shard watcher, migrator and client library (tests/simworld.py):
+a group grown from 3 voters to 5 and shrunk back, and a replica replaced,
+while clients write and read, leaders are restarted and cut off, and shards
+move between groups. Every history is checked for linearizability (which
+also catches a lost or doubly applied acknowledged write: versions are
+compare-and-set), Raft's invariants are checked as the run goes (one leader
+per term, committed entries on a majority of the voters that committed
+them), and the ShardMaster ends up listing the group's new addresses.
+
+``SURFSHARD_SEED=N`` replays a seed; ``SURFSHARD_SEEDS=K`` runs K seeds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+from twisted.internet import defer, task
+
+from surfshard import errors
+from surfshard.replica.leader_caller import LeaderCaller
+from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
+from tests.simworld import SimWorld
+from tests.test_migration_sim import UNKNOWN_OUTCOME, WorldCase, block, world_seeds
+
+#: (action, raft id): the group goes 3 -> 4 -> 5 voters, back to 3, then
+#: replaces node 2 by node 6.
+PLAN = [("add", 4), ("add", 5), ("remove", 4), ("remove", 5), ("remove", 2), ("add", 6)]
+FINAL_VOTERS = [1, 3, 6]
+
+
+def address(i: int) -> str:
+    return f"g1-n{i}.sim:7000"
+
+
+class MembershipWorld:
+    """Drives the plan on group 1 of ``w`` through admin calls, as
+    ``surfshard admin member`` does."""
+
+    def __init__(self, w: SimWorld) -> None:
+        self.w = w
+        self.group = w.groups[1]
+        self.pool = w.rpc.pool("member-admin")
+        self.step = 0
+        self.in_flight: defer.Deferred[Any] | None = None
+        #: [outcome] once the step in flight has finished (None: not yet).
+        self.outcome: list[Any] | None = None
+        self.done: list[tuple[str, int]] = []
+
+    def caller(self) -> LeaderCaller:
+        return LeaderCaller(
+            self.pool, [self.group.addresses[i] for i in self.group.ids], self.w.clock, timeout=2.0
+        )
+
+    def voters(self) -> list[int]:
+        leader = self.group.cluster.leader()
+        return [] if leader is None else sorted(self.group.node(leader).core.voters)
+
+    def poke(self) -> None:
+        """Start the plan's next step, or finish the current one."""
+        if self.in_flight is not None and self.outcome is None:
+            return
+        if self.in_flight is not None and self.outcome is not None:
+            (value,) = self.outcome
+            self.in_flight = self.outcome = None
+            if not isinstance(value, Exception):
+                action, i = PLAN[self.step]
+                if action == "remove":
+                    self.group.retire(i)
+                self.done.append(PLAN[self.step])
+                self.step += 1
+        if self.step >= len(PLAN):
+            return
+        action, i = PLAN[self.step]
+        if action == "add":
+            if i not in self.group.ids:
+                self.group.add(i, address(i))
+            d = self.caller().call("member_add", {"address": address(i)}, timeout=10.0)
+            # Done once the new server votes (promoted by the leader when caught up).
+            d.addCallback(lambda r, i=i: self._wait_voter(i))
+        else:
+            d = self.caller().call("member_remove", {"node": i}, timeout=10.0)
+        d.addErrback(lambda f: f.value)  # a failed step is tried again
+        d.addCallback(self._finished)
+        self.in_flight = d
+
+    def _finished(self, value: Any) -> None:
+        self.outcome = [value]
+
+    @defer.inlineCallbacks
+    def _wait_voter(self, i: int) -> Any:
+        for _ in range(200):  # bounded: 20 simulated seconds
+            if i in self.voters():
+                return True
+            yield task.deferLater(self.w.clock, 0.1, lambda: None)
+        raise errors.Timeout(f"node {i} never became a voter")
+
+
+class GroupGrowsAndShrinksUnderChaosTests(WorldCase):
+    CLIENTS = 16
+    FILES = [f"member-{i}" for i in range(24)]
+
+    def run_plan(self, seed: int, *, restarts: bool, partitions: bool) -> Counter[str]:
+        w = self.world(seed, gids=(1, 2), snapshot_entries=60, chunk_bytes=4096)
+        w.join(1, 2)
+        w.wait_settled()
+        recorder = HistoryRecorder()
+        stats: Counter[str] = Counter()
+        problems: list[str] = []
+        now = w.clock.seconds
+        members = MembershipWorld(w)
+        stop = [False]
+
+        @defer.inlineCallbacks
+        def client_loop(name: str) -> Any:
+            rng = random.Random(f"member-workload:{seed}:{name}")
+            c = w.client(name, timeout=6.0)
+            last: dict[str, int] = {}
+            while not stop[0]:  # bounded: the driver below stops it
+                fname = rng.choice(self.FILES)
+                if rng.random() < 0.6:
+                    version = last.get(fname, 0) + 1
+                    hashlist = [block(hash((name, fname, version)) % 10**9, version)]
+                    op = recorder.invoke(name, UPDATE, fname, (version, hashlist), now())
+                    try:
+                        yield c.updatefile(fname, version, hashlist)
+                    except errors.VersionMismatch as e:
+                        recorder.complete(op, Mismatch(e.current), now())
+                        last[fname] = e.current
+                    except UNKNOWN_OUTCOME:
+                        recorder.unknown(op)
+                        stats["update_unknown"] += 1
+                    except errors.SurfShardError as e:
+                        recorder.unknown(op)
+                        problems.append(f"{name} update({fname}, {version}) failed with {e!r}")
+                    else:
+                        recorder.complete(op, True, now())
+                        last[fname] = version
+                        stats["update_ok"] += 1
+                else:
+                    op = recorder.invoke(name, GET, fname, (), now())
+                    try:
+                        info = yield c.getfileinfo(fname)
+                    except UNKNOWN_OUTCOME:
+                        recorder.unknown(op)
+                    except errors.SurfShardError as e:
+                        recorder.unknown(op)
+                        problems.append(f"{name} getfileinfo({fname}) failed with {e!r}")
+                    else:
+                        recorder.complete(op, (info[0], tuple(info[1])) if info[0] else None, now())
+                        last[fname] = info[0]
+                        stats["read_ok"] += 1
+                yield task.deferLater(w.clock, rng.uniform(0.0, 0.05), lambda: None)
+
+        loops = [client_loop(f"client{k}") for k in range(self.CLIENTS)]
+        rng = random.Random(f"member-nemesis:{seed}")
+        deadline = now() + 120.0
+        chaos_until = now() + 10.0  # the plan takes a few seconds; the chaos goes on a while after
+        while (members.step < len(PLAN) or now() < chaos_until) and now() < deadline:  # bounded
+            members.poke()
+            group = members.group
+            leader = group.cluster.leader()
+            f = rng.random()
+            if restarts and leader is not None and f < 0.2:
+                group.restart(leader)
+                stats["restart_leader"] += 1
+            elif restarts and f < 0.35:
+                victim = rng.choice(group.ids)
+                group.restart(victim)
+                stats["restart"] += 1
+            elif partitions and leader is not None and f < 0.5:
+                group.cluster.net.isolate(leader)
+                stats["isolate_leader"] += 1
+            if rng.random() < 0.15:
+                w.admin.move(rng.randrange(w.nshards), rng.choice((1, 2))).addErrback(lambda f: None)
+                stats["move"] += 1
+            w.run(rng.uniform(0.2, 0.6))
+            group.cluster.net.heal()
+        stop[0] = True
+        self.assertEqual(members.done, PLAN, f"SURFSHARD_SEED={seed}: plan not finished in time")
+        self.assertTrue(w.settle(loops, 30.0), f"SURFSHARD_SEED={seed}: client loops did not finish")
+        w.wait_settled(90)
+        group = members.group
+        self.assertEqual(members.voters(), FINAL_VOTERS, f"SURFSHARD_SEED={seed}")
+        # The ShardMaster lists the group's new addresses (the leader reports them).
+        expected = {address(i) for i in FINAL_VOTERS}
+        self.assertTrue(
+            w.run_until(lambda: set(w.value(w.admin.query(-1)).groups[1]) == expected, 10.0),
+            f"SURFSHARD_SEED={seed}: shard master lists {w.value(w.admin.query(-1)).groups[1]}",
+        )
+        final = w.client("final")
+        for fname in self.FILES:
+            op = recorder.invoke("final", GET, fname, (), now())
+            info = w.value(final.getfileinfo(fname))
+            recorder.complete(op, (info[0], tuple(info[1])) if info[0] else None, now())
+        self.assertEqual(problems, [], f"SURFSHARD_SEED={seed}: unexpected errors")
+        result = recorder.check()
+        self.assertTrue(result.ok, f"SURFSHARD_SEED={seed}: not linearizable: {result.explanation}")
+        group.cluster.check_invariants()
+        stats["ops"] = len(recorder)
+        return stats
+
+    def run_seeds(self, default: int, **kind: bool) -> None:
+        totals: Counter[str] = Counter()
+        for seed in world_seeds(default):
+            totals.update(self.run_plan(seed, **kind))
+        self.assertGreater(totals["update_ok"], 50, totals)
+        self.assertGreater(totals["read_ok"], 20, totals)
+
+    def test_grow_to_five_and_back_to_three_under_writers(self) -> None:
+        self.run_seeds(1, restarts=False, partitions=False)
+
+    def test_with_restarts_and_partitions(self) -> None:
+        self.run_seeds(2, restarts=True, partitions=True)
