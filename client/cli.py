@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -81,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from client.cluster import ClusterClient
-    from client.status import collect_status, status_json, status_table
+    from client.status import collect_status, status_json, status_table, with_added_members
 
     cluster = _load(args)
 
@@ -89,7 +91,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     def body(reactor: Any):
         client = ClusterClient(cluster, reactor)
         try:
-            rows = yield collect_status(cluster, client.pool)
+            nodes: list[Any] | None = None
+            if cluster.shardmaster:
+                try:
+                    shard_map = yield client.shardmaster.query(-1)
+                    nodes = with_added_members(cluster, dict(shard_map.groups))
+                except errors.SurfShardError:
+                    pass  # the config's nodes, then
+            rows = yield collect_status(cluster, client.pool, nodes)
         finally:
             yield client.close()
         _emit(
@@ -316,6 +325,12 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
                 else:
                     out.print(f"{rest[2]} is already node {node_id} of group {gid}")
                 config = f" --config {args.config}" if args.config else ""
+                if cluster.tls is not None:
+                    out.print(
+                        "with TLS on, give it a certificate first:\n"
+                        f"  surfshard certs{config} --out {cluster.tls.cert_dir} "
+                        f"--node group-{gid}-{node_id - 1} --address {rest[2]}"
+                    )
                 out.print(
                     "start it (it catches up, then the leader makes it a voter):\n"
                     f"  twistd -n surfshard{config} --group {gid} --node {node_id - 1} --address {rest[2]}"
@@ -436,9 +451,27 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
     cluster = _load(args)
     names: dict[str, str] = {}
-    for node in cluster.all_nodes():
-        names[node_name(node.kind, node.gid, node.index)] = parse_address(node.address)[0]
-    roles = {**dict.fromkeys(names, NODE), CLIENT_CERT_NAME: CLIENT, ADMIN_CERT_NAME: ADMIN}
+    if args.node:
+        # One node added to a running group: its certificate only, from the
+        # CA already in --out (the others stay as they are).
+        match = re.fullmatch(r"group-(\d+)-(\d+)", args.node)
+        if match is None or int(match[1]) not in cluster.groups or not args.address:
+            err_console.print(
+                "usage: surfshard certs --node group-GID-INDEX --address HOST:PORT: "
+                f"a node of one of the groups {sorted(cluster.groups)}, with its address"
+            )
+            return EXIT_USAGE
+        if not (Path(args.out) / "ca.key").exists():
+            err_console.print(
+                f"[red]error:[/red] no CA in {escape(args.out)}: run surfshard certs without --node first"
+            )
+            return EXIT_FAILED
+        names[args.node] = parse_address(args.address)[0]
+        roles = {args.node: NODE}
+    else:
+        for node in cluster.all_nodes():
+            names[node_name(node.kind, node.gid, node.index)] = parse_address(node.address)[0]
+        roles = {**dict.fromkeys(names, NODE), CLIENT_CERT_NAME: CLIENT, ADMIN_CERT_NAME: ADMIN}
     out = generate_dev_pki(args.out, list(roles), {n: h for n, h in names.items()}, roles=roles)
     _emit(
         args,
@@ -571,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hashes", nargs="*", metavar="HASH")
     p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
     p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")
+    p.add_argument(
+        "--node", help="only a certificate for this node added to a running group (group-GID-INDEX)"
+    )
+    p.add_argument("--address", help="with --node: the node's HOST:PORT")
     return parser
 
 

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from raft.types import Message, MessageType
 from surfshard import errors
-from surfshard.config import load_config
+from surfshard.config import NodeKind, load_config
 from surfshard.net.methods import Access, Caller
 from surfshard.net.tls import generate_dev_pki
 from surfshard.replica.access import ADMIN, CLIENT, NODE, ClusterAccess
@@ -105,6 +105,8 @@ class AccessUnitTests(SynchronousTestCase):
             "client": CLIENT,
         }
         names["stranger"] = NODE  # a node role for a name the config lacks
+        names["group-1-7"] = NODE  # a node added to group 1 while it runs
+        names["group-9-0"] = NODE  # a group the config lacks
         self.files = generate_dev_pki(directory / "certs", list(names), roles=names)
         self.files["norole"] = generate_dev_pki(directory / "certs", ["norole"])["norole"]
         self.access = ClusterAccess(self.config, "group-1-1")
@@ -126,6 +128,14 @@ class AccessUnitTests(SynchronousTestCase):
         self.assertEqual(self.caller("client"), Caller(CLIENT, "client"))
         self.assertEqual(self.caller("stranger"), Caller(CLIENT, "stranger"))
         self.assertEqual(self.caller("norole"), Caller(CLIENT, "norole"))
+
+    def test_a_node_added_to_a_group_is_that_groups_peer(self) -> None:
+        added = self.caller("group-1-7")
+        self.assertEqual(added, Caller(NODE, "group-1-7"))
+        self.assertIsNone(self.access.authorize(added, (Access.PEER,)))
+        self.assertEqual(self.caller("group-9-0"), Caller(CLIENT, "group-9-0"))
+        # and an added node's own server knows its group
+        self.assertEqual(ClusterAccess(self.config, "group-2-5").my_group, (NodeKind.GROUP, 2))
 
     def test_grants(self) -> None:
         allowed = {

@@ -67,6 +67,8 @@ class GroupMetricsTests(SynchronousTestCase):
                 "surfshard_raft_role",
                 "surfshard_raft_commit_index",
                 "surfshard_raft_applied_index",
+                "surfshard_raft_voters",
+                "surfshard_raft_learners",
                 "surfshard_raft_proposals_total",
                 "surfshard_raft_elections_total",
                 "surfshard_raft_leader_changes_total",

@@ -78,6 +78,17 @@ class NodeCollector(Collector):
             )
             yield gauge("surfshard_raft_applied_index", "Highest log index applied.", node.applied_index)
             yield gauge("surfshard_raft_last_index", "Last log index.", core.last_index)
+            yield gauge("surfshard_raft_voters", "Voters in the group's membership.", len(core.voters))
+            yield gauge(
+                "surfshard_raft_learners",
+                "Learners in the group's membership.",
+                len(core.membership.learners),
+            )
+            yield gauge(
+                "surfshard_raft_membership_pending",
+                "1 while a membership change is appended and not yet committed.",
+                1.0 if core.membership_pending else 0.0,
+            )
             yield gauge(
                 "surfshard_raft_snapshot_index", "Index of the latest snapshot.", core.snapshot_meta.index
             )

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from surfshard.config import ClusterConfig, NodeKind, node_name
+from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
 from surfshard.keyspace import shard_range
 from surfshard.net.interfaces import IRpcPool
 
@@ -44,18 +44,28 @@ class ClusterView:
     @defer.inlineCallbacks
     def collect(self) -> Any:
         cluster = self.cluster
-        refs = cluster.all_nodes()
-        calls = [self._status(ref.address) for ref in refs]
         shard_map = yield self._shard_map()
+        refs = list(cluster.all_nodes())
+        # Replicas added to a group while it runs are not in the config: the
+        # ShardMaster's list of the group's addresses has them.
+        known = {ref.address for ref in refs}
+        for gid, addresses in sorted(shard_map.get("groups", {}).items()):
+            for address in addresses:
+                if address not in known:
+                    known.add(address)
+                    refs.append(NodeRef(NodeKind.GROUP, int(gid), -1, address))
+        calls = [self._status(ref.address) for ref in refs]
         answers = yield defer.gatherResults(calls)
         nodes = []
         for ref, (status, error) in zip(refs, answers, strict=True):
+            # Raft ids are index + 1.
+            index = ref.index if ref.index >= 0 else int((status or {}).get("id", 0)) - 1
             nodes.append(
                 {
-                    "name": node_name(ref.kind, ref.gid, ref.index),
+                    "name": node_name(ref.kind, ref.gid, index) if index >= 0 else f"group-{ref.gid}-?",
                     "kind": NodeKind(ref.kind).value,
                     "gid": ref.gid,
-                    "index": ref.index,
+                    "index": index,
                     "address": ref.address,
                     "status": status,
                     "error": error,
@@ -90,7 +100,11 @@ class ClusterView:
                 answer = yield self.pool.call(address, "query", {"num": -1}, CALL_TIMEOUT)
             except Exception:
                 continue
-            return {"num": answer.get("num", 0), "shards": answer.get("shards", [0] * cluster.shards)}
+            return {
+                "num": answer.get("num", 0),
+                "shards": answer.get("shards", [0] * cluster.shards),
+                "groups": answer.get("groups", {}),
+            }
         return {"num": None, "shards": [0] * cluster.shards}
 
     @staticmethod

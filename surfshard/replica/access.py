@@ -5,7 +5,9 @@ subject says who it is: the common name (CN) is the party's name and the
 organizational unit (OU) its role, as ``surfshard certs`` issues them:
 
 - ``node``: a node of the cluster, CN its node name (``group-1-0``,
-  ``shardmaster-2``, ``blockstore-0``), which names its group and index;
+  ``shardmaster-2``, ``blockstore-0``), which names its group and index
+  (a metadata group's node may be past the config's list: one added while
+  the group runs, ``surfshard certs --node``);
 - ``admin``: an operator (shard moves, chaos calls, leadership changes);
 - ``client``: anyone else (files, status). A certificate without a role,
   or naming a node the config does not have, is a client.
@@ -22,6 +24,7 @@ does without TLS, and says so in its log at start-up.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.logger import Logger
@@ -30,6 +33,9 @@ from surfshard.config import ClusterConfig, NodeKind, node_name
 from surfshard.net.methods import Access, Authorizer, Caller
 
 __all__ = ["ADMIN", "CLIENT", "NODE", "ClusterAccess", "server_access"]
+
+#: The name of a metadata group's node: ``group-<gid>-<index>``.
+_ADDED_GROUP_NODE = re.compile(r"group-([1-9][0-9]{0,18})-(0|[1-9][0-9]{0,4})")
 
 NODE = "node"
 ADMIN = "admin"
@@ -54,10 +60,23 @@ class ClusterAccess:
         self.nodes: dict[str, tuple[NodeKind, int]] = {
             node_name(n.kind, n.gid, n.index): (NodeKind(n.kind), n.gid) for n in cluster.all_nodes()
         }
-        if me not in self.nodes:
+        self.groups = frozenset(cluster.groups)
+        found = self.node_of(me)
+        if found is None:
             raise ValueError(f"{me!r} is not a node of {cluster.source}")
         self.me = me
-        self.my_group = self.nodes[me]
+        self.my_group = found
+
+    def node_of(self, name: str) -> tuple[NodeKind, int] | None:
+        """``(kind, gid)`` of the node called ``name``: one of the config's,
+        or a metadata group's node added past its list; None otherwise."""
+        known = self.nodes.get(name)
+        if known is not None:
+            return known
+        match = _ADDED_GROUP_NODE.fullmatch(name)
+        if match and int(match[1]) in self.groups:
+            return NodeKind.GROUP, int(match[1])
+        return None
 
     def identify(self, transport: Any) -> Caller:
         """The caller behind ``transport`` (TLS: its verified certificate)."""
@@ -68,7 +87,7 @@ class ClusterAccess:
         subject = cert.get_subject()
         name = subject.commonName or ""
         role = subject.organizationalUnitName or ""
-        if role == NODE and name in self.nodes:
+        if role == NODE and self.node_of(name) is not None:
             return Caller(NODE, name)
         if role == ADMIN:
             return Caller(ADMIN, name)
@@ -80,8 +99,9 @@ class ClusterAccess:
                 return None
             if grant is Access.ADMIN and caller.role == ADMIN:
                 return None
-            if caller.role == NODE:
-                kind, gid = self.nodes[caller.name]
+            found = self.node_of(caller.name) if caller.role == NODE else None
+            if found is not None:
+                kind, gid = found
                 if grant is Access.PEER and (kind, gid) == self.my_group:
                     return None
                 if grant is Access.CLUSTER and kind is NodeKind.GROUP:
