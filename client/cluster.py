@@ -223,8 +223,8 @@ class ClusterClient:
                     revision = page["revision"]
                 elif strict and page["revision"] != revision:
                     break  # the shard changed under us: list it again
-                for name, version, hashlist in page["files"]:
-                    files[name] = [version, hashlist]
+                for entry in page["files"]:  # [name, version, hashlist, mod revision]
+                    files[entry[0]] = [entry[1], entry[2]]
                 if not page["more"] or not page["files"]:
                     return files
                 after = page["files"][-1][0]

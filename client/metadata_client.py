@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet import defer
 
@@ -45,6 +46,16 @@ class MetadataClient(GroupClient):
         """A page of ``shard``'s files in name order after ``after`` (see
         ``MetadataReplica.listfiles``)."""
         return self.read("listfiles", {"shard": shard, "after": after, "limit": limit}, timeout)
+
+    def changes(
+        self, shard: int, since: int, limit: int = 1000, wait: float = 0.0, timeout: float | None = None
+    ) -> defer.Deferred:
+        """The writes to ``shard`` after revision ``since`` (see
+        ``MetadataReplica.changes``); ``wait`` makes it a long poll."""
+        args: dict[str, Any] = {"shard": shard, "since": since, "limit": limit}
+        if wait:
+            args["wait"] = float(wait)
+        return self.read("changes", args, timeout)
 
     def status(self, address: str, timeout: float = 2.0) -> defer.Deferred:
         """One node's status (role, term, leader, indexes), no leader needed."""

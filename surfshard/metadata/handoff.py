@@ -118,6 +118,9 @@ class Incoming:
     files: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     #: Hash-list length each staged file will have once complete.
     totals: dict[str, int] = field(default_factory=dict)
+    #: Each staged file's revision of its last change in the source (its
+    #: mod revision travels with it; absent: 0).
+    mods: dict[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -125,7 +128,7 @@ class Incoming:
             "from": self.source,
             "addrs": list(self.addresses),
             "cursor": cursor_to_wire(self.cursor),
-            "files": {n: [v, h, self.totals[n]] for n, (v, h) in self.files.items()},
+            "files": {n: [v, h, self.totals[n], self.mods.get(n, 0)] for n, (v, h) in self.files.items()},
         }
 
     @classmethod
@@ -141,22 +144,29 @@ class Incoming:
         if type(wire["files"]) is not dict:
             raise BadRequest(f"incoming shard {shard}: files must be a map")
         for name, info in wire["files"].items():
-            if type(info) is not list or len(info) != 3:
+            if type(info) is not list or len(info) not in (3, 4):
                 raise BadRequest(
-                    f"incoming shard {shard}: file {name!r} must be [version, hashes, total]"[:200]
+                    f"incoming shard {shard}: file {name!r} must be [version, hashes, total, mod]"[:200]
                 )
-            version, hashes, total = info
-            check_entry(shard, nshards, [name, version, 0, hashes, total])
+            version, hashes, total = info[:3]
+            mod = check_entry(shard, nshards, [name, version, 0, hashes, total, *info[3:]])[5]
             incoming.files[name] = (version, list(hashes))
             incoming.totals[name] = total
+            if mod:
+                incoming.mods[name] = mod
         return incoming
 
 
-def check_entry(shard: int, nshards: int, entry: Any) -> tuple[str, int, int, list[str], int]:
-    """Validate one chunk entry ``[name, version, offset, hashes, total]``."""
-    if type(entry) is not list or len(entry) != 5:
-        raise BadRequest("a chunk entry must be [name, version, offset, hashes, total]")
-    name, version, offset, hashes, total = entry
+def check_entry(shard: int, nshards: int, entry: Any) -> tuple[str, int, int, list[str], int, int]:
+    """Validate one chunk entry ``[name, version, offset, hashes, total,
+    mod]`` (``mod``, the file's revision of its last change, may be left
+    off: 0)."""
+    if type(entry) is not list or len(entry) not in (5, 6):
+        raise BadRequest("a chunk entry must be [name, version, offset, hashes, total, mod]")
+    name, version, offset, hashes, total = entry[:5]
+    mod = entry[5] if len(entry) == 6 else 0
+    if type(mod) is not int or not 0 <= mod <= MAX_VERSION:
+        raise BadRequest(f"file {name!r}: bad mod revision {mod!r}"[:200])
     validate_filename(name)
     if shard_of(name, nshards) != shard:
         raise BadRequest(f"file {name!r} belongs to shard {shard_of(name, nshards)}, not {shard}"[:200])
@@ -170,11 +180,11 @@ def check_entry(shard: int, nshards: int, entry: Any) -> tuple[str, int, int, li
     ):
         raise BadRequest(f"file {name!r}: piece outside its hash list"[:200])
     if hashes == [TOMBSTONE] and offset == 0 and total == 1:
-        return name, version, offset, hashes, total
+        return name, version, offset, hashes, total, mod
     if hashes and joined_hashes(hashes) is None:  # one pass over the list; the slow path says why
         for h in hashes:
             validate_block_hash(h)
-    return name, version, offset, hashes, total
+    return name, version, offset, hashes, total, mod
 
 
 def build_chunk(
@@ -182,6 +192,7 @@ def build_chunk(
     names: list[str],
     cursor: Cursor,
     max_bytes: int,
+    mod: dict[str, int] | None = None,
 ) -> tuple[list[list[Any]], Cursor]:
     """The entries of the chunk that starts at ``cursor`` in a frozen shard
     (``names``: its file names, sorted), and the cursor after it (``None``
@@ -207,7 +218,10 @@ def build_chunk(
                 return entries, (name, offset)
             room = 1  # the first piece of a chunk: progress whatever the budget
         take = min(left, room)
-        entries.append([name, version, offset, list(hashes[offset : offset + take]), len(hashes)])
+        entry = [name, version, offset, list(hashes[offset : offset + take]), len(hashes)]
+        if mod and offset == 0 and name in mod:
+            entry.append(mod[name])
+        entries.append(entry)
         budget -= head + take * _HASH_BYTES
         if take < left:
             return entries, (name, offset + take)

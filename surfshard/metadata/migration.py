@@ -192,7 +192,15 @@ class ShardMigrator(service.Service):
             raise errors.BadRequest("malformed shard_fetch reply")
         end = cursor_from_wire(chunk.get("next"), "shard_fetch next")
         return encode_install(
-            num, shard, start, end, chunk["files"], chunk.get("sessions"), chunk.get("revision")
+            num,
+            shard,
+            start,
+            end,
+            chunk["files"],
+            chunk.get("sessions"),
+            chunk.get("revision"),
+            chunk.get("history"),
+            chunk.get("compacted"),
         )
 
     @defer.inlineCallbacks

@@ -68,6 +68,9 @@ class MetadataReplica(ReplicaControl):
         # Callers without an identity of their own get one per call from
         # this replica (see surfshard.replica.dedup).
         self.one_shot_ids = OneShotIds()
+        #: Watches waiting for a shard to change: shard -> [(since, Deferred)].
+        self._watchers: dict[int, list[tuple[int, defer.Deferred]]] = {}
+        self._watching = False
 
     def updatefile(
         self,
@@ -274,6 +277,78 @@ class MetadataReplica(ReplicaControl):
 
         return self.as_leader(attempt, timeout)
 
+    def changes(
+        self,
+        shard: int,
+        since: int = 0,
+        limit: int = 1000,
+        wait: float = 0.0,
+        timeout: float | None = None,
+    ) -> defer.Deferred:
+        """Fires with the writes to ``shard`` after revision ``since``
+        (``MetadataStateMachine.changes``, plus ``num``, ``shard`` and
+        ``served`` as ``listfiles`` has them), read once a ReadIndex round
+        confirms this node leads. With ``wait`` (seconds, at most
+        ``MAX_WATCH``) and nothing new yet, the answer waits until the shard
+        changes, stops being served here, or ``wait`` passes: a watch by
+        long poll."""
+        wait = max(0.0, min(float(wait), MAX_WATCH))
+
+        def page() -> dict[str, Any]:
+            found = self.machine.changes(shard, since, limit, MAX_LIST_HASHES)
+            head = {"num": self.machine.config_num, "shard": shard}
+            return {**head, "served": False} if found is None else {**head, "served": True, **found}
+
+        @defer.inlineCallbacks
+        def attempt(remaining: float):
+            started = self.reactor.seconds()
+            yield self.node.read(timeout=remaining)
+            answer = page()
+            idle = answer.get("served") and not answer.get("compacted") and not answer.get("changes")
+            left = min(wait, remaining) - (self.reactor.seconds() - started)
+            if idle and left > 0:
+                yield self._watch(shard, since, left)
+                yield self.node.read(timeout=max(remaining - (self.reactor.seconds() - started), 0.001))
+                answer = page()
+            return answer
+
+        return self.as_leader(attempt, timeout)
+
+    def _watch(self, shard: int, since: int, seconds: float) -> defer.Deferred:
+        """Fires (with None) once ``shard``'s revision passes ``since`` here,
+        the shard stops being served here, this node stops leading, or
+        ``seconds`` pass."""
+        d: defer.Deferred = defer.Deferred()
+        call = self.reactor.callLater(seconds, lambda: None if d.called else d.callback(None))
+        watchers = self._watchers.setdefault(shard, [])
+        watchers.append((since, d))
+
+        def done(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            if (since, d) in watchers:
+                watchers.remove((since, d))
+            if not watchers:
+                self._watchers.pop(shard, None)
+            return result
+
+        d.addBoth(done)
+        if not self._watching:
+            self._watching = True
+            self.node.on_apply.append(self._wake_watchers)
+            self.node.on_role_change.append(lambda role, leader: self._wake_watchers(None, None, every=True))
+        return d
+
+    def _wake_watchers(self, _entry: Any, _result: Any, every: bool = False) -> None:
+        if not self._watchers:
+            return
+        for shard, watchers in list(self._watchers.items()):
+            revision = self.machine.revision_of(shard)
+            for since, d in list(watchers):
+                if every or revision is None or revision > since:
+                    if not d.called:
+                        d.callback(None)
+
     def getshardfiles(self, shards: list[int], timeout: float | None = None) -> defer.Deferred:
         """Fires with ``{"num", "files", "missing"}`` once a ReadIndex round
         confirms this node leads: the files of the served ones of ``shards``,
@@ -341,6 +416,8 @@ class MetadataReplica(ReplicaControl):
 
 #: Block hashes one listfiles page carries at most (about 6.6 MB of reply).
 MAX_LIST_HASHES = 100_000
+#: Longest a ``changes`` call waits for a change (a watch's long poll).
+MAX_WATCH = 60.0
 
 
 def _time_out(waiter: ReplySink, timeout: float) -> None:

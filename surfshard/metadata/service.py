@@ -7,13 +7,13 @@ from typing import Any
 
 from surfshard.blocks.ring import BlockRing
 from surfshard.config import ClusterConfig, NodeKind
-from surfshard.keyspace import MAX_FILENAME_BYTES, MAX_HASHLIST, MAX_SHARDS
+from surfshard.keyspace import MAX_FILENAME_BYTES, MAX_HASHLIST, MAX_SHARDS, MAX_VERSION
 from surfshard.metadata.facade import RPC2
 from surfshard.metadata.handoff import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from surfshard.metadata.migration import ShardMigrator
-from surfshard.metadata.replica import MetadataReplica
+from surfshard.metadata.replica import MAX_WATCH, MetadataReplica
 from surfshard.metadata.shardwatch import ShardMapWatcher
-from surfshard.metadata.state import MetadataStateMachine
+from surfshard.metadata.state import MAX_CHANGES_PAGE, MetadataStateMachine
 from surfshard.net.methods import Access, MethodTable
 from surfshard.net.schema import Arg, Value
 from surfshard.replica.access import ClusterAccess
@@ -128,6 +128,17 @@ def metadata_methods(replica: MetadataReplica) -> MethodTable:
             Arg("shard", int, min=0, max=MAX_SHARDS - 1),
             Arg("after", str, required=False, max_len=MAX_FILENAME_BYTES),
             Arg("limit", int, required=False, min=1, max=10_000),
+            TIMEOUT_ARG,
+        ],
+    )
+    t.add(
+        "changes",
+        replica.changes,
+        [
+            Arg("shard", int, min=0, max=MAX_SHARDS - 1),
+            Arg("since", int, required=False, min=0, max=MAX_VERSION),
+            Arg("limit", int, required=False, min=1, max=MAX_CHANGES_PAGE),
+            Arg("wait", float, required=False, min=0.0, max=MAX_WATCH),
             TIMEOUT_ARG,
         ],
     )

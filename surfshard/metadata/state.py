@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import bisect
 import io
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +80,18 @@ from surfshard.replica.dedup import MAX_CLIENT_ID_BYTES, DedupTable, validate_cl
 FORMAT = 2
 _READABLE_FORMATS = (1, 2)
 
+#: What a shard's change feed remembers (``MetadataStateMachine.changes``):
+#: its last HISTORY_ENTRIES writes, with names of at most HISTORY_BYTES in
+#: all; older ones are compacted away, and a reader asking from before them
+#: is told so and lists the shard instead (etcd's ErrCompacted). Constants,
+#: not settings: replicas with different bounds would diverge.
+HISTORY_ENTRIES = 10_000
+HISTORY_BYTES = 512 * 1024
+#: What one change costs against HISTORY_BYTES beyond its name.
+_HISTORY_ENTRY_BYTES = 16
+#: Most changes one ``changes`` page holds.
+MAX_CHANGES_PAGE = 10_000
+
 #: Answers kept per client per shard: how many writes one client may have in
 #: flight to one shard and still get exactly-once.
 DEDUP_WINDOW = 32
@@ -117,6 +131,8 @@ _CONFIG_KEYS_MOVING = frozenset({"op", "num", "adopt", "incoming", "outgoing"})
 #: "sessions", "revision"}``; the last (``done``) makes the shard serve.
 OP_INSTALL = "install"
 _INSTALL_KEYS = frozenset({"op", "num", "shard", "from", "next", "files", "done", "sessions", "revision"})
+#: ... and the shard's change feed on the last chunk (``history``, ``compacted``).
+_INSTALL_KEYS_FEED = _INSTALL_KEYS | {"history", "compacted"}
 #: The target has installed ``shard`` (the source checked): drop the frozen copy.
 OP_DELETE = "delete"
 _SHARD_OP_KEYS = frozenset({"op", "num", "shard"})
@@ -162,24 +178,27 @@ def encode_install(
     files: list[list[Any]],
     sessions: list[Any] | None = None,
     revision: int | None = None,
+    history: list[Any] | None = None,
+    compacted: int | None = None,
 ) -> bytes:
     """One chunk of an incoming shard; the last one (``end`` None) carries
-    the shard's dedup ``sessions`` and ``revision``."""
+    the shard's dedup ``sessions``, ``revision`` and change feed
+    (``history``, ``compacted``)."""
     done = end is None
-    return cbor2.dumps(
-        {
-            "op": OP_INSTALL,
-            "num": num,
-            "shard": shard,
-            "from": cursor_to_wire(start),
-            "next": cursor_to_wire(end),
-            "files": files,
-            "done": done,
-            "sessions": sessions if done else None,
-            "revision": revision if done else None,
-        },
-        canonical=True,
-    )
+    command = {
+        "op": OP_INSTALL,
+        "num": num,
+        "shard": shard,
+        "from": cursor_to_wire(start),
+        "next": cursor_to_wire(end),
+        "files": files,
+        "done": done,
+        "sessions": sessions if done else None,
+        "revision": revision if done else None,
+    }
+    if done and history is not None:
+        command["history"], command["compacted"] = history, compacted
+    return cbor2.dumps(command, canonical=True)
 
 
 def encode_delete(num: int, shard: int) -> bytes:
@@ -346,10 +365,116 @@ class _ShardState:
     #: Successful writes this shard has taken, wherever it was: it travels
     #: with the shard and never goes back. Invariant: never decreases.
     revision: int = 0
+    #: Each file's revision of its last change (etcd's mod_revision; 0 if
+    #: it came from a shard that did not record one). Invariant: keys are
+    #: a subset of ``files``, values at most ``revision``.
+    mod: dict[str, int] = field(default_factory=dict)
+    #: The change feed: ``(revision, name, version)`` of each write in
+    #: revision order. Invariant: it holds exactly the revisions
+    #: ``compacted + 1 .. revision``, one write each.
+    history: deque[tuple[int, str, int]] = field(default_factory=deque)
+    compacted: int = 0
+    #: Bytes of ``history`` counted against HISTORY_BYTES (derived).
+    history_bytes: int = 0
     #: The file names in order as of ``_names_at`` (a revision): derived,
     #: not state, rebuilt for a listing when the shard changed since.
     _names: list[str] = field(default_factory=list, compare=False, repr=False)
     _names_at: int = field(default=-1, compare=False, repr=False)
+
+    def record(self, name: str, version: int) -> None:
+        """A write of ``name`` at ``version`` succeeded: the next revision."""
+        revision = self.revision = self.revision + 1
+        self.mod[name] = revision
+        self.history.append((revision, name, version))
+        self.history_bytes += len(name) + _HISTORY_ENTRY_BYTES
+        history = self.history
+        while len(history) > HISTORY_ENTRIES or self.history_bytes > HISTORY_BYTES:
+            old, old_name, _ = history.popleft()
+            self.history_bytes -= len(old_name) + _HISTORY_ENTRY_BYTES
+            self.compacted = old
+
+    def changes(self, since: int, limit: int, max_hashes: int) -> dict[str, Any]:
+        """The writes after revision ``since`` in revision order (see
+        ``MetadataStateMachine.changes``)."""
+        if since < self.compacted:
+            return {"compacted": True, "revision": self.revision, "oldest": self.compacted}
+        if since > self.revision:
+            raise BadRequest(
+                f"revision {since} is ahead of this shard's revision {self.revision}: "
+                "a cursor of another cluster, or of a shard that lost its state"
+            )
+        out: list[list[Any]] = []
+        hashes = 0
+        files = self.files
+        for revision, name, version in itertools.islice(self.history, since - self.compacted, None):
+            if len(out) >= limit:
+                break
+            current_version, hashlist = files[name]
+            # A later write replaced this one: the feed says it happened,
+            # its blocks are the later one's business.
+            listed = list(hashlist) if current_version == version else None
+            if out and listed is not None and hashes + len(listed) > max_hashes:
+                break
+            out.append([revision, name, version, listed])
+            hashes += len(listed) if listed is not None else 0
+        last = out[-1][0] if out else since
+        return {
+            "compacted": False,
+            "revision": self.revision,
+            "changes": out,
+            "next": last,
+            "more": last < self.revision,
+        }
+
+    def feed_to_wire(self, order: Iterable[str] | None = None) -> dict[str, Any]:
+        """The feed as plain data. With ``order`` (the files' names in the
+        order their map is encoded), names are not written again: ``mod`` is
+        a list of revisions in that order and each history entry names its
+        file by position; without, by name (a shard handed to another group)."""
+        return _feed_to_wire(self.mod, list(self.history), self.compacted, order)
+
+    def restore_feed(self, wire: dict[str, Any], shard: int) -> None:
+        """Load ``feed_to_wire`` output (checked: it may come from another
+        group); without one (an older encoding) the feed starts at the
+        shard's revision. Positions (a ``mod`` list, a history entry naming
+        its file by number) refer to ``files`` in the order it was decoded."""
+        if "history" not in wire:
+            self.compacted = self.revision
+            return
+        mod: Any = wire.get("mod")
+        history, compacted = wire["history"], wire.get("compacted")
+        if type(mod) not in (dict, list) or type(history) is not list or len(history) > HISTORY_ENTRIES:
+            raise BadRequest(f"shard {shard}: feed must be mod revisions and a history list")
+        compacted = _check_revision(compacted)
+        if compacted + len(history) != self.revision:
+            raise BadRequest(f"shard {shard}: history does not end at the shard's revision {self.revision}")
+        order: list[str] = list(self.files) if type(mod) is list else []
+        if type(mod) is list:
+            if len(mod) != len(order):
+                raise BadRequest(f"shard {shard}: {len(mod)} mod revisions for {len(order)} files")
+            mod = {name: revision for name, revision in zip(order, mod, strict=True) if revision != 0}
+        for name, revision in mod.items():
+            if name not in self.files or type(revision) is not int or not 0 <= revision <= self.revision:
+                raise BadRequest(f"shard {shard}: bad mod revision for {name!r}"[:200])
+        self.mod = dict(mod)
+        for k, entry in enumerate(history):
+            if not (type(entry) is list and len(entry) == 3 and entry[0] == compacted + 1 + k):
+                raise BadRequest(
+                    f"shard {shard}: history entry {k} is not [revision, name, version] in order"
+                )
+            _, name, version = entry
+            if type(name) is int:
+                if not order:
+                    order = list(self.files)
+                if not 0 <= name < len(order):
+                    raise BadRequest(f"shard {shard}: history entry {k} names file {name} of {len(order)}")
+                name = order[name]
+            if name not in self.files:
+                raise BadRequest(f"shard {shard}: history names unknown file {name!r}"[:200])
+            validate_version(version)
+            self.history.append((entry[0], name, version))
+            self.history_bytes += len(name) + _HISTORY_ENTRY_BYTES
+        self.compacted = compacted
 
     def sorted_names(self) -> list[str]:
         if self._names_at != self.revision or len(self._names) != len(self.files):
@@ -368,6 +493,7 @@ class _ShardState:
             "files": {name: [v, list(h)] for name, (v, h) in self.files.items()},
             "sessions": self.sessions_to_wire(),
             "revision": self.revision,
+            **self.feed_to_wire(self.files),
         }
 
     @classmethod
@@ -377,6 +503,7 @@ class _ShardState:
         if not isinstance(wire, dict) or set(wire) not in (
             {"files", "sessions"},
             {"files", "sessions", "revision"},
+            {"files", "sessions", "revision", "mod", "history", "compacted"},
         ):
             raise BadRequest(f"shard {shard}: expected a map with files, sessions and revision")
         files_w = wire["files"]
@@ -394,6 +521,7 @@ class _ShardState:
             hashes = validate_hashlist(info[1])
             state.files[name] = (version, _TOMBSTONE_LIST if hashes == [TOMBSTONE] else tuple(hashes))
         state.restore_sessions(wire["sessions"], shard)
+        state.restore_feed(wire, shard)
         return state
 
     def restore_sessions(self, sessions_w: Any, shard: int) -> None:
@@ -439,14 +567,22 @@ class _ShardCopy:
     files: dict[str, FileInfo]
     sessions: list[Any]
     revision: int
+    feed: dict[str, Any]
 
     @classmethod
     def of(cls, state: _ShardState) -> _ShardCopy:
-        return cls(dict(state.files), state.sessions_to_wire(), state.revision)
+        feed = {"mod": dict(state.mod), "history": list(state.history), "compacted": state.compacted}
+        return cls(dict(state.files), state.sessions_to_wire(), state.revision, feed)
 
     def to_wire(self) -> dict[str, Any]:
         """``_ShardState.to_wire`` of the copy, its file map pre-encoded."""
-        return {"files": _encode_files(self.files), "sessions": self.sessions, "revision": self.revision}
+        files, order = _encode_files(self.files)
+        return {
+            "files": files,
+            "sessions": self.sessions,
+            "revision": self.revision,
+            **_feed_to_wire(self.feed["mod"], self.feed["history"], self.feed["compacted"], order),
+        }
 
 
 class _RawCBOR:
@@ -472,13 +608,30 @@ def _write_raw(encoder: Any, value: Any) -> None:
 _SNAPSHOT_SLICE = 2048
 
 
-def _encode_files(files: dict[str, FileInfo]) -> _RawCBOR:
+def _feed_to_wire(
+    mod: dict[str, int], history: list[tuple[int, str, int]], compacted: int, order: Iterable[str] | None
+) -> dict[str, Any]:
+    """See ``_ShardState.feed_to_wire``."""
+    if order is None:
+        return {"mod": dict(mod), "history": [list(h) for h in history], "compacted": compacted}
+    named = {name for _, name, _ in history}
+    mods: list[int] = []
+    position: dict[str, int] = {}
+    for i, name in enumerate(order):
+        mods.append(mod.get(name, 0))
+        if name in named:
+            position[name] = i
+    return {"mod": mods, "history": [[r, position[n], v] for r, n, v in history], "compacted": compacted}
+
+
+def _encode_files(files: dict[str, FileInfo]) -> tuple[_RawCBOR, list[str]]:
     """``{name: [version, hashes]}`` as canonical CBOR (keys ordered by
     their encoding: length first, then bytes), a slice at a time. A map's
     body is the concatenation of its keys and values, which is the body of
     the array of them in that order: each slice is encoded as an array and
     its head dropped."""
     keyed = sorted((len(b), b, name) for name in files for b in (name.encode("utf-8"),))
+    order = [name for _, _, name in keyed]
     parts = [_cbor_head(0xA0, len(keyed))]  # a map
     for i in range(0, len(keyed), _SNAPSHOT_SLICE):
         flat: list[Any] = []
@@ -489,7 +642,7 @@ def _encode_files(files: dict[str, FileInfo]) -> _RawCBOR:
         # Hand the GIL over now: an event loop waiting for it runs at once
         # instead of at the interpreter's next switch.
         time.sleep(0)
-    return _RawCBOR(parts)
+    return _RawCBOR(parts), order
 
 
 def _check_revision(revision: Any) -> int:
@@ -760,7 +913,7 @@ class MetadataStateMachine:
             answer: _Answer = (False, current)
         else:
             state.files[name] = (version, hashes)
-            state.revision += 1
+            state.record(name, version)
             if state._names_at == state.revision - 1:
                 # Keep a fresh listing order fresh: a new name goes in at
                 # its place, instead of a sort of the whole shard later.
@@ -850,8 +1003,8 @@ class MetadataStateMachine:
         return check_num(wire["num"]), self._shard_arg(wire["shard"])
 
     def _apply_install(self, wire: dict[str, Any]) -> dict[str, Any]:
-        if wire.keys() != _INSTALL_KEYS:
-            raise BadRequest(f"install command must have exactly the keys {sorted(_INSTALL_KEYS)}")
+        if wire.keys() != _INSTALL_KEYS and wire.keys() != _INSTALL_KEYS_FEED:
+            raise BadRequest(f"install command must have exactly the keys {sorted(_INSTALL_KEYS_FEED)}")
         num, shard = check_num(wire["num"]), self._shard_arg(wire["shard"])
         start = cursor_from_wire(wire["from"], "install from")
         end = cursor_from_wire(wire["next"], "install next")
@@ -883,7 +1036,7 @@ class MetadataStateMachine:
                 staged_len[name] = len(staged[1]) if staged is not None else 0
                 totals[name] = incoming.totals.get(name, total)
 
-        for name, _version, offset, hashes, total in entries:
+        for name, _version, offset, hashes, total, _mod in entries:
             note(name, total)
             have = staged_len[name]
             if offset != have or (offset and totals[name] != total):
@@ -900,10 +1053,12 @@ class MetadataStateMachine:
             short = [n for n, length in staged_len.items() if length != totals[n]]
             if short:
                 raise BadRequest(f"install: last chunk leaves {len(short)} file(s) incomplete")
-        for name, version, offset, hashes, total in entries:
+        for name, version, offset, hashes, total, mod in entries:
             if offset == 0:
                 incoming.files[name] = (version, list(hashes))
                 incoming.totals[name] = total
+                if mod:
+                    incoming.mods[name] = mod
             else:
                 incoming.files[name][1].extend(hashes)
         incoming.cursor = end
@@ -911,6 +1066,10 @@ class MetadataStateMachine:
             return {"ok": True, "applied": True}
         for name, (version, hashes) in incoming.files.items():
             final.files[name] = (version, _TOMBSTONE_LIST if hashes == [TOMBSTONE] else tuple(hashes))
+        feed = {"mod": incoming.mods, "history": wire.get("history", []), "compacted": wire.get("compacted")}
+        if "history" not in wire:
+            feed = {}  # from a group that kept no feed: it starts here
+        final.restore_feed(feed, shard)
         del self._incoming[shard]
         self._shards[shard] = final
         self._shards = dict(sorted(self._shards.items()))
@@ -1097,11 +1256,13 @@ class MetadataStateMachine:
                 f"shard {shard} is not leaving this group under shard map {num} (the group is at {self.config_num})"
             )
         state = outgoing.state
-        entries, end = build_chunk(state.files, outgoing.sorted_names(), cursor, max_bytes)
+        entries, end = build_chunk(state.files, outgoing.sorted_names(), cursor, max_bytes, state.mod)
         chunk: dict[str, Any] = {"files": entries, "next": cursor_to_wire(end), "done": end is None}
         if end is None:
             chunk["sessions"] = state.sessions_to_wire()
             chunk["revision"] = state.revision
+            chunk["history"] = [list(h) for h in state.history]
+            chunk["compacted"] = state.compacted
         return chunk
 
     # -- reads ----------------------------------------------------------------
@@ -1151,14 +1312,36 @@ class MetadataStateMachine:
         start = bisect.bisect_right(names, after)
         files: list[list[Any]] = []
         hashes = 0
+        mod = state.mod
         for name in names[start : start + limit]:
             version, hashlist = state.files[name]
             if files and hashes + len(hashlist) > max_hashes:
                 break
-            files.append([name, version, list(hashlist)])
+            files.append([name, version, list(hashlist), mod.get(name, 0)])
             hashes += len(hashlist)
         more = start + len(files) < len(names)
         return {"revision": state.revision, "files": files, "more": more}
+
+    def changes(self, shard: int, since: int, limit: int, max_hashes: int) -> dict[str, Any] | None:
+        """The change feed of a served shard: every write after revision
+        ``since``, in revision order, at most ``limit`` of them and about
+        ``max_hashes`` block hashes (at least one write): ``{"compacted":
+        False, "revision", "changes": [[revision, name, version, hashlist or
+        None]...], "next", "more"}``, where ``next`` is the revision to ask
+        from next and a write later replaced carries None for its hash list.
+        When the feed no longer reaches back to ``since``: ``{"compacted":
+        True, "revision", "oldest"}`` (list the shard instead). A ``since``
+        past the shard's revision is refused (``BadRequest``). None if this
+        group does not serve the shard now."""
+        state = self._shards.get(self._shard_arg(shard))
+        if state is None:
+            return None
+        return state.changes(since, limit, max_hashes)
+
+    def revision_of(self, shard: int) -> int | None:
+        """The revision of a served shard (None if not served now)."""
+        state = self._shards.get(shard)
+        return None if state is None else state.revision
 
     def shard_sizes(self) -> dict[int, tuple[int, int, int]]:
         """``{shard: (files, dedup sessions, revision)}`` of the shards served."""
