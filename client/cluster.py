@@ -203,15 +203,22 @@ class ClusterClient:
 
     @defer.inlineCallbacks
     def list_shard(self, group: MetadataClient, shard: int, timeout: float) -> Any:
-        """Every file of ``shard`` from ``group``, a page at a time
-        (``listfiles``: no reply has to hold a whole shard), all pages read at
-        one revision of the shard: if it changed between pages, the listing
-        starts again (a few times, then the latest pages are taken). None if
+        """Every file of ``shard`` from ``group`` (see ``list_shard_at``),
+        or None if the group does not serve the shard now."""
+        found = yield self.list_shard_at(group, shard, timeout)
+        return None if found is None else found[0]
+
+    @defer.inlineCallbacks
+    def list_shard_at(self, group: MetadataClient, shard: int, timeout: float) -> Any:
+        """``(files, revision)``: every file of ``shard`` from ``group``, a
+        page at a time (``listfiles``: no reply has to hold a whole shard),
+        all pages read at one revision of the shard: if it changed between
+        pages, the listing starts again (a few times, then the latest pages
+        are taken: every name is still in exactly one page). ``revision`` is
+        the first page's: the listing holds every write up to it. None if
         the group does not serve the shard now."""
         files: dict[str, Any] = {}
         for attempt in range(LIST_ATTEMPTS):
-            # The last attempt takes the pages as they come: every name is
-            # still in exactly one page, only not all at one revision.
             strict = attempt < LIST_ATTEMPTS - 1
             files = {}
             after, revision = "", None
@@ -226,9 +233,9 @@ class ClusterClient:
                 for entry in page["files"]:  # [name, version, hashlist, mod revision]
                     files[entry[0]] = [entry[1], entry[2]]
                 if not page["more"] or not page["files"]:
-                    return files
+                    return files, revision
                 after = page["files"][-1][0]
-        return files
+        return files, revision
 
     @defer.inlineCallbacks
     def getfileinfomap(self):
