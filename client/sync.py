@@ -26,10 +26,20 @@ records what is already true on both sides, so a sync killed at any point
 sync finishes the job (the last rule above). Leftover temporary files are
 removed by the next sync.
 
+Incremental: beside ``index.txt`` the folder keeps ``.surfshard-cursor``,
+where the cluster's change feed stood at the last sync (``client.feed``).
+A re-sync asks only for what changed since (O(shards) calls when nothing
+did) and takes the index as the server's state at the cursor; a cursor that
+cannot be followed (the feed was compacted past it, or it is another
+cluster's) makes the sync list everything, as the first one does. The
+cursor is written after the index, so it never claims more than the index
+holds. ``--watch`` waits on the feed (a long poll) between syncs, so a
+change made elsewhere arrives at once rather than at the next poll.
+
 Names that cannot be synced are reported and skipped: names with ``,``
-(the index's separator) or ``/``, ``index.txt`` itself, names that are not
-valid UTF-8 or too long, and anything that is not a regular file (symlinks
-are never followed).
+(the index's separator) or ``/``, ``index.txt`` and ``.surfshard-cursor``
+themselves, names that are not valid UTF-8 or too long, and anything that
+is not a regular file (symlinks are never followed).
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ from surfshard.keyspace import TOMBSTONE, validate_filename
 __all__ = ["INDEX_NAME", "IndexFileError", "SyncResult", "sync_folder"]
 
 INDEX_NAME = "index.txt"
+#: Where the change feed stood at the last sync (see the module docstring).
+CURSOR_NAME = ".surfshard-cursor"
 DEFAULT_BLOCK_SIZE = 4096
 #: Temporary files of an unfinished write (never synced; removed on start).
 TMP_PREFIX = ".surfshard-tmp-"
@@ -85,6 +97,10 @@ class SyncResult:
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    #: How the server's side was learnt: "changes" (since the cursor) or
+    #: "listing" (everything), and why a cursor was not followed.
+    remote_from: str = ""
+    cursor_note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +112,7 @@ class SyncResult:
             "skipped": self.skipped,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "remote_from": self.remote_from,
         }
 
 
@@ -162,8 +179,8 @@ def _write_atomically(path: Path, data: bytes | Iterator[bytes], *, fsync: bool 
 
 def syncable(name: str) -> str | None:
     """Why ``name`` cannot be synced, or None."""
-    if name == INDEX_NAME:
-        return "the index's own name"
+    if name in (INDEX_NAME, CURSOR_NAME):
+        return "the sync's own file"
     if "," in name:
         return "contains ',' (the index's separator)"
     if "/" in name or name in (".", ".."):
@@ -199,7 +216,7 @@ def scan(base: Path, block_size: int, result: SyncResult) -> dict[str, Hashes]:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                 continue
-            if name == INDEX_NAME:
+            if name in (INDEX_NAME, CURSOR_NAME):
                 continue
             mode = entry.stat(follow_symlinks=False).st_mode
             if not stat.S_ISREG(mode):
@@ -254,6 +271,9 @@ class Folder:
         self.host = (host or socket.gethostname().split(".")[0] or "host").replace(",", "_").replace("/", "_")
         self.result = SyncResult()
         self.index_path = base / INDEX_NAME
+        self.cursor_path = base / CURSOR_NAME
+        #: Where the feed stands once this sync has learnt the server's side.
+        self.cursor: Any = None
         #: Files were written without an fsync each (see ``_download``).
         self.wrote = False
 
@@ -264,7 +284,7 @@ class Folder:
         index = read_index(self.index_path)  # before touching anything
         before = dict(index)
         local = scan(self.base, self.block_size, self.result)
-        remote = {name: (v, list(h)) for name, (v, h) in self._call(self.client.getfileinfomap).items()}
+        remote = self._remote(index)
         downloads: dict[str, tuple[int, Hashes]] = {}
         uploads: dict[str, tuple[int, Hashes]] = {}
         for name in sorted(set(index) | set(local) | set(remote)):
@@ -304,7 +324,39 @@ class Folder:
             if self.wrote:
                 os.sync()  # the files the index is about to name are on disk first
             write_index(self.index_path, index)
+        if self.cursor is not None:
+            # After the index: the cursor never claims more than the index holds.
+            _write_atomically(self.cursor_path, self.cursor.encode().encode("ascii") + b"\n")
         return self.result
+
+    def _remote(self, index: dict[str, tuple[int, Hashes]]) -> dict[str, tuple[int, Hashes]]:
+        """The server's side: the index as of the last sync's cursor plus
+        what changed since, or, without a cursor that can be followed, a
+        listing of everything."""
+        from client.feed import Cursor, CursorError, CursorExpired, changes_since, list_all
+
+        try:
+            text = self.cursor_path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as e:
+            text, self.result.cursor_note = "", f"cursor file unreadable ({e}): listing everything"
+        if text:
+            try:
+                cursor = Cursor.decode(text, self.client.cluster)
+                changes, self.cursor = self._call(changes_since, self.client, cursor)
+            except (CursorError, CursorExpired) as e:
+                self.result.cursor_note = f"{e.message}: listing everything"
+            else:
+                remote = {name: (v, list(h)) for name, (v, h) in index.items()}
+                for name, (version, hashes) in changes.items():
+                    if version > remote.get(name, (0, []))[0]:
+                        remote[name] = (version, list(hashes))
+                self.result.remote_from = "changes"
+                return remote
+        files, self.cursor = self._call(list_all, self.client)
+        self.result.remote_from = "listing"
+        return {name: (v, list(h)) for name, (v, h) in files.items()}
 
     def _keep_conflict(self, name: str, local: dict[str, Hashes]) -> None:
         when = datetime.datetime.now()
@@ -444,13 +496,35 @@ def sync_folder(
 
 
 def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
-    """Sync every ``interval`` seconds until interrupted."""
-    while True:  # stopped by Ctrl-C
-        result = sync_folder(base, cluster, **options)
-        changed = result.uploaded or result.downloaded or result.deleted_local or result.deleted_remote
-        if changed:
-            print(f"{time.strftime('%H:%M:%S')} {summary(result)}", file=sys.stderr, flush=True)
-        time.sleep(interval)
+    """Sync, then wait for the next change on the server (a long poll on the
+    change feed) or ``interval`` seconds (for changes in the folder),
+    whichever comes first; until interrupted."""
+    from client.blocking import _reactor
+    from client.cluster import ClusterClient
+    from client.feed import Cursor, CursorError, wait_for_change
+
+    reactor = _reactor()
+    client = threads.blockingCallFromThread(reactor, lambda: ClusterClient(cluster, reactor, timeout=30.0))
+    cursor_path = Path(base) / CURSOR_NAME
+    try:
+        while True:  # stopped by Ctrl-C
+            started = time.monotonic()
+            result = sync_folder(base, cluster, **options)
+            changed = result.uploaded or result.downloaded or result.deleted_local or result.deleted_remote
+            if changed:
+                print(f"{time.strftime('%H:%M:%S')} {summary(result)}", file=sys.stderr, flush=True)
+            try:
+                cursor = Cursor.decode(cursor_path.read_text(encoding="ascii").strip(), cluster)
+            except (OSError, UnicodeDecodeError, CursorError):
+                time.sleep(interval)
+                continue
+            left = max(0.0, interval - (time.monotonic() - started))
+            try:
+                threads.blockingCallFromThread(reactor, wait_for_change, client, cursor, left)
+            except errors.SurfShardError:
+                time.sleep(left)
+    finally:
+        threads.blockingCallFromThread(reactor, client.close)
 
 
 class TerminalProgress:

@@ -76,7 +76,7 @@ def folder_state(folder: Path) -> dict[str, str]:
     return {
         p.name: digest(p)
         for p in folder.iterdir()
-        if p.is_file() and not p.is_symlink() and p.name != "index.txt"
+        if p.is_file() and not p.is_symlink() and p.name not in ("index.txt", ".surfshard-cursor")
     }
 
 
@@ -228,6 +228,18 @@ class SyncTests(SyncCluster):
         self.assert_index_matches_server(b)
         again = self.sync(b)
         self.assertEqual(again["uploaded"] + again["downloaded"], 0)
+        # The first sync of a folder lists everything; later ones ask for
+        # the changes since its cursor.
+        self.assertEqual((first["remote_from"], second["remote_from"]), ("listing", "listing"))
+        self.assertEqual((edit["remote_from"], again["remote_from"]), ("changes", "changes"))
+        # A cursor that cannot be followed costs a listing, never a wrong sync.
+        (b / ".surfshard-cursor").write_text("ssc1.garbage\n")
+        (a / "after-garbage.txt").write_text("new\n")
+        self.sync(a)
+        fallback = self.sync(b)
+        self.assertEqual(fallback["remote_from"], "listing")
+        self.assertEqual((b / "after-garbage.txt").read_text(), "new\n")
+        self.assertEqual(self.sync(b)["remote_from"], "changes")
         print(
             f"5,005 files incl. 50 MB: first sync up {up:.1f} s, down {down:.1f} s; one-block edit sent {edit['bytes_up']} bytes"
         )
