@@ -298,3 +298,55 @@ class FeedUnderChaosTests(WorldCase):
             totals.update(self.run_seed(seed))
         self.assertGreater(totals["acked"], 100, totals)
         self.assertGreater(totals["move"], 2, totals)
+
+
+class ListingUnderMovesTests(WorldCase):
+    def test_a_paged_listing_taken_while_shards_move_is_a_snapshot_per_shard(self) -> None:
+        import client.cluster as cluster_module
+
+        # Pages of three files, so that writes land between the pages of one
+        # shard; and enough attempts that the strict path always succeeds.
+        self.patch(cluster_module, "LIST_PAGE", 3)
+        self.patch(cluster_module, "LIST_ATTEMPTS", 1000)
+        w = self.world(gids=(1, 2))
+        w.join(1, 2)
+        w.wait_settled()
+        names = [f"page-{i}" for i in range(40)]
+        writer, lister = w.client("writer"), w.client("lister")
+        self.write_files(w, writer, names)
+        stop = [False]
+
+        @defer.inlineCallbacks
+        def keep_writing() -> Any:
+            rng = random.Random(3)
+            versions = dict.fromkeys(names, 1)
+            while not stop[0]:  # bounded: stopped below
+                name = rng.choice(names)
+                try:
+                    yield writer.updatefile(name, versions[name] + 1, [block(1, versions[name] + 1)])
+                    versions[name] += 1
+                except errors.SurfShardError:
+                    pass
+                yield task.deferLater(w.clock, 0.002, lambda: None)
+
+        loop = keep_writing()
+        listings = []
+        for k in range(6):
+            if k % 2 == 0:
+                w.admin.move(k % w.nshards, 1 + k % 2).addErrback(lambda f: None)
+            listings.append(w.value(list_all(lister), within=60))
+        stop[0] = True
+        self.assertTrue(w.settle([loop], 20))
+        w.wait_settled(60)
+        # The feed from revision 0 replays each shard; its state at the
+        # listing's revision must be exactly what the listing holds.
+        writes, _ = w.value(writes_since(lister, Cursor(w.config.name, w.nshards, 0, (0,) * w.nshards)))
+        for files, cursor in listings:
+            for shard in range(w.nshards):
+                at = cursor.revisions[shard]
+                state = {}
+                for s, revision, name, version, _h in writes:
+                    if s == shard and revision <= at:
+                        state[name] = version
+                listed = {n: v[0] for n, v in files.items() if shard_of(n, w.nshards) == shard}
+                self.assertEqual(listed, state, f"shard {shard} at revision {at}")
