@@ -1,6 +1,13 @@
 """The load generator of benchmarks/metadata.py: a separate process.
 
     python benchmarks/_metadata_load.py ADDRESS ADDRESS ADDRESS
+    python benchmarks/_metadata_load.py --etcd http://HOST:PORT
+
+With ``--etcd`` each writer does the same compare-and-set against etcd
+instead: a transaction through etcd's gRPC gateway (HTTP/1.1 + JSON, one
+persistent connection per writer, sent to the endpoint given, the leader)
+that puts the key only if its version (etcd's count of writes to the key)
+is the one expected, reading it back otherwise.
 
 Runs N concurrent writers, each a ``client.metadata_client.MetadataClient`` (its own
 client id, sequence numbers and leader guess) over one shared
@@ -32,6 +39,8 @@ reported with each measurement so a client-side bottleneck shows.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import resource
@@ -44,6 +53,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import defer, reactor, stdio
 from twisted.protocols.basic import LineReceiver
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
 
 from client.metadata_client import MetadataClient
 from surfshard import errors
@@ -53,6 +64,8 @@ from surfshard.net.pool import RpcClientPool
 FILES_PER_WRITER = 8
 #: A realistic small file: four 64-hex-character block hashes.
 HASHLIST = [f"{i:064x}" for i in range(1, 5)]
+#: What an etcd writer puts: the same four hashes, as the value's bytes.
+ETCD_VALUE = base64.b64encode(" ".join(HASHLIST).encode()).decode()
 #: After an error other than a version mismatch, wait this long before the
 #: next write, so a down cluster is not hammered in a tight loop.
 ERROR_PAUSE = 0.01
@@ -106,9 +119,73 @@ class Writer:
         reactor.callLater(ERROR_PAUSE, self.next)
 
 
+class EtcdWriter(Writer):
+    """A writer doing its compare-and-set as an etcd transaction."""
+
+    def __init__(self, load: Load, index: int) -> None:
+        self.load = load
+        self.endpoint = load.addresses[0].encode("ascii") + b"/v3/kv/txn"
+        self.leader = load.addresses[0]
+        self.files = [
+            base64.b64encode(f"bench-{load.run_id}/w{index}/f{k}".encode()).decode()
+            for k in range(FILES_PER_WRITER)
+        ]
+        self.versions = [0] * FILES_PER_WRITER
+        self.turn = 0
+        self.running = True
+        self.finished = defer.Deferred()
+
+    def next(self) -> None:
+        if not self.running:
+            self.finished.callback(None)
+            return
+        k = self.turn
+        self.turn = (k + 1) % FILES_PER_WRITER
+        started = reactor.seconds()
+        key = self.files[k]
+        body = json.dumps(
+            {
+                "compare": [
+                    {"key": key, "result": "EQUAL", "target": "VERSION", "version": str(self.versions[k])}
+                ],
+                "success": [{"request_put": {"key": key, "value": ETCD_VALUE}}],
+                "failure": [{"request_range": {"key": key}}],
+            }
+        ).encode()
+        d = self.load.agent.request(
+            b"POST",
+            self.endpoint,
+            Headers({b"content-type": [b"application/json"]}),
+            FileBodyProducer(io.BytesIO(body)),
+        )
+        d.addCallback(readBody)
+        d.addCallback(self._answered, k)
+        d.addCallbacks(self._ok, self._failed, callbackArgs=(k, started), errbackArgs=(k, started))
+
+    def _answered(self, raw: bytes, k: int) -> int:
+        answer = json.loads(raw)
+        if answer.get("succeeded"):
+            return self.versions[k] + 1
+        if "error" in answer or "header" not in answer:
+            raise RuntimeError(str(answer)[:200])
+        kvs = answer.get("responses", [{}])[0].get("response_range", {}).get("kvs", [])
+        current = int(kvs[0].get("version", 0)) if kvs else 0
+        raise errors.VersionMismatch("etcd: version mismatch", current=current)
+
+    def _ok(self, version: int, k: int, started: float) -> None:
+        self.versions[k] = version
+        self.load.record_ok(started, reactor.seconds(), self.leader)
+        self.next()
+
+
 class Load:
-    def __init__(self, addresses: list[str], out: Any) -> None:
+    def __init__(self, addresses: list[str], out: Any, etcd: bool = False) -> None:
         self.addresses = addresses
+        self.etcd = etcd
+        if etcd:
+            http_pool = HTTPConnectionPool(reactor, persistent=True)
+            http_pool.maxPersistentPerHost = 1024
+            self.agent = Agent(reactor, pool=http_pool)
         self.out = out
         self.pool = RpcClientPool(reactor, backoff_initial=0.02, backoff_max=0.5)
         self.run_id = uuid.uuid4().hex[:8]
@@ -145,7 +222,7 @@ class Load:
 
     def start(self, clients: int) -> None:
         for _ in range(clients):
-            writer = Writer(self, self.next_index)
+            writer = (EtcdWriter if self.etcd else Writer)(self, self.next_index)
             self.next_index += 1
             self.writers.append(writer)
             writer.next()
@@ -260,7 +337,8 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     use_monotonic_clock(reactor)
-    load = Load(argv, None)
+    etcd = argv[0] == "--etcd"
+    load = Load(argv[1:] if etcd else argv, None, etcd=etcd)
     stdio.StandardIO(Control(load))
     reactor.run()
     return 0

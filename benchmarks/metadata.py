@@ -278,6 +278,10 @@ class Cluster:
     def log(self, i: int) -> Path:
         return self.workdir / f"node-{i}.log"
 
+    def load_args(self) -> list[str]:
+        """How the load generator reaches this cluster."""
+        return list(self.addresses)
+
     def leader(self) -> int | None:
         """The index of the node every live node agrees leads, if any."""
         statuses = [try_status(a) for a in self.addresses]
@@ -359,6 +363,87 @@ class SurfShardCluster(Cluster):
         self.procs.start(self.key(i), argv, self.workdir / f"node-{i}.out")
 
 
+def ensure_etcd() -> str | None:
+    """None when etcd and etcdctl are here (installed from Debian's
+    packages if missing and we may), else why not."""
+    if shutil.which("etcd") and shutil.which("etcdctl"):
+        return None
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing etcd-server and etcd-client from Debian's packages for the etcd column", flush=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "etcd-server", "etcd-client"],
+            capture_output=True,
+            timeout=600,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    if shutil.which("etcd") and shutil.which("etcdctl"):
+        return None
+    return "etcd is not installed (Debian: apt-get install etcd-server etcd-client); no etcd column"
+
+
+class EtcdCluster(Cluster):
+    """A 3-member etcd on 127.0.0.1 with its data in the same temp dir (so
+    on the same disk); etcd always fsyncs (3.4 has no switch to stop it)."""
+
+    system = "etcd"
+
+    def __init__(self, procs: Processes, workdir: Path) -> None:
+        super().__init__(procs, workdir, True)
+        ports = free_ports(6)
+        self.addresses = [f"{HOST}:{p}" for p in ports[:3]]
+        self.peers = [f"{HOST}:{p}" for p in ports[3:]]
+
+    def start_node(self, i: int) -> None:
+        initial = ",".join(f"m{j}=http://{p}" for j, p in enumerate(self.peers))
+        argv = ["etcd", "--name", f"m{i}", "--data-dir", str(self.workdir / f"m{i}")]
+        argv += ["--listen-client-urls", f"http://{self.addresses[i]}"]
+        argv += ["--advertise-client-urls", f"http://{self.addresses[i]}"]
+        argv += ["--listen-peer-urls", f"http://{self.peers[i]}"]
+        argv += ["--initial-advertise-peer-urls", f"http://{self.peers[i]}"]
+        argv += [
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            "bench",
+        ]
+        self.procs.start(self.key(i), argv, self.log(i))
+
+    def _statuses(self) -> list[dict[str, Any]] | None:
+        done = subprocess.run(
+            ["etcdctl", "--endpoints", ",".join(self.addresses), "endpoint", "status", "-w", "json"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        )
+        if done.returncode != 0:
+            return None
+        try:
+            return [entry["Status"] for entry in json.loads(done.stdout)]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def leader(self) -> int | None:
+        statuses = self._statuses()
+        if not statuses or len(statuses) != 3:
+            return None
+        ids = [st["header"]["member_id"] for st in statuses]
+        leaders = {st["leader"] for st in statuses}
+        if len(leaders) != 1 or next(iter(leaders)) not in ids:
+            return None
+        return ids.index(next(iter(leaders)))
+
+    def wait_settled(self, timeout: float) -> int:
+        self.check_alive()
+        return wait_for(self.leader, timeout, "etcd to elect a leader")
+
+    def load_args(self) -> list[str]:
+        leader = self.leader()
+        return ["--etcd", f"http://{self.addresses[leader if leader is not None else 0]}"]
+
+
 class PySyncObjCluster(Cluster):
     system = "PySyncObj"
 
@@ -425,7 +510,7 @@ class LoadGenerator:
 @contextlib.contextmanager
 def running(cluster: Cluster, procs: Processes) -> Iterator[LoadGenerator]:
     cluster.start()
-    load = LoadGenerator(procs, f"load-{cluster.system}", cluster.addresses, cluster.workdir / "load.log")
+    load = LoadGenerator(procs, f"load-{cluster.system}", cluster.load_args(), cluster.workdir / "load.log")
     try:
         yield load
     finally:
@@ -612,6 +697,20 @@ def report(results: dict, failovers: dict, levels: list[int], args: argparse.Nam
     }
     if errors:
         lines.append(f"errors: {errors}")
+    etcd_rows = [n for n in levels if ("etcd", True, n) in results]
+    if etcd_rows:
+        lines.append("")
+        lines.append(
+            "etcd 3.4 in the same run (3 members on the same disk, fsync on as always; the same writers doing the "
+            "same compare-and-set as a transaction on the key's version through etcd's gRPC gateway, HTTP/1.1 "
+            "JSON, one connection per writer, to the leader):"
+        )
+        lines.append(f"{'':<22}{'clients':>7} | {'etcd':^38} | SurfShard fsync on / etcd")
+        for n in etcd_rows:
+            etcd_cell = results[("etcd", True, n)]
+            lines.append(
+                f"{'fsync on':<22}{n:>7} | {fmt_cell(etcd_cell)} | {ratio(results.get(('SurfShard', True, n)), etcd_cell)}"
+            )
     lines.append("")
     if failovers:
         lines.append(
@@ -660,10 +759,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short cells and 3 failover trials (~1 min)")
     parser.add_argument(
         "--only",
-        choices=("surfshard", "pysyncobj", "none"),
+        choices=("surfshard", "pysyncobj", "etcd", "none"),
         help="run one system only (none: just --profile)",
     )
     parser.add_argument("--no-failover", action="store_true", help="skip the failover trials")
+    parser.add_argument("--no-etcd", action="store_true", help="no etcd column even when etcd is installed")
     parser.add_argument("--pysyncobj-batch", action="store_true", help="PySyncObj with appendEntriesUseBatch")
     parser.add_argument(
         "--profile", action="store_true", help="also profile SurfShard (fsync off) at the highest --clients"
@@ -697,9 +797,17 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, bool, int], dict] = {}
     failovers: dict[str, list[float]] = {}
-    systems = {None: ["SurfShard", "PySyncObj"], "surfshard": ["SurfShard"], "pysyncobj": ["PySyncObj"]}.get(
-        args.only, []
-    )
+    systems = {
+        None: ["SurfShard", "PySyncObj", "etcd"],
+        "surfshard": ["SurfShard"],
+        "pysyncobj": ["PySyncObj"],
+        "etcd": ["etcd"],
+    }.get(args.only, [])
+    if "etcd" in systems:
+        no_etcd = "--no-etcd given" if args.no_etcd else ensure_etcd()
+        if no_etcd:
+            say(f"no etcd column: {no_etcd}")
+            systems.remove("etcd")
     started = time.monotonic()
     try:
         for durable in (True, False):
@@ -709,8 +817,10 @@ def main(argv: list[str] | None = None) -> int:
                 sub = workdir / f"{system}-{'durable' if durable else 'fast'}"
                 if system == "SurfShard":
                     clusters.append(SurfShardCluster(procs, sub, durable))
-                else:
+                elif system == "PySyncObj":
                     clusters.append(PySyncObjCluster(procs, sub, durable, args.pysyncobj_batch))
+                elif durable:  # etcd always fsyncs: a column in the fsync-on rows only
+                    clusters.append(EtcdCluster(procs, sub))
             say(f"{mode}: starting {' and '.join(c.system for c in clusters)} (3 nodes each)")
             with contextlib.ExitStack() as stack:
                 loads = [stack.enter_context(running(c, procs)) for c in clusters]
@@ -735,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[key] = combine(cells)
                 if durable and args.trials and not args.no_failover:
                     for cluster, load in pairs:
+                        if cluster.system == "etcd":
+                            continue  # its load generator speaks to the leader only
                         say(f"{cluster.system}: failover, {args.trials} trials")
                         failovers[cluster.system] = failover(cluster, load, args.trials, say)
         profile_text = (
