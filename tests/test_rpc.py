@@ -135,7 +135,12 @@ def raw_frame(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
-def read_frames(transport: StringTransport) -> list[dict[str, Any]]:
+def read_frames(transport: StringTransport, clock: Any = None) -> list[dict[str, Any]]:
+    """The frames written to ``transport``; with the connection's ``clock``,
+    after the end of the reactor turn (when a connection writes what it
+    produced outside a read: ``surfshard.net.server.write_now``)."""
+    if clock is not None:
+        clock.advance(0)
     frames = list(FrameDecoder().feed(transport.value()))
     transport.clear()
     return frames
@@ -297,7 +302,7 @@ class ServerProtocolTests(SynchronousTestCase):
 
     def exchange(self, data: bytes) -> list[dict[str, Any]]:
         self.server.dataReceived(data)
-        return read_frames(self.transport)
+        return read_frames(self.transport, self.clock)
 
     def test_synchronous_reply(self):
         self.assertEqual(self.exchange(request(1, "add", {"a": 2, "b": 3})), [{"id": 1, "ok": 5}])
@@ -312,7 +317,7 @@ class ServerProtocolTests(SynchronousTestCase):
         for key in "cab":
             self.waits.fire(key)
         self.assertEqual(
-            read_frames(self.transport),
+            read_frames(self.transport, self.clock),
             [{"id": 3, "ok": "done c"}, {"id": 1, "ok": "done a"}, {"id": 2, "ok": "done b"}],
         )
         self.assertEqual(self.server.in_flight, 0)
@@ -338,7 +343,7 @@ class ServerProtocolTests(SynchronousTestCase):
         self.assertEqual(reply["error"]["current"], 7)
         self.assertEqual(self.exchange(request(3, "wait", {"key": "k"})), [])
         self.waits.fail("k", NotLeader("moved", leader=None))
-        [reply] = read_frames(self.transport)
+        [reply] = read_frames(self.transport, self.clock)
         self.assertEqual(reply["error"]["code"], "NOT_LEADER")
 
     def test_handler_bug_is_internal_without_internals(self):
@@ -420,7 +425,7 @@ class ServerProtocolTests(SynchronousTestCase):
         [reply] = self.exchange(request(1, "echo", {"data": b""}))
         self.assertIn("already in flight", reply["error"]["message"])
         self.waits.fire("a")
-        self.assertEqual(read_frames(self.transport), [{"id": 1, "ok": "done a"}])
+        self.assertEqual(read_frames(self.transport, self.clock), [{"id": 1, "ok": "done a"}])
         # Once answered the id may be used again.
         self.assertEqual(self.exchange(request(1, "echo", {"data": b""})), [{"id": 1, "ok": b""}])
 
@@ -454,7 +459,7 @@ class ServerProtocolTests(SynchronousTestCase):
         self.assertEqual(self.waits.started, ["0", "1", "2", "3", "4"])
         self.assertEqual(self.transport.producerState, "producing")
         self.waits.fire("4")
-        self.assertEqual([r["id"] for r in read_frames(self.transport)], [1, 0, 2, 3, 4])
+        self.assertEqual([r["id"] for r in read_frames(self.transport, self.clock)], [1, 0, 2, 3, 4])
 
     def advance(self, seconds: float, step: float = 0.1) -> None:
         for _ in range(round(seconds / step)):
@@ -480,7 +485,7 @@ class ServerProtocolTests(SynchronousTestCase):
         self.advance(9.8)  # 15.8s since the start, 9.8s since the last byte
         self.assertFalse(self.transport.disconnecting)
         self.server.dataReceived(frame[30:])
-        self.assertEqual(read_frames(self.transport), [{"id": 1, "ok": b"x" * 50}])
+        self.assertEqual(read_frames(self.transport, self.clock), [{"id": 1, "ok": b"x" * 50}])
         self.advance(60.0)  # no partial frame: idle is fine
         self.assertFalse(self.transport.disconnecting)
         self.assertEqual(self.logs.refused("idle connection"), [])
@@ -524,7 +529,7 @@ class ClientConnectionTests(SynchronousTestCase):
         self.client.makeConnection(self.transport)
 
     def sent(self) -> list[dict[str, Any]]:
-        return read_frames(self.transport)
+        return read_frames(self.transport, self.clock)
 
     def reply(self, **frame: Any) -> None:
         self.client.dataReceived(encode_frame(frame))
@@ -647,13 +652,14 @@ class ReplyMethodTests(SynchronousTestCase):
             self.replies[key] = reply
 
         table.add("later", later, [Arg("key", str, max_len=64)], takes_reply=True)
-        self.server = RpcServerProtocol(table, Clock(), ServerLimits())
+        self.clock = Clock()
+        self.server = RpcServerProtocol(table, self.clock, ServerLimits())
         self.transport = StringTransport(peerAddress=PEER)
         self.server.makeConnection(self.transport)
 
     def exchange(self, data: bytes) -> list[dict[str, Any]]:
         self.server.dataReceived(data)
-        return read_frames(self.transport)
+        return read_frames(self.transport, self.clock)
 
     def test_answered_later_or_at_once(self):
         self.assertEqual(
@@ -663,13 +669,13 @@ class ReplyMethodTests(SynchronousTestCase):
         self.assertEqual(self.server.in_flight, 1)
         self.replies["a"].callback(7)
         self.replies["a"].callback(8)  # a second answer is ignored
-        self.assertEqual(read_frames(self.transport), [{"id": 1, "ok": 7}])
+        self.assertEqual(read_frames(self.transport, self.clock), [{"id": 1, "ok": 7}])
         self.assertEqual(self.server.in_flight, 0)
 
     def test_errors_get_their_codes(self):
         self.exchange(request(1, "later", {"key": "a"}))
         self.replies["a"].errback(VersionMismatch("stale", current=3))
-        [reply] = read_frames(self.transport)
+        [reply] = read_frames(self.transport, self.clock)
         self.assertEqual((reply["error"]["code"], reply["error"]["current"]), ("VERSION_MISMATCH", 3))
         [refused] = self.exchange(request(2, "later", {"key": "refuse"}))
         self.assertEqual(refused["error"]["code"], "BAD_REQUEST")
@@ -721,7 +727,7 @@ class CallIntoTests(SynchronousTestCase):
         ok, bad = RecordingSink(), RecordingSink()
         self.client.call_into(ok, "echo", {"data": b"1"})
         self.client.call_into(bad, "updatefile", {})
-        first, second = read_frames(self.transport)
+        first, second = read_frames(self.transport, self.clock)
         self.assertEqual((first["method"], first["args"]), ("echo", {"data": b"1"}))
         self.client.dataReceived(
             encode_frame(
@@ -748,7 +754,7 @@ class CallIntoTests(SynchronousTestCase):
     def test_forget_drops_the_call_and_its_late_reply(self):
         sink = RecordingSink()
         call_id = self.client.call_into(sink, "wait", {}, timeout=5.0)
-        [sent] = read_frames(self.transport)
+        [sent] = read_frames(self.transport, self.clock)
         self.assertEqual(sent["id"], call_id)
         self.client.forget(call_id)
         self.client.dataReceived(encode_frame({"id": call_id, "ok": "late"}))
@@ -774,7 +780,7 @@ class CallIntoTests(SynchronousTestCase):
         sink = RecordingSink()
         connection, call_id = pool.call_into(address, sink, "echo", {"data": b"x"})
         self.assertIs(connection, pool.connection(address))
-        frames = read_frames(transport)
+        frames = read_frames(transport, reactor)
         self.assertEqual(frames[-1]["id"], call_id)
         connection.dataReceived(encode_frame({"id": call_id, "ok": b"x"}))
         self.assertEqual(sink.outcomes, [("ok", b"x")])
@@ -870,7 +876,7 @@ class PoolBackoffTests(SynchronousTestCase):
         calls = [self.pool.call("127.0.0.1:9", "echo", {"data": b"%d" % i}) for i in range(3)]
         self.assertEqual(len(self.reactor.tcpClients), 1)
         connection, transport = self.accept_last()
-        sent = read_frames(transport)
+        sent = read_frames(transport, self.reactor)
         self.assertEqual(len(sent), 3)
         connection.dataReceived(
             b"".join(encode_frame({"id": s["id"], "ok": s["args"]["data"]}) for s in sent)
@@ -899,7 +905,7 @@ class PoolBackoffTests(SynchronousTestCase):
     def test_drop_after_answers_reconnects_at_once(self):
         d = self.pool.call("127.0.0.1:9", "echo", {})
         connection, transport = self.accept_last()
-        [sent] = read_frames(transport)
+        [sent] = read_frames(transport, self.reactor)
         connection.dataReceived(encode_frame({"id": sent["id"], "ok": 1}))
         self.successResultOf(d)
         connection.connectionLost(Failure(ConnectionRefusedError()))

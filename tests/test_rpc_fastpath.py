@@ -369,7 +369,7 @@ class OneWayServerTests(SynchronousTestCase):
 
     def exchange(self, data: bytes) -> list[dict[str, Any]]:
         self.server.dataReceived(data)
-        return read_frames(self.transport)
+        return read_frames(self.transport, self.clock)
 
     def test_success_sends_nothing(self):
         frames = b"".join(request(-i, "record", {"value": i}, noreply=True) for i in range(1, 4))
@@ -405,9 +405,9 @@ class OneWayServerTests(SynchronousTestCase):
         self.assertEqual(self.exchange(request(-2, "later", {"key": "bad"}, noreply=True)), [])
         self.assertEqual(self.server.in_flight, 2)
         self.waits["ok"].callback("fine")
-        self.assertEqual(read_frames(self.transport), [])
+        self.assertEqual(read_frames(self.transport, self.clock), [])
         self.waits["bad"].errback(errors.Crashed("node is crashed"))
-        [reply] = read_frames(self.transport)
+        [reply] = read_frames(self.transport, self.clock)
         self.assertEqual(reply["id"], -2)
         self.assertEqual(reply["error"]["code"], "CRASHED")
         self.assertEqual(self.server.in_flight, 0)

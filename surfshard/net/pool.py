@@ -46,7 +46,7 @@ from surfshard.net import wire
 from surfshard.net.interfaces import IPipelinedPool
 from surfshard.net.methods import ReplySink
 from surfshard.net.schema import _short_repr
-from surfshard.net.server import format_peer, tune_socket
+from surfshard.net.server import format_peer, tune_socket, write_now
 from surfshard.net.tls import TLSFiles, client_options_from_files
 
 log = Logger()
@@ -125,6 +125,8 @@ class RpcConnection(Protocol):
         # Requests made while we handle a batch of replies (typically the
         # callers' next calls) go out in one write at the end of it.
         self._out: list[bytes] | None = None
+        #: Flushes ``_out`` at the end of the reactor turn (see ``call``).
+        self._turn_call: Any = None
         self._lost_reason: Failure | None = None
         self._on_lost: list[Callable[[Failure], object]] = []
 
@@ -234,7 +236,16 @@ class RpcConnection(Protocol):
         if out is not None:
             out.append(frame)
         else:
-            self.transport.write(frame)
+            # Calls made outside a read (a timer, another connection's
+            # reply) go out together at the end of the reactor turn.
+            self._out = [frame]
+            self._turn_call = self.clock.callLater(0, self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._turn_call = None
+        out, self._out = self._out, None
+        if out and self.connected:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def notify(self, method: str, args: Mapping[str, Any] | None = None) -> bool:
         """Send a one-way request (``"noreply": true``): the server answers
@@ -255,7 +266,8 @@ class RpcConnection(Protocol):
         if out is not None:
             out.append(frame)
         else:
-            self.transport.write(frame)
+            # Raft's transport already sends once per reactor turn.
+            write_now(self.transport, frame)
         return True
 
     # -- timeouts --------------------------------------------------------------
@@ -301,13 +313,16 @@ class RpcConnection(Protocol):
     # -- replies ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._out = []
+        opened = self._out is None
+        if opened:
+            self._out = []
         try:
             self._read(self._decoder.feed(data))
         finally:
-            out, self._out = self._out, None
-            if out and self.connected:
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if opened:
+                out, self._out = self._out, None
+                if out and self.connected:
+                    write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def _read(self, frames: Iterator[dict[Any, Any]]) -> None:
         pending = self._pending
@@ -361,6 +376,10 @@ class RpcConnection(Protocol):
         self.connected = False
         self._lost_reason = reason
         self._stop_timer()
+        if self._turn_call is not None and self._turn_call.active():
+            self._turn_call.cancel()
+        self._turn_call = None
+        self._out = None
         # Owners (the pool) learn first, so that callers reacting to the
         # failures below already get a fresh connection for their retries.
         callbacks, self._on_lost = self._on_lost, []

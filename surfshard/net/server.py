@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import task
+from twisted.internet import task, tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
@@ -152,6 +152,37 @@ def tune_socket(transport: Any) -> bool:
     return True
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sent to the socket at once when the
+    transport holds nothing unsent.
+
+    Twisted's ``write`` only buffers: it registers for writability and
+    sends on the reactor's next pass, so each message costs two
+    ``epoll_ctl`` calls and an extra pass (``docs/performance.md``). Callers
+    collect what one reactor turn produces and hand it here once, so the
+    batching of that pass is kept. Anything the socket does not take, and
+    every transport that is not plain TCP (TLS, tests), goes through
+    ``write`` as before, so order and backpressure are unchanged."""
+    # Only a TCP transport itself: a wrapper (TLS's among them) hands
+    # unknown attributes down to the TCP transport under it, whose
+    # writeSomeData would put plaintext on the wire.
+    if (
+        not isinstance(transport, tcp.Connection)
+        or transport.TLS
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+        or not transport.connected
+        or transport.disconnecting
+    ):
+        transport.write(data)
+        return
+    sent = transport.writeSomeData(data)
+    if not isinstance(sent, int):  # a connection error: let write report it the usual way
+        transport.write(data)
+    elif sent < len(data):
+        transport.write(data[sent:])
+
+
 def _usable_id(request_id: Any) -> bool:
     kind = type(request_id)
     if kind is int:
@@ -198,6 +229,8 @@ class RpcServerProtocol(Protocol):
         # one write at the end of it, not one write per reply.
         self._out: list[bytes] | None = None
         self._out_bytes = 0
+        #: Flushes ``_out`` at the end of the reactor turn (see ``_send``).
+        self._turn_call: Any = None
         self._paused = False
         #: The transport holds more unsent replies than its buffer size.
         self._write_blocked = False
@@ -279,7 +312,7 @@ class RpcServerProtocol(Protocol):
             )
         self._lost = True
         self._out = None
-        for timer in (self._idle_timer, self._abort_timer, self._stall_timer):
+        for timer in (self._idle_timer, self._abort_timer, self._stall_timer, self._turn_call):
             if timer is not None and timer.active():
                 timer.cancel()
         self._idle_timer = self._abort_timer = self._stall_timer = None
@@ -318,12 +351,15 @@ class RpcServerProtocol(Protocol):
         if self._closing:
             return
         self._last_rx = self.clock.seconds()
-        self._out = []
+        opened = self._out is None
+        if opened:
+            self._out = []
         try:
             self._read(self._decoder.feed(data))
         finally:
-            self._flush()
-            self._out = None
+            if opened:
+                self._flush()
+                self._out = None
         if self._decoder.buffered and self._idle_timer is None and not (self._paused or self._closing):
             self._arm_idle_timer(self.limits.idle_timeout)
 
@@ -528,13 +564,23 @@ class RpcServerProtocol(Protocol):
                 # small requests can ask for far more than it holds).
                 self._flush()
         else:
-            self.transport.write(frame)
+            # A reply outside a read (a write committed, a read confirmed):
+            # the others of this reactor turn go with it, at its end.
+            self._out = [frame]
+            self._out_bytes = len(frame)
+            self._turn_call = self.clock.callLater(0, self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._turn_call = None
+        if self._out is not None and not self._lost:
+            self._flush()
+        self._out = None
 
     def _flush(self) -> None:
         out = self._out
         if out:
             self._out_bytes = 0
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def _finish_ok(self, result: Any, request_id: int | str, method_name: str) -> None:
