@@ -477,7 +477,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         args,
         {name: {"ca": f.ca, "cert": f.cert, "key": f.key} for name, f in out.items()},
         lambda: print(
-            f"wrote a development CA and {len(out)} certificates to {args.out}\n"
+            f"wrote a development CA and {len(out)} certificate{'' if len(out) == 1 else 's'} to {args.out}\n"
             f'enable TLS with:\n\n[tls]\nca = "{args.out}/ca.pem"\ncert_dir = "{args.out}"'
         ),
     )
