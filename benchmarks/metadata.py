@@ -593,6 +593,24 @@ def failover(cluster: Cluster, load: LoadGenerator, trials: int, say: Callable[[
 # ---------------------------------------------------------------------------
 
 
+def steady_run(procs: Processes, workdir: Path, clients: int, seconds: float) -> str:
+    """Elections in a healthy SurfShard group under load: the terms and
+    leaders before and after ``seconds`` of ``clients`` writers (fsync on),
+    nothing killed."""
+    cluster = SurfShardCluster(procs, workdir / "steady", True)
+    with running(cluster, procs) as load:
+        before = [try_status(a) or {} for a in cluster.addresses]
+        r = measure(cluster, load, clients, 1.0, seconds)
+        after = [try_status(a) or {} for a in cluster.addresses]
+    terms = sorted({s.get("term") for s in before}), sorted({s.get("term") for s in after})
+    leaders = sorted({s.get("leader") for s in before}), sorted({s.get("leader") for s in after})
+    elections = max(after[i].get("term", 0) - before[i].get("term", 0) for i in range(3))
+    return (
+        f"steady run: {clients} writers for {seconds:.0f} s, fsync on, nothing killed: {r['throughput']:.0f} ops/s, "
+        f"terms {terms[0]} -> {terms[1]}, leader {leaders[0]} -> {leaders[1]}: {elections} election(s)"
+    )
+
+
 def profile_surfshard(procs: Processes, workdir: Path, clients: int, warmup: float, seconds: float) -> str:
     cluster = SurfShardCluster(procs, workdir / "profile", durable=False, profile=True)
     with running(cluster, procs) as load:
@@ -764,6 +782,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-failover", action="store_true", help="skip the failover trials")
     parser.add_argument("--no-etcd", action="store_true", help="no etcd column even when etcd is installed")
+    parser.add_argument(
+        "--steady",
+        type=float,
+        metavar="SECONDS",
+        help="also count SurfShard's elections over SECONDS at the highest --clients, nothing killed",
+    )
     parser.add_argument("--pysyncobj-batch", action="store_true", help="PySyncObj with appendEntriesUseBatch")
     parser.add_argument(
         "--profile", action="store_true", help="also profile SurfShard (fsync off) at the highest --clients"
@@ -852,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_text = (
             profile_surfshard(procs, workdir, max(levels), args.warmup, args.seconds) if args.profile else ""
         )
+        steady_text = steady_run(procs, workdir, max(levels), args.steady) if args.steady else ""
     except KeyboardInterrupt:
         say("interrupted: stopping every process started")
         return 130
@@ -865,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     say(report(results, failovers, levels, args))
+    if steady_text:
+        say(steady_text)
     say(f"total time {time.monotonic() - started:.0f} s")
     if profile_text:
         say(profile_text)
