@@ -219,3 +219,31 @@ class OptionsAnywhereTests(SynchronousTestCase):
         self.assertEqual((args.params, args.json), (["-1"], True))
         args = parser.parse_args(options_first(parser, ["put", "a,b", "2", "0", "--config=c.toml"]))
         self.assertEqual((args.name, args.version, args.hashes, args.config), ("a,b", 2, ["0"], "c.toml"))
+
+
+class MemberUsageTests(SynchronousTestCase):
+    """``surfshard admin member`` refuses what it cannot do before calling
+    anything, with exit status 2 and a line saying why."""
+
+    def test_bad_member_commands_are_usage_errors(self) -> None:
+        import contextlib
+        import io
+
+        from client.cli import main
+
+        for argv, why in (
+            (["admin", "member"], "list, add or remove"),
+            (["admin", "member", "grow", "1"], "list, add or remove"),
+            (["admin", "member", "list", "x"], "not a group id"),
+            (["admin", "member", "list", "9"], "no group 9"),
+            (["admin", "member", "list", "1", "2"], "only the group id"),
+            (["admin", "member", "add", "1"], "HOST:PORT"),
+            (["admin", "member", "add", "1", "nowhere"], "host:port"),
+            (["admin", "member", "remove", "1", "zero"], "node's id"),
+            (["admin", "member", "remove", "1", "0"], "node's id"),
+        ):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):  # rich writes to sys.stderr as it is when it prints
+                code = main(argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(why, " ".join(err.getvalue().split()), argv)
