@@ -150,7 +150,11 @@ class GroupMembership(service.Service):
     def _seed(self):
         """While our own log does not make us a member, learn the members'
         addresses from whoever answers (see the module docstring)."""
-        if self.node.node_id in self.node.membership.members or self.pool is None:
+        m = self.node.membership
+        me = self.node.node_id
+        # A member, or a server its log says was removed (an id at most
+        # max_id that is not a member): nothing to learn.
+        if me in m.members or me <= m.max_id or self.pool is None:
             if self._seed_loop is not None and self._seed_loop.running:
                 self._seed_loop.stop()
             return
