@@ -36,9 +36,12 @@ cursor is written after the index, so it never claims more than the index
 holds. ``--watch`` waits on the feed (a long poll) between syncs, so a
 change made elsewhere arrives at once rather than at the next poll.
 
+A re-sync hashes only the files that changed since the last one
+(``HashCache``, kept in ``.surfshard-hashes``).
+
 Names that cannot be synced are reported and skipped: names with ``,``
-(the index's separator) or ``/``, ``index.txt`` and ``.surfshard-cursor``
-themselves, names that are not valid UTF-8 or too long, and anything that
+(the index's separator) or ``/``, the sync's own files (``index.txt``,
+``.surfshard-cursor``, ``.surfshard-hashes``), names that are not valid UTF-8 or too long, and anything that
 is not a regular file (symlinks are never followed).
 """
 
@@ -60,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cbor2
 from twisted.internet import defer, threads
 
 from surfshard import errors
@@ -70,6 +74,11 @@ __all__ = ["INDEX_NAME", "IndexFileError", "SyncResult", "sync_folder"]
 INDEX_NAME = "index.txt"
 #: Where the change feed stood at the last sync (see the module docstring).
 CURSOR_NAME = ".surfshard-cursor"
+#: The block hashes of the folder's files as of the last sync, with what
+#: ``stat`` said of each then (``HashCache``).
+HASH_CACHE_NAME = ".surfshard-hashes"
+#: The sync's own files, never synced.
+OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME)
 DEFAULT_BLOCK_SIZE = 4096
 #: Temporary files of an unfinished write (never synced; removed on start).
 TMP_PREFIX = ".surfshard-tmp-"
@@ -179,7 +188,7 @@ def _write_atomically(path: Path, data: bytes | Iterator[bytes], *, fsync: bool 
 
 def syncable(name: str) -> str | None:
     """Why ``name`` cannot be synced, or None."""
-    if name in (INDEX_NAME, CURSOR_NAME):
+    if name in OWN_FILES:
         return "the sync's own file"
     if "," in name:
         return "contains ',' (the index's separator)"
@@ -205,9 +214,72 @@ def hash_file(path: str | Path, block_size: int) -> Hashes:
     return hashes
 
 
-def scan(base: Path, block_size: int, result: SyncResult) -> dict[str, Hashes]:
+class HashCache:
+    """The folder's block hashes from the last sync, so a re-sync hashes
+    only files that changed (git's index does the same for ``git status``).
+
+    A file's hashes are reused only when its size, inode, modification and
+    change times are what they were, and both times are more than a second
+    older than the cache itself: a file written in the same second as the
+    cache (the "racy" case) is hashed again, since a coarse clock could
+    hide a later write. The change time cannot be set by a program, so a
+    tool that restores modification times does not fool it either.
+    Anything wrong with the file makes an empty cache: it is only ever an
+    optimisation."""
+
+    #: Times within this of the cache's own write are not trusted.
+    RACY_NS = 1_000_000_000
+
+    def __init__(self, path: Path, block_size: int) -> None:
+        self.path = path
+        self.block_size = block_size
+        self.old: dict[str, list[Any]] = {}
+        self.written_ns = 0
+        self.new: dict[str, list[Any]] = {}
+        try:
+            data = cbor2.loads(path.read_bytes())
+            if (
+                type(data) is dict
+                and data.get("v") == 1
+                and data.get("block_size") == block_size
+                and type(data.get("written_ns")) is int
+                and type(data.get("files")) is dict
+            ):
+                self.old, self.written_ns = data["files"], data["written_ns"]
+        except (OSError, ValueError, cbor2.CBORDecodeError, TypeError, RecursionError):
+            pass
+
+    @staticmethod
+    def key(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+    def lookup(self, name: str, st: os.stat_result) -> Hashes | None:
+        entry = self.old.get(name)
+        if type(entry) is not list or len(entry) != 5 or entry[:4] != self.key(st):
+            return None
+        trusted_before = self.written_ns - self.RACY_NS
+        if st.st_mtime_ns >= trusted_before or st.st_ctime_ns >= trusted_before:
+            return None
+        hashes = entry[4]
+        if type(hashes) is not list or not all(type(h) is str and len(h) == 64 for h in hashes):
+            return None
+        return hashes
+
+    def remember(self, name: str, st: os.stat_result, hashes: Hashes) -> None:
+        self.new[name] = [*self.key(st), hashes]
+
+    def save(self) -> None:
+        body = {"v": 1, "block_size": self.block_size, "written_ns": time.time_ns(), "files": self.new}
+        with contextlib.suppress(OSError):
+            _write_atomically(self.path, cbor2.dumps(body), fsync=False)
+
+
+def scan(
+    base: Path, block_size: int, result: SyncResult, cache: HashCache | None = None
+) -> dict[str, Hashes]:
     """The folder's regular files and their block hashes (temporary files of
-    an unfinished sync are removed)."""
+    an unfinished sync are removed); with a ``cache``, unchanged files are
+    not hashed again."""
     out: dict[str, Hashes] = {}
     with os.scandir(base) as entries:
         for entry in entries:
@@ -216,9 +288,10 @@ def scan(base: Path, block_size: int, result: SyncResult) -> dict[str, Hashes]:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                 continue
-            if name in (INDEX_NAME, CURSOR_NAME):
+            if name in OWN_FILES:
                 continue
-            mode = entry.stat(follow_symlinks=False).st_mode
+            st = entry.stat(follow_symlinks=False)
+            mode = st.st_mode
             if not stat.S_ISREG(mode):
                 if not stat.S_ISDIR(mode) or name not in (".", ".."):
                     result.skipped[name] = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
@@ -227,7 +300,19 @@ def scan(base: Path, block_size: int, result: SyncResult) -> dict[str, Hashes]:
             if why is not None:
                 result.skipped[name] = why
                 continue
-            out[name] = hash_file(entry.path, block_size)
+            if cache is None:
+                out[name] = hash_file(entry.path, block_size)
+                continue
+            hashes = cache.lookup(name, st)
+            if hashes is None:
+                hashes = hash_file(entry.path, block_size)
+                if HashCache.key(os.stat(entry.path, follow_symlinks=False)) != HashCache.key(st):
+                    # It changed while it was read: use what was read, and
+                    # hash it again next time.
+                    out[name] = hashes
+                    continue
+            out[name] = hashes
+            cache.remember(name, st, hashes)
     return out
 
 
@@ -283,7 +368,8 @@ class Folder:
     def run(self) -> SyncResult:
         index = read_index(self.index_path)  # before touching anything
         before = dict(index)
-        local = scan(self.base, self.block_size, self.result)
+        cache = HashCache(self.base / HASH_CACHE_NAME, self.block_size)
+        local = scan(self.base, self.block_size, self.result, cache)
         remote = self._remote(index)
         downloads: dict[str, tuple[int, Hashes]] = {}
         uploads: dict[str, tuple[int, Hashes]] = {}
@@ -327,6 +413,7 @@ class Folder:
         if self.cursor is not None:
             # After the index: the cursor never claims more than the index holds.
             _write_atomically(self.cursor_path, self.cursor.encode().encode("ascii") + b"\n")
+        cache.save()
         return self.result
 
     def _remote(self, index: dict[str, tuple[int, Hashes]]) -> dict[str, tuple[int, Hashes]]:

@@ -76,7 +76,9 @@ def folder_state(folder: Path) -> dict[str, str]:
     return {
         p.name: digest(p)
         for p in folder.iterdir()
-        if p.is_file() and not p.is_symlink() and p.name not in ("index.txt", ".surfshard-cursor")
+        if p.is_file()
+        and not p.is_symlink()
+        and p.name not in ("index.txt", ".surfshard-cursor", ".surfshard-hashes")
     }
 
 
