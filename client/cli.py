@@ -83,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from client.cluster import ClusterClient
-    from client.status import collect_status, status_json, status_table, with_added_members
+    from client.status import collect_status, status_json, status_table
 
     cluster = _load(args)
 
@@ -95,7 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if cluster.shardmaster:
                 try:
                     shard_map = yield client.shardmaster.query(-1)
-                    nodes = with_added_members(cluster, dict(shard_map.groups))
+                    nodes = list(cluster.nodes_with_members(shard_map.groups))
                 except errors.SurfShardError:
                     pass  # the config's nodes, then
             rows = yield collect_status(cluster, client.pool, nodes)

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
+from client.feed import list_all
 from client.metadata_client import MetadataClient
 from surfshard import errors
 from surfshard.config import ClusterConfig
@@ -202,13 +203,6 @@ class ClusterClient:
         return self._routed(name, lambda c, t: c.getfileinfo(name, t))
 
     @defer.inlineCallbacks
-    def list_shard(self, group: MetadataClient, shard: int, timeout: float) -> Any:
-        """Every file of ``shard`` from ``group`` (see ``list_shard_at``),
-        or None if the group does not serve the shard now."""
-        found = yield self.list_shard_at(group, shard, timeout)
-        return None if found is None else found[0]
-
-    @defer.inlineCallbacks
     def list_shard_at(self, group: MetadataClient, shard: int, timeout: float) -> Any:
         """``(files, revision)``: every file of ``shard`` from ``group``, a
         page at a time (``listfiles``: no reply has to hold a whole shard),
@@ -239,49 +233,77 @@ class ClusterClient:
 
     @defer.inlineCallbacks
     def getfileinfomap(self):
-        """Every file of every shard, merged. A shard in transit between
-        groups is waited for (within the timeout), never silently left out:
-        if some shard is still missing at the deadline, ``Unavailable`` names
-        the missing shards."""
+        """Every file of every shard, merged (``client.feed.list_all``). A
+        shard in transit between groups is waited for (within the timeout),
+        never silently left out: if some shard is still missing at the
+        deadline, ``Unavailable`` names the missing shards."""
+        files, _cursor = yield list_all(self)
+        return files
+
+    def shard_owners(self, shard_map: ShardMap | None) -> dict[int, MetadataClient | None]:
+        """shard -> the metadata client of the group serving it under
+        ``shard_map`` (None: unassigned); a static cluster needs no map."""
         if self.cluster.static:
-            merged: dict[str, Any] = {}
-            group = self.group_client(tuple(next(iter(self.cluster.groups.values()))))
-            for shard in range(self.cluster.shards):
-                part = yield self.list_shard(group, shard, self.timeout)
-                merged.update(part or {})
-            return merged
+            (addresses,) = self.cluster.groups.values()
+            return dict.fromkeys(range(self.cluster.shards), self.group_client(tuple(addresses)))
+        assert shard_map is not None
+        return {
+            shard: (self.group_client(tuple(shard_map.addresses_of(gid))) if gid else None)
+            for shard, gid in enumerate(shard_map.shards)
+        }
+
+    @defer.inlineCallbacks
+    def per_shard(self, shards: list[int], fetch: Any):
+        """``{shard: fetch(group, shard, timeout)}`` for every one of
+        ``shards``, each asked of the group serving it, following moves until
+        the client's timeout: a shard its group does not serve now (``fetch``
+        gave None) or whose group does not answer is asked again after a
+        backoff and a fresh map. Groups in parallel, a group's shards one
+        after another; each call gets a slice of the time left
+        (``GROUP_ATTEMPT``: a group that stopped answering may have handed
+        its shards on and been shut down). ``Unavailable`` names the shards
+        still missing at the deadline; other errors of ``fetch`` come out as
+        they are."""
         deadline = self.reactor.seconds() + self.timeout
         backoff = Backoff(base=0.02, cap=0.5, rng=self.rng)
-        files: dict[str, Any] = {}
-        missing = set(range(self.cluster.shards))
-        # Bounded like ``_routed``: a backoff step per turn, and the deadline.
+        done: dict[int, Any] = {}
+        missing = list(shards)
+        refresh = False
+        # Bounded: a backoff step per turn, and the deadline.
         while True:
-            shard_map = yield self.shard_map(refresh=True)
-            wanted: dict[int, list[int]] = {}
-            for shard in sorted(missing):
-                wanted.setdefault(shard_map.shards[shard], []).append(shard)
-            for gid, shards in wanted.items():
-                if gid == 0:
-                    continue
-                group = self.group_client(tuple(shard_map.addresses_of(gid)))
-                for shard in shards:
+            shard_map = None if self.cluster.static else (yield self.shard_map(refresh=refresh))
+            owners = self.shard_owners(shard_map)
+            by_group: dict[Any, list[int]] = {}
+            for shard in missing:
+                if owners[shard] is not None:
+                    by_group.setdefault(owners[shard], []).append(shard)
+
+            @defer.inlineCallbacks
+            def group_run(group: Any, mine: list[int]):
+                for shard in mine:
+                    slice_ = max(0.0, min(deadline - self.reactor.seconds(), GROUP_ATTEMPT))
                     try:
-                        slice_ = max(0.0, min(deadline - self.reactor.seconds(), GROUP_ATTEMPT))
-                        listed = yield self.list_shard(group, shard, slice_)
-                    except (errors.Timeout, errors.Unavailable):
-                        break  # that group is down: its shards stay missing for now
-                    if listed is not None:
-                        files.update(listed)
-                        missing.discard(shard)
+                        result = yield fetch(group, shard, slice_)
+                    except (errors.Timeout, errors.Unavailable, errors.WrongGroup):
+                        return  # that group is down or behind: its shards stay missing for now
+                    if result is not None:
+                        done[shard] = result
+
+            try:
+                yield defer.gatherResults([group_run(g, m) for g, m in by_group.items()], consumeErrors=True)
+            except defer.FirstError as e:
+                e.subFailure.raiseException()  # CursorExpired and the like, as they are
+            missing = [s for s in missing if s not in done]
             if not missing:
-                return files
+                return done
             remaining = deadline - self.reactor.seconds()
             if remaining <= 0:
                 raise errors.Unavailable(
-                    f"shards {sorted(missing)} were not served within {self.timeout:.1f}s "
+                    f"shards {missing} were not served within {self.timeout:.1f}s "
                     "(moving between groups, or their group is down)",
-                    shards=sorted(missing),
+                    shards=missing,
                 )
+            refresh = True
             yield task.deferLater(self.reactor, min(backoff.next_delay(), remaining), lambda: None)
 
     def close(self) -> defer.Deferred:

@@ -35,7 +35,6 @@ from twisted.internet import defer, task
 
 from surfshard import errors
 from surfshard.config import ClusterConfig
-from surfshard.replica.leader_caller import Backoff
 
 #: Changes per page of a ``changes`` call.
 CHANGES_PAGE = 5000
@@ -96,68 +95,6 @@ class Cursor:
         return cls(name, nshards, num, tuple(revisions))
 
 
-def _shard_owners(client: Any, shard_map: Any) -> dict[int, Any]:
-    """shard -> the metadata client of the group serving it (None: unassigned)."""
-    if client.cluster.static:
-        (addresses,) = client.cluster.groups.values()
-        group = client.group_client(tuple(addresses))
-        return dict.fromkeys(range(client.cluster.shards), group)
-    return {
-        shard: (client.group_client(tuple(shard_map.addresses_of(gid))) if gid else None)
-        for shard, gid in enumerate(shard_map.shards)
-    }
-
-
-@defer.inlineCallbacks
-def _per_shard(client: Any, shards: list[int], fetch: Any):
-    """``{shard: fetch(group, shard, timeout)}`` for every shard, each on the
-    group serving it, following moves until the client's timeout:
-    a shard its group does not serve (``None`` back) is asked again after
-    refreshing the map. Shards of one group go one after another, groups in
-    parallel."""
-    deadline = client.reactor.seconds() + client.timeout
-    backoff = Backoff(base=0.02, cap=0.5, rng=client.rng)
-    done: dict[int, Any] = {}
-    missing = list(shards)
-    refresh = False
-    # Bounded: a backoff step per turn, and the deadline.
-    while True:
-        shard_map = None if client.cluster.static else (yield client.shard_map(refresh=refresh))
-        owners = _shard_owners(client, shard_map)
-        by_group: dict[Any, list[int]] = {}
-        for shard in missing:
-            if owners[shard] is not None:
-                by_group.setdefault(owners[shard], []).append(shard)
-
-        @defer.inlineCallbacks
-        def group_run(group: Any, mine: list[int]):
-            for shard in mine:
-                slice_ = max(0.0, deadline - client.reactor.seconds())
-                try:
-                    result = yield fetch(group, shard, slice_)
-                except (errors.Timeout, errors.Unavailable, errors.WrongGroup):
-                    return  # that group is down or behind: its shards stay missing for now
-                if result is not None:
-                    done[shard] = result
-
-        try:
-            yield defer.gatherResults([group_run(g, m) for g, m in by_group.items()], consumeErrors=True)
-        except defer.FirstError as e:
-            e.subFailure.raiseException()  # CursorExpired and the like, as they are
-        missing = [s for s in missing if s not in done]
-        if not missing:
-            return done
-        remaining = deadline - client.reactor.seconds()
-        if remaining <= 0:
-            raise errors.Unavailable(
-                f"shards {missing} were not served within {client.timeout:.1f}s "
-                "(moving between groups, or their group is down)",
-                shards=missing,
-            )
-        refresh = True
-        yield task.deferLater(client.reactor, min(backoff.next_delay(), remaining), lambda: None)
-
-
 @defer.inlineCallbacks
 def _map_num(client: Any):
     if client.cluster.static:
@@ -183,7 +120,7 @@ def list_all(client: Any):
         revisions[shard] = revision
         return files
 
-    parts = yield _per_shard(client, list(range(client.cluster.shards)), fetch)
+    parts = yield client.per_shard(list(range(client.cluster.shards)), fetch)
     files: dict[str, Any] = {}
     for part in parts.values():
         files.update(part)
@@ -235,7 +172,7 @@ def writes_since(client: Any, cursor: Cursor):
     def fetch(group: Any, shard: int, timeout: float) -> Any:
         return _shard_changes(group, shard, revisions[shard], timeout)
 
-    parts = yield _per_shard(client, list(range(cursor.nshards)), fetch)
+    parts = yield client.per_shard(list(range(cursor.nshards)), fetch)
     writes: list[tuple[int, int, str, int, Any]] = []
     for shard, (shard_writes, revision) in sorted(parts.items()):
         revisions[shard] = revision
@@ -269,7 +206,7 @@ def wait_for_change(client: Any, cursor: Cursor, seconds: float):
     """Fires with True as soon as some shard has a write past ``cursor``
     (a long poll on every shard at once), or False after ``seconds``."""
     shard_map = None if client.cluster.static else (yield client.shard_map(refresh=True))
-    owners = _shard_owners(client, shard_map)
+    owners = client.shard_owners(shard_map)
     seconds = max(0.0, min(seconds, 60.0))
     polls = []
     for shard, group in owners.items():

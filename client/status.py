@@ -9,28 +9,13 @@ from rich.table import Table
 from twisted.internet import defer
 
 from surfshard import errors
-from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
+from surfshard.config import ClusterConfig, NodeRef, node_name
 from surfshard.net.interfaces import IRpcPool
 
 STATUS_TIMEOUT = 2.0
 
 
 Row = tuple[NodeRef, Any, str | None]
-
-
-def with_added_members(cluster: ClusterConfig, groups: dict[Any, Any]) -> list[NodeRef]:
-    """The config's nodes, plus the replicas that ``groups`` (the
-    ShardMaster's addresses per group, which follow membership changes)
-    lists and the config does not; their index is -1 until their status
-    names it."""
-    nodes = list(cluster.all_nodes())
-    known = {n.address for n in nodes}
-    for gid, addresses in sorted(groups.items()):
-        for address in addresses:
-            if address not in known:
-                known.add(address)
-                nodes.append(NodeRef(NodeKind.GROUP, int(gid), -1, address))
-    return nodes
 
 
 @defer.inlineCallbacks

@@ -65,7 +65,7 @@ import ipaddress
 import re
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +258,20 @@ class ClusterConfig:
         for gid, nodes in self.groups.items():
             refs.extend(NodeRef(NodeKind.GROUP, gid, i, a) for i, a in enumerate(nodes))
         refs.extend(NodeRef(NodeKind.BLOCKSTORE, 0, i, a) for i, a in enumerate(self.blockstores))
+        return tuple(refs)
+
+    def nodes_with_members(self, groups: Mapping[Any, Sequence[str]]) -> tuple[NodeRef, ...]:
+        """``all_nodes`` plus the metadata replicas that ``groups`` (the
+        ShardMaster's addresses per group, which follow membership changes)
+        lists and the config does not; their index is -1, unknown until the
+        node itself says (its Raft id is index + 1)."""
+        refs = list(self.all_nodes())
+        known = {ref.address for ref in refs}
+        for gid, addresses in sorted(groups.items(), key=lambda item: int(item[0])):
+            for address in addresses:
+                if address not in known:
+                    known.add(address)
+                    refs.append(NodeRef(NodeKind.GROUP, int(gid), -1, address))
         return tuple(refs)
 
 

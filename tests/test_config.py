@@ -281,6 +281,19 @@ class ShippedConfigTests(ConfigTestCase):
 
 
 class HelperTests(ConfigTestCase):
+    def test_nodes_with_members_adds_replicas_past_the_config(self) -> None:
+        config = load_config(CONFIGS / "local.toml")
+        groups = {1: ["127.0.0.1:7101", "127.0.0.1:7104"], 2: list(config.groups[2])}
+        nodes = config.nodes_with_members(groups)
+        self.assertEqual(nodes[: len(config.all_nodes())], config.all_nodes())
+        [added] = nodes[len(config.all_nodes()) :]
+        self.assertEqual(
+            (added.kind, added.gid, added.index, added.address), (NodeKind.GROUP, 1, -1, "127.0.0.1:7104")
+        )
+        self.assertEqual(config.nodes_with_members({}), config.all_nodes())
+        # past the config's list, a group's data directory is where the others' are
+        self.assertEqual(config.node_data_dir("group", 1, 3).name, "node-3")
+
     def test_node_helpers(self) -> None:
         config = load_config(CONFIGS / "local.toml")
         self.assertEqual(config.node_address(NodeKind.SHARDMASTER, 0, 2), "127.0.0.1:7003")

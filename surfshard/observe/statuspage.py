@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
+from surfshard.config import ClusterConfig, NodeKind, node_name
 from surfshard.keyspace import shard_range
 from surfshard.net.interfaces import IRpcPool
 
@@ -45,15 +45,9 @@ class ClusterView:
     def collect(self) -> Any:
         cluster = self.cluster
         shard_map = yield self._shard_map()
-        refs = list(cluster.all_nodes())
         # Replicas added to a group while it runs are not in the config: the
         # ShardMaster's list of the group's addresses has them.
-        known = {ref.address for ref in refs}
-        for gid, addresses in sorted(shard_map.get("groups", {}).items()):
-            for address in addresses:
-                if address not in known:
-                    known.add(address)
-                    refs.append(NodeRef(NodeKind.GROUP, int(gid), -1, address))
+        refs = cluster.nodes_with_members(shard_map.get("groups", {}))
         calls = [self._status(ref.address) for ref in refs]
         answers = yield defer.gatherResults(calls)
         nodes = []
