@@ -208,6 +208,12 @@ def wait_for_change(client: Any, cursor: Cursor, seconds: float):
     shard_map = None if client.cluster.static else (yield client.shard_map(refresh=True))
     owners = client.shard_owners(shard_map)
     seconds = max(0.0, min(seconds, 60.0))
+    outcome: defer.Deferred[bool] = defer.Deferred()
+
+    def answered(changed: bool) -> None:
+        if changed and not outcome.called:
+            outcome.callback(True)
+
     polls = []
     for shard, group in owners.items():
         if group is None:
@@ -217,25 +223,14 @@ def wait_for_change(client: Any, cursor: Cursor, seconds: float):
             lambda page: bool(page.get("compacted") or page.get("changes") or not page.get("served"))
         )
         d.addErrback(lambda f: True)  # an error: look, the next sync says what it is
+        d.addCallback(answered)
         polls.append(d)
     if not polls:
         yield task.deferLater(client.reactor, seconds, lambda: None)
         return False
-    first = defer.DeferredList(polls, fireOnOneCallback=True, consumeErrors=True)
-    changed = False
-    # Bounded: each round waits for one more poll, and there are len(polls).
-    for _ in range(len(polls)):
-        result = yield first
-        if not isinstance(result, tuple):
-            break  # every poll is in: none said yes
-        value, _index = result
-        if value:
-            changed = True
-            break
-        pending = [d for d in polls if not d.called]
-        if not pending:
-            break
-        first = defer.DeferredList(pending, fireOnOneCallback=True, consumeErrors=True)
+    # Every poll answered and none said yes: nothing changed.
+    defer.DeferredList(polls).addCallback(lambda _: None if outcome.called else outcome.callback(False))
+    changed = yield outcome
     for d in polls:
         if not d.called:
             d.cancel()

@@ -128,23 +128,21 @@ class GroupMembership(service.Service):
     # -- the address book ----------------------------------------------------
 
     def _membership_changed(self, m: Membership) -> None:
-        book = self.control.addresses
-        changed = False
-        for i, address in m.addresses:
-            if book.get(i) != address:
-                book[i] = address
-                changed = True
-        if changed and self.on_addresses is not None:
-            self.on_addresses(dict(book))
+        self._learn(dict(m.addresses), replace=True)
 
-    def _merge(self, addresses: dict[int, str]) -> None:
+    def _learn(self, addresses: dict[int, str], *, replace: bool) -> None:
+        """Put ``addresses`` in the book: all of them (from the membership,
+        which is authoritative), or only ids the book lacks (hearsay from
+        another replica while this one is not yet a member)."""
         book = self.control.addresses
-        new = {i: a for i, a in addresses.items() if i not in book}
-        if new:
-            book.update(new)
+        new = {i: a for i, a in addresses.items() if book.get(i) != a and (replace or i not in book)}
+        if not new:
+            return
+        book.update(new)
+        if not replace:
             self.log.info("learned the addresses of nodes {ids} from the group", ids=sorted(new))
-            if self.on_addresses is not None:
-                self.on_addresses(dict(book))
+        if self.on_addresses is not None:
+            self.on_addresses(dict(book))
 
     @defer.inlineCallbacks
     def _seed(self):
@@ -171,7 +169,7 @@ class GroupMembership(service.Service):
                     and isinstance(entry.get("address"), str)
                 ):
                     found[entry["id"]] = entry["address"]
-            self._merge(found)
+            self._learn(found, replace=False)
             return
 
     def servers(self) -> tuple[str, ...] | None:

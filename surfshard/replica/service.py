@@ -96,7 +96,8 @@ class ReplicaService(service.MultiService):
         # Raft ids are 1-based so that "no node" can never be confused with
         # node 0. The config's nodes are the group's bootstrap members; the
         # address book follows membership changes from there
-        # (surfshard.replica.membership).
+        # (surfshard.replica.membership keeps ``control.addresses`` and the
+        # transport's in step): this is only where it starts.
         bootstrap = {i + 1: a for i, a in enumerate(addresses)}
         raft_id = index + 1
         self.raft_addresses = {**bootstrap, raft_id: self.address}
@@ -180,7 +181,6 @@ class ReplicaService(service.MultiService):
         return self.pool.call(self.control.addresses[leader], "transfer_leadership", {"to": to}, timeout=2.0)
 
     def _addresses_changed(self, book: dict[int, str]) -> None:
-        self.raft_addresses = book
         self.transport.addresses = dict(book)
 
     def status(self) -> dict[str, Any]:
