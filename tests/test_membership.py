@@ -22,6 +22,7 @@ from twisted.internet import defer, task
 from surfshard import errors
 from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
+from surfshard.testing.simrpc import resolve
 from tests.simworld import SimWorld
 from tests.test_migration_sim import UNKNOWN_OUTCOME, WorldCase, block, world_seeds
 
@@ -214,3 +215,41 @@ class GroupGrowsAndShrinksUnderChaosTests(WorldCase):
 
     def test_with_restarts_and_partitions(self) -> None:
         self.run_seeds(2, restarts=True, partitions=True)
+
+
+class MembershipBadInputTests(WorldCase):
+    def test_bad_member_calls_are_refused_and_change_nothing(self) -> None:
+        w = self.world(gids=(1,))
+        w.join(1)
+        w.wait_settled()
+        group = w.groups[1]
+        leader = group.cluster.leader()
+        assert leader is not None
+        before = group.node(leader).membership
+        pool = w.rpc.pool("bad-admin")
+        for method, args in (
+            ("member_add", {"address": "nowhere"}),
+            ("member_add", {"address": ""}),
+            ("member_add", {}),
+            ("member_add", {"address": 7}),
+            ("member_remove", {"node": 0}),
+            ("member_remove", {"node": "2"}),
+            ("members", {"extra": 1}),
+        ):
+            d = pool.call(group.addresses[leader], method, args, 5.0)
+            self.assertTrue(w.run_until(lambda d=d: d.called, 10))
+            ok, value = resolve(d)
+            self.assertFalse(ok, (method, args))
+            self.assertIsInstance(value, errors.BadRequest, (method, args))
+        self.assertEqual(group.node(leader).membership, before)
+        # Down to one voter: removing it too is refused.
+        caller = LeaderCaller(pool, [group.addresses[i] for i in group.ids], w.clock, timeout=2.0)
+        for node in [i for i in group.ids if i != leader]:
+            self.assertTrue(w.value(caller.call("member_remove", {"node": node}, timeout=10.0))["removed"])
+        d = caller.call("member_remove", {"node": leader}, timeout=10.0)
+        self.assertTrue(w.run_until(lambda: d.called, 20))
+        ok, value = resolve(d)
+        self.assertFalse(ok)
+        self.assertIsInstance(value, errors.BadRequest)
+        self.assertIn("only voter", str(value))
+        self.assertEqual(group.node(leader).membership.voters, (leader,))
