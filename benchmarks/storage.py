@@ -3,6 +3,11 @@ group commit batches of 1, 16 and 64 entries per sync().
 
     python3 benchmarks/storage.py [--seconds 1.2] [--payload 128] [--dir DIR]
 
+A second table puts the WAL's preallocation (``DiskStorage.WAL_PREALLOCATE``)
+beside plain appends, fsync on and one entry per sync, with one storage
+alone and with three writing at once in three processes (a replica group
+on one disk, as in ``benchmarks/metadata.py``).
+
 For each run the baseline is the cheapest way to make the same bytes
 durable: raw os.write + os.fsync of exactly the bytes each sync() wrote, batch
 by batch, to a plain file. The ratio (storage / baseline) is what framing,
@@ -13,6 +18,7 @@ never asserted; they depend on the machine and its disk.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -26,11 +32,13 @@ from raft.types import Entry, HardState
 BATCH_SIZES = (1, 16, 64)
 
 
-def run_storage(directory: str, fsync: bool, batch: int, payload: bytes, seconds: float) -> dict:
+def run_storage(
+    directory: str, fsync: bool, batch: int, payload: bytes, seconds: float, preallocate: bool = True
+) -> dict:
     """Append batches (entries + hard state, one sync each, as a Raft driver
     does per Ready) until ``seconds`` pass; returns counts and the bytes each
     sync wrote so the baseline can replay them."""
-    storage = DiskStorage(directory, fsync=fsync)
+    storage = DiskStorage(directory, fsync=fsync, preallocate=None if preallocate else 0)
     try:
         storage.load()
         sync_sizes: list[int] = []
@@ -65,6 +73,50 @@ def run_baseline(path: str, fsync: bool, sync_sizes: list[int]) -> float:
         os.close(fd)
 
 
+def _one_of_several(args: tuple[str, bool, bytes, float], results: multiprocessing.Queue) -> None:
+    directory, preallocate, payload, seconds = args
+    result = run_storage(directory, True, 1, payload, seconds, preallocate)
+    results.put(1e6 * result["elapsed"] / max(1, result["fsyncs"]))
+
+
+def preallocation_table(root: str, payload: bytes, seconds: float) -> None:
+    """µs per durable one-entry sync, preallocated WAL against plain appends,
+    alone and three processes at once; the modes alternate, twice each."""
+    print()
+    print("WAL preallocation, fsync on, 1 entry per sync: us per sync (mean of each process)")
+    context = multiprocessing.get_context("fork")
+    for round_ in (1, 2):
+        for preallocate in (False, True):
+            row = []
+            for procs in (1, 3):
+                results: multiprocessing.Queue = context.Queue()
+                workers = [
+                    context.Process(
+                        target=_one_of_several,
+                        args=(
+                            (
+                                os.path.join(root, f"p{round_}-{preallocate}-{procs}-{i}"),
+                                preallocate,
+                                payload,
+                                seconds,
+                            ),
+                            results,
+                        ),
+                    )
+                    for i in range(procs)
+                ]
+                for w in workers:
+                    w.start()
+                times = sorted(results.get(timeout=60 + 2 * seconds) for _ in workers)
+                for w in workers:
+                    w.join()
+                row.append(
+                    f"{procs} process{'es' if procs > 1 else ''}: " + ", ".join(f"{t:.0f}" for t in times)
+                )
+            label = "preallocated" if preallocate else "appends"
+            print(f"  round {round_}, {label:>12}: " + "; ".join(row))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.2, help="time per storage run (default 1.2)")
@@ -96,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{'on' if fsync else 'off':>5} {batch:>5} {rate:>11,.0f} {per_fsync:>13.1f} "
                     f"{us_per_sync:>8.0f} {raw_rate:>13,.0f} {rate / raw_rate:>11.2f}"
                 )
+        preallocation_table(root, payload, args.seconds)
     return 0
 
 

@@ -4,7 +4,7 @@ of them (``python3 dev.py mutants``).
 
 The durable path is every call in ``DiskStorage`` (``raft/storage.py``,
 from its class line on) and ``RaftNode`` (``raft/node.py``) that makes data
-durable: ``*.fsync(...)``, ``self._fsync_directory()`` and
+durable: ``*.fsync(...)``, ``*.fdatasync(...)``, ``self._fsync_directory()`` and
 ``*.sync()``. ``Syscalls.fsync`` (the seam itself) and ``MemoryStorage``
 (the oracle) are not on it. Each mutant runs in a copy of the tree, so the
 working tree is never changed.
@@ -29,7 +29,9 @@ TESTS = [
     "tests.test_snapshot_offload",
     "tests.test_raft_cluster",
 ]
-CALL = re.compile(r"^(\s*)((self\.)?(_sys|storage)?\.?(fsync\(|sync\(\)|_fsync_directory\(\)).*)$")
+CALL = re.compile(
+    r"^(\s*)((self\.)?(_sys|storage)?\.?(fsync\(|fdatasync\(|sync\(\)|_fsync_directory\(\)).*)$"
+)
 
 
 def sites() -> list[tuple[str, int, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable
@@ -108,6 +109,19 @@ def write(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def written(data: bytes) -> bytes:
+    """The WAL ``data`` up to the end of its last record, checking that only
+    zeros (the preallocated rest of the file) follow."""
+    pos = len(WAL_MAGIC)
+    while pos + 8 <= len(data):
+        length, _crc = struct.unpack(">II", data[pos : pos + 8])
+        if length == 0:
+            break
+        pos += 8 + length
+    assert not data[pos:].strip(b"\0"), f"bytes other than zeros after the last record at {pos}"
+    return data[:pos]
+
+
 class _StorageCase(SynchronousTestCase):
     def open(self, directory: str | None = None, fsync: bool = False, **kwargs: Any) -> DiskStorage:
         storage = DiskStorage(directory or self.mktemp(), fsync=fsync, **kwargs)
@@ -115,9 +129,9 @@ class _StorageCase(SynchronousTestCase):
         storage.load()
         return storage
 
-    def reopen(self, storage: DiskStorage) -> DiskStorage:
+    def reopen(self, storage: DiskStorage, **kwargs: Any) -> DiskStorage:
         storage.close()
-        return self.open(storage.directory)
+        return self.open(storage.directory, **kwargs)
 
 
 # --------------------------------------------------------------------------
@@ -292,6 +306,8 @@ class DiskRoundTripTests(_StorageCase):
                 if self.armed:
                     raise OSError(5, "EIO")
 
+            fdatasync = fsync
+
         syscalls = FailingFsync()
         storage = self.open(fsync=True, syscalls=syscalls)
         storage.append(run(1, 1, 2))
@@ -336,7 +352,7 @@ class SnapshotCompactionTests(_StorageCase):
         big = storage.wal_bytes
         storage.save_snapshot(snap(995, 1))
         wal_path = os.path.join(storage.directory, "wal")
-        self.assertEqual(os.path.getsize(wal_path), storage.wal_bytes)
+        self.assertEqual(len(written(read(wal_path))), storage.wal_bytes)
         self.assertLess(storage.wal_bytes, big // 50, "the WAL should only hold entries 996..1000")
         storage = self.reopen(storage)
         self.assertEqual(storage.load(), (HardState(1, 1, 995), snap(995, 1), run(1, 996, 1000, b"x" * 50)))
@@ -423,6 +439,39 @@ class SnapshotCompactionTests(_StorageCase):
 # --------------------------------------------------------------------------
 
 
+class PreallocationTests(_StorageCase):
+    """The WAL grows a chunk at a time and its records end where zeros begin."""
+
+    def test_grows_by_chunks_across_restarts(self) -> None:
+        storage = self.open(preallocate=256)
+        for i in range(1, 41):
+            storage.append(run(1, i, i, b"payload-%d" % i))
+            storage.sync()
+            if i % 10 == 0:
+                storage = self.reopen(storage, preallocate=256)
+        size = os.path.getsize(os.path.join(storage.directory, "wal"))
+        self.assertEqual(size % 256, 0)
+        self.assertGreater(size, 256 * 4, "40 records do not fit in a few chunks")
+        self.assertEqual(len(written(read(os.path.join(storage.directory, "wal")))), storage.wal_bytes)
+        storage = self.reopen(storage)
+        self.assertEqual(
+            storage.load()[2], [e for i in range(1, 41) for e in run(1, i, i, b"payload-%d" % i)]
+        )
+
+    def test_file_system_without_fallocate_gets_appends(self) -> None:
+        class NoFallocate(Syscalls):
+            def fallocate(self, fd: int, offset: int, length: int) -> None:
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        storage = self.open(syscalls=NoFallocate())
+        for i in range(1, 4):
+            storage.append(run(1, i, i))
+            storage.sync()
+        self.assertEqual(os.path.getsize(os.path.join(storage.directory, "wal")), storage.wal_bytes)
+        storage = self.reopen(storage)
+        self.assertEqual(storage.load()[2], run(1, 1, 3))
+
+
 class GroupCommitTests(_StorageCase):
     def count_os_fsyncs(self) -> list[int]:
         calls: list[int] = []
@@ -433,6 +482,7 @@ class GroupCommitTests(_StorageCase):
             real_fsync(fd)
 
         self.patch(os, "fsync", counting_fsync)
+        self.patch(os, "fdatasync", counting_fsync)
         return calls
 
     def test_one_fsync_per_batch(self) -> None:
@@ -489,7 +539,7 @@ class TornTailTests(_StorageCase):
         storage.close()
         self.directory = storage.directory
         self.wal = os.path.join(self.directory, "wal")
-        self.intact = read(self.wal)
+        self.intact = written(read(self.wal))
         self.assertEqual(len(self.intact), self.bounds[-1])
 
     def capture_log(self) -> list[str]:
@@ -507,7 +557,9 @@ class TornTailTests(_StorageCase):
         storage = reopen(self.directory)
         try:
             self.assertEqual(storage.load(), self.BEFORE_LAST, what)
-            self.assertEqual(os.path.getsize(self.wal), self.bounds[-2], f"{what}: torn bytes not truncated")
+            after = read(self.wal)
+            self.assertEqual(after[: self.bounds[-2]], self.intact[: self.bounds[-2]], what)
+            self.assertFalse(after[self.bounds[-2] :].strip(b"\0"), f"{what}: torn bytes not truncated")
             # The log is usable after the cut: a new record lands where the torn one was.
             storage.append(run(3, 5, 5, b"new"))
         finally:
@@ -522,6 +574,10 @@ class TornTailTests(_StorageCase):
         start, end = self.bounds[-2], self.bounds[-1]
         for cut in range(start + 1, end):
             self.assert_recovers_before_last(self.intact[:cut], f"cut at {cut} (last record {start}..{end})")
+            # The same write torn inside the preallocated part of the file.
+            self.assert_recovers_before_last(
+                self.intact[:cut] + bytes(end - cut + 64), f"cut at {cut}, zeros after it"
+            )
 
     def test_crc_mismatch_on_the_final_record(self) -> None:
         start, end = self.bounds[-2], self.bounds[-1]
@@ -531,9 +587,22 @@ class TornTailTests(_StorageCase):
             self.assert_recovers_before_last(bytes(damaged), f"byte {at} of the last record flipped")
 
     def test_zero_filled_tail(self) -> None:
-        # A crash can leave the file longer than what reached it, zero-filled.
+        # A crash can leave the file longer than what reached it, zero-filled
+        # (and preallocation leaves it so): the log ends where the zeros begin.
         start = self.bounds[-2]
         self.assert_recovers_before_last(self.intact[:start] + b"\0" * 100, "zeroed tail")
+
+    def test_preallocated_tail_is_not_reported_torn(self) -> None:
+        messages = self.capture_log()
+        data = read(self.wal)
+        self.assertGreater(len(data), self.bounds[-1], "the WAL should be preallocated")
+        storage = reopen(self.directory)
+        try:
+            self.assertEqual(len(storage.load()[2]), 5)
+        finally:
+            storage.close()
+        self.assertEqual(read(self.wal), data, "a clean preallocated tail must not be cut")
+        self.assertFalse([m for m in messages if "torn" in m], messages)
 
     def test_truncation_is_logged(self) -> None:
         messages = self.capture_log()
@@ -562,7 +631,7 @@ class MidLogCorruptionTests(_StorageCase):
         bounds = record_boundaries(storage, TornTailTests.STEPS)
         storage.close()
         wal = os.path.join(storage.directory, "wal")
-        intact = read(wal)
+        intact = written(read(wal))
         for record in (0, 1, 2):  # every record but the last: valid records follow each
             start, end = bounds[record], bounds[record + 1]
             for at in range(start, end):
@@ -589,13 +658,13 @@ class MidLogCorruptionTests(_StorageCase):
         storage.append(run(1, 1, 2))
         storage.close()
         wal = os.path.join(storage.directory, "wal")
-        offset = len(read(wal))
+        offset = len(written(read(wal)))
         for record in (
             {"t": "e", "i": 9, "et": 1, "ed": [None]},  # leaves a gap after entry 2
             {"t": "e", "i": 3, "et": [1, 2], "ed": [None]},  # terms for 2 entries, 1 payload
             {"t": "e", "e": [[1, 3, None]]},  # format 1
         ):
-            write(wal, read(wal)[:offset] + storage_module._frame(offset, cbor2.dumps(record)))
+            write(wal, read(wal)[:offset] + storage_module._frame(offset, cbor2.dumps(record)) + bytes(100))
             error = self.assertRaises(StorageCorrupt, reopen, storage.directory)
             self.assertIn(f"offset {offset}", str(error), record)
 
@@ -625,6 +694,13 @@ class RecordingSyscalls(Syscalls):
 
     def fsync(self, fd: int) -> None:
         self.ops.append(("fsync", 0))
+
+    def fdatasync(self, fd: int) -> None:
+        self.ops.append(("fdatasync", 0))
+
+    def fallocate(self, fd: int, offset: int, length: int) -> None:
+        self.ops.append(("fallocate", 0))
+        super().fallocate(fd, offset, length)
 
     def ftruncate(self, fd: int, length: int) -> None:
         self.ops.append(("ftruncate", 0))
@@ -667,6 +743,14 @@ class CrashingSyscalls(RecordingSyscalls):
     def fsync(self, fd: int) -> None:
         self._step()
         super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._step()
+        super().fdatasync(fd)
+
+    def fallocate(self, fd: int, offset: int, length: int) -> None:
+        self._step()
+        super().fallocate(fd, offset, length)
 
     def ftruncate(self, fd: int, length: int) -> None:
         self._step()
@@ -900,7 +984,7 @@ class FormatTests(_StorageCase):
         storage = self.open()
         storage.set_hard_state(HardState(1, 2, 3))
         storage.close()
-        data = read(os.path.join(storage.directory, "wal"))
+        data = written(read(os.path.join(storage.directory, "wal")))
         length, _crc = struct.unpack(">II", data[8:16])
         self.assertEqual(len(data), 16 + length)
         self.assertEqual(cbor2.loads(data[16:]), {"t": "h", "h": {"term": 1, "vote": 2, "commit": 3}})
@@ -914,7 +998,7 @@ class FormatTests(_StorageCase):
         storage.set_hard_state(HardState(1, 2, 2))  # unchanged: nothing written
         storage.set_hard_state(HardState(2, None, 2))  # nothing open to join: a record of its own
         storage.close()
-        data = read(os.path.join(storage.directory, "wal"))
+        data = written(read(os.path.join(storage.directory, "wal")))
         records = []
         pos = 8
         while pos < len(data):
@@ -941,7 +1025,7 @@ class FormatTests(_StorageCase):
         storage.set_hard_state(HardState(1, 1, 1))  # no sync: nothing to make durable yet
         storage.append(run(1, 2, 2, b"b"))
         storage.sync()
-        data = read(os.path.join(storage.directory, "wal"))[before:]
+        data = written(read(os.path.join(storage.directory, "wal")))[before:]
         length, _crc = struct.unpack(">II", data[:8])
         self.assertEqual(len(data), 8 + length, "one record")
         self.assertEqual(cbor2.loads(data[8:])["h"], {"term": 1, "vote": 1, "commit": 1})
@@ -959,7 +1043,7 @@ class FormatTests(_StorageCase):
         self.assertGreater(pending, before)
         storage.sync()
         self.assertEqual(storage.wal_bytes, pending)
-        self.assertEqual(os.path.getsize(os.path.join(storage.directory, "wal")), pending)
+        self.assertEqual(len(written(read(os.path.join(storage.directory, "wal")))), pending)
 
     def test_format_1_wal_is_refused_with_a_clear_error(self) -> None:
         directory = self.mktemp()

@@ -89,6 +89,10 @@ class PowerLossSyscalls(Syscalls):
         with open(f"/proc/self/fd/{fd}", "rb") as src:
             inode.durable = src.read()
 
+    def fdatasync(self, fd: int) -> None:
+        # The content and the size, which is all this model tracks of a file.
+        self.fsync(fd)
+
     def replace(self, src: str, dst: str) -> None:
         src, dst = os.path.abspath(src), os.path.abspath(dst)
         f = self._file(src)
