@@ -48,12 +48,13 @@ The WAL is preallocated (``posix_fallocate``, ``WAL_PREALLOCATE`` bytes at a
 time, as etcd's WAL segments are): records overwrite space the file already
 has, so the file's size changes once per chunk instead of on every sync, and
 an ``fdatasync`` has no size to write to the file system's journal with
-the data. On this project's 2-core VM that took an fdatasync of a small
-append from about 230 to 140 µs alone and from 290 to 225 µs with three
-processes syncing at once (``benchmarks/storage.py --fsync``). The log so
-ends where the records stop and zeros begin; a file system without
-``fallocate`` gets plain appends, and replay reads both. ``save_snapshot``
-is durable when it returns: it first syncs what is pending (so a crash before
+the data. ``benchmarks/storage.py`` measures it: on this project's 2-core
+VM a one-entry sync went from about 290 to 210 µs alone, and from about
+440 to 380 µs with three processes syncing at once (one run, two rounds
+each). The log so ends where the records stop and zeros begin; a file
+system without ``fallocate`` gets plain appends, and replay reads both.
+
+``save_snapshot`` is durable when it returns: it first syncs what is pending (so a crash before
 the WAL is compacted leaves a WAL that is complete up to the snapshot), writes
 the snapshot file, then rewrites the WAL to hold only what follows the
 snapshot -- O(remaining entries).
