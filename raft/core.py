@@ -311,6 +311,31 @@ class RaftCore:
         """Start an election now (a pre-vote round first when enabled)."""
         self._hup(transfer=False)
 
+    def leader_unreachable(self, peer: int) -> bool:
+        """The driver lost its connection to ``peer``: as a rule the process
+        there died (a crash or SIGKILL closes its sockets at once). If
+        ``peer`` is our leader, stop counting on it: its lease here ends,
+        so this server answers candidates, and it campaigns within one to
+        ``heartbeat_ticks`` ticks instead of an election timeout after the
+        leader's last message. Only with pre-vote and check-quorum, which
+        keep this harmless when the leader is in fact alive: the voters
+        still hearing it refuse the pre-vote, and its next message makes it
+        our leader again. The followers of a dead leader each pick their
+        own tick (and their tickers run out of phase), so they seldom
+        split the vote. True if ``peer`` was our leader."""
+        if (
+            self._role != Role.FOLLOWER
+            or self._leader is None
+            or self._leader != peer
+            or not (self._cfg.pre_vote and self._cfg.check_quorum)
+        ):
+            return False
+        _logger.info(f"raft node {self._id}: lost the connection to leader {peer} (term {self._term})")
+        self._leader = None
+        soon = self._randomized_election_timeout - self._rng.randint(1, self._cfg.heartbeat_ticks)
+        self._election_elapsed = max(self._election_elapsed, soon)
+        return True
+
     def broadcast_heartbeat(self) -> None:
         """Leader: send a heartbeat round now; others: nothing."""
         if self._role == Role.LEADER:

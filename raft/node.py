@@ -470,6 +470,12 @@ class RaftNode(service.Service):
         self.core.campaign()
         self._schedule()
 
+    def peer_unreachable(self, peer: int) -> None:
+        """The connection to Raft node ``peer`` was lost (the transport's
+        owner calls this); see ``RaftCore.leader_unreachable``."""
+        if self._refusal() is None:
+            self.core.leader_unreachable(peer)
+
     def take_snapshot(self) -> Snapshot | None:
         """Snapshot the state machine as of the last applied entry and compact
         the log now (None if nothing was applied since the last snapshot)."""

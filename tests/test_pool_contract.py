@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from surfshard import errors
 from surfshard.net.interfaces import IPipelinedPool, IRpcPool
-from surfshard.net.methods import MethodTable
+from surfshard.net.methods import CallContext, MethodTable
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.schema import Arg
 from surfshard.net.server import RpcServerFactory
@@ -34,6 +34,12 @@ def table() -> MethodTable:
         raise errors.VersionMismatch("no", current=current)
 
     t.add("refuse", refuse, [Arg("current", int)])
+
+    def hang_up(context: CallContext) -> bool:
+        context.transport.loseConnection()
+        return True
+
+    t.add("hang_up", hang_up, pass_context=True)
     return t
 
 
@@ -125,6 +131,21 @@ class PoolContractMixin:
         self.assertTrue(self.pool.notify(self.address, "echo", {"value": "one way"}))
         result = yield self.settle(self.pool.call(self.address, "echo", {"value": "after"}, timeout=5))
         self.assertEqual(result, "after")
+
+    @defer.inlineCallbacks
+    def test_a_lost_connection_is_reported_with_its_address(self) -> Any:
+        lost: list[str] = []
+        self.pool.on_connection_lost(lost.append)
+        yield self.settle(self.pool.call(self.address, "echo", {"value": "connect"}, timeout=5))
+        self.pool.notify(self.address, "hang_up", {})
+        yield self.wait_for(lambda: lost)
+        self.assertEqual(lost, [self.address])
+        # Reconnecting works, and a pool that closes its own connections
+        # reports nothing.
+        yield self.settle(self.pool.call(self.address, "echo", {"value": "again"}, timeout=5))
+        yield self.settle(self.pool.close())
+        yield self.wait_for(lambda: True)
+        self.assertEqual(lost, [self.address])
 
     @defer.inlineCallbacks
     def test_closed_pool_refuses(self) -> Any:

@@ -530,6 +530,50 @@ class PreVoteAndQuorumTests(SynchronousTestCase):
         msgs = net.nodes[2].process()
         self.assertEqual([(m.type, m.reject) for m in msgs], [(MessageType.PRE_VOTE_RESP, False)])
 
+    def test_followers_of_a_dead_leader_elect_within_heartbeat_ticks(self) -> None:
+        # A leader whose process died closes its connections: its followers
+        # hear of it at once and need not wait out an election timeout.
+        for seed in range(20):
+            net = Network(3, seed=seed)
+            net.elect(1)
+            term = net.core(1).term
+            net.down.add(1)
+            self.assertTrue(net.core(2).leader_unreachable(1), f"seed={seed}")
+            self.assertTrue(net.core(3).leader_unreachable(1), f"seed={seed}")
+            # One tick of each in turn: real tickers run out of phase.
+            for _ in range(net.nodes[2].config.heartbeat_ticks):
+                net.tick(1, nodes=[2])
+                net.tick(1, nodes=[3])
+                if net.leaders():
+                    break
+            self.assertTrue(net.leaders(), f"seed={seed}: no leader within heartbeat_ticks ticks")
+            self.assertGreater(net.core(net.leader()).term, term)
+
+    def test_an_unreachable_leader_that_is_alive_keeps_leading(self) -> None:
+        # Only node 2's connection broke: node 3 still hears the leader and
+        # refuses node 2's pre-vote; the leader's next heartbeat brings node
+        # 2 back. No term changes.
+        net = Network(3, seed=7)
+        net.elect(1)
+        term = net.core(1).term
+        self.assertTrue(net.core(2).leader_unreachable(1))
+        self.assertIsNone(net.core(2).leader)
+        net.tick(net.nodes[2].config.heartbeat_ticks)
+        self.assertEqual(net.leaders(), [1])
+        self.assertEqual([net.core(i).term for i in net.ids], [term] * 3)
+        self.assertEqual(net.core(2).leader, 1)
+
+    def test_unreachable_peer_that_is_not_the_leader_changes_nothing(self) -> None:
+        net = Network(3, seed=8)
+        net.elect(1)
+        self.assertFalse(net.core(2).leader_unreachable(3))
+        self.assertFalse(net.core(1).leader_unreachable(2))  # a leader has no leader
+        self.assertEqual(net.core(2).leader, 1)
+        without = Network(3, seed=8, pre_vote=False, check_quorum=False)
+        without.elect(1)
+        self.assertFalse(without.core(2).leader_unreachable(1), "not without pre-vote: it would disrupt")
+        self.assertEqual(without.core(2).leader, 1)
+
     def test_stale_leader_learns_new_term(self) -> None:
         net = Network(3, seed=6, check_quorum=False)
         net.elect(1)

@@ -513,6 +513,17 @@ class SimCluster:
                     storage.close()
             if self.reopen_storage:
                 self.storages[i] = self.storage_factory(i)
+            # A dead process's sockets close: the peers it can reach hear
+            # of it one network delay later (RaftNode.peer_unreachable).
+            for j in self.ids:
+                if j != i and self.net.connected(i, j):
+                    delay = self.rng.uniform(*self.net.faults.delay)
+                    self.clock.callLater(delay, self._peer_lost, j, i)
+
+    def _peer_lost(self, j: int, i: int) -> None:
+        node = self.nodes.get(j)
+        if node is not None and node.running and not node.crashed:
+            node.peer_unreachable(i)
 
     def restart(self, i: int, power_loss: bool = True) -> RaftNode:
         self.stop(i, power_loss)

@@ -51,3 +51,9 @@ class IPipelinedPool(IRpcPool):
         """Send a one-way request (``"noreply": true``) and never wait for it.
         True if it was sent or queued, False if it was dropped at once.
         Raises ``wire.FrameError`` if it cannot be encoded."""
+
+    def on_connection_lost(callback):  # type: ignore[no-untyped-def]
+        """Call ``callback(address)`` whenever an established connection to
+        ``address`` is lost (reset, closed by the peer, timed out), but not
+        when this pool closes it. A lost connection to a Raft peer is how
+        its followers learn at once that a leader's process died."""

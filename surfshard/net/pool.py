@@ -488,6 +488,7 @@ class RpcClientPool:
         self._peers: dict[str, _Peer] = {}
         self._tls_creators: dict[str, Any] = {}
         self._closed = False
+        self._lost_observers: list[Callable[[str], object]] = []
 
     # -- public --------------------------------------------------------------
 
@@ -586,6 +587,10 @@ class RpcClientPool:
         # (A connect that failed at once has dropped the queue already.)
         return bool(peer.queued) and peer.queued[-1] is frame
 
+    def on_connection_lost(self, callback: Callable[[str], object]) -> None:
+        """See ``IPipelinedPool.on_connection_lost``."""
+        self._lost_observers.append(callback)
+
     def connection(self, address: str) -> RpcConnection | None:
         """The live connection to ``address``, if any (for tests and status)."""
         peer = self._peers.get(address)
@@ -662,6 +667,12 @@ class RpcClientPool:
             self._note_failure(peer, reason)
         else:
             peer.failures = 0
+        if not self._closed:
+            for observer in list(self._lost_observers):
+                try:
+                    observer(peer.address)
+                except Exception:
+                    log.failure("connection-lost observer {observer!r} failed", observer=observer)
 
     def _connect_failed(self, reason: Failure, peer: _Peer) -> None:
         peer.connecting = None

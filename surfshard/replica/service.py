@@ -137,6 +137,9 @@ class ReplicaService(service.MultiService):
             rng=rng,
         )
         self.node.setServiceParent(self)
+        # A leader's process that dies closes its connections: its
+        # followers campaign at once instead of an election timeout later.
+        self.peer_pool.on_connection_lost(self._peer_connection_lost)
         # Stage timestamps of every Nth entry, for benchmarks/breakdown.py.
         trace_every = int(os.environ.get("SURFSHARD_TRACE_EVERY", "0") or 0)
         if trace_every > 0:
@@ -182,6 +185,11 @@ class ReplicaService(service.MultiService):
 
     def _addresses_changed(self, book: dict[int, str]) -> None:
         self.transport.addresses = dict(book)
+
+    def _peer_connection_lost(self, address: str) -> None:
+        for raft_id, peer_address in self.transport.addresses.items():
+            if peer_address == address and raft_id != self.node.config.id:
+                self.node.peer_unreachable(raft_id)
 
     def status(self) -> dict[str, Any]:
         status = self.control.status()

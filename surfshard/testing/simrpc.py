@@ -240,9 +240,13 @@ class _SimConnection:
         self.pool._forget_connection(self)
         self.protocol.connectionLost(Failure(ConnectionLost(why)))
         if notify_after > 0:
-            self.net.clock.callLater(notify_after, self._fail_pending, why)
+            self.net.clock.callLater(notify_after, self._lost, why)
         else:
-            self._fail_pending(why)
+            self._lost(why)
+
+    def _lost(self, why: str) -> None:
+        self._fail_pending(why)
+        self.pool._connection_lost(self.address)
 
     def _fail_pending(self, why: str) -> None:
         pending, self.pending = self.pending, {}
@@ -294,6 +298,15 @@ class SimRpcPool:
         self.name = name
         self.closed = False
         self._connections: dict[str, _SimConnection] = {}
+        self._lost_observers: list[Callable[[str], object]] = []
+
+    def on_connection_lost(self, callback: Callable[[str], object]) -> None:
+        self._lost_observers.append(callback)
+
+    def _connection_lost(self, address: str) -> None:
+        if not self.closed:
+            for observer in list(self._lost_observers):
+                observer(address)
 
     def call(
         self, address: str, method: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
