@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from raft.testing.simnet import sim_seeds
 from surfshard import errors
 from surfshard.keyspace import shard_of
+from surfshard.metadata.migration import ShardMigrator
 from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
 from surfshard.testing.simrpc import resolve
 from tests.simworld import SimWorld, group_addresses
@@ -93,6 +94,41 @@ class LabBehaviourTests(WorldCase):
             w.wait_settled()
             self.write_files(w, c, NAMES, version=round_ + 2)
         self.read_all(w, c, NAMES, version=4)
+
+    def test_an_idle_group_is_not_polled_and_a_move_starts_at_once(self) -> None:
+        w = self.world(gids=(1, 2))
+        c = w.client("c1")
+        w.join(1, 2)
+        w.wait_settled()
+        self.write_files(w, c, NAMES)
+        migrators = [
+            s for g in w.groups.values() for i in g.ids for s in g.services[i] if isinstance(s, ShardMigrator)
+        ]
+        self.assertEqual(len(migrators), 6)
+        before = sum(m.polls for m in migrators)
+        w.run(10.0)
+        # Nothing in transit: the safety net's once a second per replica,
+        # not POLL_INTERVAL's 50 times.
+        self.assertLessEqual(sum(m.polls for m in migrators) - before, 6 * 11)
+        # A move still starts as soon as its map is applied.
+        shard = min(w.serving()[1])
+        applied: list[float] = []
+        pulls: list[float] = []
+        for m in migrators:
+            if m.gid == 2:
+                m.machine.on_moving.append(lambda: applied.append(w.clock.seconds()))
+                pull = m._pull
+
+                def recording(*args: Any, pull: Any = pull) -> Any:
+                    pulls.append(w.clock.seconds())
+                    return pull(*args)
+
+                m._pull = recording  # type: ignore[method-assign]
+        w.move(shard, 2)
+        w.wait_settled()
+        self.assertIn(shard, w.serving()[2])
+        self.assertTrue(applied and pulls, (applied, pulls))
+        self.assertLessEqual(pulls[0] - min(applied), 0.001, (applied, pulls))
 
     def test_static_shards_a_dead_group_takes_exactly_its_own_shards(self) -> None:
         w = self.world()

@@ -17,11 +17,12 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from raft.node import RaftNode
+from raft.types import Role
 from surfshard import errors
 from surfshard.metadata.handoff import CHUNK_BYTES, Incoming, cursor_from_wire, cursor_to_wire
 from surfshard.metadata.state import MetadataStateMachine, encode_delete, encode_install
@@ -29,10 +30,13 @@ from surfshard.net.interfaces import IRpcPool
 from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.replica.loops import polling_loop
 
-#: How often a leader looks for shards to pull or release. A look costs a
-#: few dictionary reads when there is nothing to do; the interval is part of
-#: how long a moving shard pauses.
+#: How often a leader looks for shards to pull or release while some are in
+#: transit; the interval is part of how long a moving shard pauses.
 POLL_INTERVAL = 0.02
+#: How often it looks when none is: only a safety net. A move starts at
+#: once, on the state machine's cue (``on_moving``) or when this node
+#: becomes leader, so an idle replica is not woken 50 times a second.
+IDLE_INTERVAL = 1.0
 #: How long a source waits before asking again whether a target has
 #: installed a shard it said it had not.
 RELEASE_RECHECK = 0.2
@@ -64,9 +68,11 @@ class ShardMigrator(service.Service):
         self.interval = interval
         self.chunk_bytes = chunk_bytes
         self._loop: task.LoopingCall | None = None
+        self._soon: IDelayedCall | None = None
         #: Shards with a pull or a delete running: shard -> its Deferred.
         self._active: dict[tuple[str, int], defer.Deferred[Any]] = {}
         #: Figures for status pages and benchmarks.
+        self.polls = 0
         self.chunks_installed = 0
         self.shards_installed = 0
         self.bytes_pulled = 0
@@ -76,11 +82,23 @@ class ShardMigrator(service.Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._loop = polling_loop(self._poll, self.reactor, self.interval, self.log, "shard migrator poll")
+        self._loop = polling_loop(
+            self._poll, self.reactor, max(IDLE_INTERVAL, self.interval), self.log, "shard migrator poll"
+        )
+        self.machine.on_moving.append(self.poke)
+        self.node.on_role_change.append(self._role_changed)
+        self.poke()
 
     def stopService(self) -> Any:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self.poke in self.machine.on_moving:
+            self.machine.on_moving.remove(self.poke)
+        if self._role_changed in self.node.on_role_change:
+            self.node.on_role_change.remove(self._role_changed)
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
         for d in list(self._active.values()):
             d.cancel()
         self._active.clear()
@@ -89,7 +107,29 @@ class ShardMigrator(service.Service):
     def _leading(self) -> bool:
         return bool(self.running) and self.node.is_leader and not self.node.crashed
 
+    def poke(self, delay: float = 0.0) -> None:
+        """Look for work ``delay`` seconds from now (or sooner if already due)."""
+        if not self.running:
+            return
+        if self._soon is not None and self._soon.active():
+            if self._soon.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._soon.cancel()
+        self._soon = self.reactor.callLater(delay, self._poll_soon)
+
+    def _role_changed(self, role: Role, _leader: int | None) -> None:
+        if role == Role.LEADER:
+            self.poke()
+
+    def _poll_soon(self) -> None:
+        self._soon = None
+        try:
+            self._poll()
+        except Exception:
+            self.log.failure("shard migrator poll failed")
+
     def _poll(self) -> None:
+        self.polls += 1
         if not self._leading():
             return
         for shard, incoming in self.machine.incoming().items():
@@ -98,6 +138,8 @@ class ShardMigrator(service.Service):
         for shard, (num, target, addresses) in self.machine.outgoing().items():
             if self._release_after.get(shard, 0.0) <= now:
                 self._start(("release", shard), self._release, shard, num, target, addresses)
+        if self.machine.moving or self._active:
+            self.poke(self.interval)
 
     def _start(self, key: tuple[str, int], job: Any, *args: Any) -> None:
         if key in self._active:

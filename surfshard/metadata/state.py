@@ -727,6 +727,9 @@ class MetadataStateMachine:
         # disjoint, and the last two are empty whenever a new map is taken.
         self._incoming: dict[int, Incoming] = {}
         self._outgoing: dict[int, _Outgoing] = {}
+        #: Called (no arguments) when a map that moves shards is applied or
+        #: a snapshot with shards in transit is restored: the migrator's cue.
+        self.on_moving: list[Callable[[], object]] = []
         # Updates this replica encoded (as leader) and has not applied yet,
         # decoded: command bytes -> (name, version, hashes, client, seq).
         # Applying one of these skips decoding and validating it again. Not
@@ -995,6 +998,8 @@ class MetadataStateMachine:
         self._incoming.update(incoming)
         self._shards = dict(sorted(self._shards.items()))
         self.config_num = num
+        if self.moving:
+            self._tell_moving()
         return {"ok": True, "num": num}
 
     def _shard_command(self, wire: dict[str, Any], what: str) -> tuple[int, int]:
@@ -1171,8 +1176,17 @@ class MetadataStateMachine:
         self._incoming = dict(sorted(incoming.items()))
         self._outgoing = dict(sorted(outgoing.items()))
         self.config_num = config_num
+        if self.moving:
+            self._tell_moving()
 
     # -- shards in transit ------------------------------------------------
+
+    def _tell_moving(self) -> None:
+        for observer in list(self.on_moving):
+            try:
+                observer()
+            except Exception:
+                self.log.failure("on_moving observer {observer!r} failed", observer=observer)
 
     @property
     def moving(self) -> bool:
