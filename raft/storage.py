@@ -54,17 +54,18 @@ VM a one-entry sync went from about 290 to 210 µs alone, and from about
 each). The log so ends where the records stop and zeros begin; a file
 system without ``fallocate`` gets plain appends, and replay reads both.
 
-``save_snapshot`` is durable when it returns: it first syncs what is pending (so a crash before
-the WAL is compacted leaves a WAL that is complete up to the snapshot), writes
-the snapshot file, then rewrites the WAL to hold only what follows the
-snapshot -- O(remaining entries).
+``save_snapshot`` is durable when it returns: it first syncs what is
+pending (so a crash before the WAL is compacted leaves a WAL that is
+complete up to the snapshot), writes the snapshot file, then rewrites the
+WAL to hold only what follows the snapshot -- O(remaining entries).
 
 Recovery (``load``): read the snapshot, replay the WAL. Zeros where the next
 record would start, with only zeros after them, are the preallocated end of
 the log. A record that fails validation with no valid record after it is a
-write torn by a crash: it is truncated away and logged. A bad record *followed by* valid ones is real
-corruption of data that may have been acknowledged: ``StorageCorrupt``, naming
-the file and offset, rather than silently dropping what follows.
+write torn by a crash: it is truncated away and logged. A bad record
+*followed by* valid ones is real corruption of data that may have been
+acknowledged: ``StorageCorrupt``, naming the file and offset, rather than
+silently dropping what follows.
 """
 
 from __future__ import annotations
@@ -648,11 +649,12 @@ class DiskStorage:
                 "{path}: torn record at offset {offset} ({dropped} bytes, a crash mid-write); truncating",
                 path=self._wal_path,
                 offset=valid_end,
-                dropped=len(data) - valid_end,
+                dropped=content_end - valid_end,
             )
             # No fsync: were this truncation lost, replay would find the same
-            # torn tail and cut it again, and the next sync's fsync of this
-            # file makes it durable with whatever follows (``dev.py mutants``
+            # torn tail and cut it again, and the next sync's fdatasync of
+            # this file (which writes a changed size) makes it durable with
+            # whatever follows (``dev.py mutants``
             # found the fsync that stood here changed nothing a test sees).
             self._sys.ftruncate(self._wal_fd, valid_end)
             self._wal_allocated = valid_end
