@@ -70,6 +70,7 @@ import io
 import json
 import os
 import pstats
+import random
 import select
 import shutil
 import signal
@@ -102,15 +103,42 @@ _PREFIX = struct.Struct(">I")
 # ---------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports that were free a moment ago (all held until
-    every one is chosen, so they are distinct)."""
-    socks = []
+#: Ports handed out in this run: no two clusters of one run share one.
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
     try:
-        for _ in range(count):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct loopback ports that were free a moment ago, below the
+    ephemeral range (so no outgoing connection's own port takes one before
+    its server binds it) and never handed out before in this run."""
+    rng = random.Random()
+    top = max(_ephemeral_low() - 1, 12000)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(50 * count):  # bounded: taken or busy ports are skipped
+            if len(socks) == count:
+                break
+            port = rng.randint(10000, top)
+            if port in _HANDED_OUT:
+                continue
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+            _HANDED_OUT.add(port)
+        if len(socks) != count:
+            raise RuntimeError(f"found only {len(socks)} of {count} free ports")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
