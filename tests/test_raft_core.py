@@ -1409,19 +1409,8 @@ def _seeds() -> list[int]:
     return list(range(base, base + count))
 
 
-_ACTIONS = (
-    "deliver",
-    "tick",
-    "propose",
-    "partition",
-    "heal",
-    "crash",
-    "compact",
-    "read",
-    "transfer",
-    "unreachable",
-)
-_WEIGHTS = (55, 20, 12, 1.5, 2, 2, 2, 4, 0.5, 1)
+_ACTIONS = ("deliver", "tick", "propose", "partition", "heal", "crash", "compact", "read", "transfer")
+_WEIGHTS = (55, 20, 12, 1.5, 2, 2, 2, 4, 0.5)
 
 
 def run_random_schedule(seed: int, steps: int = 4000) -> Network:
@@ -1444,7 +1433,15 @@ def run_random_schedule(seed: int, steps: int = 4000) -> Network:
     pending: list[Message] = []
     proposed = 0
     reads = 0
+    # Connections lost between live servers (a reset, a timeout) draw from
+    # a stream of their own, so every seed's schedule is otherwise the one
+    # it was before servers were told of lost connections.
+    lost = random.Random(seed * 7919 + 1)
     for _ in range(steps):
+        if lost.random() < 0.01:
+            i, j = lost.sample(list(net.ids), 2)
+            if i not in net.down:
+                net.core(i).leader_unreachable(j)
         action = rnd.choices(_ACTIONS, _WEIGHTS)[0]
         if action == "deliver" and pending:
             # mostly in order, sometimes reordered, lost or duplicated
@@ -1482,11 +1479,6 @@ def run_random_schedule(seed: int, steps: int = 4000) -> Network:
                 for j in net.ids:
                     if j != i and j not in net.down and frozenset((i, j)) not in net.cut:
                         net.core(j).leader_unreachable(i)
-        elif action == "unreachable":
-            # A connection lost with both ends alive (a reset, a timeout).
-            i, j = rnd.sample(list(net.ids), 2)
-            if i not in net.down:
-                net.core(i).leader_unreachable(j)
         elif action == "compact":
             h = net.nodes[rnd.choice(net.ids)]
             if h.id not in net.down and h.sm.index > h.core.snapshot_meta.index:
@@ -1535,7 +1527,6 @@ class RandomizedSafetyTests(SynchronousTestCase):
         served = 0
         seeds = _seeds()
         quiet: list[int] = []
-        one_term: list[int] = []
         for seed in seeds:
             try:
                 net = run_random_schedule(seed)
@@ -1547,13 +1538,8 @@ class RandomizedSafetyTests(SynchronousTestCase):
             # twenty, never for a seed replayed alone.
             if len(net.inv.committed) <= 20:
                 quiet.append(seed)
-            # Likewise a rare seed whose first leader is never displaced
-            # (seed 150 of 200: five servers, no crash or partition ever
-            # cut its leader off).
-            if len(net.inv.leader_of_term) <= 1:
-                one_term.append(seed)
+            self.assertGreater(len(net.inv.leader_of_term), 1, f"seed {seed}")
             served += net.inv.reads_served
         self.assertLessEqual(len(quiet), len(seeds) // 20, f"seeds that committed <= 20 entries: {quiet}")
-        self.assertLessEqual(len(one_term), len(seeds) // 20, f"seeds with one leader all along: {one_term}")
         if len(seeds) > 1:
             self.assertGreater(served, 20)  # reads were exercised, not all dropped
