@@ -315,14 +315,19 @@ class RaftCore:
         """The driver lost its connection to ``peer``: as a rule the process
         there died (a crash or SIGKILL closes its sockets at once). If
         ``peer`` is our leader, stop counting on it: its lease here ends,
-        so this server answers candidates, and it campaigns within one to
-        ``heartbeat_ticks`` ticks instead of an election timeout after the
-        leader's last message. Only with pre-vote and check-quorum, which
-        keep this harmless when the leader is in fact alive: the voters
-        still hearing it refuse the pre-vote, and its next message makes it
-        our leader again. The followers of a dead leader each pick their
-        own tick (and their tickers run out of phase), so they seldom
-        split the vote. True if ``peer`` was our leader."""
+        so this server answers candidates, and it campaigns within a tick or
+        a few instead of an election timeout after the leader's last
+        message. Only with pre-vote and check-quorum, which keep this
+        harmless when the leader is in fact alive: the voters still hearing
+        it refuse the pre-vote, and its next message makes it our leader
+        again.
+
+        The followers of a dead leader all hear of it at once, so they take
+        turns instead of drawing lots: the one with the lowest id campaigns
+        at its next tick, the next one a tick later, and so on. By then the
+        first has won (if its log allows) and its heartbeat resets the
+        others; two campaigns in one tick would split the vote and cost an
+        election timeout. True if ``peer`` was our leader."""
         if (
             self._role != Role.FOLLOWER
             or self._leader is None
@@ -332,8 +337,10 @@ class RaftCore:
             return False
         _logger.info(f"raft node {self._id}: lost the connection to leader {peer} (term {self._term})")
         self._leader = None
-        soon = self._randomized_election_timeout - self._rng.randint(1, self._cfg.heartbeat_ticks)
-        self._election_elapsed = max(self._election_elapsed, soon)
+        others = sorted(v for v in self._voters if v != peer)
+        turn = others.index(self._id) if self._id in others else len(others)
+        wait = min(1 + turn, self._randomized_election_timeout)
+        self._election_elapsed = max(self._election_elapsed, self._randomized_election_timeout - wait)
         return True
 
     def broadcast_heartbeat(self) -> None:

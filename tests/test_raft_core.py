@@ -549,6 +549,19 @@ class PreVoteAndQuorumTests(SynchronousTestCase):
             self.assertTrue(net.leaders(), f"seed={seed}: no leader within heartbeat_ticks ticks")
             self.assertGreater(net.core(net.leader()).term, term)
 
+    def test_followers_of_a_dead_leader_take_turns(self) -> None:
+        # All four hear of it at once; ticking them in the worst order
+        # (highest id first) still gives one campaign and one new term.
+        net = Network(5, seed=9)
+        net.elect(1)
+        term = net.core(1).term
+        net.down.add(1)
+        for i in (2, 3, 4, 5):
+            self.assertTrue(net.core(i).leader_unreachable(1))
+        net.tick(1, nodes=[5, 4, 3, 2])
+        self.assertEqual(net.leaders(), [2])
+        self.assertEqual({net.core(i).term for i in (2, 3, 4, 5)}, {term + 1})
+
     def test_an_unreachable_leader_that_is_alive_keeps_leading(self) -> None:
         # Only node 2's connection broke: node 3 still hears the leader and
         # refuses node 2's pre-vote; the leader's next heartbeat brings node
