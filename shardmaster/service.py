@@ -19,6 +19,9 @@ from surfshard.replica.control import TIMEOUT_ARG, ReplicaControl
 from surfshard.replica.dedup import validate_client
 from surfshard.replica.service import ReplicaService
 
+#: The longest a ``query`` for a map that does not exist yet may wait for it.
+MAX_QUERY_WAIT = 30.0
+
 CLIENT_ARGS = [
     Arg("client_id", str, required=False, min_len=1, max_len=128),
     Arg("seq", int, required=False, min=1),
@@ -42,6 +45,9 @@ class ShardMasterReplica(ReplicaControl):
         self.machine = machine
         self._anonymous_id = f"anon-{uuid.uuid4().hex}"
         self._anonymous_seq = itertools.count(1)
+        #: ``query`` calls waiting for a map: (number, Deferred).
+        self._waiting: list[tuple[int, defer.Deferred]] = []
+        self._watching = False
 
     def _identity(self, client_id: str | None, seq: int | None) -> tuple[str, int]:
         if client_id is None or seq is None:
@@ -88,15 +94,57 @@ class ShardMasterReplica(ReplicaControl):
         """Replace group ``gid``'s addresses (its membership changed)."""
         return self._write(encode_servers(gid, servers, *self._identity(client_id, seq)), timeout)
 
-    def query(self, num: int = -1, timeout: float | None = None) -> defer.Deferred:
-        """Map ``num`` (-1: the latest), after a ReadIndex round."""
+    def query(self, num: int = -1, wait: float = 0.0, timeout: float | None = None) -> defer.Deferred:
+        """Map ``num`` (-1: the latest), after a ReadIndex round. With
+        ``wait`` (seconds, at most ``MAX_QUERY_WAIT``) and no map ``num`` yet,
+        the answer waits until there is one, this node stops leading, or
+        ``wait`` passes, then is read again: a group leader's watch for the
+        next map, one call a ``wait`` instead of one per poll."""
+        wait = max(0.0, min(float(wait), MAX_QUERY_WAIT))
 
-        def attempt(remaining: float) -> defer.Deferred:
-            d = self.node.read(timeout=remaining)
-            d.addCallback(lambda _: self.machine.query(num).to_wire())
-            return d
+        @defer.inlineCallbacks
+        def attempt(remaining: float):
+            started = self.reactor.seconds()
+            yield self.node.read(timeout=remaining)
+            answer = self.machine.query(num)
+            left = min(wait, remaining) - (self.reactor.seconds() - started)
+            if num > answer.num and left > 0:
+                yield self._wait_for_map(num, left)
+                yield self.node.read(timeout=max(remaining - (self.reactor.seconds() - started), 0.001))
+                answer = self.machine.query(num)
+            return answer.to_wire()
 
         return self.as_leader(attempt, timeout)
+
+    def _wait_for_map(self, num: int, seconds: float) -> defer.Deferred:
+        """Fires (with None) once map ``num`` is applied here, this node's
+        role changes, or ``seconds`` pass."""
+        d: defer.Deferred = defer.Deferred()
+        call = self.reactor.callLater(seconds, lambda: None if d.called else d.callback(None))
+        entry = (num, d)
+        self._waiting.append(entry)
+
+        def done(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+            return result
+
+        d.addBoth(done)
+        if not self._watching:
+            self._watching = True
+            self.node.on_apply.append(lambda _entry, _result: self._wake(every=False))
+            self.node.on_role_change.append(lambda _role, _leader: self._wake(every=True))
+        return d
+
+    def _wake(self, every: bool) -> None:
+        if not self._waiting:
+            return
+        latest = self.machine.latest.num
+        for num, d in list(self._waiting):
+            if (every or num <= latest) and not d.called:
+                d.callback(None)
 
     def status(self) -> dict[str, Any]:
         status = super().status()
@@ -145,7 +193,15 @@ def shardmaster_methods(replica: ShardMasterReplica) -> MethodTable:
         [Arg("gid", int), Arg("servers", addresses), *CLIENT_ARGS, TIMEOUT_ARG],
         access=(Access.ADMIN, Access.CLUSTER),
     )
-    t.add("query", replica.query, [Arg("num", int, default=-1), TIMEOUT_ARG])
+    t.add(
+        "query",
+        replica.query,
+        [
+            Arg("num", int, default=-1),
+            Arg("wait", float, required=False, min=0.0, max=MAX_QUERY_WAIT),
+            TIMEOUT_ARG,
+        ],
+    )
     return t
 
 

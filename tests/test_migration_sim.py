@@ -20,6 +20,7 @@ from raft.testing.simnet import sim_seeds
 from surfshard import errors
 from surfshard.keyspace import shard_of
 from surfshard.metadata.migration import ShardMigrator
+from surfshard.metadata.shardwatch import ShardMapWatcher
 from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
 from surfshard.testing.simrpc import resolve
 from tests.simworld import SimWorld, group_addresses
@@ -101,15 +102,19 @@ class LabBehaviourTests(WorldCase):
         w.join(1, 2)
         w.wait_settled()
         self.write_files(w, c, NAMES)
-        migrators = [
-            s for g in w.groups.values() for i in g.ids for s in g.services[i] if isinstance(s, ShardMigrator)
-        ]
-        self.assertEqual(len(migrators), 6)
+        services = [s for g in w.groups.values() for i in g.ids for s in g.services[i]]
+        migrators = [s for s in services if isinstance(s, ShardMigrator)]
+        watchers = [s for s in services if isinstance(s, ShardMapWatcher)]
+        self.assertEqual((len(migrators), len(watchers)), (6, 6))
         before = sum(m.polls for m in migrators)
+        asked = sum(m.queries for m in watchers)
         w.run(10.0)
         # Nothing in transit: the safety net's once a second per replica,
         # not POLL_INTERVAL's 50 times.
         self.assertLessEqual(sum(m.polls for m in migrators) - before, 6 * 11)
+        # Each group's leader asks the ShardMaster for the next map about
+        # once a second (it holds the question), not every 0.05 s.
+        self.assertLessEqual(sum(m.queries for m in watchers) - asked, 2 * 12)
         # A move still starts as soon as its map is applied.
         shard = min(w.serving()[1])
         applied: list[float] = []

@@ -462,6 +462,34 @@ class LabBehaviourTests(ShardMasterCase):
 # ---------------------------------------------------------------------------
 
 
+class NextMapWatchTests(ShardMasterCase):
+    def test_a_query_for_the_next_map_waits_for_it(self) -> None:
+        g = self.group(3, seed=11)
+        leader = g.wait_for_leader()
+        c = self.client(g, "admin")
+        self.value(g, c.join({1: addrs(1)}))
+        pool = g.rpc.pool("watcher")
+        address = g.addresses[leader]
+        # Nothing new: the answer is the latest map, once ``wait`` is over.
+        start = g.clock.seconds()
+        answer = self.value(g, pool.call(address, "query", {"num": 2, "wait": 0.5}, 5.0))
+        self.assertEqual(answer["num"], 1)
+        self.assertGreaterEqual(g.clock.seconds() - start, 0.5)
+        # A map made meanwhile answers at once, not at the end of ``wait``.
+        waiting = pool.call(address, "query", {"num": 2, "wait": 20.0}, 25.0)
+        g.run(0.3)
+        self.assertFalse(waiting.called)
+        start = g.clock.seconds()
+        self.value(g, c.join({2: addrs(2)}))
+        answer = self.value(g, waiting)
+        self.assertEqual(answer["num"], 2)
+        self.assertLess(g.clock.seconds() - start, 1.0)
+        # A map that exists already needs no wait.
+        start = g.clock.seconds()
+        self.assertEqual(self.value(g, pool.call(address, "query", {"num": 1, "wait": 20.0}, 25.0))["num"], 1)
+        self.assertLess(g.clock.seconds() - start, 1.0)
+
+
 class BadInputTests(ShardMasterCase):
     def test_bad_writes_are_refused_with_a_clear_error_and_no_new_map(self) -> None:
         g = self.group(3, seed=7)
@@ -516,6 +544,9 @@ class BadInputTests(ShardMasterCase):
             ("join", {"groups": {3: addrs(3)}, "extra": 1}, "unknown field"),
             ("query", {"num": -2}, ">= 0"),
             ("query", {"num": "latest"}, "expected int, got str"),
+            ("query", {"num": 5, "wait": -1.0}, "wait"),
+            ("query", {"num": 5, "wait": 31.0}, "wait"),
+            ("query", {"num": 5, "wait": "soon"}, "wait"),
         ]
         for method, args, expected in cases:
             error = self.error(g, call(method, args), within=3.0)

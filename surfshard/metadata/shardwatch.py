@@ -13,6 +13,7 @@ has, and says so in its log (once per map).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -26,9 +27,13 @@ from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.replica.loops import polling_loop
 from surfshard.shardmap import UNASSIGNED, ShardMap
 
-#: How often a leader asks the ShardMaster for the next map: the delay
-#: before a move starts, and part of how long a moving shard pauses.
+#: How often a leader asks the ShardMaster for the next map.
 POLL_INTERVAL = 0.1
+#: How long the ShardMaster holds that question when there is no next map
+#: yet (``query``'s ``wait``): it answers as soon as the map is made, so a
+#: move starts at once, and an idle group asks about once a second instead
+#: of ten times (each a ReadIndex round on the ShardMaster's group).
+NEXT_MAP_WAIT = 1.0
 #: Least time between two reports of the group's addresses.
 REPORT_INTERVAL = 1.0
 
@@ -62,6 +67,7 @@ class ShardMapWatcher(service.Service):
         reactor: IReactorTime,
         interval: float = POLL_INTERVAL,
         servers: Callable[[], tuple[str, ...] | None] | None = None,
+        next_map_wait: float = NEXT_MAP_WAIT,
     ) -> None:
         self.gid = gid
         self.node = node
@@ -69,6 +75,9 @@ class ShardMapWatcher(service.Service):
         self.shardmaster = shardmaster
         self.reactor = reactor
         self.interval = interval
+        self.next_map_wait = next_map_wait
+        #: Queries sent to the ShardMaster (for tests and benchmarks).
+        self.queries = 0
         self._loop: task.LoopingCall | None = None
         self._maps: dict[int, ShardMap] = {0: ShardMap.initial(machine.nshards)}
         self._blocked_at: int | None = None
@@ -87,11 +96,15 @@ class ShardMapWatcher(service.Service):
         return super().stopService()
 
     @defer.inlineCallbacks
-    def _map(self, num: int):
+    def _map(self, num: int, wait: float = 0.0):
         cached = self._maps.get(num)
         if cached is not None:
             return cached
-        wire = yield self.shardmaster.call("query", {"num": num}, timeout=2.0)
+        args: dict[str, Any] = {"num": num}
+        if wait > 0:
+            args["wait"] = wait
+        self.queries += 1
+        wire = yield self.shardmaster.call("query", args, timeout=wait + 2.0)
         shard_map = ShardMap.from_wire(wire)
         if shard_map.num == num:
             self._maps = {k: v for k, v in self._maps.items() if k >= num - 1}
@@ -134,7 +147,7 @@ class ShardMapWatcher(service.Service):
             return  # maps are taken one at a time: this one's moves first
         current_num = self.machine.config_num
         try:
-            following = yield self._map(current_num + 1)
+            following = yield self._map(current_num + 1, wait=self.next_map_wait)
             if following.num != current_num + 1:
                 yield self.report_servers(following)
                 return  # nothing newer yet
