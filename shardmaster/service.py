@@ -45,9 +45,6 @@ class ShardMasterReplica(ReplicaControl):
         self.machine = machine
         self._anonymous_id = f"anon-{uuid.uuid4().hex}"
         self._anonymous_seq = itertools.count(1)
-        #: ``query`` calls waiting for a map: (number, Deferred).
-        self._waiting: list[tuple[int, defer.Deferred]] = []
-        self._watching = False
 
     def _identity(self, client_id: str | None, seq: int | None) -> tuple[str, int]:
         if client_id is None or seq is None:
@@ -109,42 +106,12 @@ class ShardMasterReplica(ReplicaControl):
             answer = self.machine.query(num)
             left = min(wait, remaining) - (self.reactor.seconds() - started)
             if num > answer.num and left > 0:
-                yield self._wait_for_map(num, left)
+                yield self.wait_until(lambda: self.machine.latest.num >= num, left)
                 yield self.node.read(timeout=max(remaining - (self.reactor.seconds() - started), 0.001))
                 answer = self.machine.query(num)
             return answer.to_wire()
 
         return self.as_leader(attempt, timeout)
-
-    def _wait_for_map(self, num: int, seconds: float) -> defer.Deferred:
-        """Fires (with None) once map ``num`` is applied here, this node's
-        role changes, or ``seconds`` pass."""
-        d: defer.Deferred = defer.Deferred()
-        call = self.reactor.callLater(seconds, lambda: None if d.called else d.callback(None))
-        entry = (num, d)
-        self._waiting.append(entry)
-
-        def done(result: Any) -> Any:
-            if call.active():
-                call.cancel()
-            if entry in self._waiting:
-                self._waiting.remove(entry)
-            return result
-
-        d.addBoth(done)
-        if not self._watching:
-            self._watching = True
-            self.node.on_apply.append(lambda _entry, _result: self._wake(every=False))
-            self.node.on_role_change.append(lambda _role, _leader: self._wake(every=True))
-        return d
-
-    def _wake(self, every: bool) -> None:
-        if not self._waiting:
-            return
-        latest = self.machine.latest.num
-        for num, d in list(self._waiting):
-            if (every or num <= latest) and not d.called:
-                d.callback(None)
 
     def status(self) -> dict[str, Any]:
         status = super().status()

@@ -68,9 +68,6 @@ class MetadataReplica(ReplicaControl):
         # Callers without an identity of their own get one per call from
         # this replica (see surfshard.replica.dedup).
         self.one_shot_ids = OneShotIds()
-        #: Watches waiting for a shard to change: shard -> [(since, Deferred)].
-        self._watchers: dict[int, list[tuple[int, defer.Deferred]]] = {}
-        self._watching = False
 
     def updatefile(
         self,
@@ -316,38 +313,14 @@ class MetadataReplica(ReplicaControl):
 
     def _watch(self, shard: int, since: int, seconds: float) -> defer.Deferred:
         """Fires (with None) once ``shard``'s revision passes ``since`` here,
-        the shard stops being served here, this node stops leading, or
+        the shard stops being served here, this node's role changes, or
         ``seconds`` pass."""
-        d: defer.Deferred = defer.Deferred()
-        call = self.reactor.callLater(seconds, lambda: None if d.called else d.callback(None))
-        watchers = self._watchers.setdefault(shard, [])
-        watchers.append((since, d))
 
-        def done(result: Any) -> Any:
-            if call.active():
-                call.cancel()
-            if (since, d) in watchers:
-                watchers.remove((since, d))
-            if not watchers:
-                self._watchers.pop(shard, None)
-            return result
-
-        d.addBoth(done)
-        if not self._watching:
-            self._watching = True
-            self.node.on_apply.append(self._wake_watchers)
-            self.node.on_role_change.append(lambda role, leader: self._wake_watchers(None, None, every=True))
-        return d
-
-    def _wake_watchers(self, _entry: Any, _result: Any, every: bool = False) -> None:
-        if not self._watchers:
-            return
-        for shard, watchers in list(self._watchers.items()):
+        def moved_on() -> bool:
             revision = self.machine.revision_of(shard)
-            for since, d in list(watchers):
-                if every or revision is None or revision > since:
-                    if not d.called:
-                        d.callback(None)
+            return revision is None or revision > since
+
+        return self.wait_until(moved_on, seconds)
 
     def getshardfiles(self, shards: list[int], timeout: float | None = None) -> defer.Deferred:
         """Fires with ``{"num", "files", "missing"}`` once a ReadIndex round

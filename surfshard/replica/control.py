@@ -72,8 +72,41 @@ class ReplicaControl:
         self.chaos = chaos
         self.poll_interval = poll_interval
         self._transfer = transfer
+        #: ``wait_until`` calls not answered yet: (ready, Deferred).
+        self._apply_waiters: list[tuple[Callable[[], bool], defer.Deferred]] = []
+        self._observing_applies = False
 
     # -- helpers for subclasses -------------------------------------------
+
+    def wait_until(self, ready: Callable[[], bool], seconds: float) -> defer.Deferred:
+        """Fires (with None) once ``ready()`` holds after an entry is applied
+        here, this node's role changes, or ``seconds`` pass: what a long
+        poll waits on between its two reads."""
+        d: defer.Deferred = defer.Deferred()
+        call = self.reactor.callLater(seconds, lambda: None if d.called else d.callback(None))
+        waiter = (ready, d)
+        self._apply_waiters.append(waiter)
+
+        def done(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            if waiter in self._apply_waiters:
+                self._apply_waiters.remove(waiter)
+            return result
+
+        d.addBoth(done)
+        if not self._observing_applies:
+            self._observing_applies = True
+            self.node.on_apply.append(lambda _entry, _result: self._wake_waiters(every=False))
+            self.node.on_role_change.append(lambda _role, _leader: self._wake_waiters(every=True))
+        return d
+
+    def _wake_waiters(self, every: bool) -> None:
+        if not self._apply_waiters:
+            return  # the common case, on every applied entry
+        for ready, d in list(self._apply_waiters):
+            if (every or ready()) and not d.called:
+                d.callback(None)
 
     def leader_address(self) -> str | None:
         leader = self.node.leader_id
