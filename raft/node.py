@@ -7,23 +7,25 @@
 ``Ready`` batches into I/O in the order Raft's safety needs (persist, then
 send, then apply) and turns proposals and linearizable reads into Deferreds.
 
-Group commit: work is never done inline.  A proposal or a peer message only
-marks the node dirty and schedules one ``callLater(0, ...)``; everything that
-arrived in the same reactor turn is handled in ONE ``Ready``, hence one
-``storage.sync()`` and one AppendEntries batch per follower.
+Group commit: a proposal or a peer message only marks the node dirty and
+schedules one ``callLater(0, ...)``; everything that arrived in the same
+reactor turn is handled in ONE ``Ready``, hence one ``storage.sync()`` and
+one AppendEntries batch per follower. A caller that already batches a turn
+by itself (the metadata replica) may run that pass at once
+(``process_now``) instead of a reactor pass later.
 
-Messages leave before the apply: a Ready that both sends and applies is
-handled in two reactor turns.  The first persists, sends and flushes the
-transport; the second, after the reactor has written the sockets, applies
-the committed entries and answers their callers.  A follower's
+Within a Ready, messages leave before the apply: persist, send (the
+transport's ``flush`` hands them to the sockets), then apply the committed
+entries and answer their callers, all in the same pass. A follower's
 acknowledgement (on the leader's critical path) so never waits behind
-applying the previous batch, and a leader's next AppendEntries goes out
-before it applies and answers the batch a follower just acknowledged: the
-followers' work and the leader's overlap instead of taking turns.  A
-leader goes one step further (Ongaro's thesis, 10.2.1): its appends leave
-before its own write of the same entries, which it does in the next turn
-while the followers write theirs, so one fsync instead of two lies on the
-path of a write.
+applying the batch it commits, and a leader's next AppendEntries goes out
+before it applies and answers the batch a follower just acknowledged. (This
+used to take two reactor turns, to let the reactor write the sockets before
+the apply; since the transports write at once when nothing is queued, the
+second turn only cost a pass: ``docs/performance.md``.) A leader goes one
+step further (Ongaro's thesis, 10.2.1): its appends leave before its own
+write of the same entries, which it then does while the followers write
+theirs, so one fsync instead of two lies on the path of a write.
 
 Timeouts of proposals and reads share one reactor timer (a heap of
 deadlines): a timer per proposal, created and cancelled on every write, is work per
@@ -173,11 +175,8 @@ class RaftNode(service.Service):
         self._core: RaftCore | None = None
         self._ticker: task.LoopingCall | None = None
         self._process_call: IDelayedCall | None = None
-        #: A Ready whose messages are sent but whose apply waits for the
-        #: next turn (see the module docstring); no new Ready until it is done.
-        self._sent_ready: Ready | None = None
-        #: Whether that Ready (a leader's) still has to be written.
-        self._sent_unpersisted = False
+        #: A Ready is being handled (``process_now`` must not nest in it).
+        self._in_ready = False
         #: (term, vote) as last written: what a message may rely on.
         self._durable_vote: tuple[int, int | None] = (0, None)
         self._crashed = False
@@ -255,16 +254,16 @@ class RaftNode(service.Service):
         self._schedule()
 
     def stopService(self) -> defer.Deferred[None] | None:
-        """A clean stop: what a leader sent but had not yet written is
-        written (losing it would be safe, as in a crash, but a clean stop
-        need not lose anything)."""
+        """A clean stop: waits for a snapshot being written."""
         return self._stop(flush=True)
 
     def power_off(self) -> None:
         """Stop as a power loss or SIGKILL would: nothing more reaches the
-        storage, not even a leader's entries sent and not yet written (the
-        crash window of thesis 10.2.1, which tests must be able to hit).
-        Pair it with the storage's own power loss (``simulate_crash``)."""
+        storage. Called from within the transport's ``send`` of a leader's
+        appends, it hits the crash window of thesis 10.2.1 (the entries left,
+        the leader's own write of them never happens), which tests must be
+        able to hit. Pair it with the storage's own power loss
+        (``simulate_crash``)."""
         self._stop(flush=False)
 
     def _stop(self, *, flush: bool) -> defer.Deferred[None] | None:
@@ -277,14 +276,6 @@ class RaftNode(service.Service):
         if self._process_call is not None and self._process_call.active():
             self._process_call.cancel()
         self._process_call = None
-        # A restart over the same storage applies it.
-        held, self._sent_ready = self._sent_ready, None
-        if flush and held is not None and self._sent_unpersisted and self.fatal_error is None:
-            self._sent_unpersisted = False
-            try:
-                self._persist(held)
-            except Exception:
-                self.log.failure("raft node {id}: writing the last entries on stop failed", id=self.config.id)
         self._stop_deadline_timer()
         result: defer.Deferred[None] | None = super().stopService()  # type: ignore[no-untyped-call]
         # After ``running`` is cleared: a callback that retries at once is refused.
@@ -617,24 +608,39 @@ class RaftNode(service.Service):
         if self._process_call is None and self.running and not self._crashed and self.fatal_error is None:
             self._process_call = self.reactor.callLater(0, self._process)
 
+    def process_now(self) -> None:
+        """Handle now the Ready that proposals or messages scheduled for the
+        end of this reactor turn.
+
+        For a caller that batches by itself and is already at the end of its
+        turn (the metadata replica proposes what one turn collected from a
+        ``callLater(0)``): its proposal's appends then leave in the same
+        pass instead of one reactor pass later. Anything proposed after this
+        call is scheduled as usual; called from a callback of the node's own
+        processing (a proposal's answer), it leaves the pass scheduled."""
+        call = self._process_call
+        if call is not None and call.active() and not self._in_ready:
+            call.cancel()
+            self._process()
+
     def _process(self) -> None:
         self._process_call = None
         core = self._core
         if self._crashed or not self.running or core is None or self.fatal_error is not None:
             return
+        self._in_ready = True
         try:
-            sent, self._sent_ready = self._sent_ready, None
-            if sent is not None:
-                self._handle_ready(sent, self._finish_sent_ready)
             if core.has_ready():
                 self._handle_ready(core.ready(), self._start_ready)
         except Exception:
             self._fail_stop(Failure())
             return
+        finally:
+            self._in_ready = False
         self._notify_role_change()
         if core.membership is not self._membership_seen:
             self._notify_membership_change()
-        if self._sent_ready is not None or core.has_ready():
+        if core.has_ready():
             # Work produced by advance() (e.g. a commit the leader's own
             # persisted entries completed) goes in the next turn, batched
             # with whatever else arrives meanwhile.
@@ -666,20 +672,19 @@ class RaftNode(service.Service):
             # A leader's appends may leave before its own write (thesis
             # 10.2.1): it counts itself towards a commit only once advance()
             # sees its entries persisted, and nothing it sends depends on a
-            # term or vote not yet on disk. The write happens next turn,
+            # term or vote not yet on disk. Its write (and sync) then runs
             # while the followers write theirs.
             self._send(rd.messages)
-            self._sent_ready, self._sent_unpersisted = rd, True
+            if not self.running:
+                return  # powered off as the appends left: nothing more is written
+            self._persist(rd)
+            self._finish_ready(rd)
             return
         # 1. Persist before anything that depends on it leaves the node.
         self._persist(rd)
         # 2. Send.
         if rd.messages:
             self._send(rd.messages)
-            if rd.committed_entries or rd.snapshot is not None:
-                # Let the reactor write them before we apply (module docstring).
-                self._sent_ready, self._sent_unpersisted = rd, False
-                return
         self._finish_ready(rd)
 
     def _persist(self, rd: Ready) -> None:
@@ -713,12 +718,6 @@ class RaftNode(service.Service):
                     tracer.mark_range(m.entries[0].index, m.entries[-1].index, "sent")
                 elif m.type is MessageType.APPEND_RESP and not m.reject:
                     tracer.mark_range(m.index - 1023, m.index, "acked")
-
-    def _finish_sent_ready(self, rd: Ready) -> None:
-        if self._sent_unpersisted:
-            self._sent_unpersisted = False
-            self._persist(rd)
-        self._finish_ready(rd)
 
     def _finish_ready(self, rd: Ready) -> None:
         core = self.core

@@ -441,6 +441,9 @@ class ScriptedNode:
         self.pending.append((command, d))
         return d
 
+    def process_now(self) -> None:
+        """RaftNode's: what was proposed is sent at once (here: held until ``commit``)."""
+
     def commit(self) -> None:
         pending, self.pending = self.pending, []
         for command, d in pending:

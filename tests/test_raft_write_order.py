@@ -7,7 +7,10 @@ order Raft's safety depends on is checked directly:
 - a follower writes and syncs entries before it acknowledges them;
 - a leader may send its appends before its own write of them (thesis
   10.2.1), but counts itself towards a commit only once they are written;
-- votes are on disk before the messages that rely on them leave.
+- votes are on disk before the messages that rely on them leave;
+- a Ready is sent, then applied, in one pass: an acknowledgement leaves
+  before the apply of what it commits, and no reactor pass lies between;
+- ``process_now`` sends a proposal's appends in the caller's pass.
 """
 
 from __future__ import annotations
@@ -59,11 +62,14 @@ class RecordingTransport:
 
 
 class NullMachine:
-    def __init__(self) -> None:
+    def __init__(self, events: list[Event] | None = None) -> None:
         self.applied: list[bytes] = []
+        self.events = events
 
     def apply(self, command: bytes) -> bytes:
         self.applied.append(command)
+        if self.events is not None:
+            self.events.append(("apply", command))
         return command
 
     def snapshot(self) -> bytes:
@@ -82,7 +88,7 @@ class WriteOrderTests(SynchronousTestCase):
             RaftConfig(id=node_id, peers=(1, 2, 3)),
             RecordingStorage(events),
             transport,
-            NullMachine(),
+            NullMachine(events),
             clock,
         )
         node.startService()
@@ -188,3 +194,79 @@ class WriteOrderTests(SynchronousTestCase):
         _, _, entries = storage.load()
         self.assertNotIn(index, [e.index for e in entries])
         self.failureResultOf(d)  # the proposer learns nothing was settled here
+
+    # -- within one pass of the node (one clock.advance(0)) ----------------
+
+    def test_follower_acknowledges_then_applies_in_the_same_pass(self) -> None:
+        node, transport, events, clock = self.node(2)
+        first = Message(
+            type=MessageType.APPEND,
+            to=2,
+            frm=1,
+            term=1,
+            log_term=0,
+            index=0,
+            entries=[Entry(1, 1, b"a")],
+            commit=0,
+        )
+        self.reply(node, clock, first)
+        del events[:]
+        # The next append commits entry 1: one pass writes entry 2, acks it
+        # and applies entry 1, the acknowledgement first.
+        second = Message(
+            type=MessageType.APPEND,
+            to=2,
+            frm=1,
+            term=1,
+            log_term=1,
+            index=1,
+            entries=[Entry(1, 2, b"b")],
+            commit=1,
+        )
+        node._on_message(second)
+        node.process_now()  # exactly the one pass the message scheduled
+        kinds = [e[0] if e[0] != "send" else e[1] for e in events]
+        self.assertIn(("apply", b"a"), events, f"entry 1 was not applied in the pass: {events}")
+        ack = kinds.index(MessageType.APPEND_RESP)
+        self.assertLess(ack, events.index(("apply", b"a")), f"applied before acknowledging: {events}")
+        self.assertLess(events.index(("write", (2,))), ack, events)
+
+    def test_process_now_sends_a_proposal_without_a_reactor_pass(self) -> None:
+        node, transport, events, clock = self.node(1)
+        self.elect(node, transport, clock)
+        del events[:]
+        d = node.propose(b"x")
+        d.addErrback(lambda _: None)  # never committed here: dropped at stop
+        index = node.core.last_index
+        node.process_now()  # no clock.advance: the caller's own pass
+        sent_to = {e[2] for e in events if e[0] == "send" and index in e[3]}
+        self.assertEqual(sent_to, {2, 3}, events)
+        self.assertIn(("write", (index,)), events, events)
+        # Nothing is left scheduled for that proposal: a pass finds no work.
+        del events[:]
+        clock.advance(0)
+        self.assertEqual([e for e in events if e[0] in ("send", "write")], [], events)
+
+    def test_process_now_from_a_proposals_answer_does_not_nest(self) -> None:
+        node, transport, events, clock = self.node(1)
+        self.elect(node, transport, clock)
+        nested: list[int] = []
+        inside: list[bool] = []  # whether "y" left from within the answer
+
+        def answered(_result: object) -> None:
+            # Runs while the node handles the Ready that applied "x".
+            node.propose(b"y").addErrback(lambda _: None)  # dropped at stop
+            nested.append(node.core.last_index)
+            node.process_now()  # must not re-enter: "y" waits for its pass
+            inside.append(any(e[0] == "send" and nested[0] in e[3] for e in events))
+
+        d = node.propose(b"x")
+        d.addCallback(answered)
+        index = node.core.last_index
+        clock.advance(0)
+        self.reply(
+            node, clock, Message(type=MessageType.APPEND_RESP, to=1, frm=2, term=node.core.term, index=index)
+        )
+        self.assertEqual(inside, [False], "a Ready was handled within another's answers")
+        # "y" was sent in the pass after (reply() advances the clock once).
+        self.assertTrue(any(e[0] == "send" and nested[0] in e[3] for e in events), f"y never left: {events}")

@@ -165,7 +165,15 @@ class MetadataReplica(ReplicaControl):
         arrived = self._batch_arrived
         if len(commands) == 1:
             self._propose_one_into(waiters[0], commands[0], timeout, arrived)
-            return
+        else:
+            self._propose_many(commands, waiters, timeout, arrived)
+        # The batch is complete (its turn is over, or it is full): its
+        # appends leave now, not one reactor pass later.
+        self.node.process_now()
+
+    def _propose_many(
+        self, commands: list[bytes], waiters: list[ReplySink], timeout: float, arrived: float | None
+    ) -> None:
         batch = self.machine.encode_batch(commands)
         propose = self.node.propose
         self.batches_proposed += 1
