@@ -130,6 +130,11 @@ class StorageClosed(RaftError):
 # The logical content shared by both storages.
 
 
+#: The meta of "no snapshot yet" (frozen, so one serves every log): a
+#: fresh log asks for it on every append.
+_NO_SNAPSHOT = SnapshotMeta()
+
+
 class _LogState:
     """Hard state, snapshot and the entries after it, with the overwrite and
     compaction rules of ``IStorage``. Both storages keep one in memory;
@@ -151,7 +156,7 @@ class _LogState:
 
     @property
     def snapshot_meta(self) -> SnapshotMeta:
-        return self.snapshot.meta if self.snapshot is not None else SnapshotMeta()
+        return self.snapshot.meta if self.snapshot is not None else _NO_SNAPSHOT
 
     @property
     def last_index(self) -> int:
