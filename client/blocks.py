@@ -152,6 +152,18 @@ class BlockClient:
         """``{hash: data}`` for every hash, each read from the first store of
         its walk with a good copy; Unavailable naming the blocks no store
         could give."""
+        got, lost = yield self.get_available(hashes)
+        if lost:
+            raise errors.Unavailable(
+                f"{len(lost)} blocks are on no block store that answers", blocks=lost[:10]
+            )
+        return got
+
+    @defer.inlineCallbacks
+    def get_available(self, hashes: Iterable[str]) -> Any:
+        """``({hash: data}, [hash...])``: the blocks some store gave (each
+        from the first store of its walk with a good copy), and the ones no
+        store could give, in the order asked."""
         wanted = list(dict.fromkeys(hashes))
         walks = {h: self.ring.candidates(h) for h in wanted}
         got: dict[str, bytes] = {}
@@ -175,12 +187,8 @@ class BlockClient:
                 got.update(value)
             depth += 1
         lost = [h for h in wanted if h not in got]
-        if lost:
-            raise errors.Unavailable(
-                f"{len(lost)} blocks are on no block store that answers", blocks=lost[:10]
-            )
         self.received += sum(len(d) for d in got.values())
-        return got
+        return got, lost
 
     @defer.inlineCallbacks
     def _get_from(self, store: str, hashes: list[str]) -> Any:

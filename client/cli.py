@@ -511,8 +511,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
         err_console.print(f"[yellow]skipped[/yellow] {escape(name)}: {why}")
     for name in result.conflicts:
         err_console.print(f"[yellow]conflict:[/yellow] your edit is kept as {escape(name)}")
+    for name, why in sorted(result.incomplete.items()):
+        err_console.print(f"[red]not synced[/red] {escape(name)}: {why}; the next sync tries again")
     _emit(args, result.to_json(), lambda: print(summary(result)))
-    return EXIT_OK
+    return EXIT_FAILED if result.incomplete else EXIT_OK
 
 
 def cmd_blocks(args: argparse.Namespace) -> int:

@@ -39,6 +39,12 @@ change made elsewhere arrives at once rather than at the next poll.
 A re-sync hashes only the files that changed since the last one
 (``HashCache``, kept in ``.surfshard-hashes``).
 
+A file whose blocks no block store can give (they were lost, or its
+metadata was written by ``surfshard put`` with made-up hashes) does not hold
+up the rest: it is left as it is and out of the index, reported as not
+synced (the command exits 1), and the cursor is not moved past it, so the
+next sync tries it again.
+
 Names that cannot be synced are reported and skipped: names with ``,``
 (the index's separator) or ``/``, the sync's own files (``index.txt``,
 ``.surfshard-cursor``, ``.surfshard-hashes``), names that are not valid UTF-8 or too long, and anything that
@@ -104,6 +110,10 @@ class SyncResult:
     deleted_remote: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Files this sync could not bring here (their blocks are on no block
+    #: store that answers), and why: left as they were, and the next sync
+    #: tries them again.
+    incomplete: dict[str, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
     #: How the server's side was learnt: "changes" (since the cursor) or
@@ -119,6 +129,7 @@ class SyncResult:
             "deleted_remote": len(self.deleted_remote),
             "conflicts": self.conflicts,
             "skipped": self.skipped,
+            "incomplete": self.incomplete,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "remote_from": self.remote_from,
@@ -410,8 +421,10 @@ class Folder:
             if self.wrote:
                 os.sync()  # the files the index is about to name are on disk first
             write_index(self.index_path, index)
-        if self.cursor is not None:
-            # After the index: the cursor never claims more than the index holds.
+        if self.cursor is not None and not self.result.incomplete:
+            # After the index: the cursor never claims more than the index
+            # holds (with a file left behind, the old cursor stays, so the
+            # next sync is told of that file's change again).
             _write_atomically(self.cursor_path, self.cursor.encode().encode("ascii") + b"\n")
         cache.save()
         return self.result
@@ -463,10 +476,22 @@ class Folder:
                 batch.append((name, info))
                 size += len(info[1]) * self.block_size
             needed = {h for _, (_, hashes) in batch if hashes != TOMB for h in hashes}
-            got = self._call(self.blocks.get, sorted(needed)) if needed else {}
+            got, lost = self._call(self.blocks.get_available, sorted(needed)) if needed else ({}, [])
             self.result.bytes_down += sum(len(d) for d in got.values())
+            missing = set(lost)
             for name, (version, hashes) in batch:
                 path = self.base / name
+                absent = sum(1 for h in hashes if h in missing) if missing and hashes != TOMB else 0
+                if absent:
+                    # One file's blocks must not hold up the others: this
+                    # one stays as it is (and out of the index), for the
+                    # next sync to try again.
+                    self.result.incomplete[name] = (
+                        f"version {version} not downloaded: {absent} of its {len(hashes)} blocks "
+                        "are on no block store that answers"
+                    )
+                    self._tick(name)
+                    continue
                 if hashes == TOMB:
                     if path.exists() or path.is_symlink():
                         path.unlink()
@@ -597,7 +622,13 @@ def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options
         while True:  # stopped by Ctrl-C
             started = time.monotonic()
             result = sync_folder(base, cluster, **options)
-            changed = result.uploaded or result.downloaded or result.deleted_local or result.deleted_remote
+            changed = (
+                result.uploaded
+                or result.downloaded
+                or result.deleted_local
+                or result.deleted_remote
+                or result.incomplete
+            )
             if changed:
                 print(f"{time.strftime('%H:%M:%S')} {summary(result)}", file=sys.stderr, flush=True)
             try:
@@ -653,4 +684,5 @@ def summary(result: SyncResult) -> str:
         f"up {len(result.uploaded)}, down {len(result.downloaded)}, deleted here {len(result.deleted_local)}, "
         f"deleted there {len(result.deleted_remote)}, conflicts {len(result.conflicts)}, "
         f"{result.bytes_up} bytes up, {result.bytes_down} bytes down"
+        + (f", {len(result.incomplete)} not synced" if result.incomplete else "")
     )

@@ -273,6 +273,58 @@ class SyncTests(SyncCluster):
         self.assertEqual(folder_state(a), folder_state(b))
         self.assert_index_matches_server(b)
 
+    def put(self, name: str, version: int, *hashes: str) -> None:
+        """``surfshard put``: metadata only, whatever the block stores hold."""
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "client.cli",
+                "put",
+                "--config",
+                str(self.config),
+                name,
+                str(version),
+                *hashes,
+            ],
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+    def test_a_file_whose_blocks_are_gone_does_not_hold_up_the_others(self) -> None:
+        # Metadata naming blocks no store holds (``surfshard put`` with a
+        # made-up hash, or blocks lost): every other file still syncs; that
+        # one is reported, left as it is and out of the index, the sync
+        # exits non-zero, and the next sync tries it again.
+        a, b = self.folder("a"), self.folder("b")
+        (a / "real.txt").write_text("real\n")
+        self.sync(a)
+        self.put("ghost.txt", 1, "ab" * 32)
+        first = self.sync(b, check=False)
+        self.assertEqual(first["returncode"], 1, first["stderr"])
+        report = json.loads(first["stdout"])
+        self.assertEqual(report["downloaded"], 1)
+        self.assertEqual(list(report["incomplete"]), ["ghost.txt"])
+        self.assertIn("not synced ghost.txt", first["stderr"])
+        self.assertEqual((b / "real.txt").read_text(), "real\n")
+        self.assertFalse((b / "ghost.txt").exists())
+        self.assertNotIn("ghost.txt", (b / "index.txt").read_text(encoding="utf-8"))
+        # No cursor past a file left behind: the next sync is told of it again.
+        (a / "more.txt").write_text("more\n")
+        self.sync(a, check=False)
+        again = self.sync(b, check=False)
+        self.assertEqual(list(json.loads(again["stdout"])["incomplete"]), ["ghost.txt"])
+        self.assertEqual((b / "more.txt").read_text(), "more\n")
+        # Once the file is deleted (or rewritten with real blocks), syncs are whole again.
+        self.put("ghost.txt", 2, "0")
+        whole = self.sync(b)
+        self.assertEqual(whole["incomplete"], {})
+        self.assertEqual(self.sync(a)["incomplete"], {})
+        self.assert_index_matches_server(b)
+
     def test_nonsense_index_is_refused_and_the_folder_untouched(self) -> None:
         a = self.folder("a")
         (a / "f.txt").write_text("x")
