@@ -13,7 +13,7 @@ from typing import Any
 
 import cbor2
 from OpenSSL import SSL
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -38,7 +38,7 @@ from surfshard.errors import (
 from surfshard.net.methods import MethodTable
 from surfshard.net.pool import RpcClientPool, RpcConnection
 from surfshard.net.schema import Arg, Schema, Value
-from surfshard.net.server import RpcServerFactory, RpcServerProtocol, ServerLimits
+from surfshard.net.server import RpcServerFactory, RpcServerProtocol, ServerLimits, write_now
 from surfshard.net.wire import FrameDecoder, encode_frame
 
 # Randomised inputs come from this seed; set SURFSHARD_SEED to explore
@@ -285,6 +285,43 @@ class MethodTableTests(SynchronousTestCase):
 # ---------------------------------------------------------------------------
 # Server protocol in memory
 # ---------------------------------------------------------------------------
+
+
+class WriteNowTests(SynchronousTestCase):
+    """``write_now`` goes straight to the socket only when Twisted holds
+    nothing unsent, and otherwise (or when it cannot tell) uses ``write``."""
+
+    def transport(self, **attrs: Any) -> Any:
+        conn = tcp.Connection.__new__(tcp.Connection)  # no socket: only the checks run
+        conn.connected = 1
+        conn.writes, conn.sent = [], []
+        conn.write = conn.writes.append
+        conn.writeSomeData = lambda data: conn.sent.append(data) or len(data)
+        for name, value in attrs.items():
+            setattr(conn, name, value)
+        return conn
+
+    def test_an_idle_transport_is_written_at_once(self) -> None:
+        conn = self.transport(_tempDataBuffer=[])
+        write_now(conn, b"abc")
+        self.assertEqual((conn.sent, conn.writes), ([b"abc"], []))
+
+    def test_data_already_waiting_goes_first(self) -> None:
+        conn = self.transport(_tempDataBuffer=[b"earlier"])
+        write_now(conn, b"abc")
+        self.assertEqual((conn.sent, conn.writes), ([], [b"abc"]))
+
+    def test_a_twisted_without_the_private_buffer_takes_the_safe_path(self) -> None:
+        conn = self.transport()
+        self.assertFalse(hasattr(conn, "_tempDataBuffer"))
+        write_now(conn, b"abc")
+        self.assertEqual((conn.sent, conn.writes), ([], [b"abc"]))
+
+    def test_what_the_socket_does_not_take_is_left_to_write(self) -> None:
+        conn = self.transport(_tempDataBuffer=[])
+        conn.writeSomeData = lambda data: 1
+        write_now(conn, b"abc")
+        self.assertEqual(conn.writes, [b"bc"])
 
 
 class ServerProtocolTests(SynchronousTestCase):

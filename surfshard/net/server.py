@@ -170,7 +170,10 @@ def write_now(transport: Any, data: bytes) -> None:
         not isinstance(transport, tcp.Connection)
         or transport.TLS
         or transport.dataBuffer
-        or transport._tempDataBuffer
+        # Twisted's private buffer of writes not yet joined: a Twisted that
+        # has no such attribute gets the plain ``write`` (it may buffer
+        # elsewhere), never an AttributeError on every message.
+        or getattr(transport, "_tempDataBuffer", True)
         or not transport.connected
         or transport.disconnecting
     ):
