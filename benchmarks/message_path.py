@@ -1,0 +1,196 @@
+"""CPU per AppendEntries on a follower's path, in one process, no network:
+the number the floor comparison (``benchmarks/floor.py``) says to bring down,
+measured without four processes sharing two cores.
+
+    python3 dev.py bench message_path [--messages 20000] [--entries 1,64] [--rounds 5] [--profile]
+
+A follower as the replica service builds it (``RaftNode`` over
+``DiskStorage`` with fsync off, ``RpcRaftTransport``, the metadata state
+machine) behind an ``RpcServerProtocol`` with the ``raft`` method, fed the
+frames a leader sends: one AppendEntries per frame carrying ``--entries``
+updates (1: one writer; 64: a 64-writer batch), each committing the one
+before. Per frame the follower decodes it, validates it, steps Raft,
+appends to its log (written, not synced), encodes and "sends" its
+acknowledgement (encoded as the pool would, not written to a socket), and
+applies the entry it learnt committed. Frames are made before the clock
+starts: the leader's work is not counted.
+
+Prints CPU µs per frame and per update (``time.process_time``, best of
+``--rounds``) and, with ``--profile``, the functions that take it. These
+are figures for comparing two trees on one machine (``--tree DIR`` runs the
+same measurement against the code of another checkout, a worktree of the
+commit before a change say, interleaved), never assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HASHLIST = [f"{i:064x}" for i in range(1, 5)]
+
+
+def build(workdir: str) -> tuple[Any, Any, Any]:
+    """A follower (raft id 2 of 1, 2, 3) and the protocol a leader talks to."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from raft.node import RaftNode
+    from raft.storage import DiskStorage
+    from raft.types import RaftConfig
+    from surfshard.metadata.state import MetadataStateMachine
+    from surfshard.net.methods import MethodTable
+    from surfshard.net.pool import encode_notification
+    from surfshard.net.server import RpcServerProtocol, ServerLimits
+    from surfshard.replica.raft_transport import RpcRaftTransport
+
+    class EncodingPool:
+        """The pool's share of sending an acknowledgement: its encoding."""
+
+        sent = 0
+
+        def notify(self, address: str, method: str, args: Any) -> bool:
+            self.sent += len(encode_notification(method, args))
+            return True
+
+    clock = Clock()
+    pool = EncodingPool()
+    transport = RpcRaftTransport(pool, 2, {1: "leader", 2: "me", 3: "other"}, group="g", clock=clock)  # type: ignore[arg-type]
+    node = RaftNode(
+        RaftConfig(id=2, peers=(1, 2, 3)),
+        DiskStorage(workdir, fsync=False),
+        transport,
+        MetadataStateMachine(1),
+        clock,
+        snapshot_entries=10**9,
+    )
+    node.startService()
+    table = MethodTable(service="bench")
+    table.add("raft", transport.deliver_from, RpcRaftTransport.method_args(), pass_context=True)
+    proto = RpcServerProtocol(table, clock, ServerLimits(idle_timeout=None))
+    proto.makeConnection(StringTransport())
+    return node, proto, clock
+
+
+def frames(count: int, entries: int) -> list[bytes]:
+    from raft.types import Entry, Message, MessageType
+    from surfshard.metadata.state import encode_batch, encode_update
+    from surfshard.net.pool import encode_notification
+
+    out = []
+    index = 0
+    for i in range(count):
+        updates = [encode_update(f"f{i}-{k}", 1, HASHLIST, f"c{k}", i + 1) for k in range(entries)]
+        data = updates[0] if entries == 1 else encode_batch(updates)
+        message = Message(
+            type=MessageType.APPEND,
+            to=2,
+            frm=1,
+            term=1,
+            log_term=1 if index else 0,
+            index=index,
+            entries=[Entry(1, index + 1, data)],
+            commit=index,
+        )
+        index += 1
+        out.append(encode_notification("raft", {"group": "g", "msgs": [message.to_wire()]}))
+    return out
+
+
+def measure(count: int, entries: int, profile: bool) -> tuple[float, str]:
+    workdir = tempfile.mkdtemp(prefix="message-path-")
+    try:
+        node, proto, clock = build(workdir)
+        made = frames(count, entries)
+        warm = made[: count // 10]
+        for frame in warm:
+            proto.dataReceived(frame)
+            clock.advance(0)
+        rest = made[len(warm) :]
+        profiler = cProfile.Profile() if profile else None
+        started = time.process_time()
+        if profiler is not None:
+            profiler.enable()
+        for frame in rest:
+            proto.dataReceived(frame)
+            clock.advance(0)
+        if profiler is not None:
+            profiler.disable()
+        spent = time.process_time() - started
+        applied = node.status()["applied"] if hasattr(node, "status") else None
+        node.stopService()
+        text = ""
+        if profiler is not None:
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+            text = out.getvalue()
+        if applied is not None and applied < count - 1:
+            raise RuntimeError(f"the follower applied {applied} of {count} entries: the bench is broken")
+        return spent / len(rest) * 1e6, text
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--entries", default="1,64", help="updates per AppendEntries (default 1,64)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tree", help="also run another checkout (a worktree), interleaved")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, JSON-free
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.entries.split(",")]
+    if args.one:
+        # The code measured is the working directory's (this tree, or --tree).
+        sys.path.insert(0, os.getcwd())
+        entries = int(args.one)
+        count = args.messages if entries == 1 else max(200, args.messages // entries)
+        us, text = measure(count, entries, args.profile)
+        print(f"{us:.3f}")
+        if text:
+            print(text, file=sys.stderr)
+        return 0
+    trees = {"this tree": str(ROOT)}
+    if args.tree:
+        trees["--tree"] = str(Path(args.tree).resolve())
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(args.rounds):
+        for name, path in trees.items():
+            for entries in levels:
+                argv1 = [sys.executable, str(Path(__file__).resolve())]
+                argv1 += ["--one", str(entries), "--messages", str(args.messages)]
+                if args.profile:
+                    argv1.append("--profile")
+                done = subprocess.run(argv1, cwd=path, capture_output=True, text=True, check=True)
+                us = float(done.stdout.strip())
+                key = (name, entries)
+                best[key] = min(best.get(key, us), us)
+                if args.profile and done.stderr:
+                    print(f"--- {name}, {entries} update(s) per AppendEntries\n{done.stderr}")
+    print(f"follower CPU per AppendEntries (best of {args.rounds} rounds), process_time:")
+    for entries in levels:
+        for name in trees:
+            us = best[(name, entries)]
+            print(
+                f"  {name:<10} {entries:>3} update(s) per message: {us:8.1f} us per message, {us / entries:7.2f} us per update"
+            )
+        if len(trees) == 2:
+            a, b = (best[(n, entries)] for n in trees)
+            print(f"  this tree / --tree: {a / b:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
