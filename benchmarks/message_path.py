@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import io
 import os
 import pstats
@@ -66,7 +67,9 @@ def build(workdir: str) -> tuple[Any, Any, Any]:
 
     clock = Clock()
     pool = EncodingPool()
-    transport = RpcRaftTransport(pool, 2, {1: "leader", 2: "me", 3: "other"}, group="g", clock=clock)  # type: ignore[arg-type]
+    # Older trees (for --tree) took the clock for a timed flush of their own.
+    extra = {"clock": clock} if "clock" in inspect.signature(RpcRaftTransport).parameters else {}
+    transport = RpcRaftTransport(pool, 2, {1: "leader", 2: "me", 3: "other"}, group="g", **extra)  # type: ignore[arg-type]
     node = RaftNode(
         RaftConfig(id=2, peers=(1, 2, 3)),
         DiskStorage(workdir, fsync=False),

@@ -550,15 +550,16 @@ class RaftTransportBatchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.pool = RecordingPool(self.clock)
-        self.transport = RpcRaftTransport(self.pool, 1, ADDRESSES, "g1", self.clock)
+        self.transport = RpcRaftTransport(self.pool, 1, ADDRESSES, "g1")
 
-    def test_one_request_per_peer_per_turn(self):
+    def test_one_request_per_peer_per_flush(self):
         self.transport.send(append(1, 2, 10))
         self.transport.send(heartbeat(1, 3))
         self.transport.send(heartbeat(1, 2))
-        self.assertEqual(self.pool.sent, [])  # nothing before the reactor turns
+        self.clock.advance(1)
+        self.assertEqual(self.pool.sent, [])  # queued until the driver flushes, whatever the time
         self.assertEqual(self.transport.pending(), 3)
-        self.clock.advance(0)
+        self.transport.flush()
         self.assertEqual(
             [(a, m) for a, m, _ in self.pool.sent], [(ADDRESSES[2], "raft"), (ADDRESSES[3], "raft")]
         )
@@ -566,14 +567,14 @@ class RaftTransportBatchTests(SynchronousTestCase):
         self.assertEqual(to_two["group"], "g1")
         self.assertEqual([Message.from_wire(w) for w in to_two["msgs"]], [append(1, 2, 10), heartbeat(1, 2)])
         self.assertEqual((self.transport.sent, self.transport.batches), (3, 2))
-        self.clock.advance(1)
+        self.transport.flush()
         self.assertEqual(len(self.pool.sent), 2)  # flushed once
 
     def test_large_batches_are_split_by_size(self):
         messages = [append(1, 2, 1024 * 1024) for _ in range(9)]
         for m in messages:
             self.transport.send(m)
-        self.clock.advance(0)
+        self.transport.flush()
         self.assertGreater(len(self.pool.sent), 2)
         got = [w for _, _, args in self.pool.sent for w in args["msgs"]]
         self.assertEqual([Message.from_wire(w) for w in got], messages)
@@ -588,7 +589,7 @@ class RaftTransportBatchTests(SynchronousTestCase):
         huge = append(1, 2, 5000)
         for m in [*small, huge]:
             self.transport.send(m)
-        self.clock.advance(0)
+        self.transport.flush()
         got = [Message.from_wire(w) for _, _, args in self.pool.sent for w in args["msgs"]]
         self.assertEqual(got, small)
         self.assertEqual(self.transport.send_failures, 1)
@@ -598,12 +599,12 @@ class RaftTransportBatchTests(SynchronousTestCase):
         self.pool.accept = False
         self.transport.send(heartbeat(1, 2))
         self.transport.send(heartbeat(1, 2))
-        self.clock.advance(0)
+        self.transport.flush()
         self.assertEqual(self.transport.send_failures, 2)
 
     def test_unknown_destination_is_dropped(self):
         self.transport.send(heartbeat(1, 9))
-        self.clock.advance(0)
+        self.transport.flush()
         self.assertEqual(self.pool.sent, [])
 
 
@@ -612,7 +613,7 @@ class RaftTransportDeliverTests(SynchronousTestCase):
         self.got: list[Message] = []
         self.crashed = False
         clock = Clock()
-        self.transport = RpcRaftTransport(RecordingPool(clock), 2, ADDRESSES, "g1", clock)
+        self.transport = RpcRaftTransport(RecordingPool(clock), 2, ADDRESSES, "g1")
         self.transport.set_handler(self.handle)
 
     def handle(self, message: Message) -> None:
@@ -686,7 +687,7 @@ class RaftTransportLiveTests(TestCase):
         for node in (1, 2):
             self.pools[node] = RpcClientPool(reactor, rng=random.Random(SEED))
             self.addCleanup(self.pools[node].close)
-            transport = RpcRaftTransport(self.pools[node], node, addresses, "g1", reactor)
+            transport = RpcRaftTransport(self.pools[node], node, addresses, "g1")
             transport.set_handler(lambda m, node=node: self.handle(node, m))
             self.tables[node].add("raft", transport.deliver, RpcRaftTransport.method_args())
             self.transports[node] = transport
@@ -703,11 +704,14 @@ class RaftTransportLiveTests(TestCase):
             self.transports[1].send(heartbeat(1, 2, term=term))
             if term % 10 == 0:
                 self.transports[2].send(heartbeat(2, 1, term=term))
+                # As Raft's driver does after a Ready's messages.
+                self.transports[1].flush()
+                self.transports[2].flush()
                 yield wait_for(lambda t=term: len(self.got[2]) == t, f"{term} messages at node 2")
         yield wait_for(lambda: len(self.got[1]) == 4, "the answers at node 1")
         self.assertEqual([m.term for m in self.got[2]], list(range(1, 41)))
         self.assertEqual([m.term for m in self.got[1]], [10, 20, 30, 40])
-        self.assertLessEqual(self.transports[1].batches, 40)
+        self.assertEqual(self.transports[1].batches, 4)  # one frame per flush
         connection = self.pools[1].connection(self.addresses[2])
         self.assertEqual((connection.replies, connection.refused_notifications), (0, 0))
 
@@ -715,6 +719,7 @@ class RaftTransportLiveTests(TestCase):
     def test_crashed_peer_refuses_with_crashed(self):
         self.crashed[2] = True
         self.transports[1].send(heartbeat(1, 2))
+        self.transports[1].flush()
         yield wait_for(
             lambda: (
                 self.pools[1].connection(self.addresses[2]) is not None
@@ -726,6 +731,7 @@ class RaftTransportLiveTests(TestCase):
         self.assertEqual(self.got[2], [])
         self.crashed[2] = False  # restored: the next message is taken
         self.transports[1].send(heartbeat(1, 2, term=5))
+        self.transports[1].flush()
         yield wait_for(lambda: len(self.got[2]) == 1, "the message after restore")
 
     @defer.inlineCallbacks

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -63,11 +62,11 @@ class RpcRaftTransport:
     another group is refused instead of disturbing this one.
 
     ``send`` only queues: the queue for each peer goes out as one one-way
-    ``raft`` request when the reactor next runs its timed calls
-    (``clock.callLater(0)``, ``clock`` defaulting to the pool's reactor).
-    Raft's driver sends every message of one ``Ready`` in one go, so a
-    whole Ready (an AppendEntries and a heartbeat for the same follower,
-    say) costs one frame per peer."""
+    ``raft`` request at ``flush``, which Raft's driver calls after sending
+    every message of one ``Ready`` (``ITransport``), so a whole Ready (an
+    AppendEntries and a heartbeat for the same follower, say) costs one
+    frame per peer. (No timed call backs this up: one per Ready, always
+    cancelled by the driver's flush, was work on every message.)"""
 
     log = Logger()
 
@@ -77,16 +76,13 @@ class RpcRaftTransport:
         node_id: int,
         addresses: Mapping[int, str],
         group: str,
-        clock: IReactorTime,
     ) -> None:
         self.pool = pool
         self.node_id = node_id
         self.addresses = dict(addresses)
         self.group = group
-        self.clock = clock
         self._handler: Callable[[Message], None] | None = None
         self._outbox: dict[str, list[Message]] = {}
-        self._flush_call: Any = None
         #: Messages handed to ``send`` / batches written or queued by the pool.
         self.sent = 0
         self.batches = 0
@@ -109,14 +105,9 @@ class RpcRaftTransport:
             self._outbox[address] = [message]
         else:
             queue.append(message)
-        if self._flush_call is None:
-            self._flush_call = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:
         """Send what is queued now (normally run by the reactor)."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
         outbox, self._outbox = self._outbox, {}
         for address, messages in outbox.items():
             for batch in self._batches(messages):

@@ -117,7 +117,7 @@ class ReplicaService(service.MultiService):
             str(self.data_dir / "raft"), fsync=timings.fsync if fsync is None else fsync
         )
         self.transport = RpcRaftTransport(
-            self.peer_pool, raft_id, self.raft_addresses, group=self.name.rsplit("-", 1)[0], clock=reactor
+            self.peer_pool, raft_id, self.raft_addresses, group=self.name.rsplit("-", 1)[0]
         )
         self.state_machine = state_machine
         self.node = RaftNode(
