@@ -152,14 +152,26 @@ class Front(protocol.Protocol):
         self.buf = buf[pos:]
         if not payloads:
             return
-        requests = cbor2.loads(_array_head(len(payloads)) + b"".join(payloads))
+        try:
+            requests = cbor2.loads(_array_head(len(payloads)) + b"".join(payloads))
+        except (cbor2.CBORDecodeError, ValueError, RecursionError):
+            self.transport.loseConnection()
+            return
         node = self.node
         replies: list[tuple[Front, bytes]] = []
         immediate: list[bytes] = []
         for request in requests:
-            rid, method, args = request.get("id"), request.get("method"), request.get("args")
-            if method == "updatefile" and node.index == 0:
+            args = request.get("args") if type(request) is dict else None
+            if type(args) is not dict:
+                error = {"code": "BAD_REQUEST", "message": "a request is a map with an args map"}
+                immediate.append(_frame({"id": None, "error": error}))
+                continue
+            rid, method = request.get("id"), request.get("method")
+            if method == "updatefile" and node.index == 0 and type(args.get("version")) is int:
                 replies.append((self, encode_reply(rid, args["version"])))
+            elif method == "updatefile" and node.index == 0:
+                error = {"code": "BAD_REQUEST", "message": "version must be an integer"}
+                immediate.append(_frame({"id": rid, "error": error}))
             elif method == "updatefile":
                 error = {"code": "NOT_LEADER", "message": "not the leader", "leader": node.fronts[0]}
                 immediate.append(_frame({"id": rid, "error": error}))
@@ -195,6 +207,9 @@ class Replication(protocol.Protocol):
         pos, end, last = 0, len(buf), 0
         while end - pos >= 12:
             size, number = _BATCH.unpack_from(buf, pos)
+            if not 8 <= size <= MAX_FRAME:
+                self.transport.loseConnection()
+                return
             if end - pos - 4 < size:
                 break
             pos += 4 + size
