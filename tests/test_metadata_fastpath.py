@@ -441,8 +441,11 @@ class ScriptedNode:
         self.pending.append((command, d))
         return d
 
+    processed_now = 0
+
     def process_now(self) -> None:
-        """RaftNode's: what was proposed is sent at once (here: held until ``commit``)."""
+        """RaftNode's: what was proposed is sent at once (here: counted, held until ``commit``)."""
+        self.processed_now += 1
 
     def commit(self) -> None:
         pending, self.pending = self.pending, []
@@ -572,7 +575,11 @@ class UpdateBatchTests(SynchronousTestCase):
         n = metadata.MAX_BATCH_COMMANDS + 3
         waiters = [replica.updatefile(f"f{i}", 1, [H1], "c", i + 1) for i in range(n)]
         self.assertEqual(len(node.proposed), 1)
+        # Proposed mid-turn, replicated with the turn's other batches: one
+        # Raft pass (one sync) at the end of the turn, not one per batch.
+        self.assertEqual(node.processed_now, 0)
         clock.advance(0)
+        self.assertEqual(node.processed_now, 1)
         self.assertEqual(
             [len(cbor2.loads(b)["cmds"]) for b in node.proposed], [metadata.MAX_BATCH_COMMANDS, 3]
         )

@@ -111,7 +111,9 @@ class MetadataReplica(ReplicaControl):
             # Leading was checked when the batch began, this turn (were it
             # lost since, the batch's proposal fails and is retried as any).
             if len(batch) >= MAX_BATCH_COMMANDS or self._batch_bytes + len(command) > MAX_BATCH_BYTES:
-                self._propose_batch()
+                # Full in the middle of a read: proposed now, replicated with
+                # the rest of the turn's batches (one Ready, one sync).
+                self._propose_batch(at_turn_end=False)
                 batch = self._batch
         if not batch and (not self.batch_updates or not self.is_leader()):
             self._propose_one_into(reply, command, timeout)
@@ -147,7 +149,7 @@ class MetadataReplica(ReplicaControl):
         d = self.as_leader(attempt, timeout, update_result)
         d.addCallbacks(self._one_applied, self._batch_failed, callbackArgs=(reply,), errbackArgs=([reply],))
 
-    def _propose_batch(self) -> None:
+    def _propose_batch(self, at_turn_end: bool = True) -> None:
         """Propose the batch collected so far (run by the reactor at the end
         of the turn, or early when the batch is full)."""
         if self._batch_call is not None and self._batch_call.active():
@@ -167,9 +169,10 @@ class MetadataReplica(ReplicaControl):
             self._propose_one_into(waiters[0], commands[0], timeout, arrived)
         else:
             self._propose_many(commands, waiters, timeout, arrived)
-        # The batch is complete (its turn is over, or it is full): its
-        # appends leave now, not one reactor pass later.
-        self.node.process_now()
+        if at_turn_end:
+            # The turn is over: its batches' appends leave now, not one
+            # reactor pass later.
+            self.node.process_now()
 
     def _propose_many(
         self, commands: list[bytes], waiters: list[ReplySink], timeout: float, arrived: float | None
