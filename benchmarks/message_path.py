@@ -1,8 +1,10 @@
-"""CPU per AppendEntries on a follower's path, in one process, no network:
-the number the floor comparison (``benchmarks/floor.py``) says to bring down,
-measured without four processes sharing two cores.
+"""CPU per message on a follower's path, and per write on a leader's, in one
+process, no network: the numbers the floor comparison
+(``benchmarks/floor.py``) says to bring down, measured without four
+processes sharing two cores.
 
-    python3 dev.py bench message_path [--messages 20000] [--entries 1,64] [--rounds 5] [--profile]
+    python3 dev.py bench message_path [--node follower|leader] [--messages 20000]
+        [--entries 1,64] [--rounds 5] [--profile] [--tree DIR]
 
 A follower as the replica service builds it (``RaftNode`` over
 ``DiskStorage`` with fsync off, ``RpcRaftTransport``, the metadata state
@@ -14,6 +16,13 @@ appends to its log (written, not synced), encodes and "sends" its
 acknowledgement (encoded as the pool would, not written to a socket), and
 applies the entry it learnt committed. Frames are made before the clock
 starts: the leader's work is not counted.
+
+``--node leader`` runs the other end: a leader (the metadata replica over
+its ``RaftNode``, as the service builds it) takes ``--entries`` updatefile
+calls in one read, proposes them as one entry at the end of the turn,
+encodes its AppendEntries for both followers (not written to sockets),
+writes its log, takes both followers' acknowledgements as frames, commits,
+applies and writes the replies to the client's transport.
 
 Prints CPU µs per frame and per update (``time.process_time``, best of
 ``--rounds``) and, with ``--profile``, the functions that take it. These
@@ -145,6 +154,124 @@ def measure(count: int, entries: int, profile: bool) -> tuple[float, str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def measure_leader(count: int, writers: int, profile: bool) -> tuple[float, str]:
+    """CPU per write on a leader (raft id 1) serving ``writers`` updatefile
+    calls a turn: their frames arrive in one read, the turn proposes them
+    (one Raft entry), the AppendEntries are encoded for both followers, and
+    both followers' acknowledgements come in; the commit, apply and the
+    replies (written to the client's transport) follow."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from raft.node import RaftNode
+    from raft.storage import DiskStorage
+    from raft.types import Message, MessageType, RaftConfig
+    from surfshard.metadata.replica import MetadataReplica
+    from surfshard.metadata.service import metadata_methods
+    from surfshard.metadata.state import MetadataStateMachine
+    from surfshard.net.pool import encode_notification
+    from surfshard.net.server import RpcServerProtocol, ServerLimits
+    from surfshard.net.wire import encode_request
+    from surfshard.replica.raft_transport import RpcRaftTransport
+
+    class EncodingPool:
+        def notify(self, address: str, method: str, args: Any) -> bool:
+            encode_notification(method, args)
+            return True
+
+    workdir = tempfile.mkdtemp(prefix="message-path-")
+    try:
+        clock = Clock()
+        extra = {"clock": clock} if "clock" in inspect.signature(RpcRaftTransport).parameters else {}
+        addresses = {1: "127.0.0.1:1", 2: "127.0.0.1:2", 3: "127.0.0.1:3"}
+        transport = RpcRaftTransport(EncodingPool(), 1, addresses, group="g", **extra)  # type: ignore[arg-type]
+        machine = MetadataStateMachine(1)
+        node = RaftNode(
+            RaftConfig(id=1, peers=(1, 2, 3)),
+            DiskStorage(workdir, fsync=False),
+            transport,
+            machine,
+            clock,
+            snapshot_entries=10**9,
+        )
+        node.startService()
+        replica = MetadataReplica(node, machine, addresses, clock)
+        table = metadata_methods(replica)
+        table.add("raft", transport.deliver_from, RpcRaftTransport.method_args(), pass_context=True)
+        client, peer = StringTransport(), StringTransport()
+        client_proto = RpcServerProtocol(table, clock, ServerLimits(idle_timeout=None))
+        client_proto.makeConnection(client)
+        peer_proto = RpcServerProtocol(table, clock, ServerLimits(idle_timeout=None))
+        peer_proto.makeConnection(peer)
+        # Elected with node 2's votes (bounded: a pre-vote, then a vote).
+        node.campaign()
+        clock.advance(0)
+        # A pre-vote is asked for the next term; the vote, once a candidate, in it.
+        for kind, ahead in ((MessageType.PRE_VOTE_RESP, 1), (MessageType.VOTE_RESP, 0)):
+            if not node.is_leader:
+                node._on_message(Message(type=kind, to=1, frm=2, term=node.core.term + ahead))
+                clock.advance(0)
+        if not node.is_leader:
+            raise RuntimeError("the bench's leader was not elected")
+        term, base = node.core.term, node.core.last_index
+
+        def ack(frm: int, index: int) -> bytes:
+            message = Message(type=MessageType.APPEND_RESP, to=1, frm=frm, term=term, index=index)
+            return encode_notification("raft", {"group": "g", "msgs": [message.to_wire()]})
+
+        peer_proto.dataReceived(ack(2, base) + ack(3, base))
+        clock.advance(0)
+        turns = []
+        for i in range(count):
+            calls = b"".join(
+                encode_request(
+                    w + 1,
+                    "updatefile",
+                    {
+                        "name": f"f{i}-{w}",
+                        "version": 1,
+                        "hashlist": HASHLIST,
+                        "client_id": f"c{w}",
+                        "seq": i + 1,
+                    },
+                )
+                for w in range(writers)
+            )
+            turns.append((calls, ack(2, base + i + 1), ack(3, base + i + 1)))
+        warm = max(1, count // 10)
+
+        def run(part: list[tuple[bytes, bytes, bytes]]) -> None:
+            for calls, first, second in part:
+                client_proto.dataReceived(calls)
+                clock.advance(0)
+                peer_proto.dataReceived(first)
+                clock.advance(0)
+                peer_proto.dataReceived(second)
+                clock.advance(0)
+                client.clear()
+
+        run(turns[:warm])
+        profiler = cProfile.Profile() if profile else None
+        started = time.process_time()
+        if profiler is not None:
+            profiler.enable()
+        run(turns[warm:])
+        if profiler is not None:
+            profiler.disable()
+        spent = time.process_time() - started
+        if node.status()["applied"] < base + count:
+            raise RuntimeError("the leader did not apply every write: the bench is broken")
+        node.stopService()
+        text = ""
+        if profiler is not None:
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+            text = out.getvalue()
+        return spent / ((count - warm) * writers) * 1e6, text
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
@@ -152,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tree", help="also run another checkout (a worktree), interleaved")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, JSON-free
+    parser.add_argument(
+        "--node",
+        choices=("follower", "leader"),
+        default="follower",
+        help="whose path (leader: CPU per write with --entries writers a turn)",
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.entries.split(",")]
     if args.one:
@@ -160,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
         entries = int(args.one)
         count = args.messages if entries == 1 else max(200, args.messages // entries)
-        us, text = measure(count, entries, args.profile)
+        if args.node == "leader":
+            per_write, text = measure_leader(count, entries, args.profile)
+            us = per_write * entries  # per turn, as the follower's figure is per message
+        else:
+            us, text = measure(count, entries, args.profile)
         print(f"{us:.3f}")
         if text:
             print(text, file=sys.stderr)
@@ -173,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in trees.items():
             for entries in levels:
                 argv1 = [sys.executable, str(Path(__file__).resolve())]
-                argv1 += ["--one", str(entries), "--messages", str(args.messages)]
+                argv1 += ["--one", str(entries), "--messages", str(args.messages), "--node", args.node]
                 if args.profile:
                     argv1.append("--profile")
                 done = subprocess.run(argv1, cwd=path, capture_output=True, text=True, check=True)
@@ -182,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                 best[key] = min(best.get(key, us), us)
                 if args.profile and done.stderr:
                     print(f"--- {name}, {entries} update(s) per AppendEntries\n{done.stderr}")
-    print(f"follower CPU per AppendEntries (best of {args.rounds} rounds), process_time:")
+    what = "follower CPU per AppendEntries" if args.node == "follower" else "leader CPU per turn"
+    print(f"{what} (best of {args.rounds} rounds), process_time:")
     for entries in levels:
         for name in trees:
             us = best[(name, entries)]
