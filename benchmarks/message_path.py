@@ -51,47 +51,82 @@ ROOT = Path(__file__).resolve().parent.parent
 HASHLIST = [f"{i:064x}" for i in range(1, 5)]
 
 
-def build(workdir: str) -> tuple[Any, Any, Any]:
-    """A follower (raft id 2 of 1, 2, 3) and the protocol a leader talks to."""
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
+ADDRESSES = {1: "127.0.0.1:1", 2: "127.0.0.1:2", 3: "127.0.0.1:3"}
 
+
+def raft_node(workdir: str, raft_id: int, machine: Any, clock: Any) -> tuple[Any, Any]:
+    """Raft node ``raft_id`` of 1, 2, 3 as the replica service builds it
+    (fsync off, no snapshots in the run), over an ``RpcRaftTransport`` whose
+    pool only encodes what it is given (the sockets are not measured)."""
     from raft.node import RaftNode
     from raft.storage import DiskStorage
     from raft.types import RaftConfig
-    from surfshard.metadata.state import MetadataStateMachine
-    from surfshard.net.methods import MethodTable
     from surfshard.net.pool import encode_notification
-    from surfshard.net.server import RpcServerProtocol, ServerLimits
     from surfshard.replica.raft_transport import RpcRaftTransport
 
     class EncodingPool:
-        """The pool's share of sending an acknowledgement: its encoding."""
-
-        sent = 0
-
         def notify(self, address: str, method: str, args: Any) -> bool:
-            self.sent += len(encode_notification(method, args))
+            encode_notification(method, args)
             return True
 
-    clock = Clock()
-    pool = EncodingPool()
     # Older trees (for --tree) took the clock for a timed flush of their own.
     extra = {"clock": clock} if "clock" in inspect.signature(RpcRaftTransport).parameters else {}
-    transport = RpcRaftTransport(pool, 2, {1: "leader", 2: "me", 3: "other"}, group="g", **extra)  # type: ignore[arg-type]
+    transport = RpcRaftTransport(EncodingPool(), raft_id, ADDRESSES, group="g", **extra)  # type: ignore[arg-type]
     node = RaftNode(
-        RaftConfig(id=2, peers=(1, 2, 3)),
+        RaftConfig(id=raft_id, peers=(1, 2, 3)),
         DiskStorage(workdir, fsync=False),
         transport,
-        MetadataStateMachine(1),
+        machine,
         clock,
         snapshot_entries=10**9,
     )
     node.startService()
+    return node, transport
+
+
+def server(table: Any, clock: Any) -> tuple[Any, Any]:
+    """A native-protocol connection serving ``table``, and its transport."""
+    from twisted.internet.testing import StringTransport
+
+    from surfshard.net.server import RpcServerProtocol, ServerLimits
+
+    transport = StringTransport()
+    proto = RpcServerProtocol(table, clock, ServerLimits(idle_timeout=None))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def timed(run: Any, profile: bool) -> tuple[float, str]:
+    """CPU seconds ``run()`` took, and its profile's top functions if asked."""
+    profiler = cProfile.Profile() if profile else None
+    started = time.process_time()
+    if profiler is not None:
+        profiler.enable()
+    run()
+    if profiler is not None:
+        profiler.disable()
+    spent = time.process_time() - started
+    text = ""
+    if profiler is not None:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+        text = out.getvalue()
+    return spent, text
+
+
+def build(workdir: str) -> tuple[Any, Any, Any]:
+    """A follower (raft id 2 of 1, 2, 3) and the protocol a leader talks to."""
+    from twisted.internet.task import Clock
+
+    from surfshard.metadata.state import MetadataStateMachine
+    from surfshard.net.methods import MethodTable
+    from surfshard.replica.raft_transport import RpcRaftTransport
+
+    clock = Clock()
+    node, transport = raft_node(workdir, 2, MetadataStateMachine(1), clock)
     table = MethodTable(service="bench")
     table.add("raft", transport.deliver_from, RpcRaftTransport.method_args(), pass_context=True)
-    proto = RpcServerProtocol(table, clock, ServerLimits(idle_timeout=None))
-    proto.makeConnection(StringTransport())
+    proto, _ = server(table, clock)
     return node, proto, clock
 
 
@@ -130,24 +165,16 @@ def measure(count: int, entries: int, profile: bool) -> tuple[float, str]:
             proto.dataReceived(frame)
             clock.advance(0)
         rest = made[len(warm) :]
-        profiler = cProfile.Profile() if profile else None
-        started = time.process_time()
-        if profiler is not None:
-            profiler.enable()
-        for frame in rest:
-            proto.dataReceived(frame)
-            clock.advance(0)
-        if profiler is not None:
-            profiler.disable()
-        spent = time.process_time() - started
-        applied = node.status()["applied"] if hasattr(node, "status") else None
+
+        def run() -> None:
+            for frame in rest:
+                proto.dataReceived(frame)
+                clock.advance(0)
+
+        spent, text = timed(run, profile)
+        applied = node.status()["applied"]
         node.stopService()
-        text = ""
-        if profiler is not None:
-            out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
-            text = out.getvalue()
-        if applied is not None and applied < count - 1:
+        if applied < count - 1:
             raise RuntimeError(f"the follower applied {applied} of {count} entries: the bench is broken")
         return spent / len(rest) * 1e6, text
     finally:
@@ -161,48 +188,25 @@ def measure_leader(count: int, writers: int, profile: bool) -> tuple[float, str]
     both followers' acknowledgements come in; the commit, apply and the
     replies (written to the client's transport) follow."""
     from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
 
-    from raft.node import RaftNode
-    from raft.storage import DiskStorage
-    from raft.types import Message, MessageType, RaftConfig
+    from raft.types import Message, MessageType
     from surfshard.metadata.replica import MetadataReplica
     from surfshard.metadata.service import metadata_methods
     from surfshard.metadata.state import MetadataStateMachine
     from surfshard.net.pool import encode_notification
-    from surfshard.net.server import RpcServerProtocol, ServerLimits
     from surfshard.net.wire import encode_request
     from surfshard.replica.raft_transport import RpcRaftTransport
-
-    class EncodingPool:
-        def notify(self, address: str, method: str, args: Any) -> bool:
-            encode_notification(method, args)
-            return True
 
     workdir = tempfile.mkdtemp(prefix="message-path-")
     try:
         clock = Clock()
-        extra = {"clock": clock} if "clock" in inspect.signature(RpcRaftTransport).parameters else {}
-        addresses = {1: "127.0.0.1:1", 2: "127.0.0.1:2", 3: "127.0.0.1:3"}
-        transport = RpcRaftTransport(EncodingPool(), 1, addresses, group="g", **extra)  # type: ignore[arg-type]
         machine = MetadataStateMachine(1)
-        node = RaftNode(
-            RaftConfig(id=1, peers=(1, 2, 3)),
-            DiskStorage(workdir, fsync=False),
-            transport,
-            machine,
-            clock,
-            snapshot_entries=10**9,
-        )
-        node.startService()
-        replica = MetadataReplica(node, machine, addresses, clock)
+        node, transport = raft_node(workdir, 1, machine, clock)
+        replica = MetadataReplica(node, machine, ADDRESSES, clock)
         table = metadata_methods(replica)
         table.add("raft", transport.deliver_from, RpcRaftTransport.method_args(), pass_context=True)
-        client, peer = StringTransport(), StringTransport()
-        client_proto = RpcServerProtocol(table, clock, ServerLimits(idle_timeout=None))
-        client_proto.makeConnection(client)
-        peer_proto = RpcServerProtocol(table, clock, ServerLimits(idle_timeout=None))
-        peer_proto.makeConnection(peer)
+        client_proto, client = server(table, clock)
+        peer_proto, _ = server(table, clock)
         # Elected with node 2's votes (bounded: a pre-vote, then a vote).
         node.campaign()
         clock.advance(0)
@@ -251,22 +255,10 @@ def measure_leader(count: int, writers: int, profile: bool) -> tuple[float, str]
                 client.clear()
 
         run(turns[:warm])
-        profiler = cProfile.Profile() if profile else None
-        started = time.process_time()
-        if profiler is not None:
-            profiler.enable()
-        run(turns[warm:])
-        if profiler is not None:
-            profiler.disable()
-        spent = time.process_time() - started
+        spent, text = timed(lambda: run(turns[warm:]), profile)
         if node.status()["applied"] < base + count:
             raise RuntimeError("the leader did not apply every write: the bench is broken")
         node.stopService()
-        text = ""
-        if profiler is not None:
-            out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
-            text = out.getvalue()
         return spent / ((count - warm) * writers) * 1e6, text
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
