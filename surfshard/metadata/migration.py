@@ -28,7 +28,7 @@ from surfshard.metadata.handoff import CHUNK_BYTES, Incoming, cursor_from_wire, 
 from surfshard.metadata.state import MetadataStateMachine, encode_delete, encode_install
 from surfshard.net.interfaces import IRpcPool
 from surfshard.replica.leader_caller import LeaderCaller
-from surfshard.replica.loops import polling_loop
+from surfshard.replica.loops import guarded, polling_loop
 
 #: How often a leader looks for shards to pull or release while some are in
 #: transit; the interval is part of how long a moving shard pauses.
@@ -123,10 +123,7 @@ class ShardMigrator(service.Service):
 
     def _poll_soon(self) -> None:
         self._soon = None
-        try:
-            self._poll()
-        except Exception:
-            self.log.failure("shard migrator poll failed")
+        guarded(self._poll, self.log, "shard migrator poll")()
 
     def _poll(self) -> None:
         self.polls += 1

@@ -19,20 +19,29 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 
+def guarded(
+    poll: Callable[[], Any], log: Logger, what: str, then: str = ""
+) -> Callable[[], defer.Deferred[Any]]:
+    """``poll`` made safe to run from a timer: a failure (raised, or of the
+    Deferred it returns) is logged as ``what`` (followed by ``then``), never
+    passed on."""
+
+    def call() -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> None:
+            log.failure("{what} failed{then}", failure, what=what, then=then)
+
+        return defer.maybeDeferred(poll).addErrback(failed)
+
+    return call
+
+
 def polling_loop(
     poll: Callable[[], Any], clock: IReactorTime, interval: float, log: Logger, what: str
 ) -> task.LoopingCall:
     """Start calling ``poll`` every ``interval`` seconds on ``clock`` (not at
     once); a failure of one call is logged as ``what`` and the loop goes on.
     Stop it with ``.stop()``."""
-
-    def guarded() -> defer.Deferred[Any]:
-        def failed(failure: Failure) -> None:
-            log.failure("{what} failed; polling again in {interval}s", failure, what=what, interval=interval)
-
-        return defer.maybeDeferred(poll).addErrback(failed)
-
-    loop = task.LoopingCall(guarded)
+    loop = task.LoopingCall(guarded(poll, log, what, f"; polling again in {interval}s"))
     loop.clock = clock
     loop.start(interval, now=False).addErrback(lambda f: log.failure("{what} loop stopped", f, what=what))
     return loop

@@ -306,7 +306,10 @@ class SimRpcPool:
     def _connection_lost(self, address: str) -> None:
         if not self.closed:
             for observer in list(self._lost_observers):
-                observer(address)
+                try:  # as the real pool: one observer's bug stops no other
+                    observer(address)
+                except Exception:
+                    log.failure("connection-lost observer {observer!r} failed", observer=observer)
 
     def call(
         self, address: str, method: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
