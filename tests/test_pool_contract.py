@@ -135,6 +135,11 @@ class PoolContractMixin:
     @defer.inlineCallbacks
     def test_a_lost_connection_is_reported_with_its_address(self) -> Any:
         lost: list[str] = []
+
+        def broken(_address: str) -> None:
+            raise RuntimeError("observer bug")
+
+        self.pool.on_connection_lost(broken)  # logged; the next observer still hears
         self.pool.on_connection_lost(lost.append)
         yield self.settle(self.pool.call(self.address, "echo", {"value": "connect"}, timeout=5))
         self.pool.notify(self.address, "hang_up", {})
@@ -146,6 +151,7 @@ class PoolContractMixin:
         yield self.settle(self.pool.close())
         yield self.wait_for(lambda: True)
         self.assertEqual(lost, [self.address])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     @defer.inlineCallbacks
     def test_closed_pool_refuses(self) -> Any:
