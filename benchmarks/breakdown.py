@@ -5,6 +5,15 @@ host's monotonic clock, comparable between processes), and the system
 calls of the leader and that follower counted with ``strace -c -f`` over
 the measured seconds (when strace is installed; Debian's ``strace``).
 
+It also prints, for each server process and the load generator, what the
+Linux scheduler saw per write over the measured seconds (``/proc/PID/
+schedstat`` and ``status``): CPU time, time spent runnable but waiting for
+a core (run-queue wait), and involuntary context switches (preempted while
+it had work), with how many of the machine's cores were busy in all. On a
+machine with fewer cores than busy processes, a write's latency is CPU
+time plus these waits: they tell whether a stage is slow because of its
+own work or because it waited for another process's.
+
 Stages of one entry (a batch of updates), in order:
 
 - wait: the first update of the batch arrived -> the batch proposed
@@ -103,6 +112,41 @@ def strace_stop(proc: subprocess.Popen[bytes] | None, out: Path) -> dict[str, in
     return counts
 
 
+def sched_snapshot(pid: int) -> tuple[float, float, int] | None:
+    """(seconds on a CPU, seconds runnable and waiting, involuntary context
+    switches) of a live process, or None where the kernel does not say."""
+    try:
+        run_ns, wait_ns, _slices = map(int, Path(f"/proc/{pid}/schedstat").read_text().split())
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, ValueError):
+        return None
+    match = re.search(r"^nonvoluntary_ctxt_switches:\s*(\d+)", status, re.M)
+    return run_ns / 1e9, wait_ns / 1e9, int(match.group(1)) if match else 0
+
+
+def sched_per_write(
+    before: dict[str, tuple[float, float, int] | None],
+    after: dict[str, tuple[float, float, int] | None],
+    writes: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """Each process's CPU and run-queue wait (us) and preemptions per write,
+    and the cores busy in all over ``seconds``."""
+    rows: dict[str, dict[str, float]] = {}
+    busy = 0.0
+    for role, start in before.items():
+        end = after.get(role)
+        if start is None or end is None or not writes:
+            continue
+        busy += end[0] - start[0]
+        rows[role] = {
+            "cpu": (end[0] - start[0]) / writes * 1e6,
+            "wait": (end[1] - start[1]) / writes * 1e6,
+            "preempted": (end[2] - start[2]) / writes,
+        }
+    return {"rows": rows, "cores_busy": busy / seconds if seconds > 0 else float("nan")}
+
+
 def run_cell(
     procs: bench.Processes, workdir: Path, durable: bool, clients: int, seconds: float
 ) -> dict[str, Any]:
@@ -111,13 +155,24 @@ def run_cell(
         leader = cluster.leader()
         assert leader is not None
         follower = next(i for i in range(3) if i != leader)
+        other = next(i for i in range(3) if i not in (leader, follower))
         pids = {
             role: procs.children[cluster.key(i)].pid
             for role, i in (("leader", leader), ("follower", follower))
         }
-        # Stages and throughput without strace (ptrace slows every call)...
+        everyone = {**pids, "other follower": procs.children[cluster.key(other)].pid, "load": load.proc.pid}
+        # Stages, throughput and the scheduler's view without strace (ptrace
+        # slows every call)...
+        load.ask({"cmd": "measure", "clients": clients, "warmup": 1.0, "seconds": 0.5}, 60)
+        total_before = load.ask({"cmd": "total"}, 30)["total_ok"]
+        sched_before = {role: sched_snapshot(pid) for role, pid in everyone.items()}
+        started = time.monotonic()
         result = load.ask(
-            {"cmd": "measure", "clients": clients, "warmup": 1.0, "seconds": seconds}, seconds + 60
+            {"cmd": "measure", "clients": clients, "warmup": 0.0, "seconds": seconds}, seconds + 60
+        )
+        sched_after = {role: sched_snapshot(pid) for role, pid in everyone.items()}
+        sched = sched_per_write(
+            sched_before, sched_after, result["total_ok"] - total_before, time.monotonic() - started
         )
         statuses = {
             role: bench.try_status(cluster.addresses[i]) or {}
@@ -136,7 +191,7 @@ def run_cell(
         for role, counts in syscalls.items()
         if writes
     }
-    return {"result": result, "stages": medians, "syscalls": per_write}
+    return {"result": result, "stages": medians, "syscalls": per_write, "sched": sched}
 
 
 def main() -> int:
@@ -163,6 +218,14 @@ def main() -> int:
                 print(
                     "  stage medians (us): " + ", ".join(f"{n} {stages[n]:.0f}" for n in order if n in stages)
                 )
+                sched = cell["sched"]
+                if sched["rows"]:
+                    print(f"  scheduler, per write ({sched['cores_busy']:.2f} of {os.cpu_count()} cores busy):")
+                    for role, row in sched["rows"].items():
+                        print(
+                            f"    {role:<15} cpu {row['cpu']:6.1f} us, waiting for a core {row['wait']:6.1f} us, "
+                            f"preempted {row['preempted']:.2f} times"
+                        )
                 for role, counts in cell["syscalls"].items():
                     print(
                         f"  {role} syscalls per write: "
