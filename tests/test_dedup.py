@@ -102,6 +102,42 @@ class ExactlyOnceProperty(SynchronousTestCase):
         self.assertEqual(len(applied), len(set(applied)))
         self.assertLessEqual(len(t.sessions["c"].answers) if seqs else 0, window)
 
+    @settings(deadline=None, max_examples=300)
+    @given(
+        window=st.integers(min_value=1, max_value=5),
+        seqs=st.lists(st.integers(min_value=1, max_value=12), max_size=40),
+        restore_at=st.integers(min_value=0, max_value=40),
+    )
+    def test_the_table_keeps_to_the_rules_it_states(self, window: int, seqs: list[int], restore_at: int) -> None:
+        """Against a model written from the module's rules (answers in seq
+        order, the lowest evicted past the window and made the floor), every
+        answer, the stored seqs and the floor agree after each offer, also
+        across a rebuild from ``items`` (a snapshot) part way through."""
+        t: DedupTable[str] = DedupTable(window, 4)
+        model: dict[int, str] = {}
+        floor = 0
+        for i, seq in enumerate(seqs):
+            if i == restore_at and "c" in t.sessions:
+                copy: DedupTable[str] = DedupTable(window, 4)
+                for client, session in t.items():
+                    copy.restore(client, session.floor, dict(session.answers))
+                t = copy
+            if seq in model:
+                expected = model[seq]
+            elif seq <= floor or (len(model) >= window and seq < min(model)):
+                expected = "stale"
+            else:
+                expected = model[seq] = f"applied {seq}"
+                if len(model) > window:
+                    oldest = min(model)
+                    del model[oldest]
+                    floor = max(floor, oldest)
+            self.assertEqual(offer(t, "c", seq), expected, f"offer {i} of seq {seq}")
+            session = t.sessions["c"]
+            self.assertEqual(list(session.answers), sorted(model), f"stored seqs after offer {i}")
+            self.assertEqual(session.floor, floor)
+            self.assertEqual(session.newest, max(model, default=0))
+
 
 class OneShotTests(SynchronousTestCase):
     """Callers without an identity get one per call, kept in a pool of

@@ -104,7 +104,7 @@ class OneShotIds:
 class DedupSession(Generic[A]):
     """One client's remembered answers."""
 
-    __slots__ = ("answers", "floor")
+    __slots__ = ("answers", "floor", "newest")
 
     def __init__(self, floor: int = 0) -> None:
         #: Invariant: every stored seq is > floor.
@@ -112,6 +112,11 @@ class DedupSession(Generic[A]):
         #: seq -> answer. Invariant: in ascending seq order (the oldest first)
         #: and at most the table's ``window`` entries.
         self.answers: dict[int, A] = {}
+        #: The highest seq stored (0 before any). Invariant: the last key of
+        #: ``answers`` whenever it has one (eviction takes the first key,
+        #: never the last). Kept so that ``record`` need not build an
+        #: iterator to find it: it runs for every write on every replica.
+        self.newest = 0
 
     def is_stale(self, seq: int, window: int) -> bool:
         """Not stored and too old to tell whether it was applied: at or
@@ -174,14 +179,16 @@ class DedupTable(Generic[A]):
     def record(self, session: DedupSession[A], seq: int, answer: A) -> None:
         """Store the answer to a new ``seq`` (one ``is_stale`` said False for)."""
         answers = session.answers
-        in_order = not answers or seq > next(reversed(answers))
         answers[seq] = answer
-        if not in_order:  # a late seq (writes committed out of order): rare
+        if seq > session.newest:
+            session.newest = seq
+        else:  # a late seq (writes committed out of order): rare
             answers = session.answers = dict(sorted(answers.items()))
         if len(answers) > self.window:
             oldest = next(iter(answers))
             del answers[oldest]
-            session.floor = max(session.floor, oldest)
+            if oldest > session.floor:
+                session.floor = oldest
 
     def restore(self, client: str, floor: int, answers: dict[int, A]) -> None:
         """Put back a session read from a snapshot or a shard transfer (the
@@ -190,4 +197,5 @@ class DedupTable(Generic[A]):
             raise ValueError(f"client {client!r} has two sessions")
         session: DedupSession[A] = DedupSession(floor)
         session.answers = dict(sorted(answers.items()))
+        session.newest = max(session.answers, default=0)
         self._pool(client)[0][client] = session
