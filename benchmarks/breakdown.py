@@ -220,7 +220,9 @@ def main() -> int:
                 )
                 sched = cell["sched"]
                 if sched["rows"]:
-                    print(f"  scheduler, per write ({sched['cores_busy']:.2f} of {os.cpu_count()} cores busy):")
+                    print(
+                        f"  scheduler, per write ({sched['cores_busy']:.2f} of {os.cpu_count()} cores busy):"
+                    )
                     for role, row in sched["rows"].items():
                         print(
                             f"    {role:<15} cpu {row['cpu']:6.1f} us, waiting for a core {row['wait']:6.1f} us, "

@@ -108,7 +108,9 @@ class ExactlyOnceProperty(SynchronousTestCase):
         seqs=st.lists(st.integers(min_value=1, max_value=12), max_size=40),
         restore_at=st.integers(min_value=0, max_value=40),
     )
-    def test_the_table_keeps_to_the_rules_it_states(self, window: int, seqs: list[int], restore_at: int) -> None:
+    def test_the_table_keeps_to_the_rules_it_states(
+        self, window: int, seqs: list[int], restore_at: int
+    ) -> None:
         """Against a model written from the module's rules (answers in seq
         order, the lowest evicted past the window and made the floor), every
         answer, the stored seqs and the floor agree after each offer, also
