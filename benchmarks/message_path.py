@@ -264,6 +264,97 @@ def measure_leader(count: int, writers: int, profile: bool) -> tuple[float, str]
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def measure_client(count: int, writers: int, profile: bool) -> tuple[float, str]:
+    """CPU per write on a client (the load generator's path, its own
+    bookkeeping left out): ``writers`` MetadataClients over one
+    RpcClientPool connection, each with one updatefile in flight. A turn is
+    one read holding a reply to every writer; each writer's callback makes
+    its next call, and the turn's calls go out in one write."""
+    from twisted.internet.testing import StringTransport
+    from twisted.internet.task import Clock
+
+    from client.metadata_client import MetadataClient
+    from surfshard.net.pool import RpcClientPool, RpcConnection, _Peer
+    from surfshard.net.wire import encode_reply
+
+    clock = Clock()
+    address = ADDRESSES[1]
+    pool = RpcClientPool(clock)
+    connection = RpcConnection(clock)
+    transport = StringTransport()
+    connection.makeConnection(transport)
+    peer = pool._peers[address] = _Peer(address)
+    peer.connection = connection
+
+    class Writer:
+        def __init__(self, index: int) -> None:
+            self.client = MetadataClient(pool, [address], clock, client_id=f"c{index}", timeout=10.0)
+            self.client.caller.leader = address
+            self.name = f"w{index}/f"
+            self.version = 0
+
+        def next(self) -> None:
+            self.client.updatefile(self.name, self.version + 1, HASHLIST).addCallback(self.ok)
+
+        def ok(self, version: int) -> None:
+            self.version = version
+            self.next()
+
+    team = [Writer(w) for w in range(writers)]
+    for writer in team:
+        writer.next()
+    transport.clear()
+    # Call ids go 1, 2, ... in the order the calls are made: turn t answers
+    # the ids of turn t - 1's calls, in the same order.
+    turns = [
+        b"".join(encode_reply(t * writers + w + 1, t + 1) for w in range(writers)) for t in range(count)
+    ]
+    warm = max(1, count // 10)
+
+    def run(part: list[bytes]) -> None:
+        for replies in part:
+            connection.dataReceived(replies)
+            transport.clear()
+
+    run(turns[:warm])
+    spent, text = timed(lambda: run(turns[warm:]), profile)
+    if any(writer.version != count for writer in team):
+        raise RuntimeError("a writer missed a reply: the bench is broken")
+    return spent / ((count - warm) * writers) * 1e6, text
+
+
+def count_instructions(trees: dict[str, str], levels: list[int], messages: int, node: str) -> int:
+    """Instructions per message (per turn for a leader or client), counted
+    by callgrind: the same process run for ``messages`` and for twice as
+    many, the difference divided by the extra messages, so start-up and
+    set-up cancel out. The count does not see cache misses or the kernel,
+    but it repeats to the instruction whatever else the machine runs."""
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (Debian's valgrind): nothing counted")
+        return 1
+    print(f"{node}: instructions per message (callgrind, {messages} and {2 * messages} messages):")
+    counts: dict[tuple[str, int], float] = {}
+    for entries in levels:
+        for name, path in trees.items():
+            totals = []
+            for n in (messages, 2 * messages):
+                argv1 = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+                argv1 += [sys.executable, str(Path(__file__).resolve()), "--one", str(entries)]
+                argv1 += ["--count", str(n), "--node", node]
+                done = subprocess.run(argv1, cwd=path, capture_output=True, text=True, check=True)
+                refs = [line for line in done.stderr.splitlines() if "I   refs:" in line or "I refs:" in line]
+                if not refs:
+                    raise RuntimeError(f"callgrind printed no instruction count:\n{done.stderr[-2000:]}")
+                totals.append(int(refs[-1].rsplit(":", 1)[1].replace(",", "").strip()))
+            per = (totals[1] - totals[0]) / messages
+            counts[(name, entries)] = per
+            print(f"  {name:<10} {entries:>3} update(s) per message: {per:12,.0f} per message, {per / entries:10,.0f} per update")
+        if len(trees) == 2:
+            a, b = (counts[(n, entries)] for n in trees)
+            print(f"  this tree / --tree: {a / b:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
@@ -273,20 +364,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", help="also run another checkout (a worktree), interleaved")
     parser.add_argument(
         "--node",
-        choices=("follower", "leader"),
+        choices=("follower", "leader", "client"),
         default="follower",
-        help="whose path (leader: CPU per write with --entries writers a turn)",
+        help="whose path (leader, client: CPU per write with --entries writers a turn)",
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions under valgrind's callgrind instead of timing (repeatable on a noisy machine)",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)  # internal: exact message count
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.entries.split(",")]
     if args.one:
         # The code measured is the working directory's (this tree, or --tree).
         sys.path.insert(0, os.getcwd())
         entries = int(args.one)
-        count = args.messages if entries == 1 else max(200, args.messages // entries)
-        if args.node == "leader":
-            per_write, text = measure_leader(count, entries, args.profile)
+        count = args.count or (args.messages if entries == 1 else max(200, args.messages // entries))
+        if args.node in ("leader", "client"):
+            measure_node = measure_leader if args.node == "leader" else measure_client
+            per_write, text = measure_node(count, entries, args.profile)
             us = per_write * entries  # per turn, as the follower's figure is per message
         else:
             us, text = measure(count, entries, args.profile)
@@ -297,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     trees = {"this tree": str(ROOT)}
     if args.tree:
         trees["--tree"] = str(Path(args.tree).resolve())
+    if args.instructions:
+        return count_instructions(trees, levels, args.messages, args.node)
     best: dict[tuple[str, int], float] = {}
     for _ in range(args.rounds):
         for name, path in trees.items():
@@ -311,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 best[key] = min(best.get(key, us), us)
                 if args.profile and done.stderr:
                     print(f"--- {name}, {entries} update(s) per AppendEntries\n{done.stderr}")
-    what = "follower CPU per AppendEntries" if args.node == "follower" else "leader CPU per turn"
+    what = "follower CPU per AppendEntries" if args.node == "follower" else f"{args.node} CPU per turn"
     print(f"{what} (best of {args.rounds} rounds), process_time:")
     for entries in levels:
         for name in trees:
