@@ -75,6 +75,9 @@ class LeaderCaller:
         if not addresses:
             raise ValueError("a replica group needs at least one address")
         self.pool = pool
+        #: Whether the pool answers into a sink (``call_into``): asked once,
+        #: not on every call.
+        self._pipelined = IPipelinedPool.providedBy(pool)
         self.addresses = list(addresses)
         self.reactor = reactor
         self.timeout = timeout
@@ -118,7 +121,7 @@ class LeaderCaller:
         try:
             sent = (
                 self.pool.call_into(address, first, method, call_args, per_attempt)
-                if IPipelinedPool.providedBy(self.pool)
+                if self._pipelined
                 else None
             )
         except errors.Unavailable:  # the peer is not taking more: the slow path retries
