@@ -913,20 +913,18 @@ class MetadataStateMachine:
         stored = state.files.get(name)
         current = stored[0] if stored is not None else 0
         if version != current + 1:
-            answer: _Answer = (False, current)
-        else:
-            state.files[name] = (version, hashes)
-            state.record(name, version)
-            if state._names_at == state.revision - 1:
-                # Keep a fresh listing order fresh: a new name goes in at
-                # its place, instead of a sort of the whole shard later.
-                if stored is None:
-                    bisect.insort(state._names, name)
-                state._names_at = state.revision
-            answer = (True, version)
-
-        dedup.record(session, seq, answer)
-        return _answer_result(answer)
+            dedup.record(session, seq, (False, current))
+            return _mismatch(current)
+        state.files[name] = (version, hashes)
+        state.record(name, version)
+        if state._names_at == state.revision - 1:
+            # Keep a fresh listing order fresh: a new name goes in at
+            # its place, instead of a sort of the whole shard later.
+            if stored is None:
+                bisect.insort(state._names, name)
+            state._names_at = state.revision
+        dedup.record(session, seq, (True, version))
+        return {"ok": True, "version": version}  # _ok, inline: every write on every replica
 
     def _wrong_group(self, shard: int) -> dict[str, Any]:
         moving = "arriving" if shard in self._incoming else "leaving" if shard in self._outgoing else None

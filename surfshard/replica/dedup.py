@@ -167,7 +167,11 @@ class DedupTable(Generic[A]):
         """The session of ``client``, made the most recently used (created
         if new; the least recently used of its pool beyond the pool's bound
         evicted)."""
-        sessions, bound = self._pool(client)
+        # _pool, inline: this runs for every write on every replica.
+        if self.max_one_shot and client.startswith(ONE_SHOT_PREFIX):
+            sessions, bound = self.one_shot, self.max_one_shot
+        else:
+            sessions, bound = self.sessions, self.max_sessions
         session = sessions.pop(client, None)
         if session is None:
             session = DedupSession()
