@@ -270,8 +270,8 @@ def measure_client(count: int, writers: int, profile: bool) -> tuple[float, str]
     RpcClientPool connection, each with one updatefile in flight. A turn is
     one read holding a reply to every writer; each writer's callback makes
     its next call, and the turn's calls go out in one write."""
-    from twisted.internet.testing import StringTransport
     from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
 
     from client.metadata_client import MetadataClient
     from surfshard.net.pool import RpcClientPool, RpcConnection, _Peer
@@ -306,9 +306,7 @@ def measure_client(count: int, writers: int, profile: bool) -> tuple[float, str]
     transport.clear()
     # Call ids go 1, 2, ... in the order the calls are made: turn t answers
     # the ids of turn t - 1's calls, in the same order.
-    turns = [
-        b"".join(encode_reply(t * writers + w + 1, t + 1) for w in range(writers)) for t in range(count)
-    ]
+    turns = [b"".join(encode_reply(t * writers + w + 1, t + 1) for w in range(writers)) for t in range(count)]
     warm = max(1, count // 10)
 
     def run(part: list[bytes]) -> None:
@@ -348,7 +346,9 @@ def count_instructions(trees: dict[str, str], levels: list[int], messages: int, 
                 totals.append(int(refs[-1].rsplit(":", 1)[1].replace(",", "").strip()))
             per = (totals[1] - totals[0]) / messages
             counts[(name, entries)] = per
-            print(f"  {name:<10} {entries:>3} update(s) per message: {per:12,.0f} per message, {per / entries:10,.0f} per update")
+            print(
+                f"  {name:<10} {entries:>3} update(s) per message: {per:12,.0f} per message, {per / entries:10,.0f} per update"
+            )
         if len(trees) == 2:
             a, b = (counts[(n, entries)] for n in trees)
             print(f"  this tree / --tree: {a / b:.3f}")

@@ -75,9 +75,9 @@ class LeaderCaller:
         if not addresses:
             raise ValueError("a replica group needs at least one address")
         self.pool = pool
-        #: Whether the pool answers into a sink (``call_into``): asked once,
-        #: not on every call.
-        self._pipelined = IPipelinedPool.providedBy(pool)
+        #: The pool again if it answers into a sink (``call_into``), else
+        #: None: asked once, not on every call.
+        self._pipelined: IPipelinedPool | None = pool if IPipelinedPool.providedBy(pool) else None
         self.addresses = list(addresses)
         self.reactor = reactor
         self.timeout = timeout
@@ -119,9 +119,10 @@ class LeaderCaller:
         per_attempt = min(self.attempt_timeout, total)
         call_args = self._call_args(args, per_attempt)
         try:
+            pipelined = self._pipelined
             sent = (
-                self.pool.call_into(address, first, method, call_args, per_attempt)
-                if self._pipelined
+                pipelined.call_into(address, first, method, call_args, per_attempt)
+                if pipelined is not None
                 else None
             )
         except errors.Unavailable:  # the peer is not taking more: the slow path retries
