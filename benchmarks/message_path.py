@@ -3,8 +3,8 @@ process, no network: the numbers the floor comparison
 (``benchmarks/floor.py``) says to bring down, measured without four
 processes sharing two cores.
 
-    python3 dev.py bench message_path [--node follower|leader] [--messages 20000]
-        [--entries 1,64] [--rounds 5] [--profile] [--tree DIR]
+    python3 dev.py bench message_path [--node follower|leader|client] [--messages 20000]
+        [--entries 1,64] [--rounds 5] [--profile] [--tree DIR] [--instructions]
 
 A follower as the replica service builds it (``RaftNode`` over
 ``DiskStorage`` with fsync off, ``RpcRaftTransport``, the metadata state
@@ -24,11 +24,19 @@ encodes its AppendEntries for both followers (not written to sockets),
 writes its log, takes both followers' acknowledgements as frames, commits,
 applies and writes the replies to the client's transport.
 
+``--node client`` measures the other end of a write: MetadataClients (the
+client library) over one pool connection, each with one updatefile in
+flight; a turn is one read of replies, whose callbacks make the writers'
+next calls.
+
 Prints CPU µs per frame and per update (``time.process_time``, best of
 ``--rounds``) and, with ``--profile``, the functions that take it. These
 are figures for comparing two trees on one machine (``--tree DIR`` runs the
 same measurement against the code of another checkout, a worktree of the
-commit before a change say, interleaved), never assertions.
+commit before a change say, interleaved), never assertions. With
+``--instructions`` it counts instructions under valgrind's callgrind
+instead of timing: repeatable to the instruction on a machine whose
+timings move by a third, blind to cache misses and the kernel.
 """
 
 from __future__ import annotations
