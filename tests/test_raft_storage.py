@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import cbor2
@@ -97,6 +99,17 @@ def reopen(directory: str, **kwargs: Any) -> DiskStorage:
     storage = DiskStorage(directory, fsync=False, **kwargs)
     storage.load()
     return storage
+
+
+@contextmanager
+def scratch(case: SynchronousTestCase) -> Iterator[str]:
+    """A directory for one check, removed when the check passes and kept
+    under ``_trial_temp`` for a look when it fails. Each holds a WAL
+    preallocated to ``WAL_PREALLOCATE`` (4 MiB of real blocks), and the
+    crash test alone makes hundreds: kept, they filled a CI disk."""
+    directory = case.mktemp()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def read(path: str) -> bytes:
@@ -852,26 +865,28 @@ class CrashAtEveryStepTests(_StorageCase):
         reached = set()
         for op, nbytes in crash_points:
             what = f"crash at operation {op} {recorder.ops[op]} after {nbytes} bytes"
-            directory = self.mktemp()
-            acked, crashed_in = self.run_until_crash(directory, CrashingSyscalls(op, nbytes))
-            storage = reopen(directory)
-            try:
-                loaded = storage.load()
-                allowed = states[acked : crashed_in + 1]
-                self.assertIn(loaded, allowed, f"{what}: acked state {acked}, crashed in step {crashed_in}")
-                reached.add(states.index(loaded))
-                # Whatever survived, the storage goes on working from it.
-                hs, snapshot, entries = loaded
-                last = entries[-1].index if entries else (snapshot.meta.index if snapshot else 0)
-                nxt = Entry(9, last + 1, b"after")
-                storage.append([nxt])
-            finally:
-                storage.close()
-            storage = reopen(directory)
-            try:
-                self.assertEqual(storage.load()[2][-1], nxt, what)
-            finally:
-                storage.close()
+            with scratch(self) as directory:
+                acked, crashed_in = self.run_until_crash(directory, CrashingSyscalls(op, nbytes))
+                storage = reopen(directory)
+                try:
+                    loaded = storage.load()
+                    allowed = states[acked : crashed_in + 1]
+                    self.assertIn(
+                        loaded, allowed, f"{what}: acked state {acked}, crashed in step {crashed_in}"
+                    )
+                    reached.add(states.index(loaded))
+                    # Whatever survived, the storage goes on working from it.
+                    hs, snapshot, entries = loaded
+                    last = entries[-1].index if entries else (snapshot.meta.index if snapshot else 0)
+                    nxt = Entry(9, last + 1, b"after")
+                    storage.append([nxt])
+                finally:
+                    storage.close()
+                storage = reopen(directory)
+                try:
+                    self.assertEqual(storage.load()[2][-1], nxt, what)
+                finally:
+                    storage.close()
         # The crashes landed all over the workload, not only at its start. (A
         # hard state set right after an append shares that append's record,
         # so the state between the two is never reached on its own.)
@@ -909,7 +924,10 @@ replayable: Callable[[Any], Any] = seed(int(_SEED)) if _SEED else (lambda f: f)
 
 class PropertyTests(SynchronousTestCase):
     def check_against_model(self, ops: list[tuple[Any, ...]], disk: bool) -> None:
-        directory = self.mktemp()
+        with scratch(self) as directory:
+            self._check_against_model(directory, ops, disk)
+
+    def _check_against_model(self, directory: str, ops: list[tuple[Any, ...]], disk: bool) -> None:
 
         def open_storage() -> Any:
             s = DiskStorage(directory, fsync=False)
