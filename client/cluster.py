@@ -107,6 +107,7 @@ class ClusterClient:
                 client_id=self.client_id,
                 seq=self._seq,
                 timeout=self.timeout,
+                rng=self.rng,
             )
         return self._shardmaster
 

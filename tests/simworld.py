@@ -93,7 +93,16 @@ class SimWorld:
             tls=None,
             raft=RaftTimings(),
         )
-        self.admin = ShardMasterClient(self.rpc.pool("admin"), self.sm_addresses, self.clock, timeout=20.0)
+        # Every source of chance is seeded (ids and backoff jitter included):
+        # one seed, one run, so a failure replays from the seed it prints.
+        self.admin = ShardMasterClient(
+            self.rpc.pool("admin"),
+            self.sm_addresses,
+            self.clock,
+            timeout=20.0,
+            client_id=f"admin-{seed}",
+            rng=random.Random(f"{seed}:admin"),
+        )
         #: Per group: (highest applied index seen on any replica, its serving shards).
         self._high: dict[int, tuple[int, frozenset[int]]] = {}
 
@@ -101,7 +110,13 @@ class SimWorld:
         addresses = group_addresses(gid, replicas)
 
         def services(i: int, node: Any, machine: Any, pool: Any) -> list[Any]:
-            shardmaster = LeaderCaller(pool, self.sm_addresses, self.clock, timeout=2.0)
+            shardmaster = LeaderCaller(
+                pool,
+                self.sm_addresses,
+                self.clock,
+                timeout=2.0,
+                rng=random.Random(f"{self.seed}:{gid}:{i}:sm"),
+            )
             return [
                 ShardMapWatcher(
                     gid,
@@ -114,7 +129,14 @@ class SimWorld:
                     servers=lambda: self.groups[gid].memberships[i].servers(),
                 ),
                 ShardMigrator(
-                    gid, node, machine, pool, self.clock, interval=0.05, chunk_bytes=self.chunk_bytes
+                    gid,
+                    node,
+                    machine,
+                    pool,
+                    self.clock,
+                    interval=0.05,
+                    chunk_bytes=self.chunk_bytes,
+                    rng=random.Random(f"{self.seed}:{gid}:{i}:migrator"),
                 ),
             ]
 
@@ -140,6 +162,7 @@ class SimWorld:
             self.clock,
             pool=self.rpc.pool(name),
             timeout=timeout,
+            client_id=f"{name}-{self.seed}",
             rng=random.Random(f"{self.seed}{name}"),
         )
 

@@ -52,7 +52,11 @@ class MembershipWorld:
 
     def caller(self) -> LeaderCaller:
         return LeaderCaller(
-            self.pool, [self.group.addresses[i] for i in self.group.ids], self.w.clock, timeout=2.0
+            self.pool,
+            [self.group.addresses[i] for i in self.group.ids],
+            self.w.clock,
+            timeout=2.0,
+            rng=random.Random(f"member-admin:{self.w.seed}:{self.step}"),
         )
 
     def voters(self) -> list[int]:
@@ -243,7 +247,9 @@ class MembershipBadInputTests(WorldCase):
             self.assertIsInstance(value, errors.BadRequest, (method, args))
         self.assertEqual(group.node(leader).membership, before)
         # Down to one voter: removing it too is refused.
-        caller = LeaderCaller(pool, [group.addresses[i] for i in group.ids], w.clock, timeout=2.0)
+        caller = LeaderCaller(
+            pool, [group.addresses[i] for i in group.ids], w.clock, timeout=2.0, rng=random.Random(w.seed)
+        )
         for node in [i for i in group.ids if i != leader]:
             self.assertTrue(w.value(caller.call("member_remove", {"node": node}, timeout=10.0))["removed"])
         d = caller.call("member_remove", {"node": leader}, timeout=10.0)

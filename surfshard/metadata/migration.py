@@ -13,6 +13,7 @@ itself, and a shard serves as soon as its last chunk is committed.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.application import service
@@ -59,6 +60,7 @@ class ShardMigrator(service.Service):
         *,
         interval: float = POLL_INTERVAL,
         chunk_bytes: int = CHUNK_BYTES,
+        rng: random.Random | None = None,
     ) -> None:
         self.gid = gid
         self.node = node
@@ -67,6 +69,8 @@ class ShardMigrator(service.Service):
         self.reactor = reactor
         self.interval = interval
         self.chunk_bytes = chunk_bytes
+        #: The callers' backoff jitter (a simulation passes a seeded one).
+        self.rng = rng or random.Random()
         self._loop: task.LoopingCall | None = None
         self._soon: IDelayedCall | None = None
         #: Shards with a pull or a delete running: shard -> its Deferred.
@@ -159,7 +163,7 @@ class ShardMigrator(service.Service):
             self.log.info("{line}", line=line)
 
     def _caller(self, addresses: tuple[str, ...]) -> LeaderCaller:
-        return LeaderCaller(self.pool, addresses, self.reactor, timeout=CALL_TIMEOUT)
+        return LeaderCaller(self.pool, addresses, self.reactor, timeout=CALL_TIMEOUT, rng=self.rng)
 
     @defer.inlineCallbacks
     def _pull(self, shard: int, incoming: Incoming) -> Any:
