@@ -50,15 +50,18 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The commit before the metadata-layer optimisation.
 DEFAULT_BASELINE = "13dad6d"
 WRITERS = 64
-HASHLIST = [f"{i:064x}" for i in range(1, 5)]  # what benchmarks/_metadata_load.py writes
+#: Hashes per write: what benchmarks/_metadata_load.py writes (``--hashes``
+#: for bigger files: 1,024 is a 4 MiB file).
+HASHES = 4
 
 
 def workload(writes: int) -> list[tuple[str, int, list[str], str, int]]:
     """``(name, version, hashlist, client_id, seq)`` for ``writes`` updates."""
+    hashlist = [f"{i:064x}" for i in range(1, HASHES + 1)]
     out = []
     for j in range(writes):
         writer, round_ = j % WRITERS, j // WRITERS + 1
-        out.append((f"bench/w{writer:02d}/file.bin", round_, list(HASHLIST), f"{writer:032x}", round_))
+        out.append((f"bench/w{writer:02d}/file.bin", round_, list(hashlist), f"{writer:032x}", round_))
     return out
 
 
@@ -70,15 +73,19 @@ class StubNode:
     leader_id = 1
     crashed = False
     is_leader = True
+    tracer = None  # no stage timestamps
 
     def __init__(self, machine: Any) -> None:
         self.machine = machine
         self.pending: list[tuple[bytes, Any]] = []
 
-    def propose(self, command: bytes, timeout: float | None = None) -> Any:
+    def propose(self, command: bytes, timeout: float | None = None, arrived: float | None = None) -> Any:
         d: Any = defer.Deferred()
         self.pending.append((command, d))
         return d
+
+    def process_now(self) -> None:
+        """The end of a reactor turn: nothing to send here."""
 
     def commit(self) -> None:
         pending, self.pending = self.pending, []
@@ -220,7 +227,7 @@ def measure(writes: int, repeats: int) -> dict[str, float]:
     return results
 
 
-def measure_tree(rev: str, writes: int, repeats: int) -> dict[str, float]:
+def measure_tree(rev: str, writes: int, repeats: int, hashes: int) -> dict[str, float]:
     """Run ``measure`` in a child process on ``git archive rev`` of the packages."""
     with tempfile.TemporaryDirectory(prefix="metadata-sm-") as tree:
         archive = subprocess.run(
@@ -237,6 +244,8 @@ def measure_tree(rev: str, writes: int, repeats: int) -> dict[str, float]:
                 str(writes),
                 "--repeats",
                 str(repeats),
+                "--hashes",
+                str(hashes),
                 "--json-only",
             ],
             check=True,
@@ -247,6 +256,7 @@ def measure_tree(rev: str, writes: int, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global HASHES
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--baseline", default=DEFAULT_BASELINE, help="git revision to compare with ('' for none)"
@@ -258,20 +268,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=7, help="measurements per figure, best taken (default 7)"
     )
+    parser.add_argument(
+        "--hashes", type=int, default=HASHES, help=f"block hashes per write (default {HASHES})"
+    )
     parser.add_argument("--tree", help=argparse.SUPPRESS)  # child: import surfshard from here
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.writes < WRITERS or args.repeats < 1:
-        parser.error(f"need --writes >= {WRITERS} and --repeats >= 1")
+    if args.writes < WRITERS or args.repeats < 1 or args.hashes < 1:
+        parser.error(f"need --writes >= {WRITERS}, --repeats >= 1 and --hashes >= 1")
+    HASHES = args.hashes  # read by workload()
     sys.path.insert(0, args.tree or str(ROOT))
     if args.json_only:
         print(json.dumps(measure(args.writes, args.repeats)))
         return 0
-    before = measure_tree(args.baseline, args.writes, args.repeats) if args.baseline else {}
+    before = measure_tree(args.baseline, args.writes, args.repeats, args.hashes) if args.baseline else {}
     after = (
-        measure_tree(args.now, args.writes, args.repeats) if args.now else measure(args.writes, args.repeats)
+        measure_tree(args.now, args.writes, args.repeats, args.hashes)
+        if args.now
+        else measure(args.writes, args.repeats)
     )
-    print(f"us per updatefile, best of {args.repeats} x {args.writes} writes ({WRITERS} writers)")
+    print(
+        f"us per updatefile, best of {args.repeats} x {args.writes} writes"
+        f" ({WRITERS} writers, {args.hashes} hashes each)"
+    )
     head = f"{'path':<26} {args.now or 'now':>8}"
     if before:
         head += f" {args.baseline:>10} {'speed-up':>9}"

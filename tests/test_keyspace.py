@@ -200,6 +200,62 @@ class HashlistValidationTests(SynchronousTestCase):
             self.assertIn(fragment, cm.exception.message)
 
 
+def _hash_like() -> st.SearchStrategy[object]:
+    """Block hashes and the near misses a one-pass check could let through:
+    a character changed (to a joiner character, uppercase, a non-hex letter,
+    non-ASCII), a length off by one either way, a joiner inside a hash, and
+    items that are not strings."""
+    valid = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+    odd_chars = st.sampled_from(["x", "@", "A", "F", "g", " ", "\x00", "\u00e9", "\u0661", "x@"])
+
+    def changed(pair: tuple[str, int, str]) -> str:
+        h, at, c = pair
+        return h[:at] + c + h[at + 1 :]
+
+    return st.one_of(
+        valid,
+        st.tuples(valid, st.integers(0, 63), odd_chars).map(changed),
+        valid.map(lambda h: h[:63]),
+        valid.map(lambda h: h + "a"),
+        st.tuples(valid, st.integers(0, 62)).map(lambda p: p[0][: p[1]] + "x@" + p[0][p[1] + 2 :]),
+        st.sampled_from(["0", "", 7, None, b"ab" * 32]),
+    )
+
+
+class JoinedHashesModelTests(SynchronousTestCase):
+    """``joined_hashes`` (the one-pass check every replica runs on every
+    write) against the rule it stands for, checked one hash at a time."""
+
+    @staticmethod
+    def model(value: object) -> bool:
+        return (
+            type(value) in (list, tuple)
+            and 0 < len(value) <= MAX_HASHLIST  # type: ignore[arg-type]
+            and all(
+                type(h) is str and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+                for h in value  # type: ignore[union-attr]
+            )
+        )
+
+    @seed(SEED)
+    @settings(deadline=None, max_examples=1000)
+    @given(st.lists(_hash_like(), max_size=6), st.booleans())
+    def test_agrees_with_a_check_per_hash(self, items: list[object], as_tuple: bool) -> None:
+        value = tuple(items) if as_tuple else items
+        joined = keyspace.joined_hashes(value)
+        self.assertEqual(joined is not None, self.model(value), repr(value))
+        if joined is not None:
+            self.assertEqual(joined.split(keyspace.HASH_JOINER), list(value))
+
+    def test_lengths_that_add_up(self) -> None:
+        # Two wrong lengths whose sum is right: the joiner lands off its place.
+        self.assertIsNone(keyspace.joined_hashes(["a" * 63, "a" * 65]))
+        self.assertIsNone(keyspace.joined_hashes(["a" * 62 + "x@", "a" * 64]))
+        self.assertIsNone(keyspace.joined_hashes(["a" * 64 + "x@" + "a" * 62]))
+        self.assertIsNotNone(keyspace.joined_hashes([HASH] * MAX_HASHLIST))
+        self.assertIsNone(keyspace.joined_hashes([HASH] * (MAX_HASHLIST + 1)))
+
+
 class VersionValidationTests(SynchronousTestCase):
     def test_accepts(self) -> None:
         for value in (1, 2, 10**9, MAX_VERSION):
