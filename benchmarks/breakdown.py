@@ -112,23 +112,18 @@ def strace_stop(proc: subprocess.Popen[bytes] | None, out: Path) -> dict[str, in
     return counts
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def sched_snapshot(pid: int) -> tuple[float, float, int, float] | None:
     """(seconds on a CPU, seconds runnable and waiting, involuntary context
     switches, seconds in the kernel) of a live process, or None where the
-    kernel does not say. The kernel's share comes from ``/proc/PID/stat``
-    (``stime``, in clock ticks: coarse, but thousands of writes long)."""
+    kernel does not say. The kernel's share is ``stime`` (in clock ticks:
+    coarse, but thousands of writes long)."""
     try:
         run_ns, wait_ns, _slices = map(int, Path(f"/proc/{pid}/schedstat").read_text().split())
         status = Path(f"/proc/{pid}/status").read_text()
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError):
         return None
     match = re.search(r"^nonvoluntary_ctxt_switches:\s*(\d+)", status, re.M)
-    # Fields after the command name (which may hold spaces): stime is the 13th.
-    stime = int(stat.rpartition(")")[2].split()[12]) / _TICK
+    stime = bench.proc_cpu_seconds(pid)[1]
     return run_ns / 1e9, wait_ns / 1e9, int(match.group(1)) if match else 0, stime
 
 

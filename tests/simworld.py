@@ -14,6 +14,7 @@ Replay a failing seed with ``SURFSHARD_SEED=N``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -103,6 +104,7 @@ class SimWorld:
             client_id=f"admin-{seed}",
             rng=random.Random(f"{seed}:admin"),
         )
+        self._client_numbers = itertools.count(1)
         #: Per group: (highest applied index seen on any replica, its serving shards).
         self._high: dict[int, tuple[int, frozenset[int]]] = {}
 
@@ -162,7 +164,8 @@ class SimWorld:
             self.clock,
             pool=self.rpc.pool(name),
             timeout=timeout,
-            client_id=f"{name}-{self.seed}",
+            # Unique per call (a name may be used twice) yet the same every run.
+            client_id=f"{name}-{self.seed}-{next(self._client_numbers)}",
             rng=random.Random(f"{self.seed}{name}"),
         )
 
