@@ -491,7 +491,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"block_size": args.block_size}
     try:
         if args.watch:
-            watch(args.basedir, cluster, args.watch, **options)
+            try:
+                watch(args.basedir, cluster, args.watch, **options)
+            except KeyboardInterrupt:
+                pass  # the way a watch ends: whatever it had synced stays synced
             return EXIT_OK
         progress = TerminalProgress() if sys.stderr.isatty() and not args.json else None
         try:

@@ -581,8 +581,13 @@ def sync_folder(
     progress: Any = None,
     timeout: float = 60.0,
     host: str | None = None,
+    client: Any = None,
 ) -> SyncResult:
-    """One sync of ``base`` against ``cluster`` (a ClusterConfig), blocking."""
+    """One sync of ``base`` against ``cluster`` (a ClusterConfig), blocking.
+
+    ``client``: a ``ClusterClient`` on the blocking reactor to sync through
+    (``watch`` keeps one for all its syncs); left open. Without it the sync
+    makes its own, with ``timeout``, and closes it."""
     from client.blocking import _reactor
     from client.blocks import BlockClient
     from client.cluster import ClusterClient
@@ -597,14 +602,19 @@ def sync_folder(
             f"{cluster.source} has no [blockstores]: there is nowhere to keep file contents"
         )
     reactor = _reactor()
-    client = threads.blockingCallFromThread(reactor, lambda: ClusterClient(cluster, reactor, timeout=timeout))
+    own = client is None
+    if own:
+        client = threads.blockingCallFromThread(
+            reactor, lambda: ClusterClient(cluster, reactor, timeout=timeout)
+        )
     try:
         blocks = BlockClient(cluster, client.pool)
         return Folder(
             folder, reactor, client, blocks, block_size=block_size, progress=progress, host=host
         ).run()
     finally:
-        threads.blockingCallFromThread(reactor, client.close)
+        if own:
+            threads.blockingCallFromThread(reactor, client.close)
 
 
 def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
@@ -616,12 +626,15 @@ def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options
     from client.feed import Cursor, CursorError, wait_for_change
 
     reactor = _reactor()
-    client = threads.blockingCallFromThread(reactor, lambda: ClusterClient(cluster, reactor, timeout=30.0))
+    # One client for every sync and long poll: its connections, leader
+    # guesses and shard map stay warm between syncs.
+    timeout = options.pop("timeout", 60.0)
+    client = threads.blockingCallFromThread(reactor, lambda: ClusterClient(cluster, reactor, timeout=timeout))
     cursor_path = Path(base) / CURSOR_NAME
     try:
         while True:  # stopped by Ctrl-C
             started = time.monotonic()
-            result = sync_folder(base, cluster, **options)
+            result = sync_folder(base, cluster, client=client, **options)
             changed = (
                 result.uploaded
                 or result.downloaded

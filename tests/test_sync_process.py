@@ -340,6 +340,39 @@ class SyncTests(SyncCluster):
         self.assertEqual({p.name: p.read_bytes() for p in a.iterdir()}, before)
         self.assertNotIn("g.txt", self.server_map())
 
+    def test_a_watching_folder_follows_the_other_and_ends_on_ctrl_c(self) -> None:
+        """``sync --watch``: one client for all its syncs (a long poll on the
+        change feed between them), both ways, until Ctrl-C ends it cleanly."""
+        a, b = self.folder("a"), self.folder("b")
+        log = open(self.dir / "watch.log", "wb")
+        self.addCleanup(log.close)
+        argv = [sys.executable, "-m", "client.cli", "sync", "--config", str(self.config)]
+        watcher = subprocess.Popen(
+            [*argv, "--watch", "0.5", str(b)], cwd=str(REPO_ROOT), stdout=log, stderr=subprocess.STDOUT
+        )
+        self.addCleanup(lambda: watcher.poll() is None and watcher.kill())
+        for i in range(3):
+            (a / f"from-a-{i}.txt").write_text(f"edit {i}\n")
+            self.sync(a)
+            # The server's change reaches the watching folder without a sync of it.
+            wait_until(
+                lambda i=i: (
+                    (b / f"from-a-{i}.txt").exists() and (b / f"from-a-{i}.txt").read_text() == f"edit {i}\n"
+                ),
+                60.0,
+                0.1,
+                f"from-a-{i}.txt in the watching folder",
+            )
+        # And a local change in it goes up at the next interval.
+        (b / "from-b.txt").write_text("up\n")
+        wait_until(lambda: "from-b.txt" in self.server_map(), 60.0, 0.5, "from-b.txt on the server")
+        self.assertIsNone(watcher.poll(), "the watch ended by itself")
+        watcher.send_signal(signal.SIGINT)
+        wait_until(lambda: watcher.poll() is not None, 30.0, 0.1, "the watch to end after SIGINT")
+        self.assertEqual(watcher.returncode, 0, (self.dir / "watch.log").read_text(errors="replace"))
+        self.sync(a)
+        self.assertEqual((a / "from-b.txt").read_text(), "up\n")
+
     def test_a_sync_killed_anywhere_leaves_whole_files_and_the_next_finishes(self) -> None:
         a, b = self.folder("a"), self.folder("b")
         rng = random.Random(3)
