@@ -10,7 +10,6 @@ then SIGKILL after a grace period.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -207,32 +206,35 @@ def run_up(
     if not launcher.children:
         launcher.console.print("[red]nothing to start[/red]")
         return defer.succeed(1)
+    #: Fires with the exit status once every node has stopped.
     done: defer.Deferred = defer.Deferred()
+    stopping: list[defer.Deferred] = []
 
-    def finish(*_: Any) -> None:
-        if not done.called:
-            done.callback(None)
+    def stop_nodes() -> defer.Deferred:
+        """Stop every node, once; then ``done`` fires with 0."""
+        if not stopping:
+            if poll.running:
+                poll.stop()
+            stopped = launcher.stop()
+            stopped.addCallbacks(lambda _: done.callback(0), done.errback)
+            stopping.append(stopped)
+        return stopping[0]
 
-    # Ctrl-C: stop children ourselves instead of letting the reactor die first.
-    signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(finish))
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(finish))
+    # Ctrl-C and SIGTERM stop the reactor: its own handlers take both
+    # signals (installed when it starts running, after this function, so
+    # ours would be replaced). Whatever stops it, the nodes stop first: the
+    # reactor waits for a "before shutdown" trigger's Deferred. (Without it a
+    # SIGTERM left every node running.)
+    reactor.addSystemEventTrigger("before", "shutdown", stop_nodes)
     poll = task.LoopingCall(launcher.show_status)
     poll.clock = reactor
     poll.start(interval, now=False).addErrback(
         lambda f: launcher.console.print(f"status poll failed: {f.value}")
     )
     if seconds is not None:
-        reactor.callLater(seconds, finish)
+        reactor.callLater(seconds, stop_nodes)
     launcher.console.print("[bold]Ctrl-C stops every node[/bold]")
     launcher.join_groups().addErrback(
         lambda f: launcher.console.print(f"[red]joining groups failed: {f.value}[/red]")
     )
-
-    @defer.inlineCallbacks
-    def shutdown(_: Any):
-        if poll.running:
-            poll.stop()
-        yield launcher.stop()
-        return 0
-
-    return done.addCallback(shutdown)
+    return done

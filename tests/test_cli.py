@@ -112,7 +112,8 @@ class NewcomerSessionTests(SynchronousTestCase):
                 return node["address"]
         return None
 
-    def test_up_use_and_ctrl_c(self) -> None:
+    def start_up(self) -> None:
+        """``surfshard up`` in the background, until its 10 nodes started."""
         with open(self.launcher_log, "wb") as log:
             self.launcher = subprocess.Popen(
                 [sys.executable, "-m", "client.cli", "up", "--config", str(self.config), "--seconds", "600"],
@@ -127,6 +128,25 @@ class NewcomerSessionTests(SynchronousTestCase):
             return pids if len(pids) == 10 else None
 
         self.child_pids = wait_until(started, 60, message="the launcher to start 10 nodes")
+
+    def assert_stopped_everything(self) -> None:
+        assert self.launcher is not None
+        self.assertEqual(self.launcher.wait(60), 0, self._log())
+        self.assertIn("stopped 10 node(s)", self._log())
+        for pid in self.child_pids:
+            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+    def test_sigterm_stops_every_node(self) -> None:
+        # As a service manager stops it: only the launcher gets the signal.
+        # (Before, the reactor's own SIGTERM handler replaced the launcher's,
+        # and the launcher exited 1 with all ten nodes left running.)
+        self.start_up()
+        assert self.launcher is not None
+        self.launcher.send_signal(signal.SIGTERM)
+        self.assert_stopped_everything()
+
+    def test_up_use_and_ctrl_c(self) -> None:
+        self.start_up()
 
         def serving() -> bool:
             rows = self.status()
@@ -194,11 +214,9 @@ class NewcomerSessionTests(SynchronousTestCase):
         self.assertEqual(out.stdout.split(), ["2", str(len(names))], out.stderr)
 
         # Ctrl-C: the launcher stops every node it started, then exits 0.
+        assert self.launcher is not None
         self.launcher.send_signal(signal.SIGINT)
-        self.assertEqual(self.launcher.wait(60), 0, self._log())
-        self.assertIn("stopped 10 node(s)", self._log())
-        for pid in self.child_pids:
-            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+        self.assert_stopped_everything()
 
 
 class OptionsAnywhereTests(SynchronousTestCase):
