@@ -179,10 +179,13 @@ def try_status(address: str) -> dict[str, Any] | None:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """The first value of ``predicate()`` that is neither None nor False.
+    (0 counts: etcd's leader may be member 0, and a truth test here once
+    took that for "no leader yet" and dropped the etcd column.)"""
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / interval) + 2):  # bounded
         value = predicate()
-        if value:
+        if value is not None and value is not False:
             return value
         if time.monotonic() > deadline:
             break
