@@ -221,10 +221,10 @@ def run_up(
         return stopping[0]
 
     # Ctrl-C and SIGTERM stop the reactor: its own handlers take both
-    # signals (installed when it starts running, after this function, so
-    # ours would be replaced). Whatever stops it, the nodes stop first: the
-    # reactor waits for a "before shutdown" trigger's Deferred. (Without it a
-    # SIGTERM left every node running.)
+    # signals. (They are installed when it starts running, after this
+    # function; a SIGTERM handler set here was replaced, and a SIGTERM left
+    # every node running.) Whatever stops the reactor, the nodes stop first:
+    # it waits for a "before shutdown" trigger's Deferred.
     reactor.addSystemEventTrigger("before", "shutdown", stop_nodes)
     poll = task.LoopingCall(launcher.show_status)
     poll.clock = reactor
