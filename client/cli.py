@@ -92,10 +92,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         client = ClusterClient(cluster, reactor)
         try:
             nodes: list[Any] | None = None
+            removed: frozenset[str] = frozenset()
             if cluster.shardmaster:
                 try:
                     shard_map = yield client.shardmaster.query(-1)
                     nodes = list(cluster.nodes_with_members(shard_map.groups))
+                    removed = cluster.removed_replicas(shard_map.groups)
                 except errors.SurfShardError:
                     pass  # the config's nodes, then
             rows = yield collect_status(cluster, client.pool, nodes)
@@ -103,10 +105,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             yield client.close()
         _emit(
             args,
-            status_json(rows),
-            lambda: console().print(status_table(rows, title=f"cluster {cluster.name}")),
+            status_json(rows, removed),
+            lambda: console().print(status_table(rows, title=f"cluster {cluster.name}", removed=removed)),
         )
-        return EXIT_OK if all(status is not None for _, status, _ in rows) else EXIT_FAILED
+        # A replica taken out of its group is not a failure when it is down.
+        down = [node for node, status, _ in rows if status is None and node.address not in removed]
+        return EXIT_FAILED if down else EXIT_OK
 
     return _react(body)
 

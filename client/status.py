@@ -38,7 +38,9 @@ def collect_status(cluster: ClusterConfig, pool: IRpcPool, nodes: list[NodeRef] 
     return rows
 
 
-def status_json(rows: list[Row]) -> list[dict[str, Any]]:
+def status_json(rows: list[Row], removed: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """``removed``: addresses of replicas taken out of their group
+    (``ClusterConfig.removed_replicas``), marked ``"removed": true``."""
     out = []
     for node, status, error in rows:
         entry: dict[str, Any] = {
@@ -48,6 +50,8 @@ def status_json(rows: list[Row]) -> list[dict[str, Any]]:
             "index": node.index,
             "address": node.address,
         }
+        if node.address in removed:
+            entry["removed"] = True
         if status is not None:
             entry["status"] = status
         else:
@@ -56,7 +60,9 @@ def status_json(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def status_table(rows: list[Row], title: str = "") -> Table:
+def status_table(rows: list[Row], title: str = "", removed: frozenset[str] = frozenset()) -> Table:
+    """``removed``: as for ``status_json``; such a replica shows as
+    removed, not as an error, when it does not answer."""
     table = Table(title=title or None)
     columns = (
         "node",
@@ -77,11 +83,15 @@ def status_table(rows: list[Row], title: str = "") -> Table:
         )
     for node, status, error in rows:
         name = node_name(node.kind, node.gid, node.index)
+        gone = node.address in removed
         if status is None:
-            table.add_row(name, node.address, f"[red]{error}[/red]", *[""] * (len(columns) - 3))
+            role = "[dim]removed[/dim]" if gone else f"[red]{error}[/red]"
+            table.add_row(name, node.address, role, *[""] * (len(columns) - 3))
             continue
         role = str(status.get("role", "?"))
-        if status.get("crashed"):
+        if gone:
+            role = f"[yellow]removed, still running ({role})[/yellow]"
+        elif status.get("crashed"):
             role = "[red]crashed[/red]"
         elif role == "leader":
             role = "[bold green]leader[/bold green]"

@@ -274,6 +274,19 @@ class ClusterConfig:
                     refs.append(NodeRef(NodeKind.GROUP, int(gid), -1, address))
         return tuple(refs)
 
+    def removed_replicas(self, groups: Mapping[Any, Sequence[str]]) -> frozenset[str]:
+        """Addresses of this config's metadata replicas that ``groups`` (the
+        ShardMaster's addresses per group) no longer lists for their group:
+        replicas a membership change took out, which stay in the config file
+        as the group's starting point. A group the map does not list (not
+        joined), or lists with no address, keeps all its replicas."""
+        listed = {int(gid): set(addresses) for gid, addresses in groups.items() if addresses}
+        return frozenset(
+            ref.address
+            for ref in self.all_nodes()
+            if ref.kind is NodeKind.GROUP and ref.gid in listed and ref.address not in listed[ref.gid]
+        )
+
 
 def default_config_path() -> Path:
     """The built-in single-machine cluster config shipped in the package."""

@@ -294,6 +294,17 @@ class HelperTests(ConfigTestCase):
         # past the config's list, a group's data directory is where the others' are
         self.assertEqual(config.node_data_dir("group", 1, 3).name, "node-3")
 
+    def test_removed_replicas_are_the_config_ones_the_map_no_longer_lists(self) -> None:
+        config = load_config(CONFIGS / "local.toml")
+        # Group 1 replaced its first replica by a fourth; group 2 is as configured.
+        groups = {"1": ["127.0.0.1:7102", "127.0.0.1:7103", "127.0.0.1:7104"], "2": list(config.groups[2])}
+        self.assertEqual(config.removed_replicas(groups), frozenset({"127.0.0.1:7101"}))
+        # A group the map does not list (not joined), or lists without
+        # addresses, keeps every replica; so does a map of no groups.
+        self.assertEqual(config.removed_replicas({"1": groups["1"]}), frozenset({"127.0.0.1:7101"}))
+        self.assertEqual(config.removed_replicas({1: [], 2: []}), frozenset())
+        self.assertEqual(config.removed_replicas({}), frozenset())
+
     def test_node_helpers(self) -> None:
         config = load_config(CONFIGS / "local.toml")
         self.assertEqual(config.node_address(NodeKind.SHARDMASTER, 0, 2), "127.0.0.1:7003")

@@ -48,6 +48,8 @@ class ClusterView:
         # Replicas added to a group while it runs are not in the config: the
         # ShardMaster's list of the group's addresses has them.
         refs = cluster.nodes_with_members(shard_map.get("groups", {}))
+        # And replicas taken out stay in the config: shown as removed, not down.
+        removed = cluster.removed_replicas(shard_map.get("groups", {}))
         calls = [self._status(ref.address) for ref in refs]
         answers = yield defer.gatherResults(calls)
         nodes = []
@@ -63,6 +65,7 @@ class ClusterView:
                     "address": ref.address,
                     "status": status,
                     "error": error,
+                    "removed": ref.address in removed,
                 }
             )
         shards = []
@@ -122,9 +125,7 @@ class ClusterView:
                     {
                         "name": m["name"],
                         "address": m["address"],
-                        "role": "down"
-                        if m["error"]
-                        else ("crashed" if st.get("crashed") else st.get("role")),
+                        "role": _role(m, st),
                         "term": st.get("term"),
                         "commit": st.get("commit"),
                         "applied": st.get("applied"),
@@ -143,6 +144,16 @@ class ClusterView:
                 }
             )
         return out
+
+
+def _role(node: dict[str, Any], status: dict[str, Any]) -> str | None:
+    """What the page says a member is: a replica taken out of its group is
+    "removed" (with its role if it still runs), not "down"."""
+    if node.get("removed"):
+        return "removed" if node["error"] else f"removed ({status.get('role')})"
+    if node["error"]:
+        return "down"
+    return "crashed" if status.get("crashed") else status.get("role")
 
 
 class ClusterResource(Resource):
