@@ -211,9 +211,13 @@ class BlockClient:
     @defer.inlineCallbacks
     def repair(self) -> Any:
         """Copy every block found on any store onto each of its placement
-        stores that lacks it. Returns ``{"blocks": seen, "copied": n}``."""
+        stores that lacks it. Returns ``{"blocks": seen, "copied": n,
+        "unreachable": [store...], "unreadable": n}``: the stores that could
+        not be listed, checked or written (a repair once they are up finishes
+        the job), and the blocks a store lacks that no store could give."""
         seen: set[str] = set()
-        copied = 0
+        tally = {"copied": 0, "unreadable": 0}
+        unreachable: set[str] = set()
         for store in self.ring.stores:
             after = ""
             while True:
@@ -223,32 +227,42 @@ class BlockClient:
                     )
                 except errors.SurfShardError as e:
                     log.warn("repair: cannot list {store}: {e}", store=store, e=e)
+                    unreachable.add(store)
                     break
                 if not page:
                     break
                 after = page[-1]
                 new = [h for h in page if h not in seen]
                 seen.update(new)
-                copied += yield self._repair_blocks(new)
-        return {"blocks": len(seen), "copied": copied}
+                yield self._repair_blocks(new, tally, unreachable)
+        return {"blocks": len(seen), **tally, "unreachable": sorted(unreachable)}
 
     @defer.inlineCallbacks
-    def _repair_blocks(self, hashes: list[str]) -> Any:
+    def _repair_blocks(self, hashes: list[str], tally: dict[str, int], unreachable: set[str]) -> Any:
         by_store: dict[str, list[str]] = {}
         for h in hashes:
             for store in self.ring.placement(h):
                 by_store.setdefault(store, []).append(h)
-        copied = 0
         for store, hs in by_store.items():
+            if store in unreachable:
+                continue  # still down: the next repair gets it
             try:
                 present = yield self.has(store, hs)
-            except errors.SurfShardError:
-                continue  # still down: the next repair gets it
+            except errors.SurfShardError as e:
+                log.warn("repair: cannot check {store}: {e}", store=store, e=e)
+                unreachable.add(store)
+                continue
             missing = [h for h in hs if h not in present]
             if not missing:
                 continue
-            blocks = yield self.get(missing)
-            for batch in _batches(list(blocks.items())):
-                yield self.pool.call(store, "putblocks", {"blocks": [[h, d] for h, d in batch]}, CALL_TIMEOUT)
-                copied += len(batch)
-        return copied
+            blocks, lost = yield self.get_available(missing)
+            tally["unreadable"] += len(lost)
+            try:
+                for batch in _batches(list(blocks.items())):
+                    yield self.pool.call(
+                        store, "putblocks", {"blocks": [[h, d] for h, d in batch]}, CALL_TIMEOUT
+                    )
+                    tally["copied"] += len(batch)
+            except errors.SurfShardError as e:
+                log.warn("repair: cannot write to {store}: {e}", store=store, e=e)
+                unreachable.add(store)

@@ -548,10 +548,26 @@ def cmd_blocks(args: argparse.Namespace) -> int:
                 value = yield blocks.repair()
         finally:
             yield client.close()
-        _emit(args, value, lambda: print(json.dumps(value, indent=1)))
-        return EXIT_OK
+        if args.action == "where":
+            _emit(args, value, lambda: print(json.dumps(value, indent=1)))
+            return EXIT_OK
+        _emit(args, value, lambda: _say_repaired(value))
+        # Not done while a store could not be reached or a block not read.
+        return EXIT_FAILED if value["unreachable"] or value["unreadable"] else EXIT_OK
 
     return _react(body)
+
+
+def _say_repaired(report: dict[str, Any]) -> None:
+    print(f"{report['blocks']} blocks found on the block stores, {report['copied']} copies put back")
+    for store in report["unreachable"]:
+        err_console.print(
+            f"[red]not reached:[/red] {escape(store)}: run `surfshard blocks repair` again once it is up"
+        )
+    if report["unreadable"]:
+        err_console.print(
+            f"[red]{report['unreadable']} copies not made:[/red] no block store that answers has the block"
+        )
 
 
 # -- parser -------------------------------------------------------------------

@@ -128,6 +128,31 @@ class BlockClientTests(SynchronousTestCase):
             self.assertEqual((ok, got), (True, blocks), lost)
             s.net.register(lost, blockstore_methods(s.stores[lost]))
 
+    def test_repair_says_what_it_could_not_do(self) -> None:
+        s = Stores(self)
+        blocks = self.blocks(30, seed=3)
+        s.net.unregister("store:1")
+        ok, _ = s.run(s.client.put(blocks))
+        self.assertTrue(ok)
+        # Still down: nothing can be put back there, and the report says so
+        # (it said "copied 0" and nothing else, as if all were in place).
+        ok, report = s.run(s.client.repair())
+        self.assertTrue(ok, report)
+        self.assertEqual((report["copied"], report["unreachable"]), (0, ["store:1"]))
+        s.net.register("store:1", blockstore_methods(s.stores["store:1"]))
+        ok, report = s.run(s.client.repair())
+        self.assertEqual((report["unreachable"], report["unreadable"]), ([], 0), report)
+        self.assertGreater(report["copied"], 0)
+        # A block whose only copy is corrupt, on a store outside its
+        # placement: found by the listing, but no good copy to put back.
+        data = b"only one bad copy"
+        outside = next(a for a in s.addresses if a not in s.client.ring.placement(h(data)))
+        s.stores[outside].put(data)
+        damage(s.stores[outside], h(data))
+        ok, report = s.run(s.client.repair())
+        self.assertEqual((report["unreadable"], report["unreachable"]), (2, []), report)
+        self.flushLoggedErrors()
+
     def test_a_corrupt_copy_is_reported_and_another_read(self) -> None:
         s = Stores(self)
         data = b"precious bytes"
