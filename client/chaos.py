@@ -15,7 +15,6 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from client.status import collect_status
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
 from surfshard.net.interfaces import IRpcPool
@@ -53,7 +52,7 @@ def random_schedule(
     interval: tuple[float, float] = (0.5, 2.0),
     max_down: int | None = None,
 ):
-    """Crash and restore random nodes for ``seconds``; returns the actions taken.
+    """Crash and restore random nodes for ``seconds``; fires with the actions taken.
 
     ``max_down``: most nodes of one group down at once; default is the most
     that keeps a majority (so the cluster stays available, as a SurfStore
@@ -100,5 +99,4 @@ def random_schedule(
             say(f"chaos: final restore {address}")
         except errors.SurfShardError as e:
             say(f"chaos: final restore of {address} failed: {e}")
-    rows = yield collect_status(cluster, pool)
-    return actions, rows
+    return actions

@@ -83,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from client.cluster import ClusterClient
-    from client.status import collect_status, status_json, status_table
+    from client.status import cluster_status, status_json, status_table
 
     cluster = _load(args)
 
@@ -91,16 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     def body(reactor: Any):
         client = ClusterClient(cluster, reactor)
         try:
-            nodes: list[Any] | None = None
-            removed: frozenset[str] = frozenset()
-            if cluster.shardmaster:
-                try:
-                    shard_map = yield client.shardmaster.query(-1)
-                    nodes = list(cluster.nodes_with_members(shard_map.groups))
-                    removed = cluster.removed_replicas(shard_map.groups)
-                except errors.SurfShardError:
-                    pass  # the config's nodes, then
-            rows = yield collect_status(cluster, client.pool, nodes)
+            rows, removed = yield cluster_status(cluster, client.pool, client.shardmaster)
         finally:
             yield client.close()
         _emit(
@@ -189,7 +180,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_chaos(args: argparse.Namespace) -> int:
     from client.chaos import chaos_call, random_schedule
     from client.cluster import ClusterClient
-    from client.status import collect_status, status_json, status_table
+    from client.status import cluster_status, status_json, status_table
 
     cluster = _load(args)
     if args.action in ("crash", "restore") and not args.target:
@@ -207,17 +198,18 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         try:
             if args.action == "random":
                 seed = args.seed if args.seed is not None else int(reactor.seconds() * 1000) % (2**31)
-                actions, rows = yield random_schedule(reactor, cluster, client.pool, args.seconds, seed, say)
-                value: Any = {"seed": seed, "actions": actions, "status": status_json(rows)}
+                actions = yield random_schedule(reactor, cluster, client.pool, args.seconds, seed, say)
+                value: Any = {"seed": seed, "actions": actions}
             else:
                 node = known[args.target]
                 yield chaos_call(client.pool, args.target, args.action)
                 say(f"{args.action}: {node_name(node.kind, node.gid, node.index)} ({args.target})")
-                rows = yield collect_status(cluster, client.pool)
-                value = {"action": args.action, "target": args.target, "status": status_json(rows)}
+                value = {"action": args.action, "target": args.target}
+            rows, removed = yield cluster_status(cluster, client.pool, client.shardmaster)
+            value["status"] = status_json(rows, removed)
         finally:
             yield client.close()
-        _emit(args, value, lambda: console().print(status_table(rows, title="after chaos")))
+        _emit(args, value, lambda: console().print(status_table(rows, title="after chaos", removed=removed)))
         return EXIT_OK
 
     return _react(body)

@@ -38,6 +38,27 @@ def collect_status(cluster: ClusterConfig, pool: IRpcPool, nodes: list[NodeRef] 
     return rows
 
 
+@defer.inlineCallbacks
+def cluster_status(cluster: ClusterConfig, pool: IRpcPool, shardmaster: Any = None):
+    """``(rows, removed)``: ``collect_status`` of every node the cluster
+    has now (the config's, and replicas added to a group since, as the
+    ShardMaster's map lists them), and the addresses of the config's
+    replicas that the map says were taken out of their group. Without a
+    ShardMaster client, or when it does not answer, the config's nodes."""
+    nodes: list[NodeRef] | None = None
+    removed: frozenset[str] = frozenset()
+    if shardmaster is not None and cluster.shardmaster:
+        try:
+            shard_map = yield shardmaster.query(-1)
+        except errors.SurfShardError:
+            pass  # the config's nodes, then
+        else:
+            nodes = list(cluster.nodes_with_members(shard_map.groups))
+            removed = cluster.removed_replicas(shard_map.groups)
+    rows = yield collect_status(cluster, pool, nodes)
+    return rows, removed
+
+
 def status_json(rows: list[Row], removed: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """``removed``: addresses of replicas taken out of their group
     (``ClusterConfig.removed_replicas``), marked ``"removed": true``."""
