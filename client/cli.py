@@ -384,9 +384,13 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 raise ValueError("query takes at most one map number")
             num = int(rest[0]) if rest else -1
         elif action == "join":
-            if len(rest) < 2:
-                raise ValueError("join needs GID and at least one HOST:PORT")
-            groups = {int(rest[0]): rest[1:]}
+            if not rest:
+                raise ValueError("join needs GID [HOST:PORT...]")
+            gid = int(rest[0])
+            addresses = rest[1:] or list(cluster.groups.get(gid, ()))
+            if not addresses:
+                raise ValueError(f"group {gid} is not in the config: name its replicas (HOST:PORT...)")
+            groups = {gid: addresses}
         elif action == "leave":
             if not rest:
                 raise ValueError("leave needs at least one GID")
@@ -604,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "admin",
         cmd_admin,
-        "ShardMaster: show | query [NUM] | join GID HOST:PORT... | leave GID... | move SHARD GID; "
+        "ShardMaster: show | query [NUM] | join GID [HOST:PORT...] (default: the config's replicas of GID) | "
+        "leave GID... | move SHARD GID; "
         "a group's replicas: member list GID | member add GID HOST:PORT | member remove GID ID",
     )
     p.add_argument("action", choices=["show", "query", "join", "leave", "move", "member"])

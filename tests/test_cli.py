@@ -259,6 +259,9 @@ class MemberUsageTests(SynchronousTestCase):
             (["admin", "member", "add", "1", "nowhere"], "host:port"),
             (["admin", "member", "remove", "1", "zero"], "node's id"),
             (["admin", "member", "remove", "1", "0"], "node's id"),
+            # join takes the config's replicas of a group it has, else needs them
+            (["admin", "join"], "GID"),
+            (["admin", "join", "9"], "group 9 is not in the config"),
         ):
             err = io.StringIO()
             with contextlib.redirect_stderr(err):  # rich writes to sys.stderr as it is when it prints
