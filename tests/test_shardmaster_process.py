@@ -220,7 +220,8 @@ class ShardMasterProcessTests(SynchronousTestCase):
         # Bracketed text in a message is printed as is, not eaten as markup.
         self.admin_fails("'[fe80::1]:99999' has port 99999 outside", "join", "5", "[fe80::1]:99999")
         self.admin_fails("invalid literal", "join", "five", "127.0.0.1:9", code=2)
-        self.admin_fails("needs GID and at least one HOST:PORT", "join", "5", code=2)
+        self.admin_fails("group 5 is not in the config: name its replicas", "join", "5", code=2)
+        self.admin_fails("join needs GID", "join", code=2)
         self.assertEqual(self.admin_map("show"), map3)
 
         # A config without a ShardMaster has nothing to administer.
