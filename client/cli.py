@@ -178,17 +178,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from client.chaos import chaos_call, random_schedule
+    from client.chaos import chaos_call, node_label, random_schedule
     from client.cluster import ClusterClient
-    from client.status import cluster_status, status_json, status_table
+    from client.status import cluster_nodes, cluster_status, status_json, status_table
 
     cluster = _load(args)
     if args.action in ("crash", "restore") and not args.target:
         err_console.print(f"usage: surfshard chaos {args.action} HOST:PORT")
-        return EXIT_USAGE
-    known = {n.address: n for n in cluster.all_nodes()}
-    if args.target and args.target not in known:
-        err_console.print(f"[red]error:[/red] {args.target} is not a node of {cluster.source}")
         return EXIT_USAGE
 
     @defer.inlineCallbacks
@@ -196,14 +192,24 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         client = ClusterClient(cluster, reactor, admin=True)
         say = (lambda line: err_console.print(line)) if args.json else print
         try:
+            # The group members now (replicas added or removed since the
+            # config was written), not only the config's.
+            nodes, gone = yield cluster_nodes(cluster, client.shardmaster)
+            known = {n.address: n for n in nodes}
+            if args.target and args.target not in known:
+                err_console.print(f"[red]error:[/red] {args.target} is not a node of {cluster.source}")
+                return EXIT_USAGE
             if args.action == "random":
                 seed = args.seed if args.seed is not None else int(reactor.seconds() * 1000) % (2**31)
-                actions = yield random_schedule(reactor, cluster, client.pool, args.seconds, seed, say)
+                members = [n for n in nodes if n.address not in gone]
+                actions = yield random_schedule(
+                    reactor, cluster, client.pool, args.seconds, seed, say, nodes=members
+                )
                 value: Any = {"seed": seed, "actions": actions}
             else:
                 node = known[args.target]
                 yield chaos_call(client.pool, args.target, args.action)
-                say(f"{args.action}: {node_name(node.kind, node.gid, node.index)} ({args.target})")
+                say(f"{args.action}: {node_label(node)} ({args.target})")
                 value = {"action": args.action, "target": args.target}
             rows, removed = yield cluster_status(cluster, client.pool, client.shardmaster)
             value["status"] = status_json(rows, removed)

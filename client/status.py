@@ -39,14 +39,12 @@ def collect_status(cluster: ClusterConfig, pool: IRpcPool, nodes: list[NodeRef] 
 
 
 @defer.inlineCallbacks
-def cluster_status(cluster: ClusterConfig, pool: IRpcPool, shardmaster: Any = None):
-    """``(rows, removed)``: ``collect_status`` of every node the cluster
-    has now (the config's, and replicas added to a group since, as the
-    ShardMaster's map lists them), and the addresses of the config's
-    replicas that the map says were taken out of their group. Without a
-    ShardMaster client, or when it does not answer, the config's nodes."""
-    nodes: list[NodeRef] | None = None
-    removed: frozenset[str] = frozenset()
+def cluster_nodes(cluster: ClusterConfig, shardmaster: Any = None):
+    """``(nodes, removed)``: every node the cluster has now (the config's,
+    and replicas added to a group since, as the ShardMaster's map lists
+    them; their index is -1), and the addresses of the config's replicas
+    that the map says were taken out of their group. Without a ShardMaster
+    client, or when it does not answer, the config's nodes."""
     if shardmaster is not None and cluster.shardmaster:
         try:
             shard_map = yield shardmaster.query(-1)
@@ -54,7 +52,14 @@ def cluster_status(cluster: ClusterConfig, pool: IRpcPool, shardmaster: Any = No
             pass  # the config's nodes, then
         else:
             nodes = list(cluster.nodes_with_members(shard_map.groups))
-            removed = cluster.removed_replicas(shard_map.groups)
+            return nodes, cluster.removed_replicas(shard_map.groups)
+    return list(cluster.all_nodes()), frozenset()
+
+
+@defer.inlineCallbacks
+def cluster_status(cluster: ClusterConfig, pool: IRpcPool, shardmaster: Any = None):
+    """``(rows, removed)``: ``collect_status`` of ``cluster_nodes``."""
+    nodes, removed = yield cluster_nodes(cluster, shardmaster)
     rows = yield collect_status(cluster, pool, nodes)
     return rows, removed
 
