@@ -196,6 +196,16 @@ class SimWorld:
         )
         return group.cluster.state_machines[best]  # type: ignore[return-value]
 
+    def latest_map(self) -> Any:
+        """The ShardMaster's newest committed map, read from its most
+        advanced replica rather than asked through a client: a nemesis that
+        has taken the ShardMaster's majority down must not block on it."""
+        group = self.shardmaster
+        best = max(
+            group.ids, key=lambda i: group.cluster.nodes[i].applied_index if i in group.cluster.nodes else -1
+        )
+        return group.cluster.state_machines[best].latest  # type: ignore[attr-defined]
+
     def serving(self) -> dict[int, frozenset[int]]:
         """Per group, the shards it serves in its latest committed state: the
         state of the furthest applied index any of its replicas ever reached
