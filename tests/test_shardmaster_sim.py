@@ -679,7 +679,8 @@ class Op:
     args: Any
     invoked: int
     completed: int | None = None
-    outcome: str = "pending"  # ok | unknown | refused | error | pending
+    #: ok | unknown | refused | refused_last (a leave of the last groups) | error | pending
+    outcome: str = "pending"
     result: Any = None
     #: For a write: the map number it created (acknowledged, or matched by the check).
     num: int | None = None
@@ -743,6 +744,7 @@ class HistoryCheck:
             self._client_order()
             self._real_time_order()
             self._queries_match_the_history()
+            self._refused_leaves_were_of_the_last_groups()
         return self.problems
 
     def _numbers_have_no_gaps(self) -> None:
@@ -874,6 +876,27 @@ class HistoryCheck:
             if op.is_write and op.outcome == "unknown" and op.num is not None and op.num <= self._floor(op):
                 self.problems.append(f"{op!r} matched map {op.num}, before it was invoked")
 
+    def _refused_leaves_were_of_the_last_groups(self) -> None:
+        """A leave refused for taking the last groups was made while those
+        were the only groups: some map between the newest one seen before it
+        was invoked and the newest one made by a write invoked before it
+        completed holds no other group."""
+        for op in self.ops:
+            if op.outcome != "refused_last":
+                continue
+            assert op.completed is not None
+            floor = self._floor(op)
+            ceiling = max(
+                (o.num for o in self.ops if o.is_write and o.num is not None and o.invoked < op.completed),
+                default=0,
+            )
+            window = self.maps[floor : max(floor, ceiling) + 1]
+            if not any(m.groups and set(m.groups) <= set(op.args) for m in window):
+                self.problems.append(
+                    f"{op!r} was refused as a leave of the last groups, but maps {floor}..{ceiling} "
+                    "all hold other groups"
+                )
+
     def _queries_match_the_history(self) -> None:
         for op in self.ops:
             if op.kind == "query" and op.outcome == "ok":
@@ -882,6 +905,10 @@ class HistoryCheck:
                     self.problems.append(f"{op!r} answered {m!r}, not the history's map {m.num}")
                 elif op.args != -1 and m.num != op.args:
                     self.problems.append(f"{op!r} asked for map {op.args}")
+
+
+#: What the ShardMaster answers to a leave of every group left (shardmaster.state).
+LAST_GROUPS_REFUSED = "would leave no group to hold the shards' data"
 
 
 class AdminWorkload:
@@ -969,7 +996,16 @@ class AdminWorkload:
                 else:
                     result = yield c.query(op.args)
             except BadRequest as e:
-                op.outcome, op.result = "refused", e
+                if op.kind == "leave" and LAST_GROUPS_REFUSED in str(e):
+                    # Valid when made as far as this client knew: the other
+                    # clients' groups left meanwhile, and the ShardMaster
+                    # keeps the last groups (their shards would have no
+                    # owner). They are still joined; the check holds the
+                    # refusal to a map where they were the only groups.
+                    op.outcome, op.result = "refused_last", e
+                    live.extend(op.args)
+                else:
+                    op.outcome, op.result = "refused", e
             except UNKNOWN_OUTCOME as e:
                 op.outcome, op.result = "unknown", e
             except Exception as e:
@@ -1216,6 +1252,18 @@ class HistoryCheckTests(SynchronousTestCase):
         ops[4].result = ShardMap(3, (1, 2, 2, 2), {1: ("a.sim:1",), 2: ("b.sim:1",)})
         problems = HistoryCheck(self.maps(), ops).run()
         self.assertTrue(any("not the history's" in p for p in problems), problems)
+
+    def test_a_leave_refused_as_the_last_is_held_to_the_maps(self) -> None:
+        last = BadRequest(f"leave of [1] {LAST_GROUPS_REFUSED}: join another group first, then leave")
+        # Map 1 holds only group 1: refusing its leave then is right.
+        ops = self.ops()
+        ops.insert(1, Op(1, "leave", [1], 2, 3, "refused_last", last))
+        self.assertEqual(HistoryCheck(self.maps(), ops).run(), [])
+        # Once group 2 joined (map 2), group 1 was not the last one.
+        ops = self.ops()
+        ops.append(Op(1, "leave", [1], 10, 11, "refused_last", last))
+        problems = HistoryCheck(self.maps(), ops).run()
+        self.assertTrue(any("all hold other groups" in p for p in problems), problems)
 
     def test_an_unknown_write_before_its_invocation_is_caught(self) -> None:
         ops = self.ops()
