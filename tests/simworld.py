@@ -188,23 +188,22 @@ class SimWorld:
 
     # -- the state of the world ----------------------------------------------------------
 
+    @staticmethod
+    def _most_advanced(group: SimReplicaGroup) -> Any:
+        """The state machine of the replica of ``group`` that applied the most."""
+        nodes = group.cluster.nodes
+        best = max(group.ids, key=lambda i: nodes[i].applied_index if i in nodes else -1)
+        return group.cluster.state_machines[best]
+
     def latest_machine(self, gid: int) -> MetadataStateMachine:
         """The state machine of group ``gid``'s most advanced replica."""
-        group = self.groups[gid]
-        best = max(
-            group.ids, key=lambda i: group.cluster.nodes[i].applied_index if i in group.cluster.nodes else -1
-        )
-        return group.cluster.state_machines[best]  # type: ignore[return-value]
+        return self._most_advanced(self.groups[gid])  # type: ignore[no-any-return]
 
     def latest_map(self) -> Any:
         """The ShardMaster's newest committed map, read from its most
         advanced replica rather than asked through a client: a nemesis that
         has taken the ShardMaster's majority down must not block on it."""
-        group = self.shardmaster
-        best = max(
-            group.ids, key=lambda i: group.cluster.nodes[i].applied_index if i in group.cluster.nodes else -1
-        )
-        return group.cluster.state_machines[best].latest  # type: ignore[attr-defined]
+        return self._most_advanced(self.shardmaster).latest
 
     def serving(self) -> dict[int, frozenset[int]]:
         """Per group, the shards it serves in its latest committed state: the
