@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from twisted.internet import defer
@@ -11,6 +11,9 @@ from twisted.internet import defer
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeRef, node_name
 from surfshard.net.interfaces import IRpcPool
+
+if TYPE_CHECKING:
+    from client.shardmaster_client import ShardMasterClient
 
 STATUS_TIMEOUT = 2.0
 
@@ -39,7 +42,7 @@ def collect_status(cluster: ClusterConfig, pool: IRpcPool, nodes: list[NodeRef] 
 
 
 @defer.inlineCallbacks
-def cluster_nodes(cluster: ClusterConfig, shardmaster: Any = None):
+def cluster_nodes(cluster: ClusterConfig, shardmaster: ShardMasterClient | None = None):
     """``(nodes, removed)``: every node the cluster has now (the config's,
     and replicas added to a group since, as the ShardMaster's map lists
     them; their index is -1), and the addresses of the config's replicas
@@ -57,7 +60,7 @@ def cluster_nodes(cluster: ClusterConfig, shardmaster: Any = None):
 
 
 @defer.inlineCallbacks
-def cluster_status(cluster: ClusterConfig, pool: IRpcPool, shardmaster: Any = None):
+def cluster_status(cluster: ClusterConfig, pool: IRpcPool, shardmaster: ShardMasterClient | None = None):
     """``(rows, removed)``: ``collect_status`` of ``cluster_nodes``."""
     nodes, removed = yield cluster_nodes(cluster, shardmaster)
     rows = yield collect_status(cluster, pool, nodes)
