@@ -193,7 +193,8 @@ class ShardMasterProcessTests(SynchronousTestCase):
         m = self.admin_map("show")
         self.assertEqual(m, {"num": 0, "shards": [0] * NSHARDS, "groups": {}})
 
-        m = self.admin_map("join", "1", *self.group_addresses)
+        # A group of the config joins with the config's replicas by default.
+        m = self.admin_map("join", "1")
         self.assertEqual(m, {"num": 1, "shards": [1] * NSHARDS, "groups": {"1": self.group_addresses}})
 
         m = self.admin_map("join", "2", "127.0.0.1:1", "127.0.0.1:2")
