@@ -55,9 +55,9 @@ WRITERS = 64
 HASHES = 4
 
 
-def workload(writes: int) -> list[tuple[str, int, list[str], str, int]]:
+def workload(writes: int, hashes: int = HASHES) -> list[tuple[str, int, list[str], str, int]]:
     """``(name, version, hashlist, client_id, seq)`` for ``writes`` updates."""
-    hashlist = [f"{i:064x}" for i in range(1, HASHES + 1)]
+    hashlist = [f"{i:064x}" for i in range(1, hashes + 1)]
     out = []
     for j in range(writes):
         writer, round_ = j % WRITERS, j // WRITERS + 1
@@ -98,7 +98,7 @@ def best_of(repeats: int, run: Callable[[], float]) -> float:
     return min(run() for _ in range(repeats))
 
 
-def measure(writes: int, repeats: int) -> dict[str, float]:
+def measure(writes: int, repeats: int, hashes: int = HASHES) -> dict[str, float]:
     """Microseconds per write for each path, in the tree on sys.path."""
     from twisted.internet import task
 
@@ -107,7 +107,7 @@ def measure(writes: int, repeats: int) -> dict[str, float]:
     from surfshard.metadata.service import metadata_methods
     from surfshard.metadata.state import MetadataStateMachine, encode_update
 
-    work = workload(writes)
+    work = workload(writes, hashes)
     results: dict[str, float] = {}
 
     def per_write(seconds: float) -> float:
@@ -256,7 +256,6 @@ def measure_tree(rev: str, writes: int, repeats: int, hashes: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global HASHES
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--baseline", default=DEFAULT_BASELINE, help="git revision to compare with ('' for none)"
@@ -276,16 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.writes < WRITERS or args.repeats < 1 or args.hashes < 1:
         parser.error(f"need --writes >= {WRITERS}, --repeats >= 1 and --hashes >= 1")
-    HASHES = args.hashes  # read by workload()
     sys.path.insert(0, args.tree or str(ROOT))
     if args.json_only:
-        print(json.dumps(measure(args.writes, args.repeats)))
+        print(json.dumps(measure(args.writes, args.repeats, args.hashes)))
         return 0
     before = measure_tree(args.baseline, args.writes, args.repeats, args.hashes) if args.baseline else {}
     after = (
         measure_tree(args.now, args.writes, args.repeats, args.hashes)
         if args.now
-        else measure(args.writes, args.repeats)
+        else measure(args.writes, args.repeats, args.hashes)
     )
     print(
         f"us per updatefile, best of {args.repeats} x {args.writes} writes"
