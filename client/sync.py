@@ -67,13 +67,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 from twisted.internet import defer, threads
 
 from surfshard import errors
 from surfshard.keyspace import TOMBSTONE, validate_filename
+
+if TYPE_CHECKING:
+    from client.cluster import ClusterClient
 
 __all__ = ["INDEX_NAME", "IndexFileError", "SyncResult", "sync_folder"]
 
@@ -581,7 +584,7 @@ def sync_folder(
     progress: Any = None,
     timeout: float = 60.0,
     host: str | None = None,
-    client: Any = None,
+    client: ClusterClient | None = None,
 ) -> SyncResult:
     """One sync of ``base`` against ``cluster`` (a ClusterConfig), blocking.
 
@@ -602,19 +605,19 @@ def sync_folder(
             f"{cluster.source} has no [blockstores]: there is nowhere to keep file contents"
         )
     reactor = _reactor()
-    own = client is None
-    if own:
-        client = threads.blockingCallFromThread(
+    syncing = client
+    if syncing is None:
+        syncing = threads.blockingCallFromThread(
             reactor, lambda: ClusterClient(cluster, reactor, timeout=timeout)
         )
     try:
-        blocks = BlockClient(cluster, client.pool)
+        blocks = BlockClient(cluster, syncing.pool)
         return Folder(
-            folder, reactor, client, blocks, block_size=block_size, progress=progress, host=host
+            folder, reactor, syncing, blocks, block_size=block_size, progress=progress, host=host
         ).run()
     finally:
-        if own:
-            threads.blockingCallFromThread(reactor, client.close)
+        if client is None:  # ours: close it
+            threads.blockingCallFromThread(reactor, syncing.close)
 
 
 def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
