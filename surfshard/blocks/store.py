@@ -493,7 +493,12 @@ class BlockStoreService(service.Service):
                 "{name}: cannot listen on {address}: {e}", name=self.name, address=self.address, e=e
             )
             raise
-        self.log.info("{name} serving blocks on {address}", name=self.name, address=self.address)
+        self.log.info(
+            "{name} serving blocks on {address}, stored in {directory}",
+            name=self.name,
+            address=self.address,
+            directory=str(self.store.directory),
+        )
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -218,7 +218,12 @@ class ReplicaService(service.MultiService):
                 "{name}: cannot listen on {address}: {e}", name=self.name, address=self.address, e=e
             )
             raise
-        self.log.info("{name} serving on {address}", name=self.name, address=self.address)
+        self.log.info(
+            "{name} serving on {address}, state in {data_dir}",
+            name=self.name,
+            address=self.address,
+            data_dir=str(self.data_dir),
+        )
 
     @defer.inlineCallbacks
     def stopService(self):
