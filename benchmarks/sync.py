@@ -10,7 +10,8 @@ Two folders are measured:
 For each: the first sync up from folder A (MB/s, files/s), the first sync
 down into an empty folder B, a no-change re-sync of A, and, in the same
 run, ``cp -r`` of A and ``rsync -a`` of A into a new folder. Then the bytes
-a one-block edit of a 5 MB file sends. rsync comes from Debian's packages
+a one-block edit of a 5 MB file sends, and what the other folder then
+fetches. rsync comes from Debian's packages
 (installed here if missing and we may).
 
     python3 dev.py bench sync            # --quick: a tenth of the data
@@ -168,7 +169,10 @@ def main() -> int:
                 ),
                 flush=True,
             )
-        # One block of a 5 MB file changes: what goes over the wire.
+        # One block of a 5 MB file changes: what goes over the wire. The
+        # other folder first takes what the later folders put on the
+        # cluster, so what it fetches after the edit is the edit alone.
+        timed([*sync, str(work / "mixed-b")], cwd=str(ROOT))
         mixed = work / "mixed-a"
         target = sorted(mixed.glob("f5000000-*"))[0]
         with open(target, "r+b") as f:
@@ -177,6 +181,12 @@ def main() -> int:
         _, done = timed([*sync, str(mixed)], cwd=str(ROOT))
         sent = json.loads(done.stdout)["bytes_up"]
         print(f"one-block edit of a 5 MB file: {sent} bytes sent (2 copies of one 4 KiB block = 8,192)")
+        _, done = timed([*sync, str(work / "mixed-b")], cwd=str(ROOT))
+        taken = json.loads(done.stdout)
+        print(
+            f"... and on the other folder: {taken['bytes_down']} bytes fetched, "
+            f"{taken['bytes_reused']} taken from the file's old version"
+        )
         return 0
     finally:
         procs.stop_all()

@@ -37,7 +37,11 @@ holds. ``--watch`` waits on the feed (a long poll) between syncs, so a
 change made elsewhere arrives at once rather than at the next poll.
 
 A re-sync hashes only the files that changed since the last one
-(``HashCache``, kept in ``.surfshard-hashes``).
+(``HashCache``, kept in ``.surfshard-hashes``). Both ways only what
+differs crosses the network: an upload sends only the blocks the stores
+lack, and a download takes from the folder every block it already holds
+(in the file's old version, or in any other file), checked against its
+hash as it is read, and fetches only the rest.
 
 A file whose blocks no block store can give (they were lost, or its
 metadata was written by ``surfshard put`` with made-up hashes) does not hold
@@ -64,7 +68,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +123,9 @@ class SyncResult:
     incomplete: dict[str, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    #: Bytes of downloaded files taken from blocks already in the folder
+    #: instead of from the block stores.
+    bytes_reused: int = 0
     #: How the server's side was learnt: "changes" (since the cursor) or
     #: "listing" (everything), and why a cursor was not followed.
     remote_from: str = ""
@@ -135,6 +142,7 @@ class SyncResult:
             "incomplete": self.incomplete,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "bytes_reused": self.bytes_reused,
             "remote_from": self.remote_from,
         }
 
@@ -330,6 +338,43 @@ def scan(
     return out
 
 
+def local_sources(local: dict[str, Hashes], wanted: set[str]) -> dict[str, tuple[str, int]]:
+    """Where the folder (as ``scan`` found it) holds each ``wanted`` block:
+    ``{hash: (name, block number)}``, the first place seen."""
+    sources: dict[str, tuple[str, int]] = {}
+    for name, hashes in local.items():
+        for i, h in enumerate(hashes):
+            if h in wanted and h not in sources:
+                sources[h] = (name, i)
+    return sources
+
+
+def read_local_blocks(
+    base: Path, sources: dict[str, tuple[str, int]], hashes: Iterable[str], block_size: int
+) -> dict[str, bytes]:
+    """``{hash: data}`` for the ``hashes`` that ``sources`` places in the
+    folder, read there and each checked against its hash: a file changed,
+    renamed or deleted since the scan (a conflict copy, a file this sync
+    already rewrote) gives nothing for its blocks, which are then fetched."""
+    by_file: dict[str, list[tuple[int, str]]] = {}
+    for h in hashes:
+        where = sources.get(h)
+        if where is not None:
+            by_file.setdefault(where[0], []).append((where[1], h))
+    found: dict[str, bytes] = {}
+    for name, blocks in by_file.items():
+        try:
+            with open(base / name, "rb") as f:
+                for number, h in sorted(blocks):
+                    f.seek(number * block_size)
+                    data = f.read(block_size)
+                    if hashlib.sha256(data).hexdigest() == h:
+                        found[h] = data
+        except OSError:
+            continue  # gone or unreadable now: fetched instead
+    return found
+
+
 def conflict_name(name: str, when: datetime.datetime, host: str, taken: Callable[[str], bool]) -> str:
     stem, dot, ext = name.rpartition(".")
     if not stem:  # no extension (or a dotfile)
@@ -375,6 +420,10 @@ class Folder:
         self.cursor: Any = None
         #: Files were written without an fsync each (see ``_download``).
         self.wrote = False
+        #: The folder's files and their blocks as this sync leaves them (the
+        #: scan, then its conflict copies and downloads): where a download
+        #: looks for blocks before fetching them.
+        self.present: dict[str, Hashes] = {}
 
     def _call(self, f: Callable[..., Any], *args: Any) -> Any:
         return threads.blockingCallFromThread(self.reactor, f, *args)
@@ -384,6 +433,7 @@ class Folder:
         before = dict(index)
         cache = HashCache(self.base / HASH_CACHE_NAME, self.block_size)
         local = scan(self.base, self.block_size, self.result, cache)
+        self.present = dict(local)
         remote = self._remote(index)
         downloads: dict[str, tuple[int, Hashes]] = {}
         uploads: dict[str, tuple[int, Hashes]] = {}
@@ -465,11 +515,15 @@ class Folder:
         when = datetime.datetime.now()
         copy = conflict_name(name, when, self.host, lambda n: (self.base / n).exists() or n in local)
         os.replace(self.base / name, self.base / copy)
+        if name in self.present:
+            self.present[copy] = self.present.pop(name)
         self.result.conflicts.append(copy)
 
     def _download(
         self, downloads: dict[str, tuple[int, Hashes]], index: dict[str, tuple[int, Hashes]]
     ) -> None:
+        wanted = {h for _, hashes in downloads.values() if hashes != TOMB for h in hashes}
+        sources = local_sources(self.present, wanted) if wanted else {}
         pending = collections.deque(sorted(downloads.items()))
         while pending:  # a batch at a time: bounded memory
             batch: list[tuple[str, tuple[int, Hashes]]] = []
@@ -479,8 +533,13 @@ class Folder:
                 batch.append((name, info))
                 size += len(info[1]) * self.block_size
             needed = {h for _, (_, hashes) in batch if hashes != TOMB for h in hashes}
-            got, lost = self._call(self.blocks.get_available, sorted(needed)) if needed else ({}, [])
+            # Every file of the batch is read from before any is written.
+            here = read_local_blocks(self.base, sources, needed, self.block_size) if sources else {}
+            fetch = sorted(needed.difference(here))
+            got, lost = self._call(self.blocks.get_available, fetch) if fetch else ({}, [])
             self.result.bytes_down += sum(len(d) for d in got.values())
+            self.result.bytes_reused += sum(len(d) for d in here.values())
+            got = {**got, **here}
             missing = set(lost)
             for name, (version, hashes) in batch:
                 path = self.base / name
@@ -499,10 +558,12 @@ class Folder:
                     if path.exists() or path.is_symlink():
                         path.unlink()
                         self.result.deleted_local.append(name)
+                    self.present.pop(name, None)
                 else:
                     # Made durable all at once before the index names them
                     # (``run``): one sync for the batch, not one per file.
                     _write_atomically(path, (got[h] for h in hashes), fsync=False)
+                    self.present[name] = hashes
                     self.wrote = True
                     self.result.downloaded.append(name)
                 if version:
@@ -700,5 +761,6 @@ def summary(result: SyncResult) -> str:
         f"up {len(result.uploaded)}, down {len(result.downloaded)}, deleted here {len(result.deleted_local)}, "
         f"deleted there {len(result.deleted_remote)}, conflicts {len(result.conflicts)}, "
         f"{result.bytes_up} bytes up, {result.bytes_down} bytes down"
+        + (f" ({result.bytes_reused} more found here)" if result.bytes_reused else "")
         + (f", {len(result.incomplete)} not synced" if result.incomplete else "")
     )

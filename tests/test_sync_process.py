@@ -215,7 +215,11 @@ class SyncTests(SyncCluster):
             f.write(b"X" * 10)
         edit = self.sync(a)
         self.assertLess(edit["bytes_up"], 4 * 4096, "a one-block edit sent more than that block's copies")
-        self.sync(b)
+        taken = self.sync(b)
+        # The other side fetches that block alone: the rest of big.bin (and
+        # of the edited small file) is already in the folder.
+        self.assertLessEqual(taken["bytes_down"], 2 * 4096, "a one-block edit fetched more than its blocks")
+        self.assertGreater(taken["bytes_reused"], 49 * 1024 * 1024)
         self.sync(a)  # takes b's deletion
         self.assertFalse((a / "one-block").exists())
         (b / "empty").write_bytes(b"back again")
@@ -243,7 +247,7 @@ class SyncTests(SyncCluster):
         self.assertEqual((b / "after-garbage.txt").read_text(), "new\n")
         self.assertEqual(self.sync(b)["remote_from"], "changes")
         print(
-            f"5,005 files incl. 50 MB: first sync up {up:.1f} s, down {down:.1f} s; one-block edit sent {edit['bytes_up']} bytes"
+            f"5,005 files incl. 50 MB: first sync up {up:.1f} s, down {down:.1f} s; one-block edit sent {edit['bytes_up']} bytes, fetched {taken['bytes_down']}"
         )
 
     def test_conflicts_keep_both_and_crashes_lose_nothing(self) -> None:
