@@ -251,32 +251,46 @@ def shard_map_table(shard_map: Any) -> Any:
 
 def _member_usage(problem: str) -> int:
     err_console.print(
-        "usage: surfshard admin member list GID | add GID HOST:PORT | remove GID ID: " + escape(problem)
+        "usage: surfshard admin member list GROUP | add GROUP HOST:PORT | remove GROUP ID "
+        "(GROUP: a group id, or shardmaster): " + escape(problem)
     )
     return EXIT_USAGE
 
 
+#: ``member``'s name for the ShardMaster's own replicas.
+SHARDMASTER_GROUP = "shardmaster"
+
+
 def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
-    """``surfshard admin member list|add|remove GID ...``: a group's
-    membership, through its leader (``surfshard.replica.membership``)."""
+    """``surfshard admin member list|add|remove GROUP ...``: the membership
+    of a metadata group (GROUP its id) or of the ShardMaster (GROUP
+    ``shardmaster``), through its leader (``surfshard.replica.membership``)."""
     from client.cluster import ClusterClient
     from surfshard.replica.leader_caller import LeaderCaller
 
     rest = list(args.params)
     if len(rest) < 2 or rest[0] not in ("list", "add", "remove"):
-        return _member_usage("say list, add or remove, then the group id")
+        return _member_usage("say list, add or remove, then the group")
     verb = rest[0]
-    try:
-        gid = int(rest[1])
-    except ValueError:
-        return _member_usage(f"{rest[1]!r} is not a group id")
-    if gid not in cluster.groups:
-        return _member_usage(f"{cluster.source} has no group {gid} (groups: {sorted(cluster.groups)})")
+    of_shardmaster = rest[1] == SHARDMASTER_GROUP
+    gid = 0
+    if of_shardmaster:
+        if not cluster.shardmaster:
+            return _member_usage(f"{cluster.source} has no [shardmaster]")
+    else:
+        try:
+            gid = int(rest[1])
+        except ValueError:
+            return _member_usage(f"{rest[1]!r} is not a group id or {SHARDMASTER_GROUP}")
+        if gid not in cluster.groups:
+            return _member_usage(f"{cluster.source} has no group {gid} (groups: {sorted(cluster.groups)})")
+    what = "the ShardMaster" if of_shardmaster else f"group {gid}"
+    label = "ShardMaster" if of_shardmaster else f"group {gid}"
     if verb == "list" and len(rest) != 2:
-        return _member_usage("list takes only the group id")
+        return _member_usage("list takes only the group")
     if verb == "add":
         if len(rest) != 3:
-            return _member_usage("add takes the group id and the new node's HOST:PORT")
+            return _member_usage("add takes the group and the new node's HOST:PORT")
         from surfshard.config import parse_address
 
         try:
@@ -285,22 +299,33 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
             return _member_usage(str(e))
     if verb == "remove":
         if len(rest) != 3 or not rest[2].isdigit() or int(rest[2]) < 1:
-            return _member_usage("remove takes the group id and the node's id (see member list)")
+            return _member_usage("remove takes the group and the node's id (see member list)")
 
     @defer.inlineCallbacks
     def body(reactor: Any):
         client = ClusterClient(cluster, reactor, timeout=args.timeout, admin=verb != "list")
         try:
-            # Where the group is: the ShardMaster's list (it follows the
-            # membership) and the config's.
-            addresses = list(cluster.groups[gid])
-            if cluster.shardmaster:
-                try:
-                    shard_map = yield client.shardmaster.query(-1)
-                    addresses = [*shard_map.groups.get(gid, ()), *addresses]
-                except errors.SurfShardError:
-                    pass
-            caller = LeaderCaller(client.pool, list(dict.fromkeys(addresses)), reactor, timeout=args.timeout)
+            if of_shardmaster:
+                # Where the config says it started; replicas added since are
+                # found through the NOT_LEADER answers of the others.
+                addresses = list(cluster.shardmaster)
+            else:
+                # Where the group is: the ShardMaster's list (it follows the
+                # membership) and the config's.
+                addresses = list(cluster.groups[gid])
+                if cluster.shardmaster:
+                    try:
+                        shard_map = yield client.shardmaster.query(-1)
+                        addresses = [*shard_map.groups.get(gid, ()), *addresses]
+                    except errors.SurfShardError:
+                        pass
+            caller = LeaderCaller(
+                client.pool,
+                list(dict.fromkeys(addresses)),
+                reactor,
+                timeout=args.timeout,
+                learn_members=of_shardmaster,
+            )
             if verb == "add":
                 result = yield caller.call("member_add", {"address": rest[2]}, timeout=args.timeout)
             elif verb == "remove":
@@ -323,25 +348,27 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
             if verb == "add":
                 node_id = result["id"]
                 if result["added"]:
-                    out.print(f"added node {node_id} to group {gid} as a learner at {rest[2]}")
+                    out.print(f"added node {node_id} to {what} as a learner at {rest[2]}")
                 else:
-                    out.print(f"{rest[2]} is already node {node_id} of group {gid}")
+                    out.print(f"{rest[2]} is already node {node_id} of {what}")
                 config = f" --config {args.config}" if args.config else ""
+                name = node_name(NodeKind.SHARDMASTER if of_shardmaster else NodeKind.GROUP, gid, node_id - 1)
                 if cluster.tls is not None:
                     out.print(
                         "with TLS on, give it a certificate first:\n"
                         f"  surfshard certs{config} --out {cluster.tls.cert_dir} "
-                        f"--node group-{gid}-{node_id - 1} --address {rest[2]}"
+                        f"--node {name} --address {rest[2]}"
                     )
+                plugin = f"shardmaster{config}" if of_shardmaster else f"surfshard{config} --group {gid}"
                 out.print(
                     "start it (it catches up, then the leader makes it a voter):\n"
-                    f"  twistd -n surfshard{config} --group {gid} --node {node_id - 1} --address {rest[2]}"
+                    f"  twistd -n {plugin} --node {node_id - 1} --address {rest[2]}"
                 )
             elif verb == "remove":
                 node_id = result["id"]
                 said = "removed node" if result["removed"] else "no longer a member:"
-                out.print(f"{said} {node_id} of group {gid}; stop its process")
-            out.print(members_table(gid, listing))
+                out.print(f"{said} {node_id} of {what}; stop its process")
+            out.print(members_table(label, listing))
 
         _emit(args, {"result": result, "members": listing}, human)
         return EXIT_OK
@@ -349,12 +376,10 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
     return _react(body)
 
 
-def members_table(gid: int, listing: dict[str, Any]) -> Any:
+def members_table(what: str, listing: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(
-        title=f"group {gid} members" + (" (a change is in progress)" if listing.get("pending") else "")
-    )
+    table = Table(title=f"{what} members" + (" (a change is in progress)" if listing.get("pending") else ""))
     for column in ("id", "address", "role", "log"):
         table.add_column(column)
     match = listing.get("match") or {}
@@ -362,10 +387,10 @@ def members_table(gid: int, listing: dict[str, Any]) -> Any:
     for role in ("voters", "learners"):
         for m in listing.get(role, []):
             i = m["id"]
-            what = "leader" if i == listing.get("leader") else role[:-1]
+            role_name = "leader" if i == listing.get("leader") else role[:-1]
             caught = match.get(str(i))
             log = f"{caught}/{last}" if caught is not None and last is not None else "-"
-            table.add_row(str(i), str(m.get("address") or "?"), what, log)
+            table.add_row(str(i), str(m.get("address") or "?"), role_name, log)
     return table
 
 
@@ -616,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_admin,
         "ShardMaster: show | query [NUM] | join GID [HOST:PORT...] (default: the config's replicas of GID) | "
         "leave GID... | move SHARD GID; "
-        "a group's replicas: member list GID | member add GID HOST:PORT | member remove GID ID",
+        "replicas of a group or the ShardMaster: member list GROUP | member add GROUP HOST:PORT | "
+        "member remove GROUP ID (GROUP: a group id, or shardmaster)",
     )
     p.add_argument("action", choices=["show", "query", "join", "leave", "move", "member"])
     p.add_argument("params", nargs="*", metavar="ARG")

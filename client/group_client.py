@@ -24,6 +24,10 @@ class GroupClient:
     answered from the service's dedup table instead of being applied twice.
     """
 
+    #: Whether the leader finder follows NOT_LEADER hints to addresses it
+    #: was not given (``LeaderCaller.learn_members``).
+    learns_members = False
+
     def __init__(
         self,
         pool: IRpcPool,
@@ -44,7 +48,13 @@ class GroupClient:
         self.seq = seq if seq is not None else itertools.count(1)
         self.pool = pool
         self.caller = LeaderCaller(
-            pool, addresses, reactor, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
+            pool,
+            addresses,
+            reactor,
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+            rng=rng,
+            learn_members=self.learns_members,
         )
 
     def write(

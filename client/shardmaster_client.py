@@ -17,6 +17,11 @@ from surfshard.shardmap import ShardMap
 
 
 class ShardMasterClient(GroupClient):
+    #: Callers know the ShardMaster from the config, where it started; its
+    #: replicas added since are found through the NOT_LEADER answers of
+    #: the ones that are still there.
+    learns_members = True
+
     def join(self, groups: Mapping[int, Sequence[str]]) -> defer.Deferred:
         """Fires with the new map's number."""
         return self.write("join", {"groups": {g: list(a) for g, a in groups.items()}})
@@ -30,6 +35,11 @@ class ShardMasterClient(GroupClient):
     def servers(self, gid: int, servers: Sequence[str]) -> defer.Deferred:
         """Replace group ``gid``'s addresses; fires with the map's number."""
         return self.write("servers", {"gid": gid, "servers": list(servers)})
+
+    def members(self) -> defer.Deferred:
+        """Fires with the ShardMaster's membership (``members``: voters and
+        learners with their ids and addresses)."""
+        return self.read("members", {})
 
     def query(self, num: int = -1) -> defer.Deferred:
         """Fires with the ``ShardMap`` numbered ``num`` (-1: the latest)."""

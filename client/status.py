@@ -9,7 +9,7 @@ from rich.table import Table
 from twisted.internet import defer
 
 from surfshard import errors
-from surfshard.config import ClusterConfig, NodeRef, node_name
+from surfshard.config import ClusterConfig, NodeRef, member_addresses, node_name
 from surfshard.net.interfaces import IRpcPool
 
 if TYPE_CHECKING:
@@ -44,9 +44,9 @@ def collect_status(cluster: ClusterConfig, pool: IRpcPool, nodes: list[NodeRef] 
 @defer.inlineCallbacks
 def cluster_nodes(cluster: ClusterConfig, shardmaster: ShardMasterClient | None = None):
     """``(nodes, removed)``: every node the cluster has now (the config's,
-    and replicas added to a group since, as the ShardMaster's map lists
-    them; their index is -1), and the addresses of the config's replicas
-    that the map says were taken out of their group. Without a ShardMaster
+    replicas added to a group since, as the ShardMaster's map lists them,
+    their index -1, and replicas added to the ShardMaster, as its members
+    say), and the addresses of the config's replicas taken out since. Without a ShardMaster
     client, or when it does not answer, the config's nodes."""
     if shardmaster is not None and cluster.shardmaster:
         try:
@@ -54,8 +54,12 @@ def cluster_nodes(cluster: ClusterConfig, shardmaster: ShardMasterClient | None 
         except errors.SurfShardError:
             pass  # the config's nodes, then
         else:
-            nodes = list(cluster.nodes_with_members(shard_map.groups))
-            return nodes, cluster.removed_replicas(shard_map.groups)
+            try:
+                members = member_addresses((yield shardmaster.members()))
+            except errors.SurfShardError:
+                members = {}  # the config's ShardMaster replicas, then
+            nodes = list(cluster.nodes_with_members(shard_map.groups, members))
+            return nodes, cluster.removed_replicas(shard_map.groups, members)
     return list(cluster.all_nodes()), frozenset()
 
 

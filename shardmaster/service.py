@@ -184,10 +184,20 @@ class ShardMasterService(ReplicaService):
         chaos: bool | None = None,
         fsync: bool | None = None,
         rng: random.Random | None = None,
+        address: str | None = None,
     ) -> None:
         self.machine = ShardMasterStateMachine(cluster.shards)
         super().__init__(
-            cluster, NodeKind.SHARDMASTER, 0, index, self.machine, reactor, chaos=chaos, fsync=fsync, rng=rng
+            cluster,
+            NodeKind.SHARDMASTER,
+            0,
+            index,
+            self.machine,
+            reactor,
+            chaos=chaos,
+            fsync=fsync,
+            rng=rng,
+            address=address,
         )
         self.table.include(shardmaster_methods(self.control))  # type: ignore[arg-type]
 

@@ -7,8 +7,19 @@ from surfshard.replica.options import NodeOptions
 
 
 class Options(NodeOptions):
-    synopsis = "--config FILE --node I [--chaos]"
-    longdesc = "Run replica I of the ShardMaster of the cluster described by FILE (a TOML cluster config)."
+    synopsis = "--config FILE --node I [--address HOST:PORT] [--chaos]"
+    longdesc = (
+        "Run replica I of the ShardMaster of the cluster described by FILE (a TOML cluster "
+        "config). A replica added to the running ShardMaster (`surfshard admin member add "
+        "shardmaster`) is past the config's list: give its --node and --address as that "
+        "command prints them."
+    )
+    optParameters = [
+        *NodeOptions.optParameters,
+        ["address", None, None, "this node's host:port, for a node added to the running ShardMaster"],
+    ]
+    #: Nodes past the config's list are allowed when --address names them.
+    allows_added_nodes = True
     optFlags = [
         *NodeOptions.optFlags,
         ["chaos", None, "answer ChaosMonkey calls (crash/restore/set_leader) even if the config does not"],
@@ -33,4 +44,5 @@ def makeService(options: Options):
         reactor,
         chaos=True if options["chaos"] else None,
         fsync=options.fsync,
+        address=options["address"],
     )

@@ -242,10 +242,11 @@ class ClusterConfig:
     def node_data_dir(self, kind: NodeKind | str, gid: int, index: int) -> Path:
         """Where that node keeps its state: ``data_dir/group-<gid>/node-<i>``,
         ``data_dir/shardmaster/node-<i>``, ``data_dir/blockstore/node-<i>``.
-        A metadata group may have nodes past its config's list (added while
-        it runs, ``surfshard admin member add``); other kinds may not."""
+        A metadata group and the ShardMaster may have nodes past the
+        config's list (added while they run, ``surfshard admin member
+        add``); block stores may not."""
         kind = NodeKind(kind)
-        if kind is NodeKind.GROUP and index >= 0:
+        if kind is not NodeKind.BLOCKSTORE and index >= 0:
             self.nodes_of(kind, gid)  # refuse groups the config lacks
         else:
             self.node_address(kind, gid, index)  # refuse nodes the config lacks
@@ -260,13 +261,24 @@ class ClusterConfig:
         refs.extend(NodeRef(NodeKind.BLOCKSTORE, 0, i, a) for i, a in enumerate(self.blockstores))
         return tuple(refs)
 
-    def nodes_with_members(self, groups: Mapping[Any, Sequence[str]]) -> tuple[NodeRef, ...]:
+    def nodes_with_members(
+        self, groups: Mapping[Any, Sequence[str]], shardmaster: Mapping[int, str] | None = None
+    ) -> tuple[NodeRef, ...]:
         """``all_nodes`` plus the metadata replicas that ``groups`` (the
         ShardMaster's addresses per group, which follow membership changes)
         lists and the config does not; their index is -1, unknown until the
-        node itself says (its Raft id is index + 1)."""
+        node itself says (its Raft id is index + 1). With ``shardmaster``
+        (the ShardMaster's members, ``member_addresses``), its replicas
+        added since the config, too."""
         refs = list(self.all_nodes())
         known = {ref.address for ref in refs}
+        for raft_id, address in sorted((shardmaster or {}).items()):
+            if address not in known:
+                known.add(address)
+                refs.insert(
+                    sum(1 for r in refs if r.kind is NodeKind.SHARDMASTER),
+                    NodeRef(NodeKind.SHARDMASTER, 0, raft_id - 1, address),
+                )
         for gid, addresses in sorted(groups.items(), key=lambda item: int(item[0])):
             for address in addresses:
                 if address not in known:
@@ -274,18 +286,39 @@ class ClusterConfig:
                     refs.append(NodeRef(NodeKind.GROUP, int(gid), -1, address))
         return tuple(refs)
 
-    def removed_replicas(self, groups: Mapping[Any, Sequence[str]]) -> frozenset[str]:
+    def removed_replicas(
+        self, groups: Mapping[Any, Sequence[str]], shardmaster: Mapping[int, str] | None = None
+    ) -> frozenset[str]:
         """Addresses of this config's metadata replicas that ``groups`` (the
         ShardMaster's addresses per group) no longer lists for their group:
         replicas a membership change took out, which stay in the config file
         as the group's starting point. A group the map does not list (not
-        joined), or lists with no address, keeps all its replicas."""
+        joined), or lists with no address, keeps all its replicas. With
+        ``shardmaster`` (its members), the config's ShardMaster replicas no
+        longer among them, too."""
         listed = {int(gid): set(addresses) for gid, addresses in groups.items() if addresses}
+        members = set((shardmaster or {}).values())
         return frozenset(
             ref.address
             for ref in self.all_nodes()
-            if ref.kind is NodeKind.GROUP and ref.gid in listed and ref.address not in listed[ref.gid]
+            if (ref.kind is NodeKind.GROUP and ref.gid in listed and ref.address not in listed[ref.gid])
+            or (ref.kind is NodeKind.SHARDMASTER and members and ref.address not in members)
         )
+
+
+def member_addresses(answer: Mapping[str, Any]) -> dict[int, str]:
+    """``{raft id: address}`` of the voters and learners in a ``members``
+    answer (``surfshard.replica.membership``); entries without a usable id
+    or address are left out."""
+    out: dict[int, str] = {}
+    for key in ("voters", "learners"):
+        entries = answer.get(key)
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, Mapping):
+                raft_id, address = entry.get("id"), entry.get("address")
+                if type(raft_id) is int and raft_id > 0 and isinstance(address, str) and address:
+                    out[raft_id] = address
+    return out
 
 
 def default_config_path() -> Path:

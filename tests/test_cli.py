@@ -254,7 +254,10 @@ class MemberUsageTests(SynchronousTestCase):
             (["admin", "member", "grow", "1"], "list, add or remove"),
             (["admin", "member", "list", "x"], "not a group id"),
             (["admin", "member", "list", "9"], "no group 9"),
-            (["admin", "member", "list", "1", "2"], "only the group id"),
+            (["admin", "member", "list", "1", "2"], "only the group"),
+            (["admin", "member", "list", "shardmaster", "2"], "only the group"),
+            (["admin", "member", "add", "shardmaster"], "HOST:PORT"),
+            (["admin", "member", "remove", "shardmaster", "-1"], "node's id"),
             (["admin", "member", "add", "1"], "HOST:PORT"),
             (["admin", "member", "add", "1", "nowhere"], "host:port"),
             (["admin", "member", "remove", "1", "zero"], "node's id"),
@@ -262,6 +265,18 @@ class MemberUsageTests(SynchronousTestCase):
             # join takes the config's replicas of a group it has, else needs them
             (["admin", "join"], "GID"),
             (["admin", "join", "9"], "group 9 is not in the config"),
+            # a static config has no ShardMaster to change
+            (
+                [
+                    "admin",
+                    "member",
+                    "list",
+                    "shardmaster",
+                    "--config",
+                    str(REPO_ROOT / "configs" / "single-group.toml"),
+                ],
+                "no [shardmaster]",
+            ),
         ):
             err = io.StringIO()
             with contextlib.redirect_stderr(err):  # rich writes to sys.stderr as it is when it prints

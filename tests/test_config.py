@@ -17,6 +17,7 @@ from surfshard.config import (
     default_config_path,
     format_address,
     load_config,
+    member_addresses,
     node_name,
     parse_address,
 )
@@ -304,6 +305,37 @@ class HelperTests(ConfigTestCase):
         self.assertEqual(config.removed_replicas({"1": groups["1"]}), frozenset({"127.0.0.1:7101"}))
         self.assertEqual(config.removed_replicas({1: [], 2: []}), frozenset())
         self.assertEqual(config.removed_replicas({}), frozenset())
+
+    def test_the_shardmasters_own_members_added_and_removed(self) -> None:
+        config = load_config(CONFIGS / "local.toml")
+        # Its first replica replaced by a fourth (Raft id 4), as ``members`` says.
+        answer = {
+            "voters": [
+                {"id": 2, "address": "127.0.0.1:7002"},
+                {"id": 3, "address": "127.0.0.1:7003"},
+                {"id": 4, "address": "127.0.0.1:7004"},
+            ],
+            "learners": [{"id": 5, "address": "127.0.0.1:7005"}, {"id": 0, "address": "x:1"}, "junk"],
+            "max_id": 5,
+        }
+        members = member_addresses(answer)
+        self.assertEqual(
+            members, {2: "127.0.0.1:7002", 3: "127.0.0.1:7003", 4: "127.0.0.1:7004", 5: "127.0.0.1:7005"}
+        )
+        self.assertEqual(member_addresses({"voters": "nonsense"}), {})
+        nodes = config.nodes_with_members({}, members)
+        # The added ones come after the config's ShardMaster replicas, with
+        # their index (Raft id - 1), before the groups.
+        self.assertEqual(
+            [(n.kind, n.index, n.address) for n in nodes[:5]],
+            [(NodeKind.SHARDMASTER, i, f"127.0.0.1:700{i + 1}") for i in range(5)],
+        )
+        self.assertEqual(nodes[5:], config.all_nodes()[3:])
+        self.assertEqual(config.removed_replicas({}, members), frozenset({"127.0.0.1:7001"}))
+        # Nothing known of its members: every configured replica stays.
+        self.assertEqual(config.removed_replicas({}, {}), frozenset())
+        # An added replica keeps its state where the configured ones do.
+        self.assertEqual(config.node_data_dir("shardmaster", 0, 3).name, "node-3")
 
     def test_node_helpers(self) -> None:
         config = load_config(CONFIGS / "local.toml")

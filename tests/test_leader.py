@@ -70,6 +70,50 @@ class LeaderCallerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), "ok")
         self.assertEqual(self.caller.leader, "c:1")
 
+    def test_a_hint_to_an_unknown_address_is_not_followed_by_default(self) -> None:
+        d = self.caller.call("updatefile", {})
+        self.pool.last()[1].errback(errors.NotLeader("no", leader="elsewhere:1"))
+        self.clock.advance(0.05)
+        address, attempt = self.pool.last()
+        self.assertEqual(address, "b:1", "followed a hint outside the group's addresses")
+        attempt.callback("ok")
+        self.successResultOf(d)
+        self.assertEqual(self.caller.addresses, ADDRESSES)
+
+    def test_a_caller_that_learns_members_follows_and_keeps_a_new_leader(self) -> None:
+        # The ShardMaster's callers know the config's replicas; the leader
+        # may be one added since, which the others name.
+        self.caller.learn_members = True
+        d = self.caller.call("query", {})
+        self.pool.last()[1].errback(errors.NotLeader("no", leader="new:1"))
+        address, attempt = self.pool.last()
+        self.assertEqual((address, len(self.pool.calls)), ("new:1", 2))
+        attempt.callback("map")
+        self.assertEqual(self.successResultOf(d), "map")
+        self.assertEqual(self.caller.addresses, [*ADDRESSES, "new:1"])
+        self.assertEqual(self.caller.leader, "new:1")
+        # Later calls go there first; once it fails they rotate over it too.
+        self.caller.call("query", {})
+        self.assertEqual(self.pool.last()[0], "new:1")
+        # A hint that is no address is never taken.
+        d = self.caller.call("query", {})
+        self.pool.last()[1].errback(errors.NotLeader("no", leader="not an address"))
+        self.assertNotIn("not an address", self.caller.addresses)
+        self.clock.advance(5.0)
+        self.failureResultOf(d, errors.Timeout)
+
+    def test_learnt_addresses_are_bounded(self) -> None:
+        from surfshard.replica.leader_caller import MAX_LEARNED_ADDRESSES
+
+        self.caller.learn_members = True
+        for i in range(MAX_LEARNED_ADDRESSES + 5):
+            d = self.caller.call("query", {})
+            self.pool.last()[1].errback(errors.NotLeader("no", leader=f"n{i}:1"))
+            self.clock.advance(0.05)  # past the cap: not followed, a backoff step
+            self.pool.last()[1].callback("ok")
+            self.successResultOf(d)
+        self.assertEqual(len(self.caller.addresses), MAX_LEARNED_ADDRESSES)
+
     def test_retryable_error_backs_off_and_rotates(self) -> None:
         d = self.caller.call("updatefile", {})
         self.pool.last()[1].errback(errors.Crashed("down"))

@@ -78,30 +78,33 @@ def write_config(directory: Path, shardmaster_ports: list[int], group_ports: lis
 class ShardMasterProcessTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.directory = Path(self.mktemp()).resolve()
-        ports = free_ports(6)
+        ports = free_ports(7)
         self.addresses = addresses_of(ports[:3])
-        self.group_addresses = addresses_of(ports[3:])
-        self.config = write_config(self.directory, ports[:3], ports[3:])
-        self.nodes = [
-            NodeProcess(
-                f"shardmaster-{i}",
-                [
-                    *twistd_command(),
-                    "--nodaemon",
-                    "--pidfile=",
-                    "--logfile=-",
-                    "shardmaster",
-                    "--config",
-                    str(self.config),
-                    "--node",
-                    str(i),
-                ],
-                self.directory / "logs" / f"shardmaster-{i}.log",
-                address,
-            )
-            for i, address in enumerate(self.addresses)
-        ]
+        self.group_addresses = addresses_of(ports[3:6])
+        #: A free port for a replica added while the ShardMaster runs.
+        self.spare = addresses_of(ports[6:])[0]
+        self.config = write_config(self.directory, ports[:3], ports[3:6])
+        self.nodes = [self.node_process(i, address) for i, address in enumerate(self.addresses)]
         self.addCleanup(self.kill_all)
+
+    def node_process(self, i: int, address: str, *extra: str) -> NodeProcess:
+        return NodeProcess(
+            f"shardmaster-{i}",
+            [
+                *twistd_command(),
+                "--nodaemon",
+                "--pidfile=",
+                "--logfile=-",
+                "shardmaster",
+                "--config",
+                str(self.config),
+                "--node",
+                str(i),
+                *extra,
+            ],
+            self.directory / "logs" / f"shardmaster-{i}.log",
+            address,
+        )
 
     def kill_all(self) -> None:
         # Only our own processes, by pid (NodeProcess signals its Popen only).
@@ -260,3 +263,77 @@ class ShardMasterProcessTests(SynchronousTestCase):
             return status is not None and status.get("latest") == 4
 
         wait_until(caught_up, 30.0, 0.2, lambda: f"restarted node {old} did not catch up\n{self.logs()}")
+
+    def members(self) -> dict[str, Any]:
+        done = self.admin("member", "list", "shardmaster")
+        self.assertEqual(done.returncode, 0, f"member list failed: {done.stderr}\n{self.logs()}")
+        return json.loads(done.stdout)["members"]
+
+    def test_a_dead_replica_replaced_and_the_new_one_leading(self) -> None:
+        """The README's replacement of a dead replica, done to the
+        ShardMaster itself: add a fourth, start it with the command ``member
+        add`` prints, remove the dead one. Then the added replica leads,
+        and callers that know only the config's replicas (the admin
+        command, here) still find it."""
+        for i in range(3):
+            self.nodes[i].start()
+        for i in range(3):
+            self.wait_serving(i)
+        self.admin_map("join", "1")
+
+        done = self.admin("member", "add", "shardmaster", self.spare, json_output=False)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        printed = " ".join(done.stdout.split())
+        self.assertIn(
+            f"twistd -n shardmaster --config {self.config} --node 3 --address {self.spare}", printed
+        )
+        self.nodes.append(self.node_process(3, self.spare, "--address", self.spare))
+        self.addresses.append(self.spare)
+        self.nodes[3].start()
+        self.wait_serving(3)
+
+        def voter(raft_id: int) -> bool:
+            return raft_id in {m["id"] for m in self.members()["voters"]}
+
+        wait_until(lambda: voter(4), 30.0, 0.2, lambda: f"node 4 never became a voter\n{self.logs()}")
+
+        # The first replica dies for good and is removed.
+        self.nodes[0].kill()
+        done = self.admin("member", "remove", "shardmaster", "1")
+        self.assertEqual(done.returncode, 0, f"{done.stderr}\n{self.logs()}")
+        members = self.members()
+        self.assertEqual(
+            sorted((m["id"], m["address"]) for m in members["voters"]),
+            [(2, self.addresses[1]), (3, self.addresses[2]), (4, self.spare)],
+        )
+
+        # Leadership goes to the added replica.
+        old = self.leader([1, 2, 3])
+        if old != 3:
+            self.assertIs(self.native(old, "transfer_leadership", {"to": 4}), True)
+        wait_until(
+            lambda: self.native(3, "is_leader") is True,
+            20.0,
+            0.1,
+            lambda: f"node 4 did not take over\n{self.logs()}",
+        )
+
+        # The config names only 0 (dead), 1 and 2 (followers): their
+        # NOT_LEADER answers lead the command to the new leader.
+        m = self.admin_map("join", "2", "127.0.0.1:1")
+        self.assertEqual(m["num"], 2)
+        self.assertEqual(sorted(m["groups"]), ["1", "2"])
+
+        # The added replica restarts from its own data directory, still a member.
+        self.nodes[3].kill()
+        self.leader([1, 2])
+        self.assertEqual(self.admin_map("move", "0", "1")["num"], 3)
+        self.nodes[3].start()
+        self.wait_serving(3)
+
+        def caught_up() -> bool:
+            status = self.native(3, "status")
+            return status is not None and status.get("latest") == 3
+
+        wait_until(caught_up, 30.0, 0.2, lambda: f"restarted node 4 did not catch up\n{self.logs()}")
+        self.assertTrue(voter(4))

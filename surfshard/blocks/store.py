@@ -466,7 +466,7 @@ class BlockStoreService(service.Service):
             self.tls_files = TLSFiles(ca=str(cluster.tls.ca), cert=str(cert), key=str(key))
         # The status page asks the other nodes how they are.
         self.pool = RpcClientPool(reactor, tls=self.tls_files)
-        self.root.add("cluster", ClusterResource(ClusterView(cluster, self.pool, self.name)))
+        self.root.add("cluster", ClusterResource(ClusterView(cluster, self.pool, self.name, self.reactor)))
         self.root.index = PageResource()
         self.listening_port: Any = None
 

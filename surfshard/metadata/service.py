@@ -62,7 +62,9 @@ class MetadataService(ReplicaService):
         self.table.include(metadata_methods(self.replica))
         self.migrator: ShardMigrator | None = None
         if not cluster.static:
-            shardmaster = LeaderCaller(self.pool, cluster.shardmaster, reactor, timeout=2.0, rng=rng)
+            shardmaster = LeaderCaller(
+                self.pool, cluster.shardmaster, reactor, timeout=2.0, rng=rng, learn_members=True
+            )
             ShardMapWatcher(
                 gid, self.node, self.machine, shardmaster, reactor, servers=self.membership.servers
             ).setServiceParent(self)

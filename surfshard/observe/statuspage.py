@@ -17,13 +17,15 @@ import time
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from surfshard.config import ClusterConfig, NodeKind, node_name
+from surfshard.config import ClusterConfig, NodeKind, member_addresses, node_name
 from surfshard.keyspace import shard_range
 from surfshard.net.interfaces import IRpcPool
+from surfshard.replica.leader_caller import LeaderCaller
 
 __all__ = ["ClusterResource", "ClusterView", "PageResource"]
 
@@ -36,20 +38,36 @@ CALL_TIMEOUT = 1.0
 class ClusterView:
     """Collects the cluster's state through ``pool`` (from node ``me``)."""
 
-    def __init__(self, cluster: ClusterConfig, pool: IRpcPool, me: str) -> None:
+    def __init__(self, cluster: ClusterConfig, pool: IRpcPool, me: str, reactor: IReactorTime) -> None:
         self.cluster = cluster
         self.pool = pool
         self.me = me
+        # The ShardMaster's leader, followed from the config's replicas to
+        # any added since (kept between refreshes: one call each, mostly).
+        self._shardmaster = (
+            LeaderCaller(
+                pool,
+                cluster.shardmaster,
+                reactor,
+                timeout=2 * CALL_TIMEOUT,
+                attempt_timeout=CALL_TIMEOUT,
+                learn_members=True,
+            )
+            if cluster.shardmaster
+            else None
+        )
 
     @defer.inlineCallbacks
     def collect(self) -> Any:
         cluster = self.cluster
         shard_map = yield self._shard_map()
+        members = yield self._shardmaster_members()
         # Replicas added to a group while it runs are not in the config: the
-        # ShardMaster's list of the group's addresses has them.
-        refs = cluster.nodes_with_members(shard_map.get("groups", {}))
+        # ShardMaster's list of the group's addresses has them (and its own
+        # membership, its own added replicas).
+        refs = cluster.nodes_with_members(shard_map.get("groups", {}), members)
         # And replicas taken out stay in the config: shown as removed, not down.
-        removed = cluster.removed_replicas(shard_map.get("groups", {}))
+        removed = cluster.removed_replicas(shard_map.get("groups", {}), members)
         calls = [self._status(ref.address) for ref in refs]
         answers = yield defer.gatherResults(calls)
         nodes = []
@@ -92,17 +110,29 @@ class ClusterView:
         cluster = self.cluster
         if cluster.static:
             return {"num": 0, "shards": [next(iter(cluster.groups))] * cluster.shards}
-        for address in cluster.shardmaster:
+        if self._shardmaster is not None:
             try:
-                answer = yield self.pool.call(address, "query", {"num": -1}, CALL_TIMEOUT)
+                answer = yield self._shardmaster.call("query", {"num": -1})
             except Exception:
-                continue
-            return {
-                "num": answer.get("num", 0),
-                "shards": answer.get("shards", [0] * cluster.shards),
-                "groups": answer.get("groups", {}),
-            }
+                pass
+            else:
+                return {
+                    "num": answer.get("num", 0),
+                    "shards": answer.get("shards", [0] * cluster.shards),
+                    "groups": answer.get("groups", {}),
+                }
         return {"num": None, "shards": [0] * cluster.shards}
+
+    @defer.inlineCallbacks
+    def _shardmaster_members(self) -> Any:
+        """The ShardMaster's members by Raft id (none known: {})."""
+        if self._shardmaster is None:
+            return {}
+        try:
+            answer = yield self._shardmaster.call("members", {})
+        except Exception:
+            return {}
+        return member_addresses(answer)
 
     @staticmethod
     def _groups(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:

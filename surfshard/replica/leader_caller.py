@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from surfshard import errors
+from surfshard.config import parse_address
 from surfshard.net.interfaces import IPipelinedPool, IRpcPool
 
 #: Errors after which the same call may go to another replica. A write is
@@ -30,6 +31,10 @@ RETRYABLE = (
     errors.NotReady,
     errors.Busy,
 )
+
+#: Most addresses a caller that learns members holds: the replicas a group
+#: may have (``membership.MAX_MEMBERS``) and as many again replaced.
+MAX_LEARNED_ADDRESSES = 30
 
 
 class Backoff:
@@ -71,9 +76,16 @@ class LeaderCaller:
         timeout: float = 30.0,
         attempt_timeout: float = 2.0,
         rng: random.Random | None = None,
+        learn_members: bool = False,
     ) -> None:
         if not addresses:
             raise ValueError("a replica group needs at least one address")
+        #: Follow a NOT_LEADER hint to an address not in ``addresses`` (and
+        #: keep it among them): for a group whose callers know only where it
+        #: started (the ShardMaster, from the config) while membership
+        #: changes move it on. Off where the addresses come from a list that
+        #: follows the membership (a metadata group's, from the shard map).
+        self.learn_members = learn_members
         self.pool = pool
         #: The pool again if it answers into a sink (``call_into``), else
         #: None: asked once, not on every call.
@@ -155,11 +167,25 @@ class LeaderCaller:
         ``error``; True if a hint names another replica to try at once."""
         if isinstance(error, errors.NotLeader):
             hint = error.leader
-            if hint and hint != address and hint in self.addresses:
+            if hint and hint != address and (hint in self.addresses or self._learn(hint)):
                 self.leader = hint
                 return True
         self._rotate(address)
         return False
+
+    def _learn(self, address: str) -> bool:
+        """Take ``address`` (named leader by a member) among the addresses,
+        if this caller learns members and has room: bounded, so hints from
+        a group that keeps changing cannot grow the list without end."""
+        if not self.learn_members or len(self.addresses) >= MAX_LEARNED_ADDRESSES:
+            return False
+        try:
+            parse_address(address)
+        except ValueError:
+            return False
+        self.addresses.append(address)
+        self.log.info("{address} is named leader: added to the replicas this caller tries", address=address)
+        return True
 
     @defer.inlineCallbacks
     def _retry(

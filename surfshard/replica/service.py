@@ -169,7 +169,7 @@ class ReplicaService(service.MultiService):
         self.root.add("status", StatusResource(self.status))
         self.rpc_factory: RpcServerFactory | None = None
         self.root.add("metrics", MetricsResource(node_registry(self)))
-        self.root.add("cluster", ClusterResource(ClusterView(cluster, self.pool, self.name)))
+        self.root.add("cluster", ClusterResource(ClusterView(cluster, self.pool, self.name, self.reactor)))
         self.root.index = PageResource()
         host, self.port_number = parse_address(self.address)
         self.listen_interface = host if listen_interface is None else listen_interface
