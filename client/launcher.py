@@ -21,7 +21,7 @@ from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 
 from client.cluster import ClusterClient
-from client.status import collect_status, status_table
+from client.status import STATUS_TIMEOUT, cluster_nodes, collect_status, status_table
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
 
@@ -79,6 +79,9 @@ class Launcher:
         self.console = console or _console()
         self.children: dict[str, NodeProcess] = {}
         self.client = ClusterClient(cluster, reactor, timeout=10.0, admin=True)
+        #: For the status display's look at the membership: a ShardMaster
+        #: still electing must not hold the display up for long.
+        self._members_client = ClusterClient(cluster, reactor, timeout=STATUS_TIMEOUT, admin=False)
         self._last_view: Any = None
         self.log_dir = Path(cluster.data_dir) / "logs"
 
@@ -126,19 +129,27 @@ class Launcher:
     @defer.inlineCallbacks
     def show_status(self):
         started = [c.node for c in self.children.values()]
-        rows = yield collect_status(self.cluster, self.client.pool, started)
+        nodes, removed = list(started), frozenset[str]()
+        if not self.cluster.static and self.cluster.shardmaster:
+            # Replicas added since the config (started by hand, as ``member
+            # add`` prints) are shown too, and the config's removed ones as such.
+            members, removed = yield cluster_nodes(self.cluster, self._members_client.shardmaster)
+            configured = {ref.address for ref in self.cluster.all_nodes()}
+            nodes += [ref for ref in members if ref.address not in configured]
+        rows = yield collect_status(self.cluster, self.client.pool, nodes)
         view = [
             (
                 n.address,
                 s.get("role") if s else e,
                 s.get("term") if s else None,
                 s.get("crashed") if s else None,
+                n.address in removed,
             )
             for n, s, e in rows
         ]
         if view != self._last_view:
             self._last_view = view
-            self.console.print(status_table(rows, title=f"cluster {self.cluster.name}"))
+            self.console.print(status_table(rows, title=f"cluster {self.cluster.name}", removed=removed))
 
     @defer.inlineCallbacks
     def join_groups(self, deadline: float = 60.0):
@@ -182,6 +193,7 @@ class Launcher:
         if timer.active():
             timer.cancel()
         yield self.client.close()
+        yield self._members_client.close()
         self.console.print(f"stopped {len(alive)} node(s)")
 
 

@@ -5,13 +5,18 @@ file, and is shown as removed, not as a node that is down."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from client.status import status_json, status_table
-from surfshard.config import NodeKind, NodeRef
+from surfshard.config import NodeKind, NodeRef, load_config
 from surfshard.observe.statuspage import ClusterView
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 REMOVED = "127.0.0.1:7101"
 GONE = NodeRef(NodeKind.GROUP, 1, 0, REMOVED)
@@ -79,3 +84,44 @@ class StatusPageRoleTests(SynchronousTestCase):
             [m["role"] for m in group["members"]], ["removed", "down", "leader", "removed (follower)"]
         )
         self.assertEqual(group["leader"], "group-1-2")
+
+
+class LauncherDisplayTests(SynchronousTestCase):
+    """``surfshard up``'s display: the nodes it started, plus replicas added
+    since (started by hand, as ``member add`` prints), and the removed ones
+    marked as such."""
+
+    def test_added_replicas_shown_and_removed_ones_marked(self) -> None:
+        from twisted.internet.task import Clock
+
+        from client import launcher
+
+        cluster = load_config(CONFIGS / "local.toml")
+        out = io.StringIO()
+        up = launcher.Launcher(cluster, str(CONFIGS / "local.toml"), Clock(), Console(file=out, width=200))
+        configured = cluster.all_nodes()
+        added = NodeRef(NodeKind.GROUP, 1, -1, "127.0.0.1:7104")
+        removed = frozenset({"127.0.0.1:7101"})
+        up.children = {f"n{i}": type("Child", (), {"node": ref})() for i, ref in enumerate(configured)}
+        asked: list[list[NodeRef]] = []
+
+        def cluster_nodes(cluster: Any, shardmaster: Any) -> Any:
+            return defer.succeed(([*configured, added], removed))
+
+        def collect_status(cluster: Any, pool: Any, nodes: list[NodeRef]) -> Any:
+            asked.append(nodes)
+            rows = [
+                (n, None if n.address == "127.0.0.1:7101" else {"role": "follower", "id": 4}, "UNAVAILABLE")
+                for n in nodes
+            ]
+            return defer.succeed(rows)
+
+        self.patch(launcher, "cluster_nodes", cluster_nodes)
+        self.patch(launcher, "collect_status", collect_status)
+        self.successResultOf(up.show_status())
+        self.assertEqual(asked, [[*configured, added]])
+        text = out.getvalue()
+        self.assertIn("127.0.0.1:7104", text)
+        line = next(line for line in text.splitlines() if "127.0.0.1:7101" in line)
+        self.assertIn("removed", line)
+        self.assertNotIn("UNAVAILABLE", line)
