@@ -1,9 +1,10 @@
 """``surfshard sync BASEDIR``: keep a folder in sync with the cluster, with
 SurfStore's semantics.
 
-A folder holds regular files (no subfolders) and ``index.txt``, one line
-``name,version,h1 h2 ...`` per file: the state both sides agreed on at the
-last sync (``0`` alone for a deleted file, nothing after the comma for an
+A folder holds regular files, in subfolders at any depth, and
+``index.txt``, one line ``name,version,h1 h2 ...`` per file (a file in a
+subfolder is named by its path, ``docs/plan.txt``): the state both sides
+agreed on at the last sync (``0`` alone for a deleted file, nothing after the comma for an
 empty one). A sync compares, per name, the folder (hashed in blocks of
 ``block_size``), the index and the server:
 
@@ -50,9 +51,16 @@ synced (the command exits 1), and the cursor is not moved past it, so the
 next sync tries it again.
 
 Names that cannot be synced are reported and skipped: names with ``,``
-(the index's separator) or ``/``, the sync's own files (``index.txt``,
-``.surfshard-cursor``, ``.surfshard-hashes``), names that are not valid UTF-8 or too long, and anything that
-is not a regular file (symlinks are never followed).
+(the index's separator), the sync's own files (``index.txt``,
+``.surfshard-cursor``, ``.surfshard-hashes``, at the top of the folder),
+names that are not valid UTF-8 or too long, and anything that is not a
+regular file or a folder (symlinks are never followed). A name from the
+server is written only as a plain relative path (no ``..``, no empty or
+``.`` part) under folders that are real folders here, never through a
+symlink; a file whose place is taken by a folder (or a folder's by a file)
+is reported as not synced, as above, until one of them is renamed. Empty
+folders are not synced: a folder that a deletion from the server leaves
+empty is removed (as git does), and one emptied here is left as it is.
 """
 
 from __future__ import annotations
@@ -95,6 +103,10 @@ OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME)
 DEFAULT_BLOCK_SIZE = 4096
 #: Temporary files of an unfinished write (never synced; removed on start).
 TMP_PREFIX = ".surfshard-tmp-"
+#: Deepest a synced file may lie (folders in the path, the file included).
+MAX_DEPTH = 64
+#: Longest part of a path (a file or folder name): what file systems take.
+MAX_PART_BYTES = 255
 #: How many files one batch of downloads or uploads holds in memory at most.
 BATCH_BYTES = 64 * 1024 * 1024
 #: updatefile calls in flight at once.
@@ -209,18 +221,83 @@ def _write_atomically(path: Path, data: bytes | Iterator[bytes], *, fsync: bool 
 
 
 def syncable(name: str) -> str | None:
-    """Why ``name`` cannot be synced, or None."""
+    """Why ``name`` (a path relative to the folder, ``/`` between its
+    parts) cannot be synced, or None."""
     if name in OWN_FILES:
         return "the sync's own file"
     if "," in name:
         return "contains ',' (the index's separator)"
-    if "/" in name or name in (".", ".."):
-        return "not a plain file name"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "not a relative path of plain names"
+    if len(parts) > MAX_DEPTH:
+        return f"more than {MAX_DEPTH} folders deep"
     try:
-        name.encode("utf-8")
+        if any(part.startswith(TMP_PREFIX) for part in parts):
+            return "named like the sync's temporary files"
+        if any(len(part.encode("utf-8")) > MAX_PART_BYTES for part in parts):
+            return f"a part of it is longer than {MAX_PART_BYTES} bytes"
         validate_filename(name)
     except (UnicodeEncodeError, errors.BadRequest) as e:
         return f"not a valid name: {e}"
+    return None
+
+
+def _in_folder(base: Path, name: str) -> bool:
+    """Whether every folder ``name`` lies in is a real folder under ``base``
+    (none missing, none a symlink)."""
+    directory = base
+    for part in name.split("/")[:-1]:
+        directory = directory / part
+        try:
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _remove_emptied_folders(base: Path, name: str) -> None:
+    """Remove the folders ``name`` lay in that its deletion left empty,
+    deepest first (as git does on checkout): ``rmdir`` takes only an empty
+    folder, so nothing else is lost, and ``base`` itself stays."""
+    parts = name.split("/")[:-1]
+    while parts:
+        try:
+            os.rmdir(base.joinpath(*parts))
+        except OSError:
+            return  # not empty (or gone): its parents are not empty either
+        parts.pop()
+
+
+def _is_file_or_link(path: Path) -> bool:
+    try:
+        return not stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _make_folders(base: Path, name: str) -> str | None:
+    """Make the folders ``name`` lies in, under ``base``; why not, or None.
+    Each must be a real folder (never a symlink: a write must not leave
+    the synced folder) or be made here."""
+    directory = base
+    parts = name.split("/")[:-1]
+    for i, part in enumerate(parts):
+        directory = directory / part
+        try:
+            mode = os.lstat(directory).st_mode
+        except FileNotFoundError:
+            try:
+                os.mkdir(directory)
+            except OSError as e:
+                return f"cannot make the folder {'/'.join(parts[: i + 1])}: {e.strerror or e}"
+            continue
+        except OSError as e:
+            return f"cannot look at {'/'.join(parts[: i + 1])}: {e.strerror or e}"
+        if not stat.S_ISDIR(mode):
+            what = "a symlink" if stat.S_ISLNK(mode) else "a file"
+            return f"{'/'.join(parts[: i + 1])} is {what} here, not a folder"
     return None
 
 
@@ -303,20 +380,42 @@ def scan(
     an unfinished sync are removed); with a ``cache``, unchanged files are
     not hashed again."""
     out: dict[str, Hashes] = {}
-    with os.scandir(base) as entries:
+    # Folders still to read: (path prefix of their files, their path).
+    # Bounded: symlinks are never followed and syncable() stops at MAX_DEPTH.
+    pending: list[tuple[str, str]] = [("", str(base))]
+    while pending:
+        prefix, directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as e:
+            if not prefix:
+                raise  # the folder itself
+            result.skipped[prefix[:-1]] = f"folder cannot be read: {e.strerror or e}"
+            continue
         for entry in entries:
-            name = entry.name
-            if name.startswith(TMP_PREFIX):
+            name = prefix + entry.name
+            if entry.name.startswith(TMP_PREFIX):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                 continue
             if name in OWN_FILES:
                 continue
-            st = entry.stat(follow_symlinks=False)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:  # gone since the listing
+                result.skipped[name] = f"cannot be read: {e.strerror or e}"
+                continue
             mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                # A folder's name is checked as a file in it would be.
+                why = syncable(f"{name}/x")
+                if why is not None:
+                    result.skipped[name] = why
+                else:
+                    pending.append((name + "/", entry.path))
+                continue
             if not stat.S_ISREG(mode):
-                if not stat.S_ISDIR(mode) or name not in (".", ".."):
-                    result.skipped[name] = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                result.skipped[name] = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
                 continue
             why = syncable(name)
             if why is not None:
@@ -376,10 +475,11 @@ def read_local_blocks(
 
 
 def conflict_name(name: str, when: datetime.datetime, host: str, taken: Callable[[str], bool]) -> str:
-    stem, dot, ext = name.rpartition(".")
+    folder, slash, leaf = name.rpartition("/")
+    stem, dot, ext = leaf.rpartition(".")
     if not stem:  # no extension (or a dotfile)
-        stem, dot, ext = name, "", ""
-    base = f"{stem} (conflicted copy {host} {when:%Y-%m-%d %H%M%S})"
+        stem, dot, ext = leaf, "", ""
+    base = f"{folder}{slash}{stem} (conflicted copy {host} {when:%Y-%m-%d %H%M%S})"
     candidate = f"{base}{dot}{ext}"
     n = 2
     while taken(candidate):  # bounded: each try is a new name
@@ -555,11 +655,21 @@ class Folder:
                     self._tick(name)
                     continue
                 if hashes == TOMB:
-                    if path.exists() or path.is_symlink():
+                    # Only a file of this folder: not one a symlinked folder
+                    # leads to, and never a folder.
+                    if _in_folder(self.base, name) and _is_file_or_link(path):
                         path.unlink()
                         self.result.deleted_local.append(name)
+                        _remove_emptied_folders(self.base, name)
                     self.present.pop(name, None)
                 else:
+                    problem = _make_folders(self.base, name)
+                    if problem is None and os.path.isdir(path) and not path.is_symlink():
+                        problem = "a folder of that name is in its place here"
+                    if problem is not None:
+                        self.result.incomplete[name] = f"version {version} not written: {problem}"
+                        self._tick(name)
+                        continue
                     # Made durable all at once before the index names them
                     # (``run``): one sync for the batch, not one per file.
                     _write_atomically(path, (got[h] for h in hashes), fsync=False)

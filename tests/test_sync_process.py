@@ -82,6 +82,19 @@ def folder_state(folder: Path) -> dict[str, str]:
     }
 
 
+def tree_state(folder: Path) -> dict[str, str]:
+    """Every regular file under ``folder`` (symlinks not followed) by its
+    path, but the sync's own files at the top."""
+    out = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if not path.is_symlink() and rel not in ("index.txt", ".surfshard-cursor", ".surfshard-hashes"):
+                out[rel] = digest(path)
+    return out
+
+
 class SyncCluster(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = Path(self.mktemp()).resolve()
@@ -179,6 +192,65 @@ class SyncCluster(SynchronousTestCase):
 
 
 class SyncTests(SyncCluster):
+    def test_subfolders_sync_and_nothing_leaves_the_folder(self) -> None:
+        a, b = self.folder("a"), self.folder("b")
+        (a / "docs" / "old").mkdir(parents=True)
+        (a / "docs" / "plan.txt").write_text("plan\n")
+        (a / "docs" / "old" / "v1.txt").write_text("v1\n")
+        (a / "top.txt").write_text("top\n")
+        outside = self.folder("outside")
+        (outside / "precious").write_text("keep\n")
+        os.symlink(outside, a / "linked")  # never followed
+        first = self.sync(a)
+        self.assertEqual((first["uploaded"], first["skipped"]), (3, {"linked": "a symlink"}))
+        self.assertEqual(sorted(self.server_map()), ["docs/old/v1.txt", "docs/plan.txt", "top.txt"])
+        self.sync(b)
+        self.assertEqual(tree_state(b), tree_state(a))
+        self.assert_index_matches_server(b)
+
+        # An edit, a deletion and a new folder three deep go back.
+        (b / "docs" / "plan.txt").write_text("plan v2\n")
+        (b / "docs" / "old" / "v1.txt").unlink()
+        (b / "new" / "deep" / "er").mkdir(parents=True)
+        (b / "new" / "deep" / "er" / "f.txt").write_text("deep\n")
+        self.sync(b)
+        self.sync(a)
+        self.assertEqual(tree_state(a), tree_state(b))
+        self.assertFalse((a / "docs" / "old").exists(), "a folder a deletion emptied stays")
+        self.assertTrue((b / "docs" / "old").is_dir(), "a folder emptied here was removed")
+        self.assert_index_matches_server(a)
+
+        # Where a has a symlink, b has a real folder: what the server holds
+        # there is never written or deleted through the link.
+        (b / "shared").mkdir()
+        (b / "shared" / "precious").write_text("the server's\n")
+        self.sync(b)
+        os.symlink(outside, a / "shared")
+        done = self.sync(a, check=False)
+        self.assertEqual(done["returncode"], 1, done)
+        self.assertIn("shared is a symlink here", json.loads(done["stdout"])["incomplete"]["shared/precious"])
+        (b / "shared" / "precious").unlink()
+        self.sync(b)
+        self.sync(a, check=False)
+        self.assertEqual((outside / "precious").read_text(), "keep\n")
+        self.assertEqual(sorted(p.name for p in outside.iterdir()), ["precious"])
+
+        # A file where the other side has a folder: not synced, said so,
+        # until one is renamed; the rest goes on.
+        os.unlink(a / "shared")
+        (a / "clash").write_text("a file\n")
+        self.sync(a)
+        (b / "clash").mkdir()
+        (b / "clash" / "inside.txt").write_text("in a folder\n")
+        (b / "after.txt").write_text("after\n")
+        done = self.sync(b, check=False)
+        self.assertEqual(done["returncode"], 1, done)
+        self.assertIn("folder of that name", json.loads(done["stdout"])["incomplete"]["clash"])
+        self.assertEqual((b / "clash" / "inside.txt").read_text(), "in a folder\n")
+        self.sync(a, check=False)
+        self.assertEqual((a / "after.txt").read_text(), "after\n")
+        self.assertEqual((a / "clash").read_text(), "a file\n")
+
     def test_two_folders_converge(self) -> None:
         a, b = self.folder("a"), self.folder("b")
         rng = random.Random(5)

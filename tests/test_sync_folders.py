@@ -1,0 +1,138 @@
+"""Subfolders in a synced folder (``client.sync``): which paths may be
+synced, the scan that walks them without following symlinks, and the
+writes and deletions that never leave the folder."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from client import sync
+from client.sync import MAX_DEPTH, SyncResult, conflict_name, scan, syncable
+
+
+class SyncablePathTests(SynchronousTestCase):
+    def test_relative_paths_of_plain_names_are_syncable(self) -> None:
+        for name in ("a.txt", "docs/plan.txt", "a/b/c/d", ".hidden/x", "docs/index.txt", "日本/café.txt"):
+            self.assertIsNone(syncable(name), name)
+
+    def test_everything_else_is_refused_with_a_reason(self) -> None:
+        for name, why in (
+            ("index.txt", "own file"),
+            (".surfshard-cursor", "own file"),
+            ("a,b/c", "','"),
+            ("../escape", "relative path"),
+            ("a/../../escape", "relative path"),
+            ("a/./b", "relative path"),
+            ("a//b", "relative path"),
+            ("/etc/passwd", "relative path"),
+            ("a/", "relative path"),
+            ("a/.surfshard-tmp-1/b", "temporary"),
+            ("x" * 256, "255 bytes"),
+            ("a/" + "x" * 256, "255 bytes"),
+            ("/".join(["d"] * MAX_DEPTH) + "/f", "folders deep"),
+            ("a\x00b", "not a valid name"),
+        ):
+            problem = syncable(name)
+            self.assertIsNotNone(problem, name)
+            assert problem is not None
+            self.assertIn(why, problem, name)
+
+    def test_a_conflict_copy_stays_in_the_files_folder(self) -> None:
+        when = datetime.datetime(2026, 12, 6, 21, 30, 0)
+        self.assertEqual(
+            conflict_name("v1.2/plan.txt", when, "host", lambda n: False),
+            "v1.2/plan (conflicted copy host 2026-12-06 213000).txt",
+        )
+        self.assertEqual(
+            conflict_name("a.b/Makefile", when, "host", lambda n: False),
+            "a.b/Makefile (conflicted copy host 2026-12-06 213000)",
+        )
+
+
+class ScanTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        self.base.mkdir()
+
+    def test_files_in_subfolders_are_found_and_symlinks_never_followed(self) -> None:
+        (self.base / "docs" / "old").mkdir(parents=True)
+        (self.base / "docs" / "plan.txt").write_bytes(b"plan")
+        (self.base / "docs" / "old" / "v1.txt").write_bytes(b"v1")
+        (self.base / "docs" / "index.txt").write_bytes(b"a user's file, not the sync's")
+        (self.base / "top.txt").write_bytes(b"top")
+        (self.base / "empty").mkdir()
+        outside = Path(self.mktemp())
+        outside.mkdir()
+        (outside / "secret").write_bytes(b"not ours")
+        os.symlink(outside, self.base / "linked")
+        (self.base / "bad,folder").mkdir()
+        (self.base / "bad,folder" / "f").write_bytes(b"x")
+        (self.base / "docs" / ".surfshard-tmp-left").write_bytes(b"a killed sync's")
+        result = SyncResult()
+        found = scan(self.base, 4096, result)
+        self.assertEqual(sorted(found), ["docs/index.txt", "docs/old/v1.txt", "docs/plan.txt", "top.txt"])
+        self.assertEqual(
+            found["docs/old/v1.txt"], sync.hash_file(self.base / "docs" / "old" / "v1.txt", 4096)
+        )
+        self.assertEqual(result.skipped["linked"], "a symlink")
+        self.assertIn("','", result.skipped["bad,folder"])
+        self.assertFalse((self.base / "docs" / ".surfshard-tmp-left").exists())
+
+    def test_an_unreadable_subfolder_is_reported_not_fatal(self) -> None:
+        if os.geteuid() == 0:
+            # root reads any folder: make scandir fail another way.
+            (self.base / "sub").mkdir()
+            real = os.scandir
+
+            def failing(path: str) -> object:
+                if str(path).endswith("sub"):
+                    raise PermissionError(13, "Permission denied")
+                return real(path)
+
+            self.patch(os, "scandir", failing)
+        else:
+            (self.base / "sub").mkdir(mode=0)
+            self.addCleanup(os.chmod, self.base / "sub", 0o755)
+        (self.base / "a.txt").write_bytes(b"a")
+        result = SyncResult()
+        self.assertEqual(sorted(scan(self.base, 4096, result)), ["a.txt"])
+        self.assertIn("cannot be read", result.skipped["sub"])
+
+
+class WritesStayInTheFolderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        self.base.mkdir()
+        self.outside = Path(self.mktemp())
+        self.outside.mkdir()
+
+    def test_folders_are_made_but_never_through_a_symlink_or_a_file(self) -> None:
+        self.assertIsNone(sync._make_folders(self.base, "a/b/c.txt"))
+        self.assertTrue((self.base / "a" / "b").is_dir())
+        os.symlink(self.outside, self.base / "link")
+        self.assertIn("is a symlink here", sync._make_folders(self.base, "link/x/f") or "")
+        self.assertEqual(list(self.outside.iterdir()), [])
+        (self.base / "plain").write_bytes(b"x")
+        self.assertIn("plain is a file here", sync._make_folders(self.base, "plain/f") or "")
+
+    def test_a_deletion_never_reaches_through_a_symlinked_folder(self) -> None:
+        (self.outside / "precious").write_bytes(b"keep")
+        os.symlink(self.outside, self.base / "link")
+        self.assertFalse(sync._in_folder(self.base, "link/precious"))
+        (self.base / "real").mkdir()
+        self.assertTrue(sync._in_folder(self.base, "real/x"))
+        self.assertTrue(sync._in_folder(self.base, "top"))
+        self.assertFalse(sync._is_file_or_link(self.base / "real"))
+
+    def test_only_folders_a_deletion_emptied_are_removed(self) -> None:
+        (self.base / "a" / "b" / "c").mkdir(parents=True)
+        (self.base / "a" / "keep.txt").write_bytes(b"keep")
+        sync._remove_emptied_folders(self.base, "a/b/c/gone.txt")
+        self.assertFalse((self.base / "a" / "b").exists())
+        self.assertTrue((self.base / "a" / "keep.txt").exists())
+        sync._remove_emptied_folders(self.base, "top.txt")  # nothing to remove, base stays
+        self.assertTrue(self.base.is_dir())
