@@ -118,6 +118,7 @@ class SimWorld:
                 self.clock,
                 timeout=2.0,
                 rng=random.Random(f"{self.seed}:{gid}:{i}:sm"),
+                learn_members=True,  # as MetadataService's
             )
             return [
                 ShardMapWatcher(

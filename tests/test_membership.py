@@ -7,6 +7,9 @@ also catches a lost or doubly applied acknowledged write: versions are
 compare-and-set), Raft's invariants are checked as the run goes (one leader
 per term, committed entries on a majority of the voters that committed
 them), and the ShardMaster ends up listing the group's new addresses.
+The ShardMaster's own replicas are replaced the same way, after which an
+added replica leads and the groups and clients that know it only from the
+config still reach it.
 
 ``SURFSHARD_SEED=N`` replays a seed; ``SURFSHARD_SEEDS=K`` runs K seeds.
 """
@@ -24,7 +27,7 @@ from surfshard.replica.leader_caller import LeaderCaller
 from surfshard.testing.linearizability import GET, UPDATE, HistoryRecorder, Mismatch
 from surfshard.testing.simrpc import resolve
 from tests.simworld import SimWorld
-from tests.test_migration_sim import UNKNOWN_OUTCOME, WorldCase, block, world_seeds
+from tests.test_migration_sim import NAMES, UNKNOWN_OUTCOME, WorldCase, block, world_seeds
 
 #: (action, raft id): the group goes 3 -> 4 -> 5 voters, back to 3, then
 #: replaces node 2 by node 6.
@@ -36,13 +39,25 @@ def address(i: int) -> str:
     return f"g1-n{i}.sim:7000"
 
 
-class MembershipWorld:
-    """Drives the plan on group 1 of ``w`` through admin calls, as
-    ``surfshard admin member`` does."""
+def sm_address(i: int) -> str:
+    return f"sm-n{i}.sim:7000"
 
-    def __init__(self, w: SimWorld) -> None:
+
+class MembershipWorld:
+    """Drives ``plan`` on a replica group of ``w`` (group 1 unless given)
+    through admin calls, as ``surfshard admin member`` does."""
+
+    def __init__(
+        self,
+        w: SimWorld,
+        group: Any = None,
+        plan: list[tuple[str, int]] = PLAN,
+        address_of: Any = address,
+    ) -> None:
         self.w = w
-        self.group = w.groups[1]
+        self.group = w.groups[1] if group is None else group
+        self.plan = plan
+        self.address_of = address_of
         self.pool = w.rpc.pool("member-admin")
         self.step = 0
         self.in_flight: defer.Deferred[Any] | None = None
@@ -71,18 +86,18 @@ class MembershipWorld:
             (value,) = self.outcome
             self.in_flight = self.outcome = None
             if not isinstance(value, Exception):
-                action, i = PLAN[self.step]
+                action, i = self.plan[self.step]
                 if action == "remove":
                     self.group.retire(i)
-                self.done.append(PLAN[self.step])
+                self.done.append(self.plan[self.step])
                 self.step += 1
-        if self.step >= len(PLAN):
+        if self.step >= len(self.plan):
             return
-        action, i = PLAN[self.step]
+        action, i = self.plan[self.step]
         if action == "add":
             if i not in self.group.ids:
-                self.group.add(i, address(i))
-            d = self.caller().call("member_add", {"address": address(i)}, timeout=10.0)
+                self.group.add(i, self.address_of(i))
+            d = self.caller().call("member_add", {"address": self.address_of(i)}, timeout=10.0)
             # Done once the new server votes (promoted by the leader when caught up).
             d.addCallback(lambda r, i=i: self._wait_voter(i))
         else:
@@ -219,6 +234,68 @@ class GroupGrowsAndShrinksUnderChaosTests(WorldCase):
 
     def test_with_restarts_and_partitions(self) -> None:
         self.run_seeds(2, restarts=True, partitions=True)
+
+
+#: The ShardMaster's replicas replaced one by one until only the config's
+#: third is left: callers that know only the config (clients, the groups'
+#: map watchers, the admin) must find the others through it.
+SM_PLAN = [("add", 4), ("remove", 1), ("add", 5), ("remove", 2)]
+SM_FINAL_VOTERS = [3, 4, 5]
+
+
+class ShardMasterReplacedUnderChaosTests(WorldCase):
+    """The ShardMaster's own membership changed while shards move and its
+    leader restarts; then an added replica leads, and clients and groups
+    that know the ShardMaster only from the config still reach it."""
+
+    def run_plan(self, seed: int, *, restarts: bool) -> None:
+        w = self.world(seed, gids=(1, 2))
+        w.join(1, 2)
+        w.wait_settled()
+        sm = w.shardmaster
+        members = MembershipWorld(w, sm, SM_PLAN, sm_address)
+        rng = random.Random(f"sm-member-nemesis:{seed}")
+        deadline = w.clock.seconds() + 120.0
+        while members.step < len(SM_PLAN) and w.clock.seconds() < deadline:  # bounded
+            members.poke()
+            leader = sm.cluster.leader()
+            if restarts and leader is not None and rng.random() < 0.2:
+                sm.restart(leader)
+            if rng.random() < 0.3:
+                w.admin.move(rng.randrange(w.nshards), rng.choice((1, 2))).addErrback(lambda f: None)
+            w.run(rng.uniform(0.2, 0.6))
+        self.assertEqual(members.done, SM_PLAN, f"SURFSHARD_SEED={seed}: plan not finished in time")
+        self.assertTrue(
+            w.run_until(lambda: members.voters() == SM_FINAL_VOTERS, 20.0),
+            f"SURFSHARD_SEED={seed}: voters {members.voters()}",
+        )
+        # Leadership to an added replica: of the config's three, only the
+        # third still runs, and it answers NOT_LEADER naming the leader.
+        leader = sm.cluster.leader()
+        assert leader is not None
+        if leader == 3:
+            sm.controls[3].transfer_leadership(4)
+        self.assertTrue(
+            w.run_until(lambda: sm.cluster.leader() in (4, 5), 20.0),
+            f"SURFSHARD_SEED={seed}: leader {sm.cluster.leader()}",
+        )
+        before = w.value(w.admin.query(-1)).num
+        client = w.client("after-replacement", timeout=20.0)
+        self.write_files(w, client, NAMES[:12])
+        num = w.value(w.client("admin-after", timeout=20.0).shardmaster.move(0, 2))
+        self.assertGreater(num, before)
+        w.wait_settled(60)  # both groups follow the new map
+        self.assertEqual(w.serving()[2] & {0}, {0}, w.describe())
+        self.read_all(w, client, NAMES[:12])
+        sm.cluster.check_invariants()
+
+    def test_replaced_while_shards_move(self) -> None:
+        for seed in world_seeds(1):
+            self.run_plan(seed, restarts=False)
+
+    def test_replaced_while_its_leader_restarts(self) -> None:
+        for seed in world_seeds(1):
+            self.run_plan(seed, restarts=True)
 
 
 class MembershipBadInputTests(WorldCase):
