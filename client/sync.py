@@ -4,9 +4,9 @@ SurfStore's semantics.
 A folder holds regular files, in subfolders at any depth, and
 ``index.txt``, one line ``name,version,h1 h2 ...`` per file (a file in a
 subfolder is named by its path, ``docs/plan.txt``): the state both sides
-agreed on at the last sync (``0`` alone for a deleted file, nothing after the comma for an
-empty one). A sync compares, per name, the folder (hashed in blocks of
-``block_size``), the index and the server:
+agreed on at the last sync (``0`` alone for a deleted file, nothing after
+the comma for an empty one). A sync compares, per name, the folder (hashed
+in blocks of ``block_size``), the index and the server:
 
 - the server moved on (its version is not the index's): its version wins.
   If the folder also changed since the index, the local edit is kept beside
