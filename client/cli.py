@@ -483,13 +483,20 @@ def cmd_certs(args: argparse.Namespace) -> int:
     cluster = _load(args)
     names: dict[str, str] = {}
     if args.node:
-        # One node added to a running group: its certificate only, from the
-        # CA already in --out (the others stay as they are).
-        match = re.fullmatch(r"group-(\d+)-(\d+)", args.node)
-        if match is None or int(match[1]) not in cluster.groups or not args.address:
+        # One node added to a running group or to the ShardMaster: its
+        # certificate only, from the CA already in --out (the others stay).
+        group = re.fullmatch(r"group-(\d+)-(\d+)", args.node)
+        known = (
+            int(group[1]) in cluster.groups
+            if group is not None
+            else bool(cluster.shardmaster) and re.fullmatch(r"shardmaster-\d+", args.node) is not None
+        )
+        if not known or not args.address:
             err_console.print(
-                "usage: surfshard certs --node group-GID-INDEX --address HOST:PORT: "
-                f"a node of one of the groups {sorted(cluster.groups)}, with its address"
+                "usage: surfshard certs --node group-GID-INDEX|shardmaster-INDEX --address HOST:PORT: "
+                f"a node of one of the groups {sorted(cluster.groups)}"
+                + (" or of the ShardMaster" if cluster.shardmaster else "")
+                + ", with its address"
             )
             return EXIT_USAGE
         if not (Path(args.out) / "ca.key").exists():
@@ -659,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
     p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")
     p.add_argument(
-        "--node", help="only a certificate for this node added to a running group (group-GID-INDEX)"
+        "--node",
+        help="only a certificate for this node added to a running group or to the ShardMaster "
+        "(group-GID-INDEX or shardmaster-INDEX)",
     )
     p.add_argument("--address", help="with --node: the node's HOST:PORT")
     return parser

@@ -70,6 +70,64 @@ def make_certs(config: Path) -> None:
         assert main(["certs", "--config", str(config), "--out", str(config.parent / "certs"), "--json"]) == 0
 
 
+class CertsForAddedNodesTests(SynchronousTestCase):
+    """``surfshard certs --node`` issues one certificate, from the CA already
+    made, for a node added to a group or to the ShardMaster while it runs."""
+
+    def test_added_nodes_get_node_certificates_others_are_refused(self) -> None:
+        import io
+
+        from OpenSSL import crypto
+
+        from client.cli import main
+
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        config = write_config(directory)
+        make_certs(config)
+        out = str(directory / "certs")
+        for node in ("shardmaster-3", "group-2-4"):
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = main(
+                    [
+                        "certs",
+                        "--config",
+                        str(config),
+                        "--out",
+                        out,
+                        "--node",
+                        node,
+                        "--address",
+                        "127.0.0.1:9",
+                    ]
+                )
+            self.assertEqual(code, 0, node)
+            cert = crypto.load_certificate(
+                crypto.FILETYPE_PEM, (directory / "certs" / f"{node}.pem").read_bytes()
+            )
+            self.assertEqual(
+                (cert.get_subject().commonName, cert.get_subject().organizationalUnitName), (node, NODE)
+            )
+        for node in ("group-9-0", "blockstore-5", "shardmaster-x", "someone"):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(
+                    [
+                        "certs",
+                        "--config",
+                        str(config),
+                        "--out",
+                        out,
+                        "--node",
+                        node,
+                        "--address",
+                        "127.0.0.1:9",
+                    ]
+                )
+            self.assertEqual(code, 2, node)
+            self.assertIn("group-GID-INDEX|shardmaster-INDEX", " ".join(err.getvalue().split()), node)
+
+
 class TLSClient(NativeClient):
     """NativeClient over TLS, presenting the certificate ``name``."""
 
@@ -107,6 +165,7 @@ class AccessUnitTests(SynchronousTestCase):
         names["stranger"] = NODE  # a node role for a name the config lacks
         names["group-1-7"] = NODE  # a node added to group 1 while it runs
         names["group-9-0"] = NODE  # a group the config lacks
+        names["shardmaster-5"] = NODE  # a node added to the ShardMaster while it runs
         self.files = generate_dev_pki(directory / "certs", list(names), roles=names)
         self.files["norole"] = generate_dev_pki(directory / "certs", ["norole"])["norole"]
         self.access = ClusterAccess(self.config, "group-1-1")
@@ -136,6 +195,17 @@ class AccessUnitTests(SynchronousTestCase):
         self.assertEqual(self.caller("group-9-0"), Caller(CLIENT, "group-9-0"))
         # and an added node's own server knows its group
         self.assertEqual(ClusterAccess(self.config, "group-2-5").my_group, (NodeKind.GROUP, 2))
+
+    def test_a_node_added_to_the_shardmaster_is_its_peer_only(self) -> None:
+        added = self.caller("shardmaster-5")
+        self.assertEqual(added, Caller(NODE, "shardmaster-5"))
+        server = ClusterAccess(self.config, "shardmaster-0")
+        self.assertIsNone(server.authorize(added, (Access.PEER,)))
+        # a metadata group's Raft or shard transfer is not for it
+        self.assertIsNotNone(self.access.authorize(added, (Access.PEER,)))
+        self.assertIsNotNone(self.access.authorize(added, (Access.CLUSTER,)))
+        self.assertEqual(ClusterAccess(self.config, "shardmaster-5").my_group, (NodeKind.SHARDMASTER, 0))
+        self.assertRaises(ValueError, ClusterAccess, self.config, "shardmaster-x")
 
     def test_grants(self) -> None:
         allowed = {

@@ -6,8 +6,8 @@ organizational unit (OU) its role, as ``surfshard certs`` issues them:
 
 - ``node``: a node of the cluster, CN its node name (``group-1-0``,
   ``shardmaster-2``, ``blockstore-0``), which names its group and index
-  (a metadata group's node may be past the config's list: one added while
-  the group runs, ``surfshard certs --node``);
+  (a metadata group's or the ShardMaster's node may be past the config's
+  list: one added while it runs, ``surfshard certs --node``);
 - ``admin``: an operator (shard moves, chaos calls, leadership changes);
 - ``client``: anyone else (files, status). A certificate without a role,
   or naming a node the config does not have, is a client.
@@ -36,6 +36,8 @@ __all__ = ["ADMIN", "CLIENT", "NODE", "ClusterAccess", "server_access"]
 
 #: The name of a metadata group's node: ``group-<gid>-<index>``.
 _ADDED_GROUP_NODE = re.compile(r"group-([1-9][0-9]{0,18})-(0|[1-9][0-9]{0,4})")
+#: The name of the ShardMaster's node: ``shardmaster-<index>``.
+_ADDED_SHARDMASTER_NODE = re.compile(r"shardmaster-(0|[1-9][0-9]{0,4})")
 
 NODE = "node"
 ADMIN = "admin"
@@ -61,6 +63,7 @@ class ClusterAccess:
             node_name(n.kind, n.gid, n.index): (NodeKind(n.kind), n.gid) for n in cluster.all_nodes()
         }
         self.groups = frozenset(cluster.groups)
+        self.has_shardmaster = bool(cluster.shardmaster)
         found = self.node_of(me)
         if found is None:
             raise ValueError(f"{me!r} is not a node of {cluster.source}")
@@ -69,13 +72,16 @@ class ClusterAccess:
 
     def node_of(self, name: str) -> tuple[NodeKind, int] | None:
         """``(kind, gid)`` of the node called ``name``: one of the config's,
-        or a metadata group's node added past its list; None otherwise."""
+        or a node added past its list to a metadata group or the
+        ShardMaster; None otherwise."""
         known = self.nodes.get(name)
         if known is not None:
             return known
         match = _ADDED_GROUP_NODE.fullmatch(name)
         if match and int(match[1]) in self.groups:
             return NodeKind.GROUP, int(match[1])
+        if self.has_shardmaster and _ADDED_SHARDMASTER_NODE.fullmatch(name):
+            return NodeKind.SHARDMASTER, 0
         return None
 
     def identify(self, transport: Any) -> Caller:
