@@ -46,8 +46,9 @@ def cluster_nodes(cluster: ClusterConfig, shardmaster: ShardMasterClient | None 
     """``(nodes, removed)``: every node the cluster has now (the config's,
     replicas added to a group since, as the ShardMaster's map lists them,
     their index -1, and replicas added to the ShardMaster, as its members
-    say), and the addresses of the config's replicas taken out since. Without a ShardMaster
-    client, or when it does not answer, the config's nodes."""
+    say), and the addresses of the config's replicas taken out since.
+    Without a ShardMaster client, or when it does not answer, the config's
+    nodes."""
     if shardmaster is not None and cluster.shardmaster:
         try:
             shard_map = yield shardmaster.query(-1)

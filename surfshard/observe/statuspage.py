@@ -61,7 +61,8 @@ class ClusterView:
     def collect(self) -> Any:
         cluster = self.cluster
         shard_map = yield self._shard_map()
-        members = yield self._shardmaster_members()
+        # (No ShardMaster answered the map: no use asking it for its members.)
+        members = {} if shard_map["num"] is None else (yield self._shardmaster_members())
         # Replicas added to a group while it runs are not in the config: the
         # ShardMaster's list of the group's addresses has them (and its own
         # membership, its own added replicas).
