@@ -102,17 +102,20 @@ class LeaderCallerTests(SynchronousTestCase):
         self.clock.advance(5.0)
         self.failureResultOf(d, errors.Timeout)
 
-    def test_learnt_addresses_are_bounded(self) -> None:
+    def test_learnt_addresses_are_bounded_the_oldest_making_room(self) -> None:
         from surfshard.replica.leader_caller import MAX_LEARNED_ADDRESSES
 
         self.caller.learn_members = True
-        for i in range(MAX_LEARNED_ADDRESSES + 5):
+        total = MAX_LEARNED_ADDRESSES + 5
+        for i in range(total):
             d = self.caller.call("query", {})
             self.pool.last()[1].errback(errors.NotLeader("no", leader=f"n{i}:1"))
-            self.clock.advance(0.05)  # past the cap: not followed, a backoff step
-            self.pool.last()[1].callback("ok")
+            address, attempt = self.pool.last()
+            self.assertEqual(address, f"n{i}:1", "a new leader was not followed")
+            attempt.callback("ok")
             self.successResultOf(d)
-        self.assertEqual(len(self.caller.addresses), MAX_LEARNED_ADDRESSES)
+        learnt = [f"n{i}:1" for i in range(total - (MAX_LEARNED_ADDRESSES - len(ADDRESSES)), total)]
+        self.assertEqual(self.caller.addresses, [*ADDRESSES, *learnt])
 
     def test_retryable_error_backs_off_and_rotates(self) -> None:
         d = self.caller.call("updatefile", {})

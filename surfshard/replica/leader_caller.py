@@ -33,7 +33,7 @@ RETRYABLE = (
 )
 
 #: Most addresses a caller that learns members holds: the replicas a group
-#: may have (``membership.MAX_MEMBERS``) and as many again replaced.
+#: may have (``membership.MAX_MEMBERS``) and as many again.
 MAX_LEARNED_ADDRESSES = 30
 
 
@@ -86,6 +86,8 @@ class LeaderCaller:
         #: changes move it on. Off where the addresses come from a list that
         #: follows the membership (a metadata group's, from the shard map).
         self.learn_members = learn_members
+        #: How many of ``addresses`` were given (the rest were learnt).
+        self._given = len(addresses)
         self.pool = pool
         #: The pool again if it answers into a sink (``call_into``), else
         #: None: asked once, not on every call.
@@ -175,14 +177,19 @@ class LeaderCaller:
 
     def _learn(self, address: str) -> bool:
         """Take ``address`` (named leader by a member) among the addresses,
-        if this caller learns members and has room: bounded, so hints from
-        a group that keeps changing cannot grow the list without end."""
-        if not self.learn_members or len(self.addresses) >= MAX_LEARNED_ADDRESSES:
+        if this caller learns members. Bounded: past MAX_LEARNED_ADDRESSES
+        the oldest learnt address makes room (the ones it was given stay),
+        so a group replaced many times over cannot grow the list without end."""
+        if not self.learn_members:
             return False
         try:
             parse_address(address)
         except ValueError:
             return False
+        if len(self.addresses) >= MAX_LEARNED_ADDRESSES:
+            if len(self.addresses) <= self._given:
+                return False
+            del self.addresses[self._given]
         self.addresses.append(address)
         self.log.info("{address} is named leader: added to the replicas this caller tries", address=address)
         return True
