@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -478,20 +477,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from client.cluster import ADMIN_CERT_NAME, CLIENT_CERT_NAME
     from surfshard.config import parse_address
     from surfshard.net.tls import generate_dev_pki
-    from surfshard.replica.access import ADMIN, CLIENT, NODE
+    from surfshard.replica.access import ADMIN, CLIENT, NODE, node_of
 
     cluster = _load(args)
     names: dict[str, str] = {}
     if args.node:
         # One node added to a running group or to the ShardMaster: its
         # certificate only, from the CA already in --out (the others stay).
-        group = re.fullmatch(r"group-(\d+)-(\d+)", args.node)
-        known = (
-            int(group[1]) in cluster.groups
-            if group is not None
-            else bool(cluster.shardmaster) and re.fullmatch(r"shardmaster-\d+", args.node) is not None
-        )
-        if not known or not args.address:
+        found = node_of(cluster, args.node)
+        if found is None or found[0] is NodeKind.BLOCKSTORE or not args.address:
             err_console.print(
                 "usage: surfshard certs --node group-GID-INDEX|shardmaster-INDEX --address HOST:PORT: "
                 f"a node of one of the groups {sorted(cluster.groups)}"

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from surfshard.config import ClusterConfig, NodeKind, node_name
 from surfshard.net.methods import Access, Authorizer, Caller
 
-__all__ = ["ADMIN", "CLIENT", "NODE", "ClusterAccess", "server_access"]
+__all__ = ["ADMIN", "CLIENT", "NODE", "ClusterAccess", "node_of", "server_access"]
 
 #: The name of a metadata group's node: ``group-<gid>-<index>``.
 _ADDED_GROUP_NODE = re.compile(r"group-([1-9][0-9]{0,18})-(0|[1-9][0-9]{0,4})")
@@ -53,6 +53,26 @@ _NEEDS = {
 }
 
 
+def node_of(cluster: ClusterConfig, name: str) -> tuple[NodeKind, int] | None:
+    """``(kind, gid)`` of the node called ``name`` in ``cluster``: one of the
+    config's, or a node added past its list to a metadata group or the
+    ShardMaster (``group-<gid>-<index>``, ``shardmaster-<index>``); None
+    otherwise."""
+    for ref in cluster.all_nodes():
+        if node_name(ref.kind, ref.gid, ref.index) == name:
+            return NodeKind(ref.kind), ref.gid
+    return _added_node(cluster, name)
+
+
+def _added_node(cluster: ClusterConfig, name: str) -> tuple[NodeKind, int] | None:
+    match = _ADDED_GROUP_NODE.fullmatch(name)
+    if match and int(match[1]) in cluster.groups:
+        return NodeKind.GROUP, int(match[1])
+    if cluster.shardmaster and _ADDED_SHARDMASTER_NODE.fullmatch(name):
+        return NodeKind.SHARDMASTER, 0
+    return None
+
+
 class ClusterAccess:
     """Identifies callers by certificate and decides what they may call,
     for the node named ``me`` of ``cluster``."""
@@ -62,8 +82,7 @@ class ClusterAccess:
         self.nodes: dict[str, tuple[NodeKind, int]] = {
             node_name(n.kind, n.gid, n.index): (NodeKind(n.kind), n.gid) for n in cluster.all_nodes()
         }
-        self.groups = frozenset(cluster.groups)
-        self.has_shardmaster = bool(cluster.shardmaster)
+        self.cluster = cluster
         found = self.node_of(me)
         if found is None:
             raise ValueError(f"{me!r} is not a node of {cluster.source}")
@@ -75,14 +94,7 @@ class ClusterAccess:
         or a node added past its list to a metadata group or the
         ShardMaster; None otherwise."""
         known = self.nodes.get(name)
-        if known is not None:
-            return known
-        match = _ADDED_GROUP_NODE.fullmatch(name)
-        if match and int(match[1]) in self.groups:
-            return NodeKind.GROUP, int(match[1])
-        if self.has_shardmaster and _ADDED_SHARDMASTER_NODE.fullmatch(name):
-            return NodeKind.SHARDMASTER, 0
-        return None
+        return known if known is not None else _added_node(self.cluster, name)
 
     def identify(self, transport: Any) -> Caller:
         """The caller behind ``transport`` (TLS: its verified certificate)."""
