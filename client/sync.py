@@ -47,12 +47,15 @@ hash as it is read, and fetches only the rest.
 A file whose blocks no block store can give (they were lost, or its
 metadata was written by ``surfshard put`` with made-up hashes) does not hold
 up the rest: it is left as it is and out of the index, reported as not
-synced (the command exits 1), and the cursor is not moved past it, so the
-next sync tries it again.
+synced (the command exits 1), and written down in ``.surfshard-pending``,
+so the next sync asks the server for it by name and tries it again (the
+cursor moves on: one file left behind does not make every later sync
+list everything once the feed has moved past it).
 
 Names that cannot be synced are reported and skipped: names with ``,``
 (the index's separator), the sync's own files (``index.txt``,
-``.surfshard-cursor``, ``.surfshard-hashes``, at the top of the folder),
+``.surfshard-cursor``, ``.surfshard-hashes``, ``.surfshard-pending``, at
+the top of the folder),
 names that are not valid UTF-8 or too long, and anything that is not a
 regular file or a folder (symlinks are never followed). A name from the
 server is written only as a plain relative path (no ``..``, no empty or
@@ -98,8 +101,15 @@ CURSOR_NAME = ".surfshard-cursor"
 #: The block hashes of the folder's files as of the last sync, with what
 #: ``stat`` said of each then (``HashCache``).
 HASH_CACHE_NAME = ".surfshard-hashes"
+#: Files the last sync had to leave behind (``SyncResult.incomplete``), one
+#: name a line: the next sync asks the server for them by name, since the
+#: cursor has moved past their change.
+PENDING_NAME = ".surfshard-pending"
+#: At most this many names are kept pending; past it the cursor stays where
+#: it was instead (the next sync then hears of every change since).
+MAX_PENDING = 1000
 #: The sync's own files, never synced.
-OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME)
+OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME, PENDING_NAME)
 DEFAULT_BLOCK_SIZE = 4096
 #: Temporary files of an unfinished write (never synced; removed on start).
 TMP_PREFIX = ".surfshard-tmp-"
@@ -516,6 +526,7 @@ class Folder:
         self.result = SyncResult()
         self.index_path = base / INDEX_NAME
         self.cursor_path = base / CURSOR_NAME
+        self.pending_path = base / PENDING_NAME
         #: Where the feed stands once this sync has learnt the server's side.
         self.cursor: Any = None
         #: Files were written without an fsync each (see ``_download``).
@@ -574,10 +585,16 @@ class Folder:
             if self.wrote:
                 os.sync()  # the files the index is about to name are on disk first
             write_index(self.index_path, index)
-        if self.cursor is not None and not self.result.incomplete:
+        if self.cursor is not None and len(self.result.incomplete) <= MAX_PENDING:
             # After the index: the cursor never claims more than the index
-            # holds (with a file left behind, the old cursor stays, so the
-            # next sync is told of that file's change again).
+            # holds, but for the files left behind, which the next sync asks
+            # for by name; so they are written down before the cursor moves.
+            if self.result.incomplete:
+                pending = "".join(f"{name}\n" for name in sorted(self.result.incomplete))
+                _write_atomically(self.pending_path, pending.encode("utf-8"))
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self.pending_path.unlink()
             _write_atomically(self.cursor_path, self.cursor.encode().encode("ascii") + b"\n")
         cache.save()
         return self.result
@@ -605,11 +622,33 @@ class Folder:
                 for name, (version, hashes) in changes.items():
                     if version > remote.get(name, (0, []))[0]:
                         remote[name] = (version, list(hashes))
+                # What the last sync left behind, as the server has it now.
+                pending = self._pending()
+                for name, (version, hashes) in (self._call(self._infos, pending) if pending else {}).items():
+                    if version:
+                        remote[name] = (version, list(hashes))
+                    else:
+                        remote.pop(name, None)
                 self.result.remote_from = "changes"
                 return remote
         files, self.cursor = self._call(list_all, self.client)
         self.result.remote_from = "listing"
         return {name: (v, list(h)) for name, (v, h) in files.items()}
+
+    def _pending(self) -> list[str]:
+        """The names the last sync left behind (``PENDING_NAME``)."""
+        try:
+            text = self.pending_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return []
+        return [name for name in text.splitlines()[:MAX_PENDING] if name and syncable(name) is None]
+
+    @defer.inlineCallbacks
+    def _infos(self, names: list[str]) -> Any:
+        """``{name: (version, hashes)}`` from the server for ``names``, all
+        asked at once (on the reactor)."""
+        answers = yield defer.gatherResults([self.client.getfileinfo(n) for n in names], consumeErrors=True)
+        return {name: (info[0], list(info[1])) for name, info in zip(names, answers, strict=True)}
 
     def _keep_conflict(self, name: str, local: dict[str, Hashes]) -> None:
         when = datetime.datetime.now()

@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from client.sync import OWN_FILES
 from raft.testing.simnet import sim_seeds
 from tests.procs import (
     REPO_ROOT,
@@ -76,9 +77,7 @@ def folder_state(folder: Path) -> dict[str, str]:
     return {
         p.name: digest(p)
         for p in folder.iterdir()
-        if p.is_file()
-        and not p.is_symlink()
-        and p.name not in ("index.txt", ".surfshard-cursor", ".surfshard-hashes")
+        if p.is_file() and not p.is_symlink() and p.name not in OWN_FILES
     }
 
 
@@ -90,7 +89,7 @@ def tree_state(folder: Path) -> dict[str, str]:
         for name in files:
             path = Path(root) / name
             rel = path.relative_to(folder).as_posix()
-            if not path.is_symlink() and rel not in ("index.txt", ".surfshard-cursor", ".surfshard-hashes"):
+            if not path.is_symlink() and rel not in OWN_FILES:
                 out[rel] = digest(path)
     return out
 
@@ -388,16 +387,20 @@ class SyncTests(SyncCluster):
         self.assertEqual((b / "real.txt").read_text(), "real\n")
         self.assertFalse((b / "ghost.txt").exists())
         self.assertNotIn("ghost.txt", (b / "index.txt").read_text(encoding="utf-8"))
-        # No cursor past a file left behind: the next sync is told of it again.
+        # The cursor moves on, and the file left behind is asked for by
+        # name: the next sync follows the feed, not a listing, and tries it again.
+        self.assertEqual((b / ".surfshard-pending").read_text(encoding="utf-8"), "ghost.txt\n")
         (a / "more.txt").write_text("more\n")
         self.sync(a, check=False)
         again = self.sync(b, check=False)
         self.assertEqual(list(json.loads(again["stdout"])["incomplete"]), ["ghost.txt"])
+        self.assertEqual(json.loads(again["stdout"])["remote_from"], "changes")
         self.assertEqual((b / "more.txt").read_text(), "more\n")
         # Once the file is deleted (or rewritten with real blocks), syncs are whole again.
         self.put("ghost.txt", 2, "0")
         whole = self.sync(b)
-        self.assertEqual(whole["incomplete"], {})
+        self.assertEqual((whole["incomplete"], whole["remote_from"]), ({}, "changes"))
+        self.assertFalse((b / ".surfshard-pending").exists())
         self.assertEqual(self.sync(a)["incomplete"], {})
         self.assert_index_matches_server(b)
 
