@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -20,6 +20,9 @@ from twisted.internet import defer, task
 
 from surfshard import errors
 from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
+
+if TYPE_CHECKING:
+    from surfshard.replica.leader_caller import LeaderCaller
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -250,7 +253,7 @@ def shard_map_table(shard_map: Any) -> Any:
 
 def _member_usage(problem: str) -> int:
     err_console.print(
-        "usage: surfshard admin member list GROUP | add GROUP HOST:PORT | remove GROUP ID "
+        "usage: surfshard admin member list GROUP | add GROUP HOST:PORT | remove GROUP ID | lead GROUP ID "
         "(GROUP: a group id, or shardmaster): " + escape(problem)
     )
     return EXIT_USAGE
@@ -268,8 +271,8 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
     from surfshard.replica.leader_caller import LeaderCaller
 
     rest = list(args.params)
-    if len(rest) < 2 or rest[0] not in ("list", "add", "remove"):
-        return _member_usage("say list, add or remove, then the group")
+    if len(rest) < 2 or rest[0] not in ("list", "add", "remove", "lead"):
+        return _member_usage("say list, add, remove or lead, then the group")
     verb = rest[0]
     of_shardmaster = rest[1] == SHARDMASTER_GROUP
     gid = 0
@@ -296,9 +299,9 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
             parse_address(rest[2])
         except ValueError as e:
             return _member_usage(str(e))
-    if verb == "remove":
-        if len(rest) != 3 or not rest[2].isdigit() or int(rest[2]) < 1:
-            return _member_usage("remove takes the group and the node's id (see member list)")
+    if verb in ("remove", "lead"):
+        if len(rest) != 3 or not rest[2].isdigit() or not 1 <= int(rest[2]) <= 1 << 16:
+            return _member_usage(f"{verb} takes the group and the node's id (see member list)")
 
     @defer.inlineCallbacks
     def body(reactor: Any):
@@ -329,6 +332,8 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
                 result = yield caller.call("member_add", {"address": rest[2]}, timeout=args.timeout)
             elif verb == "remove":
                 result = yield caller.call("member_remove", {"node": int(rest[2])}, timeout=args.timeout)
+            elif verb == "lead":
+                result = yield _hand_over(reactor, caller, int(rest[2]), args.timeout, what)
             else:
                 result = None
             listing = yield caller.call("members", {}, timeout=args.timeout)
@@ -367,12 +372,43 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
                 node_id = result["id"]
                 said = "removed node" if result["removed"] else "no longer a member:"
                 out.print(f"{said} {node_id} of {what}; stop its process")
+            elif verb == "lead":
+                out.print(f"node {result['leader']} leads {what} now ({result['address']})")
             out.print(members_table(label, listing))
 
         _emit(args, {"result": result, "members": listing}, human)
         return EXIT_OK
 
     return _react(body)
+
+
+#: How often ``member lead`` asks whether the new leader has taken over.
+LEAD_POLL = 0.1
+#: How long ``member lead`` waits for the new leader: a transfer that has
+#: not finished within an election timeout (at most a few seconds) is
+#: dropped by the leader, and asking again would hold writes up again.
+LEAD_WAIT = 5.0
+
+
+@defer.inlineCallbacks
+def _hand_over(reactor: Any, caller: LeaderCaller, to: int, timeout: float, what: str):
+    """Ask the leader to hand leadership to node ``to`` (Raft's leadership
+    transfer, as etcd's ``move-leader``), once, then wait until it leads:
+    ``{"leader": to, "address": ...}``; Timeout if it has not taken over in
+    time (a node that is down, say: the leader then drops the transfer and
+    goes on leading)."""
+    yield caller.call("transfer_leadership", {"to": to}, timeout=timeout)
+    deadline = reactor.seconds() + min(timeout, LEAD_WAIT)
+    while True:  # bounded by the deadline
+        listing = yield caller.call("members", {}, timeout=max(0.1, deadline - reactor.seconds()))
+        if listing.get("leader") == to:
+            return {"leader": to, "address": listing.get("leader_address")}
+        if reactor.seconds() >= deadline:
+            raise errors.Timeout(
+                f"node {to} of {what} did not take over (is it up and caught up?); "
+                f"node {listing.get('leader')} still leads"
+            )
+        yield task.deferLater(reactor, LEAD_POLL, lambda: None)
 
 
 def members_table(what: str, listing: dict[str, Any]) -> Any:
@@ -643,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ShardMaster: show | query [NUM] | join GID [HOST:PORT...] (default: the config's replicas of GID) | "
         "leave GID... | move SHARD GID; "
         "replicas of a group or the ShardMaster: member list GROUP | member add GROUP HOST:PORT | "
-        "member remove GROUP ID (GROUP: a group id, or shardmaster)",
+        "member remove GROUP ID | member lead GROUP ID (hand leadership over; GROUP: a group id, "
+        "or shardmaster)",
     )
     p.add_argument("action", choices=["show", "query", "join", "leave", "move", "member"])
     p.add_argument("params", nargs="*", metavar="ARG")

@@ -250,14 +250,17 @@ class MemberUsageTests(SynchronousTestCase):
         from client.cli import main
 
         for argv, why in (
-            (["admin", "member"], "list, add or remove"),
-            (["admin", "member", "grow", "1"], "list, add or remove"),
+            (["admin", "member"], "list, add, remove or lead"),
+            (["admin", "member", "grow", "1"], "list, add, remove or lead"),
             (["admin", "member", "list", "x"], "not a group id"),
             (["admin", "member", "list", "9"], "no group 9"),
             (["admin", "member", "list", "1", "2"], "only the group"),
             (["admin", "member", "list", "shardmaster", "2"], "only the group"),
             (["admin", "member", "add", "shardmaster"], "HOST:PORT"),
             (["admin", "member", "remove", "shardmaster", "-1"], "node's id"),
+            (["admin", "member", "lead", "1"], "node's id"),
+            (["admin", "member", "lead", "shardmaster", "x"], "node's id"),
+            (["admin", "member", "lead", "1", "99999999"], "node's id"),
             (["admin", "member", "add", "1"], "HOST:PORT"),
             (["admin", "member", "add", "1", "nowhere"], "host:port"),
             (["admin", "member", "remove", "1", "zero"], "node's id"),

@@ -307,16 +307,15 @@ class ShardMasterProcessTests(SynchronousTestCase):
             [(2, self.addresses[1]), (3, self.addresses[2]), (4, self.spare)],
         )
 
-        # Leadership goes to the added replica.
-        old = self.leader([1, 2, 3])
-        if old != 3:
-            self.assertIs(self.native(old, "transfer_leadership", {"to": 4}), True)
-        wait_until(
-            lambda: self.native(3, "is_leader") is True,
-            20.0,
-            0.1,
-            lambda: f"node 4 did not take over\n{self.logs()}",
-        )
+        # The operator hands leadership to the added replica.
+        done = self.admin("member", "lead", "shardmaster", "4")
+        self.assertEqual(done.returncode, 0, f"{done.stderr}\n{self.logs()}")
+        self.assertEqual(json.loads(done.stdout)["result"], {"leader": 4, "address": self.spare})
+        self.assertIs(self.native(3, "is_leader"), True)
+        # Not to a node that is not a voter: refused, with the reason.
+        done = self.admin("member", "lead", "shardmaster", "1")
+        self.assertEqual(done.returncode, 1, done.stdout)
+        self.assertIn("1 is not a voter", done.stderr)
 
         # The config names only 0 (dead), 1 and 2 (followers): their
         # NOT_LEADER answers lead the command to the new leader.

@@ -247,15 +247,20 @@ class ReplicaControl:
         self.node.send_heartbeat()
         return True
 
-    def transfer_leadership(self, to: int) -> bool:
-        """Leader side of set_leader: start a transfer to Raft node ``to``."""
+    def transfer_leadership(self, to: int, timeout: float | None = None) -> bool:
+        """Leader side of set_leader (and of ``surfshard admin member lead``):
+        start a transfer to Raft node ``to``. (``timeout``: what a caller
+        through ``LeaderCaller`` sends; the start does not wait.)"""
         self.check_alive()
         if to not in self.addresses:
             raise errors.BadRequest(f"unknown node id {to}")
         if not self.node.is_leader:
             raise self.not_leader()
         if to != self.node.node_id:
-            self.node.transfer_leader(to)
+            try:
+                self.node.transfer_leader(to)
+            except ValueError as e:  # a learner, or removed meanwhile
+                raise errors.BadRequest(str(e)) from None
         return True
 
     @defer.inlineCallbacks
@@ -297,7 +302,7 @@ class ReplicaControl:
         table.add(
             "transfer_leadership",
             self.transfer_leadership,
-            [Arg("to", int, min=0, max=1 << 16)],
+            [Arg("to", int, min=0, max=1 << 16), TIMEOUT_ARG],
             access=(Access.PEER, Access.ADMIN),
         )
 
