@@ -37,6 +37,11 @@ cursor is written after the index, so it never claims more than the index
 holds. ``--watch`` waits on the feed (a long poll) between syncs, so a
 change made elsewhere arrives at once rather than at the next poll.
 
+A folder's ``.surfshard-ignore`` names what it does not sync (``Ignore``):
+out of sight both ways, so never sent, fetched or deleted. Changing the
+rules costs one listing (the cursor records them), since a change the old
+rules hid may lie past the cursor.
+
 A re-sync hashes only the files that changed since the last one
 (``HashCache``, kept in ``.surfshard-hashes``). Both ways only what
 differs crosses the network: an upload sends only the blocks the stores
@@ -71,6 +76,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import fnmatch
 import hashlib
 import os
 import re
@@ -108,8 +114,10 @@ PENDING_NAME = ".surfshard-pending"
 #: At most this many names are kept pending; past it the cursor stays where
 #: it was instead (the next sync then hears of every change since).
 MAX_PENDING = 1000
+#: Patterns of names this folder does not sync, one a line (``Ignore``).
+IGNORE_NAME = ".surfshard-ignore"
 #: The sync's own files, never synced.
-OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME, PENDING_NAME)
+OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME, PENDING_NAME, IGNORE_NAME)
 DEFAULT_BLOCK_SIZE = 4096
 #: Temporary files of an unfinished write (never synced; removed on start).
 TMP_PREFIX = ".surfshard-tmp-"
@@ -139,6 +147,9 @@ class SyncResult:
     deleted_remote: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Names matched by the folder's ``.surfshard-ignore``, here or on the
+    #: server: neither sent, fetched nor deleted.
+    ignored: int = 0
     #: Files this sync could not bring here (their blocks are on no block
     #: store that answers), and why: left as they were, and the next sync
     #: tries them again.
@@ -161,6 +172,7 @@ class SyncResult:
             "deleted_remote": len(self.deleted_remote),
             "conflicts": self.conflicts,
             "skipped": self.skipped,
+            "ignored": self.ignored,
             "incomplete": self.incomplete,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -251,6 +263,78 @@ def syncable(name: str) -> str | None:
     except (UnicodeEncodeError, errors.BadRequest) as e:
         return f"not a valid name: {e}"
     return None
+
+
+class Ignore:
+    """The folder's ``.surfshard-ignore``: a glob pattern a line (``#``
+    starts a comment). A pattern without ``/`` matches a file or folder of
+    that name at any depth (``*.log``, ``node_modules``, ``build/``); one
+    with ``/`` matches the path from the top of the folder part by part
+    (``docs/*.pdf``: not ``docs/old/a.pdf``).
+    A matched folder is not read at all. What a pattern matches is not
+    synced either way: not sent, not fetched, and never deleted, on either
+    side, because it is out of sight here (its index entry, if it had one,
+    stays as it was)."""
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.anywhere: list[str] = []
+        #: Patterns with a ``/``, split into their parts.
+        self.from_top: list[list[str]] = []
+        for line in patterns:
+            pattern = line.strip()
+            if not pattern or pattern.startswith("#"):
+                continue
+            pattern = pattern.rstrip("/")
+            if not pattern:
+                continue
+            if "/" in pattern:
+                self.from_top.append(pattern.lstrip("/").split("/"))
+            else:
+                self.anywhere.append(pattern)
+
+    @classmethod
+    def of(cls, base: Path) -> Ignore:
+        try:
+            return cls((base / IGNORE_NAME).read_text(encoding="utf-8").splitlines())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, UnicodeDecodeError) as e:
+            raise IndexFileError(f"{base / IGNORE_NAME}: cannot read it: {e}") from None
+
+    def __bool__(self) -> bool:
+        return bool(self.anywhere or self.from_top)
+
+    @property
+    def digest(self) -> str:
+        """Names the rules (empty without any): kept with the cursor, since
+        a cursor followed under other rules would miss what they hid."""
+        if not self:
+            return ""
+        rules = "\n".join([*sorted(self.anywhere), *sorted("/".join(p) for p in self.from_top)])
+        return hashlib.sha256(rules.encode("utf-8")).hexdigest()[:16]
+
+    def __call__(self, name: str) -> bool:
+        """Whether ``name`` (a path in the folder) or a folder it is in is ignored."""
+        if not self:
+            return False
+        parts = name.split("/")
+        if any(fnmatch.fnmatchcase(part, p) for part in parts for p in self.anywhere):
+            return True
+        # Part by part, so a ``*`` never crosses a ``/`` (as in .gitignore).
+        return any(
+            len(pattern) <= len(parts) and all(map(fnmatch.fnmatchcase, parts, pattern))
+            for pattern in self.from_top
+        )
+
+
+def read_cursor_file(path: Path) -> tuple[str, str]:
+    """``(cursor text, ignore rules' digest)`` from ``.surfshard-cursor``
+    (``("", "")`` if there is none): the cursor's line, then ``ignore
+    DIGEST`` when the folder had rules."""
+    lines = path.read_text(encoding="ascii").splitlines()
+    cursor = lines[0].strip() if lines else ""
+    rules = next((line[len("ignore ") :].strip() for line in lines[1:] if line.startswith("ignore ")), "")
+    return cursor, rules
 
 
 def _in_folder(base: Path, name: str) -> bool:
@@ -384,11 +468,15 @@ class HashCache:
 
 
 def scan(
-    base: Path, block_size: int, result: SyncResult, cache: HashCache | None = None
+    base: Path,
+    block_size: int,
+    result: SyncResult,
+    cache: HashCache | None = None,
+    ignore: Ignore | None = None,
 ) -> dict[str, Hashes]:
     """The folder's regular files and their block hashes (temporary files of
     an unfinished sync are removed); with a ``cache``, unchanged files are
-    not hashed again."""
+    not hashed again; what ``ignore`` matches is left out (and counted)."""
     out: dict[str, Hashes] = {}
     # Folders still to read: (path prefix of their files, their path).
     # Bounded: symlinks are never followed and syncable() stops at MAX_DEPTH.
@@ -409,6 +497,9 @@ def scan(
                     os.unlink(entry.path)
                 continue
             if name in OWN_FILES:
+                continue
+            if ignore and ignore(name):
+                result.ignored += 1
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -535,6 +626,8 @@ class Folder:
         #: scan, then its conflict copies and downloads): where a download
         #: looks for blocks before fetching them.
         self.present: dict[str, Hashes] = {}
+        #: The folder's ``.surfshard-ignore`` (read at the start of ``run``).
+        self.ignore = Ignore()
 
     def _call(self, f: Callable[..., Any], *args: Any) -> Any:
         return threads.blockingCallFromThread(self.reactor, f, *args)
@@ -542,13 +635,18 @@ class Folder:
     def run(self) -> SyncResult:
         index = read_index(self.index_path)  # before touching anything
         before = dict(index)
+        ignore = self.ignore = Ignore.of(self.base)
         cache = HashCache(self.base / HASH_CACHE_NAME, self.block_size)
-        local = scan(self.base, self.block_size, self.result, cache)
+        local = scan(self.base, self.block_size, self.result, cache, ignore)
         self.present = dict(local)
         remote = self._remote(index)
         downloads: dict[str, tuple[int, Hashes]] = {}
         uploads: dict[str, tuple[int, Hashes]] = {}
         for name in sorted(set(index) | set(local) | set(remote)):
+            if ignore and name not in local and ignore(name):
+                if name in remote and remote[name] != index.get(name):
+                    self.result.ignored += 1  # the server's change, not taken
+                continue
             if name not in local and syncable(name) is not None:
                 self.result.skipped.setdefault(name, syncable(name) or "")
                 continue
@@ -578,7 +676,9 @@ class Folder:
         # Conflict copies made above are new files: send them now.
         if self.result.conflicts:
             fresh = {
-                n: h for n, h in scan(self.base, self.block_size, SyncResult()).items() if n not in index
+                n: h
+                for n, h in scan(self.base, self.block_size, SyncResult(), ignore=ignore).items()
+                if n not in index
             }
             self._upload({n: (1, h) for n, h in fresh.items() if n in self.result.conflicts}, index, fresh)
         if index != before:
@@ -595,7 +695,8 @@ class Folder:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     self.pending_path.unlink()
-            _write_atomically(self.cursor_path, self.cursor.encode().encode("ascii") + b"\n")
+            rules = f"ignore {self.ignore.digest}\n" if self.ignore else ""
+            _write_atomically(self.cursor_path, f"{self.cursor.encode()}\n{rules}".encode("ascii"))
         cache.save()
         return self.result
 
@@ -606,11 +707,15 @@ class Folder:
         from client.feed import Cursor, CursorError, CursorExpired, changes_since, list_all
 
         try:
-            text = self.cursor_path.read_text(encoding="ascii").strip()
+            text, rules = read_cursor_file(self.cursor_path)
         except FileNotFoundError:
             text = ""
         except (OSError, UnicodeDecodeError) as e:
             text, self.result.cursor_note = "", f"cursor file unreadable ({e}): listing everything"
+        else:
+            if text and rules != self.ignore.digest:
+                # What the old rules hid changed unseen past the cursor.
+                text, self.result.cursor_note = "", "the ignore rules changed: listing everything"
         if text:
             try:
                 cursor = Cursor.decode(text, self.client.cluster)
@@ -858,7 +963,7 @@ def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options
             if changed:
                 print(f"{time.strftime('%H:%M:%S')} {summary(result)}", file=sys.stderr, flush=True)
             try:
-                cursor = Cursor.decode(cursor_path.read_text(encoding="ascii").strip(), cluster)
+                cursor = Cursor.decode(read_cursor_file(cursor_path)[0], cluster)
             except (OSError, UnicodeDecodeError, CursorError):
                 time.sleep(interval)
                 continue
@@ -912,4 +1017,5 @@ def summary(result: SyncResult) -> str:
         f"{result.bytes_up} bytes up, {result.bytes_down} bytes down"
         + (f" ({result.bytes_reused} more found here)" if result.bytes_reused else "")
         + (f", {len(result.incomplete)} not synced" if result.incomplete else "")
+        + (f", {result.ignored} ignored" if result.ignored else "")
     )

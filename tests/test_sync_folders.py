@@ -136,3 +136,59 @@ class WritesStayInTheFolderTests(SynchronousTestCase):
         self.assertTrue((self.base / "a" / "keep.txt").exists())
         sync._remove_emptied_folders(self.base, "top.txt")  # nothing to remove, base stays
         self.assertTrue(self.base.is_dir())
+
+
+class IgnoreTests(SynchronousTestCase):
+    def test_patterns(self) -> None:
+        ignore = sync.Ignore(
+            ["# build output", "", "*.log", "node_modules/", "docs/*.pdf", "/top-only.txt", "  cache  "]
+        )
+        for name in (
+            "a.log",
+            "deep/down/b.log",
+            "node_modules/x/y.js",
+            "app/node_modules/z.js",
+            "docs/manual.pdf",
+            "top-only.txt",
+            "cache",
+            "x/cache/y",
+        ):
+            self.assertTrue(ignore(name), name)
+        for name in (
+            "a.txt",
+            "log",
+            "docs/sub/manual.pdf",
+            "other/docs/manual.pdf",
+            "sub/top-only.txt",
+            "caches",
+        ):
+            self.assertFalse(ignore(name), name)
+        self.assertFalse(sync.Ignore(["# only a comment", "   "]))
+        self.assertFalse(sync.Ignore()("anything"))
+
+    def test_the_scan_leaves_ignored_names_out_and_does_not_enter_ignored_folders(self) -> None:
+        base = Path(self.mktemp())
+        (base / "build" / "deep").mkdir(parents=True)
+        (base / "build" / "deep" / "out.o").write_bytes(b"o")
+        (base / "keep.txt").write_bytes(b"k")
+        (base / "skip.log").write_bytes(b"l")
+        (base / sync.IGNORE_NAME).write_text("build\n*.log\n")
+        result = SyncResult()
+        entered: list[str] = []
+        real = os.scandir
+
+        def recording(path: str) -> object:
+            entered.append(os.path.basename(path))
+            return real(path)
+
+        self.patch(os, "scandir", recording)
+        found = scan(base, 4096, result, ignore=sync.Ignore.of(base))
+        self.assertEqual(sorted(found), ["keep.txt"])  # the ignore file itself is not synced
+        self.assertEqual(result.ignored, 2)
+        self.assertNotIn("build", entered)
+
+    def test_an_unreadable_ignore_file_stops_the_sync_before_anything(self) -> None:
+        base = Path(self.mktemp())
+        base.mkdir()
+        (base / sync.IGNORE_NAME).write_bytes(b"\xff\xfe not utf-8")
+        self.assertRaises(sync.IndexFileError, sync.Ignore.of, base)

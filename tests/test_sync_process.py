@@ -191,6 +191,43 @@ class SyncCluster(SynchronousTestCase):
 
 
 class SyncTests(SyncCluster):
+    def test_ignored_names_are_neither_sent_fetched_nor_deleted(self) -> None:
+        a, b = self.folder("a"), self.folder("b")
+        (a / ".surfshard-ignore").write_text("# not synced\n*.log\ncache/\n")
+        (a / "cache").mkdir()
+        (a / "sub").mkdir()
+        for name in ("keep.txt", "here.log", "cache/c.bin", "sub/d.log", "sub/e.txt"):
+            (a / name).write_text(f"{name}\n")
+        first = self.sync(a)
+        self.assertEqual((first["uploaded"], first["ignored"]), (2, 3))
+        self.assertEqual(sorted(self.server_map()), ["keep.txt", "sub/e.txt"])
+        # b ignores nothing: its .log goes up; a neither takes it nor loses its own.
+        (b / "there.log").write_text("b's log\n")
+        self.sync(b)
+        again = self.sync(a)
+        self.assertEqual((again["downloaded"], again["deleted_local"], again["ignored"]), (0, 0, 4))
+        self.assertFalse((a / "there.log").exists())
+        self.assertEqual((a / "here.log").read_text(), "here.log\n")
+        # A file already synced, then ignored and deleted here, is not deleted there.
+        (a / ".surfshard-ignore").write_text("*.log\ncache/\nkeep.txt\n")
+        (a / "keep.txt").unlink()
+        self.sync(a)
+        self.assertEqual(sorted(self.server_map()), ["keep.txt", "sub/e.txt", "there.log"])
+        self.assertEqual(self.server_map()["keep.txt"][0], 1)
+        # No longer ignored: synced both ways as usual. The server's change
+        # hidden by the old rules comes (the changed rules cost a listing),
+        # and keep.txt's deletion here now goes there.
+        (a / ".surfshard-ignore").unlink()
+        last = self.sync(a)
+        self.assertEqual(last["remote_from"], "listing")
+        self.assertEqual((a / "there.log").read_text(), "b's log\n")
+        live = sorted(n for n, (_v, h) in self.server_map().items() if h != ["0"])
+        self.assertEqual(live, ["cache/c.bin", "here.log", "sub/d.log", "sub/e.txt", "there.log"])
+        self.assertEqual(self.server_map()["keep.txt"], [2, ["0"]])
+        self.assertEqual(self.sync(a)["remote_from"], "changes")
+        self.sync(b)
+        self.assertEqual(tree_state(b), tree_state(a))
+
     def test_subfolders_sync_and_nothing_leaves_the_folder(self) -> None:
         a, b = self.folder("a"), self.folder("b")
         (a / "docs" / "old").mkdir(parents=True)
