@@ -313,16 +313,20 @@ class Ignore:
         rules = "\n".join([*sorted(self.anywhere), *sorted("/".join(p) for p in self.from_top)])
         return hashlib.sha256(rules.encode("utf-8")).hexdigest()[:16]
 
-    def __call__(self, name: str) -> bool:
-        """Whether ``name`` (a path in the folder) or a folder it is in is ignored."""
+    def __call__(self, name: str, *, folders_checked: bool = False) -> bool:
+        """Whether ``name`` (a path in the folder) or a folder it is in is
+        ignored. ``folders_checked``: the folders it is in are known not to
+        be (the scan checked each on its way down), so only its own name is."""
         if not self:
             return False
         parts = name.split("/")
-        if any(fnmatch.fnmatchcase(part, p) for part in parts for p in self.anywhere):
+        own = parts[-1:] if folders_checked else parts
+        if any(fnmatch.fnmatchcase(part, p) for part in own for p in self.anywhere):
             return True
         # Part by part, so a ``*`` never crosses a ``/`` (as in .gitignore).
         return any(
-            len(pattern) <= len(parts) and all(map(fnmatch.fnmatchcase, parts, pattern))
+            (len(pattern) == len(parts) if folders_checked else len(pattern) <= len(parts))
+            and all(map(fnmatch.fnmatchcase, parts, pattern))
             for pattern in self.from_top
         )
 
@@ -340,15 +344,7 @@ def read_cursor_file(path: Path) -> tuple[str, str]:
 def _in_folder(base: Path, name: str) -> bool:
     """Whether every folder ``name`` lies in is a real folder under ``base``
     (none missing, none a symlink)."""
-    directory = base
-    for part in name.split("/")[:-1]:
-        directory = directory / part
-        try:
-            if not stat.S_ISDIR(os.lstat(directory).st_mode):
-                return False
-        except OSError:
-            return False
-    return True
+    return _folders(base, name, make=False) is None
 
 
 def _remove_emptied_folders(base: Path, name: str) -> None:
@@ -375,6 +371,12 @@ def _make_folders(base: Path, name: str) -> str | None:
     """Make the folders ``name`` lies in, under ``base``; why not, or None.
     Each must be a real folder (never a symlink: a write must not leave
     the synced folder) or be made here."""
+    return _folders(base, name, make=True)
+
+
+def _folders(base: Path, name: str, *, make: bool) -> str | None:
+    """Why the folders ``name`` lies in are not all real folders under
+    ``base``, or None; with ``make``, missing ones are made."""
     directory = base
     parts = name.split("/")[:-1]
     for i, part in enumerate(parts):
@@ -382,6 +384,8 @@ def _make_folders(base: Path, name: str) -> str | None:
         try:
             mode = os.lstat(directory).st_mode
         except FileNotFoundError:
+            if not make:
+                return f"{'/'.join(parts[: i + 1])} is not here"
             try:
                 os.mkdir(directory)
             except OSError as e:
@@ -498,7 +502,7 @@ def scan(
                 continue
             if name in OWN_FILES:
                 continue
-            if ignore and ignore(name):
+            if ignore and ignore(name, folders_checked=True):
                 result.ignored += 1
                 continue
             try:
@@ -638,7 +642,7 @@ class Folder:
         ignore = self.ignore = Ignore.of(self.base)
         cache = HashCache(self.base / HASH_CACHE_NAME, self.block_size)
         local = scan(self.base, self.block_size, self.result, cache, ignore)
-        self.present = dict(local)
+        self.present = local  # kept up to date as this sync changes the folder
         remote = self._remote(index)
         downloads: dict[str, tuple[int, Hashes]] = {}
         uploads: dict[str, tuple[int, Hashes]] = {}
