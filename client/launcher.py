@@ -21,6 +21,7 @@ from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 
 from client.cluster import ClusterClient
+from client.shardmaster_client import ShardMasterClient
 from client.status import STATUS_TIMEOUT, cluster_nodes, collect_status, status_table
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, NodeRef, node_name
@@ -79,9 +80,14 @@ class Launcher:
         self.console = console or _console()
         self.children: dict[str, NodeProcess] = {}
         self.client = ClusterClient(cluster, reactor, timeout=10.0, admin=True)
-        #: For the status display's look at the membership: a ShardMaster
-        #: still electing must not hold the display up for long.
-        self._members_client = ClusterClient(cluster, reactor, timeout=STATUS_TIMEOUT, admin=False)
+        #: For the status display's look at the membership, on the same
+        #: connections with a short timeout: a ShardMaster still electing
+        #: must not hold the display up for long.
+        self._members: ShardMasterClient | None = (
+            ShardMasterClient(self.client.pool, cluster.shardmaster, reactor, timeout=STATUS_TIMEOUT)
+            if cluster.shardmaster and not cluster.static
+            else None
+        )
         self._last_view: Any = None
         self.log_dir = Path(cluster.data_dir) / "logs"
 
@@ -130,10 +136,10 @@ class Launcher:
     def show_status(self):
         started = [c.node for c in self.children.values()]
         nodes, removed = list(started), frozenset[str]()
-        if not self.cluster.static and self.cluster.shardmaster:
+        if self._members is not None:
             # Replicas added since the config (started by hand, as ``member
             # add`` prints) are shown too, and the config's removed ones as such.
-            members, removed = yield cluster_nodes(self.cluster, self._members_client.shardmaster)
+            members, removed = yield cluster_nodes(self.cluster, self._members)
             configured = {ref.address for ref in self.cluster.all_nodes()}
             nodes += [ref for ref in members if ref.address not in configured]
         rows = yield collect_status(self.cluster, self.client.pool, nodes)
@@ -193,7 +199,6 @@ class Launcher:
         if timer.active():
             timer.cancel()
         yield self.client.close()
-        yield self._members_client.close()
         self.console.print(f"stopped {len(alive)} node(s)")
 
 
