@@ -308,9 +308,9 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
         client = ClusterClient(cluster, reactor, timeout=args.timeout, admin=verb != "list")
         try:
             if of_shardmaster:
-                # Where the config says it started; replicas added since are
-                # found through the NOT_LEADER answers of the others.
-                addresses = list(cluster.shardmaster)
+                # The client's own: it finds replicas added since the config
+                # through the NOT_LEADER answers of the listed ones.
+                caller = client.shardmaster.caller
             else:
                 # Where the group is: the ShardMaster's list (it follows the
                 # membership) and the config's.
@@ -321,13 +321,9 @@ def cmd_member(args: argparse.Namespace, cluster: ClusterConfig) -> int:
                         addresses = [*shard_map.groups.get(gid, ()), *addresses]
                     except errors.SurfShardError:
                         pass
-            caller = LeaderCaller(
-                client.pool,
-                list(dict.fromkeys(addresses)),
-                reactor,
-                timeout=args.timeout,
-                learn_members=of_shardmaster,
-            )
+                caller = LeaderCaller(
+                    client.pool, list(dict.fromkeys(addresses)), reactor, timeout=args.timeout
+                )
             if verb == "add":
                 result = yield caller.call("member_add", {"address": rest[2]}, timeout=args.timeout)
             elif verb == "remove":
