@@ -270,15 +270,16 @@ class ClusterConfig:
         node itself says (its Raft id is index + 1). With ``shardmaster``
         (the ShardMaster's members, ``member_addresses``), its replicas
         added since the config, too."""
-        refs = list(self.all_nodes())
-        known = {ref.address for ref in refs}
+        configured = self.all_nodes()
+        known = {ref.address for ref in configured}
+        added = []
         for raft_id, address in sorted((shardmaster or {}).items()):
             if address not in known:
                 known.add(address)
-                refs.insert(
-                    sum(1 for r in refs if r.kind is NodeKind.SHARDMASTER),
-                    NodeRef(NodeKind.SHARDMASTER, 0, raft_id - 1, address),
-                )
+                added.append(NodeRef(NodeKind.SHARDMASTER, 0, raft_id - 1, address))
+        # The ShardMaster's replicas come first (all_nodes' order).
+        n = len(self.shardmaster)
+        refs = [*configured[:n], *added, *configured[n:]]
         for gid, addresses in sorted(groups.items(), key=lambda item: int(item[0])):
             for address in addresses:
                 if address not in known:
