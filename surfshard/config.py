@@ -307,11 +307,14 @@ class ClusterConfig:
         )
 
 
-def member_addresses(answer: Mapping[str, Any]) -> dict[int, str]:
+def member_addresses(answer: Any) -> dict[int, str]:
     """``{raft id: address}`` of the voters and learners in a ``members``
-    answer (``surfshard.replica.membership``); entries without a usable id
-    or address are left out."""
+    answer (``surfshard.replica.membership.describe_membership``); entries
+    without a usable id or address are left out (all of them, from an
+    answer that is no map)."""
     out: dict[int, str] = {}
+    if not isinstance(answer, Mapping):
+        return out
     for key in ("voters", "learners"):
         entries = answer.get(key)
         for entry in entries if isinstance(entries, list) else ():

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from raft.errors import NotLeaderError
 from raft.types import Membership
 from surfshard import errors
-from surfshard.config import parse_address
+from surfshard.config import member_addresses, parse_address
 from surfshard.net.interfaces import IRpcPool
 from surfshard.net.methods import Access, MethodTable
 from surfshard.net.schema import Arg
@@ -161,15 +161,7 @@ class GroupMembership(service.Service):
                 answer = yield self.pool.call(address, "members", {}, timeout=2.0)
             except errors.SurfShardError:
                 continue
-            found: dict[int, str] = {}
-            for entry in [*answer.get("voters", []), *answer.get("learners", [])]:
-                if (
-                    isinstance(entry, dict)
-                    and type(entry.get("id")) is int
-                    and isinstance(entry.get("address"), str)
-                ):
-                    found[entry["id"]] = entry["address"]
-            self._learn(found, replace=False)
+            self._learn(member_addresses(answer), replace=False)
             return
 
     def servers(self) -> tuple[str, ...] | None:
