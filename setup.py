@@ -19,6 +19,7 @@ setup(
         "zope.interface>=6.0",
         "rich>=13.0",
         "prometheus-client>=0.20",
+        "pathspec>=0.12",
     ],
     extras_require={
         "test": ["hypothesis>=6.90.0", "ruff>=0.5.0", "mypy>=1.10", "mypy-zope>=1.0.5"],

@@ -37,8 +37,8 @@ cursor is written after the index, so it never claims more than the index
 holds. ``--watch`` waits on the feed (a long poll) between syncs, so a
 change made elsewhere arrives at once rather than at the next poll.
 
-A folder's ``.surfshard-ignore`` names what it does not sync (``Ignore``):
-out of sight both ways, so never sent, fetched or deleted. Changing the
+A folder's ``.surfshard-ignore`` names what it does not sync, with the
+rules of a ``.gitignore`` (``Ignore``): out of sight both ways, so never sent, fetched or deleted. Changing the
 rules costs one listing (the cursor records them), since a change the old
 rules hid may lie past the cursor.
 
@@ -76,7 +76,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import fnmatch
 import hashlib
 import os
 import re
@@ -91,6 +90,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cbor2
+import pathspec
 from twisted.internet import defer, threads
 
 from surfshard import errors
@@ -266,31 +266,25 @@ def syncable(name: str) -> str | None:
 
 
 class Ignore:
-    """The folder's ``.surfshard-ignore``: a glob pattern a line (``#``
-    starts a comment). A pattern without ``/`` matches a file or folder of
-    that name at any depth (``*.log``, ``node_modules``, ``build/``); one
-    with ``/`` matches the path from the top of the folder part by part
-    (``docs/*.pdf``: not ``docs/old/a.pdf``).
-    A matched folder is not read at all. What a pattern matches is not
-    synced either way: not sent, not fetched, and never deleted, on either
-    side, because it is out of sight here (its index entry, if it had one,
-    stays as it was)."""
+    """The folder's ``.surfshard-ignore``, read as a ``.gitignore`` is
+    (``pathspec``'s implementation of git's rules): a pattern a line, ``#``
+    starts a comment, ``!`` takes a name back, ``**`` spans folders. A
+    pattern without ``/`` (but a trailing one) matches that name at any
+    depth (``*.log``, ``node_modules``); one with ``/`` matches the path
+    from the top (``docs/*.pdf``: not ``docs/old/a.pdf``); a trailing ``/``
+    matches folders only (``build/``). As in git, nothing in an ignored
+    folder can be taken back: the folder is not read at all.
+    What the rules match is not synced either way: not sent, not fetched,
+    and never deleted, on either side, because it is out of sight here (its
+    index entry, if it had one, stays as it was)."""
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
-        self.anywhere: list[str] = []
-        #: Patterns with a ``/``, split into their parts.
-        self.from_top: list[list[str]] = []
-        for line in patterns:
-            pattern = line.strip()
-            if not pattern or pattern.startswith("#"):
-                continue
-            pattern = pattern.rstrip("/")
-            if not pattern:
-                continue
-            if "/" in pattern:
-                self.from_top.append(pattern.lstrip("/").split("/"))
-            else:
-                self.anywhere.append(pattern)
+        # Blank ends are dropped (git keeps a leading blank; a stray space
+        # that silently stops a rule from matching helps no one here).
+        lines = [line.strip() for line in patterns]
+        #: The rules in order (order matters: a later ``!`` takes back).
+        self.rules = [line for line in lines if line and not line.startswith("#")]
+        self._spec = pathspec.GitIgnoreSpec.from_lines(self.rules)
 
     @classmethod
     def of(cls, base: Path) -> Ignore:
@@ -302,7 +296,7 @@ class Ignore:
             raise IndexFileError(f"{base / IGNORE_NAME}: cannot read it: {e}") from None
 
     def __bool__(self) -> bool:
-        return bool(self.anywhere or self.from_top)
+        return bool(self.rules)
 
     @property
     def digest(self) -> str:
@@ -310,25 +304,25 @@ class Ignore:
         a cursor followed under other rules would miss what they hid."""
         if not self:
             return ""
-        rules = "\n".join([*sorted(self.anywhere), *sorted("/".join(p) for p in self.from_top)])
-        return hashlib.sha256(rules.encode("utf-8")).hexdigest()[:16]
+        return hashlib.sha256("\n".join(self.rules).encode("utf-8")).hexdigest()[:16]
 
-    def __call__(self, name: str, *, folders_checked: bool = False) -> bool:
-        """Whether ``name`` (a path in the folder) or a folder it is in is
-        ignored. ``folders_checked``: the folders it is in are known not to
-        be (the scan checked each on its way down), so only its own name is."""
+    def __call__(self, name: str, *, is_dir: bool = False, folders_checked: bool = False) -> bool:
+        """Whether ``name`` (a path in the folder; ``is_dir``: a folder's) or
+        a folder it is in is ignored. ``folders_checked``: the folders it is
+        in are known not to be (the scan checked each on its way down), so
+        only its own name is."""
         if not self:
             return False
-        parts = name.split("/")
-        own = parts[-1:] if folders_checked else parts
-        if any(fnmatch.fnmatchcase(part, p) for part in own for p in self.anywhere):
-            return True
-        # Part by part, so a ``*`` never crosses a ``/`` (as in .gitignore).
-        return any(
-            (len(pattern) == len(parts) if folders_checked else len(pattern) <= len(parts))
-            and all(map(fnmatch.fnmatchcase, parts, pattern))
-            for pattern in self.from_top
-        )
+        match = self._spec.match_file
+        if not folders_checked:
+            # Every folder on the way first, as the scan meets them: a name
+            # the scan cannot see must never count as missing here.
+            end = name.find("/")
+            while end != -1:
+                if match(name[: end + 1]):
+                    return True
+                end = name.find("/", end + 1)
+        return bool(match(name + "/" if is_dir else name))
 
 
 def read_cursor_file(path: Path) -> tuple[str, str]:
@@ -502,7 +496,7 @@ def scan(
                 continue
             if name in OWN_FILES:
                 continue
-            if ignore and ignore(name, folders_checked=True):
+            if ignore and ignore(name, is_dir=_is_folder(entry), folders_checked=True):
                 result.ignored += 1
                 continue
             try:
@@ -540,6 +534,15 @@ def scan(
             out[name] = hashes
             cache.remember(name, st, hashes)
     return out
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether a listed entry is a folder (not through a symlink), from the
+    listing's file type where the file system gives one."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False  # unreadable: the stat that follows reports it
 
 
 def local_sources(local: dict[str, Hashes], wanted: set[str]) -> dict[str, tuple[str, int]]:

@@ -166,6 +166,59 @@ class IgnoreTests(SynchronousTestCase):
         self.assertFalse(sync.Ignore(["# only a comment", "   "]))
         self.assertFalse(sync.Ignore()("anything"))
 
+    def test_gitignore_rules_take_back_span_folders_and_match_folders_only(self) -> None:
+        ignore = sync.Ignore(["*.log", "!keep.log", "build/", "a/**/z", "**/tmp", "logs/", "!logs/x.txt"])
+        self.assertTrue(ignore("deep/b.log"))
+        self.assertFalse(ignore("keep.log"))  # taken back by the later "!"
+        self.assertFalse(ignore("sub/keep.log"))
+        self.assertTrue(ignore("build", is_dir=True))
+        self.assertFalse(ignore("build"))  # "build/" is for folders only: a file so named syncs
+        self.assertTrue(ignore("x/build/out.o"))  # a file in such a folder does not
+        self.assertTrue(ignore("a/z"))
+        self.assertTrue(ignore("a/b/c/z"))
+        self.assertFalse(ignore("b/a/z"))
+        self.assertTrue(ignore("one/two/tmp/f"))
+        # As in git, nothing in an ignored folder can be taken back: the scan
+        # never reads the folder, so the name must not count as missing here.
+        self.assertTrue(ignore("logs/x.txt"))
+        # Order matters, and so does the digest that records the rules.
+        self.assertTrue(sync.Ignore(["!keep.log", "*.log"])("keep.log"))
+        self.assertNotEqual(
+            sync.Ignore(["*.log", "!keep.log"]).digest, sync.Ignore(["!keep.log", "*.log"]).digest
+        )
+        self.assertEqual(sync.Ignore([" *.log ", "# c"]).digest, sync.Ignore(["*.log"]).digest)
+
+    def test_the_scan_and_the_name_check_agree(self) -> None:
+        """What the scan leaves out is exactly what the name check calls
+        ignored: a file the scan cannot see but the check lets through would
+        look deleted here, and its deletion would reach the server."""
+        base = Path(self.mktemp())
+        names = [
+            "a.log",
+            "keep.log",
+            "src/main.py",
+            "src/build",
+            "src/build.d/x",
+            "build/out.o",
+            "logs/x.txt",
+            "logs/y.txt",
+            "a/b/z",
+            "a/z",
+            "docs/tmp/f",
+            "docs/plan.txt",
+        ]
+        for name in names:
+            (base / name).parent.mkdir(parents=True, exist_ok=True)
+            (base / name).write_bytes(name.encode())
+        rules = ["*.log", "!keep.log", "build/", "a/**/z", "**/tmp", "logs/", "!logs/x.txt"]
+        (base / sync.IGNORE_NAME).write_text("\n".join(rules) + "\n")
+        ignore = sync.Ignore.of(base)
+        found = scan(base, 4096, SyncResult(), ignore=ignore)
+        self.assertEqual(sorted(found), sorted(n for n in names if not ignore(n)))
+        self.assertEqual(
+            sorted(found), ["docs/plan.txt", "keep.log", "src/build", "src/build.d/x", "src/main.py"]
+        )
+
     def test_the_scan_leaves_ignored_names_out_and_does_not_enter_ignored_folders(self) -> None:
         base = Path(self.mktemp())
         (base / "build" / "deep").mkdir(parents=True)

@@ -193,14 +193,14 @@ class SyncCluster(SynchronousTestCase):
 class SyncTests(SyncCluster):
     def test_ignored_names_are_neither_sent_fetched_nor_deleted(self) -> None:
         a, b = self.folder("a"), self.folder("b")
-        (a / ".surfshard-ignore").write_text("# not synced\n*.log\ncache/\n")
+        (a / ".surfshard-ignore").write_text("# not synced\n*.log\n!keep.log\ncache/\n")
         (a / "cache").mkdir()
         (a / "sub").mkdir()
-        for name in ("keep.txt", "here.log", "cache/c.bin", "sub/d.log", "sub/e.txt"):
+        for name in ("keep.txt", "keep.log", "here.log", "cache/c.bin", "sub/d.log", "sub/e.txt"):
             (a / name).write_text(f"{name}\n")
         first = self.sync(a)
-        self.assertEqual((first["uploaded"], first["ignored"]), (2, 3))
-        self.assertEqual(sorted(self.server_map()), ["keep.txt", "sub/e.txt"])
+        self.assertEqual((first["uploaded"], first["ignored"]), (3, 3))  # "!keep.log" takes it back
+        self.assertEqual(sorted(self.server_map()), ["keep.log", "keep.txt", "sub/e.txt"])
         # b ignores nothing: its .log goes up; a neither takes it nor loses its own.
         (b / "there.log").write_text("b's log\n")
         self.sync(b)
@@ -209,10 +209,10 @@ class SyncTests(SyncCluster):
         self.assertFalse((a / "there.log").exists())
         self.assertEqual((a / "here.log").read_text(), "here.log\n")
         # A file already synced, then ignored and deleted here, is not deleted there.
-        (a / ".surfshard-ignore").write_text("*.log\ncache/\nkeep.txt\n")
+        (a / ".surfshard-ignore").write_text("*.log\n!keep.log\ncache/\nkeep.txt\n")
         (a / "keep.txt").unlink()
         self.sync(a)
-        self.assertEqual(sorted(self.server_map()), ["keep.txt", "sub/e.txt", "there.log"])
+        self.assertEqual(sorted(self.server_map()), ["keep.log", "keep.txt", "sub/e.txt", "there.log"])
         self.assertEqual(self.server_map()["keep.txt"][0], 1)
         # No longer ignored: synced both ways as usual. The server's change
         # hidden by the old rules comes (the changed rules cost a listing),
@@ -222,7 +222,7 @@ class SyncTests(SyncCluster):
         self.assertEqual(last["remote_from"], "listing")
         self.assertEqual((a / "there.log").read_text(), "b's log\n")
         live = sorted(n for n, (_v, h) in self.server_map().items() if h != ["0"])
-        self.assertEqual(live, ["cache/c.bin", "here.log", "sub/d.log", "sub/e.txt", "there.log"])
+        self.assertEqual(live, ["cache/c.bin", "here.log", "keep.log", "sub/d.log", "sub/e.txt", "there.log"])
         self.assertEqual(self.server_map()["keep.txt"], [2, ["0"]])
         self.assertEqual(self.sync(a)["remote_from"], "changes")
         self.sync(b)
