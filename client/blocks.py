@@ -10,12 +10,16 @@ store (``putblocks``/``getblocks``, up to ``MAX_BATCH_BYTES`` each).
 
 ``repair`` copies every block back onto its placement stores (after a store
 was down or was replaced): it walks every store's blocks a page at a time.
+
+``collect`` drops the blocks no file names any more (old versions, deleted
+files) from every store: ``surfshard blocks gc``. Why it cannot drop a
+block a writer is about to name is in ``surfshard.blocks.store``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -23,8 +27,9 @@ from twisted.logger import Logger
 
 from surfshard import errors
 from surfshard.blocks.ring import BlockRing
-from surfshard.blocks.store import MAX_BATCH_BLOCKS, MAX_BATCH_BYTES, MAX_LIST
+from surfshard.blocks.store import MAX_BATCH_BLOCKS, MAX_BATCH_BYTES, MAX_GC_GRACE, MAX_LIST
 from surfshard.config import ClusterConfig
+from surfshard.keyspace import TOMBSTONE
 from surfshard.net.interfaces import IRpcPool
 
 __all__ = ["BlockClient", "block_hash"]
@@ -33,9 +38,15 @@ log = Logger()
 
 #: One call to one store waits at most this long.
 CALL_TIMEOUT = 30.0
+#: Rewriting a store's packs copies their live blocks: give it longer.
+COMPACT_TIMEOUT = 3600.0
 #: Blocks per putblocks call, and such calls in flight per store.
 PUT_BATCH_BLOCKS = 256
 PUTS_IN_FLIGHT = 4
+#: ``surfshard blocks gc``'s default grace period: a block written or asked
+#: for this recently is kept even if no file names it yet (an upload of a
+#: large folder names its first blocks only once its files commit).
+DEFAULT_GC_GRACE = 24 * 3600.0
 
 
 def block_hash(data: bytes) -> str:
@@ -266,3 +277,100 @@ class BlockClient:
             except errors.SurfShardError as e:
                 log.warn("repair: cannot write to {store}: {e}", store=store, e=e)
                 unreachable.add(store)
+
+    @defer.inlineCallbacks
+    def collect(
+        self, list_files: Callable[[], Any], grace: float = DEFAULT_GC_GRACE, dry_run: bool = False
+    ) -> Any:
+        """Drop from every store the blocks no file names (``list_files()``:
+        a Deferred of ``{name: [version, hashlist]}`` for every shard, which
+        fails rather than leave a shard out), keeping any block written or
+        asked for within ``grace`` seconds before the listing began, on any
+        store. Then rewrite the packs that left mostly dead.
+
+        In order: each store's clock (the cutoff is the store's own, taken
+        before the listing); the listing; each store's unnamed blocks, asked
+        without dropping, so a block touched on one store is kept on all;
+        then the drop and the rewrite. A store that does not answer is left
+        as it is (and named). Returns the report ``surfshard blocks gc``
+        prints."""
+        if not 0 <= grace <= MAX_GC_GRACE:
+            raise errors.BadRequest(f"the grace period must be between 0 and {MAX_GC_GRACE:.0f} seconds")
+        cutoffs: dict[str, float] = {}
+        report: dict[str, Any] = {"dry_run": dry_run, "grace": grace, "stores": {}, "unreachable": []}
+        unreachable: set[str] = set()
+        for store in self.ring.stores:
+            try:
+                clock = yield self.pool.call(store, "gcclock", {}, CALL_TIMEOUT)
+            except errors.SurfShardError as e:
+                log.warn("gc: cannot reach {store}: {e}", store=store, e=e)
+                unreachable.add(store)
+                continue
+            cutoffs[store] = clock["now"] - grace
+        files = yield list_files()
+        named = {h for _version, hashes in files.values() for h in hashes if h != TOMBSTONE}
+        report["files"] = len(files)
+        report["named"] = len(named)
+        unnamed: dict[str, list[str]] = {}
+        touched: set[str] = set()
+        for store, before in cutoffs.items():
+            row = report["stores"][store] = {
+                "held": 0,
+                "unnamed": 0,
+                "kept": 0,
+                "removed": 0,
+                "restarted": False,
+            }
+            found: list[str] = []
+            after = ""
+            try:
+                while True:  # bounded: each page moves ``after`` on, or ends
+                    page = yield self.pool.call(
+                        store, "listblocks", {"after": after, "limit": MAX_LIST}, CALL_TIMEOUT
+                    )
+                    if not page:
+                        break
+                    after = page[-1]
+                    row["held"] += len(page)
+                    loose = [h for h in page if h not in named]
+                    row["unnamed"] += len(loose)
+                    if not loose:
+                        continue
+                    answer = yield self.pool.call(
+                        store, "gcsweep", {"hashes": loose, "before": before, "dry_run": True}, CALL_TIMEOUT
+                    )
+                    found += answer["removed"]
+                    touched.update(answer["kept"])
+                    row["restarted"] = row["restarted"] or answer["restarted"]
+            except errors.SurfShardError as e:
+                log.warn("gc: cannot list {store}: {e}", store=store, e=e)
+                unreachable.add(store)
+                del report["stores"][store]
+                continue
+            unnamed[store] = found
+        for store, found in unnamed.items():
+            row = report["stores"][store]
+            todo = [h for h in found if h not in touched]
+            row["kept"] = row["unnamed"] - len(todo)
+            if dry_run:
+                row["removed"] = len(todo)
+                continue
+            try:
+                for i in range(0, len(todo), MAX_LIST):
+                    answer = yield self.pool.call(
+                        store,
+                        "gcsweep",
+                        {"hashes": todo[i : i + MAX_LIST], "before": cutoffs[store], "dry_run": False},
+                        CALL_TIMEOUT,
+                    )
+                    row["removed"] += len(answer["removed"])
+                    row["kept"] += len(answer["kept"])
+                compacted = yield self.pool.call(store, "gccompact", {}, COMPACT_TIMEOUT)
+            except errors.SurfShardError as e:
+                log.warn("gc: cannot finish on {store}: {e}", store=store, e=e)
+                unreachable.add(store)
+                continue
+            row["freed"] = compacted["freed"]
+            row["packs"] = compacted["packs"]
+        report["unreachable"] = sorted(unreachable)
+        return report

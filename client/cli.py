@@ -585,7 +585,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_blocks(args: argparse.Namespace) -> int:
-    from client.blocks import BlockClient
+    from client.blocks import DEFAULT_GC_GRACE, BlockClient
     from client.cluster import ClusterClient
 
     cluster = _load(args)
@@ -593,9 +593,15 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         err_console.print(f"[red]error:[/red] {escape(str(cluster.source))} has no \\[blockstores]")
         return EXIT_USAGE
 
+    grace = DEFAULT_GC_GRACE if args.grace is None else args.grace
+    if args.action == "gc" and (args.hashes or not grace >= 0):
+        err_console.print("usage: surfshard blocks gc [--grace SECONDS] [--dry-run] (SECONDS >= 0)")
+        return EXIT_USAGE
+
     @defer.inlineCallbacks
     def body(reactor: Any):
-        client = ClusterClient(cluster, reactor)
+        # Dropping blocks is an operator's call (with TLS: the admin certificate).
+        client = ClusterClient(cluster, reactor, admin=args.action == "gc")
         try:
             blocks = BlockClient(cluster, client.pool)
             if args.action == "where":
@@ -604,6 +610,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
                 except errors.BadRequest as e:
                     err_console.print(f"usage: surfshard blocks where HASH...: {escape(e.message)}")
                     return EXIT_USAGE
+            elif args.action == "gc":
+                value = yield blocks.collect(client.getfileinfomap, grace, args.dry_run)
             else:
                 value = yield blocks.repair()
         finally:
@@ -611,11 +619,39 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         if args.action == "where":
             _emit(args, value, lambda: print(json.dumps(value, indent=1)))
             return EXIT_OK
+        if args.action == "gc":
+            _emit(args, value, lambda: _say_collected(value))
+            return EXIT_FAILED if value["unreachable"] else EXIT_OK
         _emit(args, value, lambda: _say_repaired(value))
         # Not done while a store could not be reached or a block not read.
         return EXIT_FAILED if value["unreachable"] or value["unreadable"] else EXIT_OK
 
     return _react(body)
+
+
+def _say_collected(report: dict[str, Any]) -> None:
+    hours = report["grace"] / 3600
+    print(
+        f"{report['files']} files name {report['named']} blocks; a block written or asked for "
+        f"in the {hours:g} h before this run is kept even if no file names it"
+        + (" (dry run: nothing dropped)" if report["dry_run"] else "")
+    )
+    for store, row in report["stores"].items():
+        line = (
+            f"  {store}: {row['held']} blocks, {row['unnamed']} named by no file: "
+            f"{row['removed']} {'to drop' if report['dry_run'] else 'dropped'}, {row['kept']} kept as recent"
+        )
+        if "freed" in row:
+            line += f"; {row['packs']} pack(s) rewritten, {row['freed']:,} bytes freed"
+        print(line)
+        if row["restarted"]:
+            print(
+                f"    {store} started within the grace period: it keeps every block until it has run that long"
+            )
+    for store in report["unreachable"]:
+        err_console.print(
+            f"[red]not reached:[/red] {escape(store)}: its blocks stay; run the gc again once it is up"
+        )
 
 
 def _say_repaired(report: dict[str, Any]) -> None:
@@ -686,10 +722,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=4096, help="bytes per block (default 4096)")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until Ctrl-C")
     p = command(
-        "blocks", cmd_blocks, "block stores: where HASH... (GetBlockStoreMap) | repair (copy blocks back)"
+        "blocks",
+        cmd_blocks,
+        "block stores: where HASH... (GetBlockStoreMap) | repair (copy blocks back) | "
+        "gc (drop blocks no file names)",
     )
-    p.add_argument("action", choices=["where", "repair"])
+    p.add_argument("action", choices=["where", "repair", "gc"])
     p.add_argument("hashes", nargs="*", metavar="HASH")
+    p.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="gc: keep blocks written or asked for this recently (default one day: uploads in progress)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="gc: report, drop nothing")
     p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
     p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")
     p.add_argument(

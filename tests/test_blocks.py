@@ -67,7 +67,9 @@ class Stores:
         self.clock = Clock()
         self.net = SimRpcNetwork(self.clock, seed=7)
         self.addresses = ["store:1", "store:2", "store:3"]
-        self.stores = {a: BlockStore(test.mktemp(), fsync=False) for a in self.addresses}
+        self.stores = {
+            a: BlockStore(test.mktemp(), fsync=False, clock=self.clock.seconds) for a in self.addresses
+        }
         for a, store in self.stores.items():
             self.net.register(a, blockstore_methods(store))
         self.client = BlockClient(None, self.net.pool("client"), ring=BlockRing(self.addresses, replicas))  # type: ignore[arg-type]

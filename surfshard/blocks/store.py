@@ -13,6 +13,16 @@ served.
 The service runs every disk operation in the reactor's thread pool: file
 reads, writes and fsyncs never stall the event loop. Batch calls
 (``putblocks``, ``getblocks``) carry many blocks per request.
+
+Blocks no file refers to any more (old versions, deleted files) are
+collected by ``surfshard blocks gc`` (``client.blocks.BlockClient.collect``):
+it lists every file of every shard and asks each store to drop the blocks
+none of them names (``gcsweep``), then to rewrite the packs that dropping
+left mostly dead (``gccompact``). A block may be named by a file committed
+after the listing: its writer asked for it (``hasblocks``) or wrote it
+first, so a store never drops a block touched since the collection's
+cutoff (its start, less a grace period that covers any upload), and
+counts its own start as a touch of every block (touches live in memory).
 """
 
 from __future__ import annotations
@@ -20,9 +30,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import math
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +48,7 @@ from twisted.web import xmlrpc
 from surfshard import errors
 from surfshard.config import ClusterConfig, NodeKind, node_name, parse_address
 from surfshard.keyspace import validate_block_hash
-from surfshard.net.methods import MethodTable
+from surfshard.net.methods import Access, MethodTable
 from surfshard.net.pool import RpcClientPool
 from surfshard.net.port import NodeRoot, listen_now, make_site, node_factory
 from surfshard.net.schema import Arg, Value
@@ -58,6 +70,14 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 MAX_LIST = 10_000
 #: A pack file is closed once it holds this much.
 PACK_BYTES = 256 * 1024 * 1024
+#: The longest grace period a collection may ask for: a store forgets
+#: touches older than this (they would protect nothing).
+MAX_GC_GRACE = 7 * 24 * 3600.0
+#: A pack is rewritten by ``compact`` once this share of it is dead.
+COMPACT_DEAD_SHARE = 0.25
+#: Bytes of live blocks copied out of a pack per write (and per hold of
+#: the store's lock) while it is rewritten.
+COMPACT_BATCH_BYTES = 8 * 1024 * 1024
 #: A pack record's head: magic, SHA-256 of the data, data length, CRC-32 of
 #: the head (less the CRC) and the data.
 _HEAD = struct.Struct(">4s32sII")
@@ -82,7 +102,13 @@ class BlockStore:
 
     log = Logger()
 
-    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._root = str(self.directory)
@@ -101,6 +127,19 @@ class BlockStore:
         self._pack = 0
         self._pack_fd: int | None = None
         self._pack_end = 0
+        #: Readers of each open pack fd right now: a pack rewritten by
+        #: ``compact`` has its fd closed only once no read is using it.
+        self._fd_users: dict[int, int] = {}
+        self._retired_fds: set[int] = set()
+        #: For collection (see the module doc): the wall clock, when this
+        #: process started (a touch of every block), when each block was
+        #: last written or asked for since, and the bytes of records in
+        #: each pack that no index entry points at any more.
+        self._clock = clock
+        self.started = clock()
+        self._touched: dict[str, float] = {}
+        self._touched_pruned = self.started
+        self._dead: dict[int, int] = {}
         self._load()
 
     # -- the packs ------------------------------------------------------------
@@ -184,11 +223,7 @@ class BlockStore:
         self._pack_fd = os.open(self._pack_path(self._pack), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._pack_end = 0
         if self.fsync:
-            dir_fd = os.open(str(self._packs_dir), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self._sync_dir()
 
     def _read(self, block_hash: str) -> bytes | None:
         with self._lock:
@@ -198,8 +233,13 @@ class BlockStore:
                 fd = self._readers.get(where[0], -1)
                 if fd < 0:
                     fd = self._readers[where[0]] = os.open(self._pack_path(where[0]), os.O_RDONLY)
+                self._fd_users[fd] = self._fd_users.get(fd, 0) + 1
         if where is not None:
-            return os.pread(fd, where[2], where[1])
+            try:
+                return os.pread(fd, where[2], where[1])
+            finally:
+                with self._lock:
+                    self._release_fd(fd)
         try:
             return self._path(block_hash).read_bytes()  # the older layout
         except FileNotFoundError:
@@ -215,14 +255,35 @@ class BlockStore:
         number, offset, length = where
         return self._pack_path(number), offset, length
 
+    def _release_fd(self, fd: int) -> None:
+        """A read of ``fd`` is done. Under ``_lock``."""
+        users = self._fd_users.pop(fd) - 1
+        if users:
+            self._fd_users[fd] = users
+        elif fd in self._retired_fds:
+            self._retired_fds.discard(fd)
+            os.close(fd)
+
+    def _retire_pack(self, number: int) -> None:
+        """Stop reading pack ``number``: its fd closes now, or when the
+        last read using it ends. Under ``_lock``."""
+        fd = self._readers.pop(number, -1)
+        if fd < 0:
+            return
+        if self._fd_users.get(fd):
+            self._retired_fds.add(fd)
+        else:
+            os.close(fd)
+
     def close(self) -> None:
         with self._lock:
-            for fd in [self._pack_fd, *self._readers.values()]:
+            for fd in [self._pack_fd, *self._readers.values(), *self._retired_fds]:
                 if fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             self._pack_fd = None
             self._readers.clear()
+            self._retired_fds.clear()
 
     def _path(self, block_hash: str) -> Path:
         return self.directory / block_hash[:2] / block_hash
@@ -267,6 +328,7 @@ class BlockStore:
                     todo.append((block_hash, data))
             if todo:
                 self._append(todo)
+            self._touch(h for h, _ in blocks)
         self.stats["written"] += len(todo)
         self.stats["bytes_written"] += sum(len(d) for _, d in todo)
 
@@ -287,7 +349,11 @@ class BlockStore:
         for h in hashes:
             validate_block_hash(h)
         with self._lock:
-            return [h for h in hashes if self._have(h)]
+            present = [h for h in hashes if self._have(h)]
+            # Whoever asks may be about to name these in a file: a
+            # collection running now must keep them (see the module doc).
+            self._touch(present)
+            return present
 
     def put_many(self, blocks: list[list[Any]]) -> list[str]:
         """Store ``[[hash, data], ...]``, each checked against its hash
@@ -317,6 +383,147 @@ class BlockStore:
                     raise
                 missing.append(h)
         return {"blocks": found, "missing": missing, "corrupt": corrupt}
+
+    # -- collection -------------------------------------------------------------
+
+    def _touch(self, hashes: Any) -> None:
+        """Note that ``hashes`` were written or asked for now. Under ``_lock``."""
+        now = self._clock()
+        touched = self._touched
+        for h in hashes:
+            touched[h] = now
+        if now - self._touched_pruned > MAX_GC_GRACE:
+            # Bounded memory: touches older than any grace protect nothing.
+            horizon = now - MAX_GC_GRACE
+            self._touched = {h: t for h, t in touched.items() if t >= horizon}
+            self._touched_pruned = now
+
+    def gc_clock(self) -> dict[str, float]:
+        """This store's clock now and when it started: a collection takes its
+        cutoff from the store's own clock, never the caller's."""
+        return {"now": self._clock(), "started": self.started}
+
+    def sweep(self, hashes: list[str], before: float, dry_run: bool = False) -> dict[str, Any]:
+        """Drop the blocks of ``hashes`` stored here that nothing wrote or
+        asked for at or after ``before`` (this store's clock). The caller
+        knows no file names them; one named by a file committed later was
+        touched by its writer after ``before`` (see the module doc). Returns
+        ``{"removed": [...], "kept": [...], "restarted": bool}``: ``kept``
+        the ones touched since, ``restarted`` whether this store started
+        after ``before`` (then every block counts as touched). Their space
+        is reclaimed by ``compact``; until then a restart brings them back,
+        which costs only space."""
+        for h in hashes:
+            validate_block_hash(h)
+        now = self._clock()
+        if not math.isfinite(before):
+            raise errors.BadRequest("the cutoff must be a finite time")
+        if before > now:
+            raise errors.BadRequest(f"the cutoff {before} is after this store's clock ({now})")
+        if before < now - MAX_GC_GRACE:
+            raise errors.BadRequest(
+                f"the cutoff is more than {MAX_GC_GRACE:.0f} s back: this store does not remember touches so old"
+            )
+        removed: list[str] = []
+        kept: list[str] = []
+        with self._lock:
+            restarted = self.started >= before
+            touched = self._touched
+            for h in hashes:
+                if not self._have(h):
+                    continue
+                if restarted or touched.get(h, 0.0) >= before:
+                    kept.append(h)
+                    continue
+                removed.append(h)
+                if dry_run:
+                    continue
+                where = self._index.pop(h, None)
+                if where is not None:
+                    self._dead[where[0]] = self._dead.get(where[0], 0) + _HEAD.size + where[2]
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._path(h).unlink()  # the older layout: a file per block
+            if removed and not dry_run:
+                self._sorted = None
+        if removed and not dry_run:
+            self.log.info("collection: dropped {n} blocks no file names", n=len(removed))
+        return {"removed": removed, "kept": kept, "restarted": restarted}
+
+    def compact(self, dead_share: float = COMPACT_DEAD_SHARE) -> dict[str, int]:
+        """Rewrite every pack of which at least ``dead_share`` is dropped
+        blocks: its live blocks are appended to the current pack (written and
+        synced), then the pack is deleted. A crash midway leaves both copies
+        of some blocks, which is harmless (the later pack's is read).
+        Returns ``{"packs": rewritten, "freed": bytes, "moved": blocks}``."""
+        with self._lock:
+            sizes = {}
+            for number, dead in self._dead.items():
+                with contextlib.suppress(FileNotFoundError):
+                    size = os.path.getsize(self._pack_path(number))
+                    if size and dead >= dead_share * size:
+                        sizes[number] = size
+            if self._pack in sizes:
+                self._new_pack()  # the pack being written to is rewritten too
+        freed = moved = 0
+        for number, size in sorted(sizes.items()):
+            moved += self._rewrite(number)
+            with self._lock:
+                self._retire_pack(number)
+                os.unlink(self._pack_path(number))
+                self._dead.pop(number, None)
+                if self.fsync:
+                    self._sync_dir()
+            freed += size
+            self.log.info("collection: rewrote pack {number}, {size} bytes freed", number=number, size=size)
+        return {"packs": len(sizes), "freed": freed, "moved": moved}
+
+    def _rewrite(self, number: int) -> int:
+        """Copy pack ``number``'s live blocks to the current pack, a batch at
+        a time; returns how many were copied."""
+        with self._lock:
+            live = sorted((where[1], where[2], h) for h, where in self._index.items() if where[0] == number)
+        copied = 0
+        fd = os.open(self._pack_path(number), os.O_RDONLY)
+        try:
+            batch: list[tuple[str, bytes]] = []
+            size = 0
+            for i, (offset, length, h) in enumerate(live):
+                data = os.pread(fd, length, offset)
+                if hashlib.sha256(data).hexdigest() != h:
+                    # Never copy a bad block; the other copies stay, and a
+                    # repair puts one back here.
+                    self.stats["verification_failures"] += 1
+                    self.log.error(
+                        "block {hash} is corrupt on disk: dropped as its pack is rewritten", hash=h
+                    )
+                else:
+                    batch.append((h, data))
+                    size += length
+                if size >= COMPACT_BATCH_BYTES or i == len(live) - 1:
+                    with self._lock:
+                        # Only blocks still read from this pack: a sweep may
+                        # have dropped some meanwhile.
+                        todo = [(bh, d) for bh, d in batch if self._index.get(bh, (-1,))[0] == number]
+                        if todo:
+                            self._append(todo)
+                    copied += len(todo)
+                    batch, size = [], 0
+            with self._lock:
+                # Anything still pointing here was corrupt: it is gone.
+                for h in [h for h, where in self._index.items() if where[0] == number]:
+                    del self._index[h]
+                    self._sorted = None
+        finally:
+            os.close(fd)
+        return copied
+
+    def _sync_dir(self) -> None:
+        dir_fd = os.open(str(self._packs_dir), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def list(self, after: str = "", limit: int = MAX_LIST) -> list[str]:
         """Up to ``limit`` stored hashes greater than ``after``, in order
@@ -377,6 +584,19 @@ def blockstore_methods(store: BlockStore, run: Callable[..., Any] = _inline) -> 
             Arg("limit", int, required=False, min=1, max=MAX_LIST),
         ],
     )
+    # Collection (``surfshard blocks gc``): operators only.
+    t.add("gcclock", lambda: run(store.gc_clock), [], access=(Access.ADMIN,))
+    t.add(
+        "gcsweep",
+        lambda hashes, before, dry_run=False: run(store.sweep, hashes, before, dry_run),
+        [
+            Arg("hashes", Value(list, max_len=MAX_LIST, items=Value(str, min_len=64, max_len=64))),
+            Arg("before", (int, float)),
+            Arg("dry_run", bool, default=False),
+        ],
+        access=(Access.ADMIN,),
+    )
+    t.add("gccompact", lambda: run(store.compact), [], access=(Access.ADMIN,))
     t.add("ping", lambda: True)
     return t
 
