@@ -309,7 +309,7 @@ class BlockClient:
             cutoffs[store] = clock["now"] - grace
         files = yield list_files()
         named = {h for _version, hashes in files.values() for h in hashes if h != TOMBSTONE}
-        report["files"] = len(files)
+        report["files"] = sum(1 for _version, hashes in files.values() if hashes != [TOMBSTONE])
         report["named"] = len(named)
         unnamed: dict[str, list[str]] = {}
         touched: set[str] = set()

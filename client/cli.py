@@ -630,10 +630,11 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
 
 def _say_collected(report: dict[str, Any]) -> None:
-    hours = report["grace"] / 3600
+    grace = report["grace"]
+    span = f"{grace:g} s" if grace < 3600 else f"{grace / 3600:g} h"
     print(
         f"{report['files']} files name {report['named']} blocks; a block written or asked for "
-        f"in the {hours:g} h before this run is kept even if no file names it"
+        f"in the {span} before this run is kept even if no file names it"
         + (" (dry run: nothing dropped)" if report["dry_run"] else "")
     )
     for store, row in report["stores"].items():

@@ -455,7 +455,8 @@ class BlockStore:
         blocks: its live blocks are appended to the current pack (written and
         synced), then the pack is deleted. A crash midway leaves both copies
         of some blocks, which is harmless (the later pack's is read).
-        Returns ``{"packs": rewritten, "freed": bytes, "moved": blocks}``."""
+        Returns ``{"packs": rewritten, "freed": bytes, "moved": blocks}``
+        (``freed``: the packs' size less what their live blocks take again)."""
         with self._lock:
             sizes = {}
             for number, dead in self._dead.items():
@@ -467,23 +468,28 @@ class BlockStore:
                 self._new_pack()  # the pack being written to is rewritten too
         freed = moved = 0
         for number, size in sorted(sizes.items()):
-            moved += self._rewrite(number)
+            copied, copied_bytes = self._rewrite(number)
+            moved += copied
             with self._lock:
                 self._retire_pack(number)
                 os.unlink(self._pack_path(number))
                 self._dead.pop(number, None)
                 if self.fsync:
                     self._sync_dir()
-            freed += size
-            self.log.info("collection: rewrote pack {number}, {size} bytes freed", number=number, size=size)
+            freed += size - copied_bytes
+            self.log.info(
+                "collection: rewrote pack {number}, {freed} bytes freed",
+                number=number,
+                freed=size - copied_bytes,
+            )
         return {"packs": len(sizes), "freed": freed, "moved": moved}
 
-    def _rewrite(self, number: int) -> int:
+    def _rewrite(self, number: int) -> tuple[int, int]:
         """Copy pack ``number``'s live blocks to the current pack, a batch at
-        a time; returns how many were copied."""
+        a time; returns how many were copied, and the bytes they take."""
         with self._lock:
             live = sorted((where[1], where[2], h) for h, where in self._index.items() if where[0] == number)
-        copied = 0
+        copied = copied_bytes = 0
         fd = os.open(self._pack_path(number), os.O_RDONLY)
         try:
             batch: list[tuple[str, bytes]] = []
@@ -508,6 +514,7 @@ class BlockStore:
                         if todo:
                             self._append(todo)
                     copied += len(todo)
+                    copied_bytes += sum(_HEAD.size + len(d) for _, d in todo)
                     batch, size = [], 0
             with self._lock:
                 # Anything still pointing here was corrupt: it is gone.
@@ -516,7 +523,7 @@ class BlockStore:
                     self._sorted = None
         finally:
             os.close(fd)
-        return copied
+        return copied, copied_bytes
 
     def _sync_dir(self) -> None:
         dir_fd = os.open(str(self._packs_dir), os.O_RDONLY)
