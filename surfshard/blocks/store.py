@@ -87,7 +87,7 @@ _MAGIC = b"SSB1"
 class BlockStore:
     """Blocks in append-only pack files, ``directory/packs/NNNNNN.pack``.
 
-    A record is a 48-byte head (magic, the block's SHA-256, its length, a
+    A record is a 44-byte head (magic, the block's SHA-256, its length, a
     CRC-32 of the head and data) then the data. A batch of blocks is one
     write and one fsync, where a file per block cost a file creation, a
     rename and two fsyncs each (about 1 ms on this project's disks). The
@@ -116,8 +116,16 @@ class BlockStore:
         self._packs_dir.mkdir(exist_ok=True)
         self.fsync = fsync
         #: For metrics: blocks and bytes written and blocks read by this
-        #: process, and blocks whose hash did not match (refused or corrupt).
-        self.stats = {"written": 0, "bytes_written": 0, "read": 0, "verification_failures": 0}
+        #: process, blocks whose hash did not match (refused or corrupt),
+        #: blocks dropped by collections and pack bytes freed after them.
+        self.stats = {
+            "written": 0,
+            "bytes_written": 0,
+            "read": 0,
+            "verification_failures": 0,
+            "collected": 0,
+            "bytes_freed": 0,
+        }
         #: hash -> (pack number, offset of the data, length). Writers run in
         #: threads: ``_lock`` guards the index, the current pack and its end.
         self._index: dict[str, tuple[int, int, int]] = {}
@@ -447,6 +455,7 @@ class BlockStore:
             if removed and not dry_run:
                 self._sorted = None
         if removed and not dry_run:
+            self.stats["collected"] += len(removed)
             self.log.info("collection: dropped {n} blocks no file names", n=len(removed))
         return {"removed": removed, "kept": kept, "restarted": restarted}
 
@@ -477,6 +486,7 @@ class BlockStore:
                 if self.fsync:
                     self._sync_dir()
             freed += size - copied_bytes
+            self.stats["bytes_freed"] += size - copied_bytes
             self.log.info(
                 "collection: rewrote pack {number}, {freed} bytes freed",
                 number=number,

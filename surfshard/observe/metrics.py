@@ -225,6 +225,16 @@ class NodeCollector(Collector):
                 "Blocks refused or found corrupt: a hash that did not match.",
                 st["verification_failures"],
             )
+            yield counter(
+                "surfshard_blockstore_blocks_collected_total",
+                "Blocks dropped by a collection (surfshard blocks gc): no file named them.",
+                st["collected"],
+            )
+            yield counter(
+                "surfshard_blockstore_bytes_freed_total",
+                "Bytes of pack files freed by rewriting packs after a collection.",
+                st["bytes_freed"],
+            )
 
 
 def node_registry(service: Any) -> CollectorRegistry:
