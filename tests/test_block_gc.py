@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from surfshard import errors
 from surfshard.blocks import store as store_module
-from surfshard.blocks.store import MAX_GC_GRACE, BlockStore
+from surfshard.blocks.store import MAX_GC_GRACE, BlockStore, blockstore_methods
+from surfshard.net.methods import Access
 from tests.test_blocks import Stores
 from tests.test_blockstore import damage
 
@@ -258,3 +259,17 @@ class CollectTests(SynchronousTestCase):
             ok, error = self.s.run(self.s.client.collect(self.listing(), grace=grace))
             self.assertFalse(ok)
             self.assertIsInstance(error, errors.BadRequest)
+
+
+class AccessTests(SynchronousTestCase):
+    def test_only_operators_collect(self) -> None:
+        table = blockstore_methods(BlockStore(self.mktemp(), fsync=False))
+        for name in ("gcclock", "gcsweep", "gccompact"):
+            method = table.get(name)
+            assert method is not None
+            self.assertEqual(method.access, (Access.ADMIN,), name)
+        # What clients use stays open to them.
+        for name in ("putblocks", "hasblocks", "getblocks", "listblocks"):
+            method = table.get(name)
+            assert method is not None
+            self.assertNotIn(Access.ADMIN, method.access, name)
