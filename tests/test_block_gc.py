@@ -142,6 +142,41 @@ class CompactTests(SynchronousTestCase):
         self.assertEqual(len(self.store.list()), 19)
         self.flushLoggedErrors()
 
+    def test_two_rewrites_at_once_do_not_collide(self) -> None:
+        names = sorted(self.blocks)
+        self.store.sweep(names[:80], before=1500.0)
+        reports: list[Any] = []
+        errors_seen: list[BaseException] = []
+        # Make both rewrites meet midway if they can: serialized, the first
+        # waits out the barrier alone (bounded) and goes on.
+        meet = threading.Barrier(2, timeout=0.5)
+        real_rewrite = self.store._rewrite
+
+        def rewrite(number: int) -> Any:
+            try:
+                meet.wait()
+            except threading.BrokenBarrierError:
+                pass
+            return real_rewrite(number)
+
+        self.patch(self.store, "_rewrite", rewrite)
+
+        def run() -> None:
+            try:
+                reports.append(self.store.compact())
+            except BaseException as e:  # reported by the assertion below
+                errors_seen.append(e)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        self.assertEqual(errors_seen, [])
+        self.assertEqual(sorted(r["packs"] for r in reports), [0, 1])
+        self.assertEqual(len(self.store.list()), 20)
+        self.assertEqual({k: self.store.get(k) for k in names[80:]}, {k: self.blocks[k] for k in names[80:]})
+
     def test_a_read_in_progress_keeps_its_file(self) -> None:
         """The pack being rewritten is deleted while a read still has its fd:
         the fd is closed only when that read ends (never reused under it)."""

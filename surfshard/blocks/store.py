@@ -148,6 +148,7 @@ class BlockStore:
         self._touched: dict[str, float] = {}
         self._touched_pruned = self.started
         self._dead: dict[int, int] = {}
+        self._compacting = threading.Lock()
         self._load()
 
     # -- the packs ------------------------------------------------------------
@@ -466,6 +467,10 @@ class BlockStore:
         of some blocks, which is harmless (the later pack's is read).
         Returns ``{"packs": rewritten, "freed": bytes, "moved": blocks}``
         (``freed``: the packs' size less what their live blocks take again)."""
+        with self._compacting:  # one rewrite at a time (two gc runs may overlap)
+            return self._compact(dead_share)
+
+    def _compact(self, dead_share: float) -> dict[str, int]:
         with self._lock:
             sizes = {}
             for number, dead in self._dead.items():
