@@ -107,7 +107,7 @@ class BlockStore:
         directory: str | os.PathLike[str],
         *,
         fsync: bool = True,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,9 @@ class BlockStore:
         #: ``compact`` has its fd closed only once no read is using it.
         self._fd_users: dict[int, int] = {}
         self._retired_fds: set[int] = set()
-        #: For collection (see the module doc): the wall clock, when this
+        #: For collection (see the module doc): this store's clock (the
+        #: monotonic one: a wall clock stepped forward would age every touch
+        #: at once, and only the store itself compares its times), when this
         #: process started (a touch of every block), when each block was
         #: last written or asked for since, and the bytes of records in
         #: each pack that no index entry points at any more.
