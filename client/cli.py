@@ -586,6 +586,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_blocks(args: argparse.Namespace) -> int:
     from client.blocks import DEFAULT_GC_GRACE, BlockClient
+    from surfshard.blocks.store import MAX_GC_GRACE
     from client.cluster import ClusterClient
 
     cluster = _load(args)
@@ -594,8 +595,10 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     grace = DEFAULT_GC_GRACE if args.grace is None else args.grace
-    if args.action == "gc" and (args.hashes or not grace >= 0):
-        err_console.print("usage: surfshard blocks gc [--grace SECONDS] [--dry-run] (SECONDS >= 0)")
+    if args.action == "gc" and (args.hashes or not 0 <= grace <= MAX_GC_GRACE):
+        err_console.print(
+            f"usage: surfshard blocks gc [--grace SECONDS] [--dry-run] (SECONDS from 0 to {MAX_GC_GRACE:.0f}, a week)"
+        )
         return EXIT_USAGE
 
     @defer.inlineCallbacks

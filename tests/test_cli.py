@@ -265,6 +265,11 @@ class MemberUsageTests(SynchronousTestCase):
             (["admin", "member", "add", "1", "nowhere"], "host:port"),
             (["admin", "member", "remove", "1", "zero"], "node's id"),
             (["admin", "member", "remove", "1", "0"], "node's id"),
+            # blocks gc: a grace from none to a week, and no hashes
+            (["blocks", "gc", "--grace", "-5"], "SECONDS from 0 to 604800"),
+            (["blocks", "gc", "--grace", "nan"], "SECONDS from 0 to 604800"),
+            (["blocks", "gc", "--grace", "604801"], "SECONDS from 0 to 604800"),
+            (["blocks", "gc", "abc"], "usage: surfshard blocks gc"),
             # join takes the config's replicas of a group it has, else needs them
             (["admin", "join"], "GID"),
             (["admin", "join", "9"], "group 9 is not in the config"),
