@@ -586,8 +586,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_blocks(args: argparse.Namespace) -> int:
     from client.blocks import DEFAULT_GC_GRACE, BlockClient
-    from surfshard.blocks.store import MAX_GC_GRACE
     from client.cluster import ClusterClient
+    from surfshard.blocks.store import MAX_GC_GRACE
 
     cluster = _load(args)
     if not cluster.blockstores:
