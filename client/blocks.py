@@ -11,6 +11,9 @@ store (``putblocks``/``getblocks``, up to ``MAX_BATCH_BYTES`` each).
 ``repair`` copies every block back onto its placement stores (after a store
 was down or was replaced): it walks every store's blocks a page at a time.
 
+``scrub`` has every store read back all its blocks, dropping the copies
+found corrupt (as a read that finds one does), then repairs.
+
 ``collect`` drops the blocks no file names any more (old versions, deleted
 files) from every store: ``surfshard blocks gc``. Why it cannot drop a
 block a writer is about to name is in ``surfshard.blocks.store``.
@@ -38,6 +41,8 @@ log = Logger()
 
 #: One call to one store waits at most this long.
 CALL_TIMEOUT = 30.0
+#: A scrub call reads back up to 64 MiB (``SCRUB_PAGE_BYTES``).
+SCRUB_TIMEOUT = 300.0
 #: Rewriting a store's packs copies their live blocks: give it longer.
 COMPACT_TIMEOUT = 3600.0
 #: Blocks per putblocks call, and such calls in flight per store.
@@ -277,6 +282,45 @@ class BlockClient:
             except errors.SurfShardError as e:
                 log.warn("repair: cannot write to {store}: {e}", store=store, e=e)
                 unreachable.add(store)
+
+    @defer.inlineCallbacks
+    def scrub(self) -> Any:
+        """Have every store read back and check each of its blocks, dropping
+        the copies found corrupt, then ``repair`` to put good copies back.
+        Returns ``{"stores": {store: {"checked": n, "corrupt": [...]}},
+        "unreachable": [...], "repair": repair's report, "lost": [...]}``,
+        ``lost`` the blocks no store has a good copy of any more."""
+        stores: dict[str, dict[str, Any]] = {}
+        unreachable: set[str] = set()
+        for store in self.ring.stores:
+            row: dict[str, Any] = {"checked": 0, "corrupt": []}
+            after = ""
+            try:
+                while True:  # bounded: each call moves ``after`` on, or ends
+                    page = yield self.pool.call(store, "scrubblocks", {"after": after}, SCRUB_TIMEOUT)
+                    row["checked"] += page["checked"]
+                    row["corrupt"] += page["corrupt"]
+                    if not page["last"]:
+                        break
+                    after = page["last"]
+            except errors.SurfShardError as e:
+                log.warn("scrub: cannot check {store}: {e}", store=store, e=e)
+                unreachable.add(store)
+            stores[store] = row
+        repaired = yield self.repair()
+        unreachable.update(repaired["unreachable"])
+        # A block whose every copy was bad is gone: say which (a file naming
+        # it cannot be read back whole until someone writes that block again).
+        bad = sorted({h for row in stores.values() for h in row["corrupt"]})
+        still: set[str] = set()
+        for store in self.ring.stores:
+            if bad and store not in unreachable:
+                try:
+                    still |= yield self.has(store, bad)
+                except errors.SurfShardError:
+                    unreachable.add(store)
+        lost = [h for h in bad if h not in still]
+        return {"stores": stores, "unreachable": sorted(unreachable), "repair": repaired, "lost": lost}
 
     @defer.inlineCallbacks
     def collect(

@@ -595,6 +595,9 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     grace = DEFAULT_GC_GRACE if args.grace is None else args.grace
+    if args.action == "scrub" and args.hashes:
+        err_console.print("usage: surfshard blocks scrub")
+        return EXIT_USAGE
     if args.action == "gc" and (args.hashes or not 0 <= grace <= MAX_GC_GRACE):
         err_console.print(
             f"usage: surfshard blocks gc [--grace SECONDS] [--dry-run] (SECONDS from 0 to {MAX_GC_GRACE:.0f}, a week)"
@@ -603,8 +606,10 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
     @defer.inlineCallbacks
     def body(reactor: Any):
-        # Dropping blocks is an operator's call (with TLS: the admin certificate).
-        client = ClusterClient(cluster, reactor, admin=args.action == "gc")
+        # Dropping or reading back every block is an operator's call (with
+        # TLS: the admin certificate).
+        client = ClusterClient(cluster, reactor, admin=args.action in ("gc", "scrub"))
+        value: Any
         try:
             blocks = BlockClient(cluster, client.pool)
             if args.action == "where":
@@ -615,6 +620,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
                     return EXIT_USAGE
             elif args.action == "gc":
                 value = yield blocks.collect(client.getfileinfomap, grace, args.dry_run)
+            elif args.action == "scrub":
+                value = yield blocks.scrub()
             else:
                 value = yield blocks.repair()
         finally:
@@ -625,6 +632,13 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         if args.action == "gc":
             _emit(args, value, lambda: _say_collected(value))
             return EXIT_FAILED if value["unreachable"] else EXIT_OK
+        if args.action == "scrub":
+            _emit(args, value, lambda: _say_scrubbed(value))
+            return (
+                EXIT_FAILED
+                if value["unreachable"] or value["repair"]["unreadable"] or value["lost"]
+                else EXIT_OK
+            )
         _emit(args, value, lambda: _say_repaired(value))
         # Not done while a store could not be reached or a block not read.
         return EXIT_FAILED if value["unreachable"] or value["unreadable"] else EXIT_OK
@@ -656,6 +670,15 @@ def _say_collected(report: dict[str, Any]) -> None:
         err_console.print(
             f"[red]not reached:[/red] {escape(store)}: its blocks stay; run the gc again once it is up"
         )
+
+
+def _say_scrubbed(report: dict[str, Any]) -> None:
+    for store, row in report["stores"].items():
+        bad = len(row["corrupt"])
+        print(f"{store}: {row['checked']} blocks read back, {bad} corrupt" + (" (dropped)" if bad else ""))
+    _say_repaired(report["repair"])
+    for block in report["lost"]:
+        err_console.print(f"[red]lost:[/red] block {block}: every copy was corrupt")
 
 
 def _say_repaired(report: dict[str, Any]) -> None:
@@ -729,9 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
         "blocks",
         cmd_blocks,
         "block stores: where HASH... (GetBlockStoreMap) | repair (copy blocks back) | "
-        "gc (drop blocks no file names)",
+        "scrub (read every block back, drop bad copies, repair) | gc (drop blocks no file names)",
     )
-    p.add_argument("action", choices=["where", "repair", "gc"])
+    p.add_argument("action", choices=["where", "repair", "scrub", "gc"])
     p.add_argument("hashes", nargs="*", metavar="HASH")
     p.add_argument(
         "--grace",

@@ -299,7 +299,7 @@ class CollectTests(SynchronousTestCase):
 class AccessTests(SynchronousTestCase):
     def test_only_operators_collect(self) -> None:
         table = blockstore_methods(BlockStore(self.mktemp(), fsync=False))
-        for name in ("gcclock", "gcsweep", "gccompact"):
+        for name in ("gcclock", "gcsweep", "gccompact", "scrubblocks"):
             method = table.get(name)
             assert method is not None
             self.assertEqual(method.access, (Access.ADMIN,), name)

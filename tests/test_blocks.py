@@ -163,6 +163,43 @@ class BlockClientTests(SynchronousTestCase):
         damage(s.stores[first], h(data))
         ok, got = s.run(s.client.get([h(data)]))
         self.assertEqual((ok, got), (True, {h(data): data}))
+        # The bad copy is dropped, so a repair puts a good one back.
+        self.assertNotIn(h(data), s.stores[first].list())
+        ok, report = s.run(s.client.repair())
+        self.assertEqual((ok, report["copied"]), (True, 1), report)
+        self.assertEqual(s.stores[first].get(h(data)), data)
+        self.flushLoggedErrors()
+
+    def test_a_scrub_finds_bad_copies_nobody_read_and_puts_good_ones_back(self) -> None:
+        s = Stores(self)
+        blocks = self.blocks(30, seed=5)
+        ok, _ = s.run(s.client.put(blocks))
+        self.assertTrue(ok)
+        names = sorted(blocks)
+        bad = {}  # block -> the store whose copy is damaged
+        for i, b in enumerate(names[:6]):
+            bad[b] = s.client.ring.placement(b)[i % 2]
+            damage(s.stores[bad[b]], b)
+        lost = names[6]  # both copies damaged: nothing can bring it back
+        for store in s.client.ring.placement(lost):
+            damage(s.stores[store], lost)
+        ok, report = s.run(s.client.scrub())
+        self.assertTrue(ok, report)
+        self.assertEqual(sum(r["checked"] for r in report["stores"].values()), 2 * len(blocks))
+        found = {b: store for store, r in report["stores"].items() for b in r["corrupt"] if b != lost}
+        self.assertEqual(found, bad)
+        self.assertEqual(report["repair"]["copied"], 6)
+        self.assertEqual(report["lost"], [lost])
+        for b in names[:6]:
+            for store in s.client.ring.placement(b):
+                self.assertEqual(s.stores[store].get(b), blocks[b])
+        ok, error = s.run(s.client.get([lost]))
+        self.assertFalse(ok)
+        self.assertIn(lost, error.details["blocks"])
+        # A second scrub finds nothing more.
+        ok, again = s.run(s.client.scrub())
+        self.assertEqual(sum(len(r["corrupt"]) for r in again["stores"].values()), 0)
+        self.assertEqual(again["lost"], [])
         self.flushLoggedErrors()
 
     def test_a_block_whose_hash_does_not_match_is_refused(self) -> None:

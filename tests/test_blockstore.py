@@ -36,6 +36,41 @@ class BlockStoreTests(SynchronousTestCase):
         h = self.store.put(b"precious")
         damage(self.store, h)
         self.assertRaises(errors.Internal, self.store.get, h)
+        # Dropped: no longer claimed, so the writer or a repair stores it again.
+        self.assertEqual(self.store.has([h]), [])
+        self.assertRaises(errors.BadRequest, self.store.get, h)
+        self.store.put(b"precious")
+        self.assertEqual(self.store.get(h), b"precious")
+        self.flushLoggedErrors()
+
+    def test_a_scrub_reads_back_in_pages_and_drops_bad_copies(self) -> None:
+        hashes = sorted(self.store.put(bytes([i]) * 1000) for i in range(50))
+        damage(self.store, hashes[10])
+        damage(self.store, hashes[40])
+        pages, after, corrupt, checked = 0, "", [], 0
+        while pages < 100:  # bounded
+            page = self.store.scrub(after, max_bytes=5000)
+            pages += 1
+            checked += page["checked"]
+            corrupt += page["corrupt"]
+            if not page["last"]:
+                break
+            after = page["last"]
+        self.assertGreater(pages, 5)
+        self.assertEqual((checked, corrupt), (50, [hashes[10], hashes[40]]))
+        self.assertEqual(self.store.list(), [h for h in hashes if h not in (hashes[10], hashes[40])])
+        self.assertRaises(errors.BadRequest, self.store.scrub, "not a hash")
+        self.flushLoggedErrors()
+
+    def test_a_corrupt_block_of_the_older_layout_is_put_aside(self) -> None:
+        data = b"from an older version"
+        h = hashlib.sha256(data).hexdigest()
+        folder = Path(self.store.directory) / h[:2]
+        folder.mkdir()
+        (folder / h).write_bytes(b"rotten" + data)
+        self.assertRaises(errors.Internal, self.store.get, h)
+        self.assertEqual((self.store.has([h]), self.store.list()), ([], []))
+        self.assertTrue((folder / (h + ".corrupt")).exists())
         self.flushLoggedErrors()
 
     def test_survives_reopen_and_leaves_no_temp_files(self) -> None:

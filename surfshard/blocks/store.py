@@ -70,6 +70,8 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 MAX_LIST = 10_000
 #: A pack file is closed once it holds this much.
 PACK_BYTES = 256 * 1024 * 1024
+#: A scrub call reads back about this much before it answers.
+SCRUB_PAGE_BYTES = 64 * 1024 * 1024
 #: The longest grace period a collection may ask for: a store forgets
 #: touches older than this (they would protect nothing).
 MAX_GC_GRACE = 7 * 24 * 3600.0
@@ -236,7 +238,9 @@ class BlockStore:
         if self.fsync:
             self._sync_dir()
 
-    def _read(self, block_hash: str) -> bytes | None:
+    def _read(self, block_hash: str) -> tuple[bytes | None, tuple[int, int, int] | None]:
+        """The block's bytes (None if it is not here), and where in the
+        packs they were read (None: the older layout)."""
         with self._lock:
             where = self._index.get(block_hash)
             fd = -1
@@ -247,14 +251,31 @@ class BlockStore:
                 self._fd_users[fd] = self._fd_users.get(fd, 0) + 1
         if where is not None:
             try:
-                return os.pread(fd, where[2], where[1])
+                return os.pread(fd, where[2], where[1]), where
             finally:
                 with self._lock:
                     self._release_fd(fd)
         try:
-            return self._path(block_hash).read_bytes()  # the older layout
+            return self._path(block_hash).read_bytes(), None  # the older layout
         except FileNotFoundError:
-            return None
+            return None, None
+
+    def _drop_corrupt(self, block_hash: str, where: tuple[int, int, int] | None) -> None:
+        """Forget a copy read back corrupt from ``where``: ``has`` then no
+        longer claims it, so a repair, or the next writer of the block, puts
+        a good copy back (the readers have gone to another store meanwhile).
+        Its bytes stay in the pack until the pack is rewritten."""
+        with self._lock:
+            if where is not None:
+                if self._index.get(block_hash) == where:
+                    del self._index[block_hash]
+                    self._dead[where[0]] = self._dead.get(where[0], 0) + _HEAD.size + where[2]
+                    self._sorted = None
+                return
+            legacy = self._path(block_hash)
+            with contextlib.suppress(FileNotFoundError):
+                legacy.rename(legacy.with_name(legacy.name + ".corrupt"))  # kept aside, never listed
+            self._sorted = None
 
     def location(self, block_hash: str) -> tuple[str, int, int]:
         """(file, offset, length) of a block's data (for tests that damage it)."""
@@ -345,12 +366,15 @@ class BlockStore:
 
     def get(self, block_hash: str) -> bytes:
         validate_block_hash(block_hash)
-        data = self._read(block_hash)
+        data, where = self._read(block_hash)
         if data is None:
             raise errors.BadRequest(f"no block {block_hash}", missing=block_hash)
         if hashlib.sha256(data).hexdigest() != block_hash:
             self.stats["verification_failures"] += 1
-            self.log.error("block {hash} is corrupt on disk", hash=block_hash)
+            self.log.error(
+                "block {hash} is corrupt on disk: dropped here, to be copied back", hash=block_hash
+            )
+            self._drop_corrupt(block_hash, where)
             raise errors.Internal(f"block {block_hash} is corrupt on this store")
         self.stats["read"] += 1
         return data
@@ -394,6 +418,32 @@ class BlockStore:
                     raise
                 missing.append(h)
         return {"blocks": found, "missing": missing, "corrupt": corrupt}
+
+    def scrub(self, after: str = "", max_bytes: int = SCRUB_PAGE_BYTES) -> dict[str, Any]:
+        """Read back and check the blocks after ``after`` (in hash order), up
+        to about ``max_bytes`` of them; a corrupt copy is dropped as ``get``
+        drops one, for a repair to put a good copy back. Returns
+        ``{"checked": n, "corrupt": [...], "last": hash}``, ``last`` empty
+        once every block was checked."""
+        if after:
+            validate_block_hash(after)
+        checked, read = 0, 0
+        corrupt: list[str] = []
+        while True:  # bounded: each page moves ``after`` on, or ends
+            page = self.list(after, 256)
+            if not page:
+                return {"checked": checked, "corrupt": corrupt, "last": ""}
+            for h in page:
+                after = h
+                checked += 1
+                try:
+                    read += len(self.get(h))
+                except errors.Internal:
+                    corrupt.append(h)
+                except errors.BadRequest:
+                    continue  # gone since the listing
+                if read >= max_bytes:
+                    return {"checked": checked, "corrupt": corrupt, "last": after}
 
     # -- collection -------------------------------------------------------------
 
@@ -607,6 +657,13 @@ def blockstore_methods(store: BlockStore, run: Callable[..., Any] = _inline) -> 
             Arg("after", str, required=False, max_len=64),
             Arg("limit", int, required=False, min=1, max=MAX_LIST),
         ],
+    )
+    # Reading every block back (``surfshard blocks scrub``): operators only.
+    t.add(
+        "scrubblocks",
+        lambda after="": run(store.scrub, after),
+        [Arg("after", str, required=False, max_len=64)],
+        access=(Access.ADMIN,),
     )
     # Collection (``surfshard blocks gc``): operators only.
     t.add("gcclock", lambda: run(store.gc_clock), [], access=(Access.ADMIN,))
