@@ -551,6 +551,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from client.sync import IndexFileError, TerminalProgress, summary, sync_folder, watch
 
+    if args.dry_run and args.watch:
+        err_console.print("usage: surfshard sync: --dry-run plans one sync; it does not go with --watch")
+        return EXIT_USAGE
     cluster = _load(args)
     options: dict[str, Any] = {"block_size": args.block_size}
     try:
@@ -562,7 +565,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             return EXIT_OK
         progress = TerminalProgress() if sys.stderr.isatty() and not args.json else None
         try:
-            result = sync_folder(args.basedir, cluster, progress=progress, **options)
+            result = sync_folder(args.basedir, cluster, progress=progress, dry_run=args.dry_run, **options)
         finally:
             if progress is not None:
                 progress.close()
@@ -577,7 +580,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
     for name, why in sorted(result.skipped.items()):
         err_console.print(f"[yellow]skipped[/yellow] {escape(name)}: {why}")
     for name in result.conflicts:
-        err_console.print(f"[yellow]conflict:[/yellow] your edit is kept as {escape(name)}")
+        if result.dry_run:
+            err_console.print(
+                f"[yellow]conflict:[/yellow] your edit of {escape(name)} would be kept as a copy"
+            )
+        else:
+            err_console.print(f"[yellow]conflict:[/yellow] your edit is kept as {escape(name)}")
+    if result.dry_run and not args.json:
+        for what, names in (
+            ("send", result.uploaded),
+            ("fetch", result.downloaded),
+            ("delete here", result.deleted_local),
+            ("delete there", result.deleted_remote),
+        ):
+            for name in names:
+                print(f"would {what}: {name}")
     for name, why in sorted(result.incomplete.items()):
         err_console.print(f"[red]not synced[/red] {escape(name)}: {why}; the next sync tries again")
     _emit(args, result.to_json(), lambda: print(summary(result)))
@@ -748,6 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("basedir", metavar="BASEDIR")
     p.add_argument("--block-size", type=int, default=4096, help="bytes per block (default 4096)")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until Ctrl-C")
+    p.add_argument(
+        "--dry-run", action="store_true", help="say what a sync would send, fetch and delete; change nothing"
+    )
     p = command(
         "blocks",
         cmd_blocks,

@@ -163,6 +163,8 @@ class SyncResult:
     #: "listing" (everything), and why a cursor was not followed.
     remote_from: str = ""
     cursor_note: str = ""
+    #: Only planned: the lists say what a sync would do, nothing was done.
+    dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -178,6 +180,7 @@ class SyncResult:
             "bytes_down": self.bytes_down,
             "bytes_reused": self.bytes_reused,
             "remote_from": self.remote_from,
+            "dry_run": self.dry_run,
         }
 
 
@@ -613,9 +616,13 @@ class Folder:
         block_size: int = DEFAULT_BLOCK_SIZE,
         progress: Any = None,
         host: str | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.base = base
         self.reactor = reactor
+        #: Plan only: learn both sides, say what a sync would do, change
+        #: nothing here or on the server.
+        self.dry_run = dry_run
         self.client = cluster_client
         self.blocks = blocks
         self.block_size = block_size
@@ -669,10 +676,15 @@ class Folder:
                 continue
             if theirs_v != known_v:
                 if mine_state != known_state and mine is not None:
-                    self._keep_conflict(name, local)
+                    if self.dry_run:
+                        self.result.conflicts.append(name)  # whose edit would be kept as a copy
+                    else:
+                        self._keep_conflict(name, local)
                 downloads[name] = theirs if theirs is not None else (0, TOMB)
             elif mine_state != known_state:
                 uploads[name] = (theirs_v + 1, mine_state)
+        if self.dry_run:
+            return self._planned(downloads, uploads, local)
         if self.progress is not None:
             work = {**downloads, **uploads}
             self.progress.plan(
@@ -706,6 +718,25 @@ class Folder:
             _write_atomically(self.cursor_path, f"{self.cursor.encode()}\n{rules}".encode("ascii"))
         cache.save()
         return self.result
+
+    def _planned(
+        self,
+        downloads: dict[str, tuple[int, Hashes]],
+        uploads: dict[str, tuple[int, Hashes]],
+        local: dict[str, Hashes],
+    ) -> SyncResult:
+        """The result of a dry run: what ``run`` would do with this plan. No
+        index, cursor, pending list or hash cache is written."""
+        result = self.result
+        result.dry_run = True
+        for name, (_version, hashes) in sorted(downloads.items()):
+            if hashes != TOMB:
+                result.downloaded.append(name)
+            elif name in local:
+                result.deleted_local.append(name)
+        for name, (_version, hashes) in sorted(uploads.items()):
+            (result.deleted_remote if hashes == TOMB else result.uploaded).append(name)
+        return result
 
     def _remote(self, index: dict[str, tuple[int, Hashes]]) -> dict[str, tuple[int, Hashes]]:
         """The server's side: the index as of the last sync's cursor plus
@@ -907,8 +938,10 @@ def sync_folder(
     timeout: float = 60.0,
     host: str | None = None,
     client: ClusterClient | None = None,
+    dry_run: bool = False,
 ) -> SyncResult:
-    """One sync of ``base`` against ``cluster`` (a ClusterConfig), blocking.
+    """One sync of ``base`` against ``cluster`` (a ClusterConfig), blocking;
+    with ``dry_run``, only what it would do (``Folder.dry_run``).
 
     ``client``: a ``ClusterClient`` on the blocking reactor to sync through
     (``watch`` keeps one for all its syncs); left open. Without it the sync
@@ -935,7 +968,14 @@ def sync_folder(
     try:
         blocks = BlockClient(cluster, syncing.pool)
         return Folder(
-            folder, reactor, syncing, blocks, block_size=block_size, progress=progress, host=host
+            folder,
+            reactor,
+            syncing,
+            blocks,
+            block_size=block_size,
+            progress=progress,
+            host=host,
+            dry_run=dry_run,
         ).run()
     finally:
         if client is None:  # ours: close it
@@ -1018,6 +1058,12 @@ class TerminalProgress:
 
 
 def summary(result: SyncResult) -> str:
+    if result.dry_run:
+        return (
+            f"dry run, nothing changed: would send {len(result.uploaded)}, fetch {len(result.downloaded)}, "
+            f"delete here {len(result.deleted_local)}, delete there {len(result.deleted_remote)}, "
+            f"conflicts {len(result.conflicts)}" + (f", {result.ignored} ignored" if result.ignored else "")
+        )
     return (
         f"up {len(result.uploaded)}, down {len(result.downloaded)}, deleted here {len(result.deleted_local)}, "
         f"deleted there {len(result.deleted_remote)}, conflicts {len(result.conflicts)}, "

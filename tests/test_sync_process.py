@@ -286,6 +286,45 @@ class SyncTests(SyncCluster):
         # Nothing more to drop.
         self.assertEqual(sum(r["removed"] for r in gc("--grace", "0")["stores"].values()), 0)
 
+    def test_a_dry_run_says_what_the_sync_does_and_changes_nothing(self) -> None:
+        a, b = self.folder("a"), self.folder("b")
+        for name in ("keep.txt", "edit.txt", "gone.txt", "clash.txt"):
+            (a / name).write_text(f"{name} 1\n")
+        self.sync(a)
+        self.sync(b)
+        (a / "new.txt").write_text("new\n")
+        (a / "edit.txt").write_text("edit.txt 2\n")
+        (a / "gone.txt").unlink()
+        (a / "clash.txt").write_text("a's edit\n")
+        (b / "clash.txt").write_text("b's edit\n")
+        (b / "from-b.txt").write_text("from b\n")
+        self.sync(b)
+
+        def everything(folder: Path) -> dict[str, bytes]:
+            return {
+                p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            }
+
+        before_files, before_server = everything(a), self.server_map()
+        plan = self.sync(a, "--dry-run")
+        self.assertTrue(plan["dry_run"])
+        self.assertEqual(
+            (plan["uploaded"], plan["downloaded"], plan["deleted_local"], plan["deleted_remote"]),
+            (2, 2, 0, 1),
+        )
+        self.assertEqual(plan["conflicts"], ["clash.txt"])  # a's edit would be kept as a copy
+        self.assertEqual(everything(a), before_files)  # index, cursor and hash cache included
+        self.assertEqual(self.server_map(), before_server)
+        # The sync itself does what was planned (and sends the conflict copy too).
+        done = self.sync(a)
+        self.assertEqual(
+            (done["uploaded"], done["downloaded"], done["deleted_local"], done["deleted_remote"]),
+            (3, 2, 0, 1),
+        )
+        self.assertEqual(self.sync(a, "--dry-run")["uploaded"], 0)
+        watch = self.sync(a, "--dry-run", "--watch", "1", check=False)
+        self.assertEqual(watch["returncode"], 2, watch)
+
     def test_subfolders_sync_and_nothing_leaves_the_folder(self) -> None:
         a, b = self.folder("a"), self.folder("b")
         (a / "docs" / "old").mkdir(parents=True)
