@@ -555,7 +555,11 @@ class BlockStore:
         """Copy pack ``number``'s live blocks to the current pack, a batch at
         a time; returns how many were copied, and the bytes they take."""
         with self._lock:
-            live = sorted((where[1], where[2], h) for h, where in self._index.items() if where[0] == number)
+            entries = list(self._index.items())  # a copy in C: the lock is held briefly
+        # Nothing is appended to this pack any more (``compact`` rolled the
+        # current one), so its blocks are these or fewer.
+        live = sorted((where[1], where[2], h) for h, where in entries if where[0] == number)
+        del entries
         copied = copied_bytes = 0
         fd = os.open(self._pack_path(number), os.O_RDONLY)
         try:
@@ -584,10 +588,12 @@ class BlockStore:
                     copied_bytes += sum(_HEAD.size + len(d) for _, d in todo)
                     batch, size = [], 0
             with self._lock:
-                # Anything still pointing here was corrupt: it is gone.
-                for h in [h for h, where in self._index.items() if where[0] == number]:
-                    del self._index[h]
-                    self._sorted = None
+                # Anything still read from here was corrupt: it is gone.
+                for _offset, _length, h in live:
+                    where = self._index.get(h)
+                    if where is not None and where[0] == number:
+                        del self._index[h]
+                        self._sorted = None
         finally:
             os.close(fd)
         return copied, copied_bytes
