@@ -122,6 +122,9 @@ class CompactTests(SynchronousTestCase):
         self.store.sweep(sorted(self.blocks)[:5], before=1500.0)
         self.assertEqual(self.store.compact()["packs"], 0)
         self.assertEqual(len(self.store.list()), 95)
+        usage = self.store.usage()
+        self.assertEqual((usage["blocks"], usage["dead_bytes"]), (95, 5 * (44 + 1000)))
+        self.assertEqual(usage["pack_bytes"], 100 * (44 + 1000))
 
     def test_a_block_stored_again_after_the_drop_survives_the_rewrite(self) -> None:
         names = sorted(self.blocks)

@@ -138,9 +138,14 @@ class BlockStoreMetricsTests(SynchronousTestCase):
         self.assertEqual(value(m, "surfshard_blockstore_bytes_written_total"), 5)
         self.assertEqual(value(m, "surfshard_blockstore_blocks_read_total"), 1)
         self.assertEqual(value(m, "surfshard_blockstore_verification_failures_total"), 1)
+        self.assertEqual(value(m, "surfshard_blockstore_blocks"), 1)
+        self.assertEqual(value(m, "surfshard_blockstore_pack_bytes"), 44 + 5)
+        self.assertEqual(value(m, "surfshard_blockstore_dead_bytes"), 0)
         # A collection: the block dropped, its (only) pack rewritten.
         store.sweep([h], before=store.gc_clock()["now"])
         store.compact()
         m = parse(generate_latest(registry).decode())
         self.assertEqual(value(m, "surfshard_blockstore_blocks_collected_total"), 1)
+        self.assertEqual(value(m, "surfshard_blockstore_blocks"), 0)
+        self.assertEqual(value(m, "surfshard_blockstore_pack_bytes"), 0)
         self.assertEqual(value(m, "surfshard_blockstore_bytes_freed_total"), 44 + 5)  # head and data

@@ -445,6 +445,21 @@ class BlockStore:
                 if read >= max_bytes:
                     return {"checked": checked, "corrupt": corrupt, "last": after}
 
+    def usage(self) -> dict[str, int]:
+        """What this store holds: ``blocks`` (in packs), ``pack_bytes`` (the
+        pack files' size) and ``dead_bytes`` (blocks dropped whose packs were
+        not rewritten yet)."""
+        with self._lock:
+            blocks = len(self._index)
+            dead = sum(self._dead.values())
+        size = 0
+        with os.scandir(self._packs_dir) as entries:  # a few files: packs are large
+            for entry in entries:
+                if entry.name.endswith(".pack"):
+                    with contextlib.suppress(FileNotFoundError):
+                        size += entry.stat().st_size
+        return {"blocks": blocks, "pack_bytes": size, "dead_bytes": dead}
+
     # -- collection -------------------------------------------------------------
 
     def _touch(self, hashes: Any) -> None:

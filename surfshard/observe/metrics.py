@@ -225,6 +225,14 @@ class NodeCollector(Collector):
                 "Blocks refused or found corrupt: a hash that did not match.",
                 st["verification_failures"],
             )
+            usage = store.usage()
+            yield gauge("surfshard_blockstore_blocks", "Blocks held in pack files.", usage["blocks"])
+            yield gauge("surfshard_blockstore_pack_bytes", "Size of the pack files.", usage["pack_bytes"])
+            yield gauge(
+                "surfshard_blockstore_dead_bytes",
+                "Bytes of dropped blocks in packs not rewritten yet (under a quarter of their pack).",
+                usage["dead_bytes"],
+            )
             yield counter(
                 "surfshard_blockstore_blocks_collected_total",
                 "Blocks dropped by a collection (surfshard blocks gc): no file named them.",
