@@ -284,6 +284,21 @@ class BlockClient:
                 unreachable.add(store)
 
     @defer.inlineCallbacks
+    def present(self, hashes: list[str]) -> Any:
+        """``(the set of ``hashes`` some store has, the stores that did not
+        answer)``: every store is asked, since a copy may lie past its
+        placement (a store was down when it was written)."""
+        found: set[str] = set()
+        unreachable: list[str] = []
+        for store in self.ring.stores:
+            try:
+                found |= yield self.has(store, hashes)
+            except errors.SurfShardError as e:
+                log.warn("cannot ask {store} for blocks: {e}", store=store, e=e)
+                unreachable.append(store)
+        return found, unreachable
+
+    @defer.inlineCallbacks
     def scrub(self) -> Any:
         """Have every store read back and check each of its blocks, dropping
         the copies found corrupt, then ``repair`` to put good copies back.
@@ -324,13 +339,18 @@ class BlockClient:
 
     @defer.inlineCallbacks
     def collect(
-        self, list_files: Callable[[], Any], grace: float = DEFAULT_GC_GRACE, dry_run: bool = False
+        self,
+        list_files: Callable[[], Any],
+        grace: float = DEFAULT_GC_GRACE,
+        dry_run: bool = False,
+        keep: frozenset[str] = frozenset(),
     ) -> Any:
         """Drop from every store the blocks no file names (``list_files()``:
         a Deferred of ``{name: [version, hashlist]}`` for every shard, which
         fails rather than leave a shard out), keeping any block written or
         asked for within ``grace`` seconds before the listing began, on any
-        store. Then rewrite the packs that left mostly dead.
+        store, and the blocks of ``keep`` (those backups name). Then rewrite
+        the packs that left mostly dead.
 
         In order: each store's clock (the cutoff is the store's own, taken
         before the listing); the listing; each store's unnamed blocks, asked
@@ -352,7 +372,7 @@ class BlockClient:
                 continue
             cutoffs[store] = clock["now"] - grace
         files = yield list_files()
-        named = {h for _version, hashes in files.values() for h in hashes if h != TOMBSTONE}
+        named = {h for _version, hashes in files.values() for h in hashes if h != TOMBSTONE} | keep
         report["files"] = sum(1 for _version, hashes in files.values() if hashes != [TOMBSTONE])
         report["named"] = len(named)
         unnamed: dict[str, list[str]] = {}

@@ -179,6 +179,85 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return _with_client(args, call)
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from client.backup import take_backup, write_backup
+
+    cluster = _load(args)
+
+    @defer.inlineCallbacks
+    def call(client: Any):
+        files, cursor = yield take_backup(client)
+        path = Path(args.file)
+        try:
+            write_backup(path, files, cluster=cluster.name, shards=cluster.shards, cursor=cursor)
+        except OSError as e:
+            err_console.print(f"[red]error:[/red] cannot write {escape(str(path))}: {escape(str(e))}")
+            return EXIT_FAILED
+        deleted = sum(1 for _v, h in files.values() if h == ["0"])
+        value = {"file": str(path), "files": len(files) - deleted, "deleted": deleted, "cursor": cursor}
+        _emit(
+            args,
+            value,
+            lambda: print(
+                f"{value['files']} files (and {deleted} deletions) backed up to {path}; "
+                "their blocks stay on the block stores: `surfshard blocks gc --keep` keeps them"
+            ),
+        )
+        return EXIT_OK
+
+    return _with_client(args, call)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from client.backup import BackupError, read_backup, restore
+    from client.blocks import BlockClient
+
+    cluster = _load(args)
+    try:
+        header, files = read_backup(Path(args.file))
+    except BackupError as e:
+        err_console.print(f"[red]error:[/red] {escape(e.message)}; nothing was restored")
+        return EXIT_FAILED
+    if not cluster.blockstores:
+        err_console.print(f"[red]error:[/red] {escape(str(cluster.source))} has no \\[blockstores]")
+        return EXIT_USAGE
+    if header.get("cluster") != cluster.name:
+        err_console.print(
+            f"[yellow]note:[/yellow] the backup is of cluster {escape(str(header.get('cluster')))!r}, "
+            f"restoring into {escape(cluster.name)!r}"
+        )
+
+    @defer.inlineCallbacks
+    def call(client: Any):
+        blocks = BlockClient(cluster, client.pool)
+        report = yield restore(client, blocks.present, files, dry_run=args.dry_run)
+        _emit(args, report, lambda: _say_restored(report, header))
+        failed = report["blocks_missing"] or report["changed_meanwhile"] or report["unreachable"]
+        return EXIT_FAILED if failed else EXIT_OK
+
+    return _with_client(args, call)
+
+
+def _say_restored(report: dict[str, Any], header: dict[str, Any]) -> None:
+    verb = "would bring back" if report["dry_run"] else "brought back"
+    for name in report["restored"]:
+        print(f"{'would restore' if report['dry_run'] else 'restored'}: {name}")
+    print(
+        f"backup of {header.get('taken')}: {verb} {len(report['restored'])} files, "
+        f"{report['unchanged']} unchanged; left as they are: {report['not_in_backup']} files the backup "
+        f"does not have, {report['left_deleted']} it has as deleted"
+        + (" (dry run: nothing written)" if report["dry_run"] else "")
+    )
+    for name in report["blocks_missing"]:
+        err_console.print(f"[red]not restored[/red] {escape(name)}: some of its blocks are on no block store")
+    for name in report["changed_meanwhile"]:
+        err_console.print(f"[yellow]not restored[/yellow] {escape(name)}: written by someone else meanwhile")
+    for store in report["unreachable"]:
+        err_console.print(
+            f"[red]not reached:[/red] {escape(store)}: files with blocks only there were left out"
+        )
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     from client.chaos import chaos_call, node_label, random_schedule
     from client.cluster import ClusterClient
@@ -612,6 +691,19 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     grace = DEFAULT_GC_GRACE if args.grace is None else args.grace
+    keep: frozenset[str] = frozenset()
+    if args.keep and args.action != "gc":
+        err_console.print("usage: --keep BACKUP goes with surfshard blocks gc")
+        return EXIT_USAGE
+    for backup in args.keep or ():
+        from client.backup import BackupError, read_backup
+
+        try:
+            _header, kept = read_backup(Path(backup))
+        except BackupError as e:
+            err_console.print(f"[red]error:[/red] {escape(e.message)}; nothing was collected")
+            return EXIT_FAILED
+        keep = keep.union(h for _v, hashes in kept.values() if hashes != ["0"] for h in hashes)
     if args.action == "scrub" and args.hashes:
         err_console.print("usage: surfshard blocks scrub")
         return EXIT_USAGE
@@ -636,7 +728,7 @@ def cmd_blocks(args: argparse.Namespace) -> int:
                     err_console.print(f"usage: surfshard blocks where HASH...: {escape(e.message)}")
                     return EXIT_USAGE
             elif args.action == "gc":
-                value = yield blocks.collect(client.getfileinfomap, grace, args.dry_run)
+                value = yield blocks.collect(client.getfileinfomap, grace, args.dry_run, keep)
             elif args.action == "scrub":
                 value = yield blocks.scrub()
             else:
@@ -783,6 +875,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="gc: keep blocks written or asked for this recently (default one day: uploads in progress)",
     )
     p.add_argument("--dry-run", action="store_true", help="gc: report, drop nothing")
+    p.add_argument(
+        "--keep",
+        action="append",
+        metavar="BACKUP",
+        help="gc: also keep the blocks this backup (surfshard backup) names; may be given again",
+    )
+    p = command("backup", cmd_backup, "write every file's name, version and blocks to FILE (JSON Lines)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    p = command(
+        "restore",
+        cmd_restore,
+        "bring back the files of a backup the cluster no longer has (as new versions; never deletes)",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--dry-run", action="store_true", help="say what would be brought back; write nothing")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
     p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
     p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")
     p.add_argument(

@@ -325,6 +325,55 @@ class SyncTests(SyncCluster):
         watch = self.sync(a, "--dry-run", "--watch", "1", check=False)
         self.assertEqual(watch["returncode"], 2, watch)
 
+    def test_a_backup_undoes_a_mass_deletion_even_after_a_gc(self) -> None:
+        a, b = self.folder("a"), self.folder("b")
+        rng = random.Random(12)
+        (a / "docs").mkdir()
+        for name in ("one.bin", "two.bin", "docs/three.bin"):
+            (a / name).write_bytes(rng.randbytes(20_000))
+        self.sync(a)
+        self.sync(b)
+        saved = tree_state(a)
+
+        def cli(*argv: str, code: int = 0) -> dict[str, Any]:
+            done = subprocess.run(
+                [sys.executable, "-m", "client.cli", *argv, "--config", str(self.config), "--json"],
+                cwd=str(REPO_ROOT),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            self.assertEqual(done.returncode, code, f"{argv}:\n{done.stdout}\n{done.stderr}")
+            return json.loads(done.stdout)
+
+        path = str(self.dir / "backup.jsonl")
+        self.assertEqual(cli("backup", path)["files"], 3)
+        # The mistake: everything deleted but one file, which is overwritten.
+        (a / "one.bin").unlink()
+        (a / "docs" / "three.bin").unlink()
+        (a / "two.bin").write_bytes(b"oops\n")
+        self.sync(a)
+        self.sync(b)
+        self.assertEqual(sorted(tree_state(b)), ["two.bin"])
+        # A gc that keeps what the backup names drops nothing of it; one
+        # without would have dropped it all (15 blocks, two copies each).
+        self.assertEqual(
+            sum(r["removed"] for r in cli("blocks", "gc", "--grace", "0", "--dry-run")["stores"].values()), 30
+        )
+        kept = cli("blocks", "gc", "--grace", "0", "--keep", path)
+        self.assertEqual(sum(r["removed"] for r in kept["stores"].values()), 0)
+        plan = cli("restore", path, "--dry-run")
+        self.assertEqual(plan["restored"], ["docs/three.bin", "one.bin", "two.bin"])
+        done = cli("restore", path)
+        self.assertEqual(done["restored"], ["docs/three.bin", "one.bin", "two.bin"])
+        self.assertEqual(cli("restore", path)["unchanged"], 3)
+        # The sync clients take the restore as a change made elsewhere.
+        self.sync(b)
+        self.sync(a)
+        self.assertEqual(tree_state(a), saved)
+        self.assertEqual(tree_state(b), saved)
+        self.assertEqual(self.server_map()["two.bin"][0], 3)  # a new version, not a rewind
+
     def test_subfolders_sync_and_nothing_leaves_the_folder(self) -> None:
         a, b = self.folder("a"), self.folder("b")
         (a / "docs" / "old").mkdir(parents=True)
