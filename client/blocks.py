@@ -375,6 +375,7 @@ class BlockClient:
         named = {h for _version, hashes in files.values() for h in hashes if h != TOMBSTONE} | keep
         report["files"] = sum(1 for _version, hashes in files.values() if hashes != [TOMBSTONE])
         report["named"] = len(named)
+        report["kept_for_backups"] = len(keep)
         unnamed: dict[str, list[str]] = {}
         touched: set[str] = set()
         for store, before in cutoffs.items():

@@ -759,7 +759,13 @@ def _say_collected(report: dict[str, Any]) -> None:
     grace = report["grace"]
     span = f"{grace:g} s" if grace < 3600 else f"{grace / 3600:g} h"
     print(
-        f"{report['files']} files name {report['named']} blocks; a block written or asked for "
+        f"{report['files']} files"
+        + (
+            f" and the backups given ({report['kept_for_backups']} blocks)"
+            if report["kept_for_backups"]
+            else ""
+        )
+        + f" name {report['named']} blocks; a block written or asked for "
         f"in the {span} before this run is kept even if no file names it"
         + (" (dry run: nothing dropped)" if report["dry_run"] else "")
     )

@@ -270,6 +270,16 @@ class CollectTests(SynchronousTestCase):
         self.assertTrue(ok, report)
         self.assertEqual(self.held("d1"), sorted([first, second]))
 
+    def test_blocks_a_backup_names_are_kept(self) -> None:
+        self.put("a1", "c1")
+        self.s.clock.advance(100)
+        keep = frozenset({self.hash["a1"]})
+        ok, report = self.s.run(self.s.client.collect(self.listing(), grace=10, keep=keep))
+        self.assertTrue(ok, report)
+        self.assertEqual((report["kept_for_backups"], report["named"]), (1, 1))
+        self.assertEqual(len(self.held("a1")), 2)
+        self.assertEqual(self.held("c1"), [])
+
     def test_a_store_out_of_reach_keeps_its_blocks_and_is_named(self) -> None:
         self.put("a1")
         self.s.clock.advance(100)
