@@ -20,6 +20,7 @@ setup(
         "rich>=13.0",
         "prometheus-client>=0.20",
         "pathspec>=0.12",
+        "watchdog>=4.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.90.0", "ruff>=0.5.0", "mypy>=1.10", "mypy-zope>=1.0.5"],

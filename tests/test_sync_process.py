@@ -635,6 +635,64 @@ class SyncTests(SyncCluster):
         self.sync(a)
         self.assertEqual((a / "from-b.txt").read_text(), "up\n")
 
+    def test_a_watch_sends_a_local_edit_at_once_and_idles_otherwise(self) -> None:
+        """With an interval of 10 minutes, a local edit still goes up at
+        once: the operating system tells the watch (``FolderEvents``). And
+        an idle watch stays idle: its own writes (index, cursor, hash cache)
+        wake nothing, so no sync runs until something changes."""
+        a, b = self.folder("a"), self.folder("b")
+        (b / "docs").mkdir()
+        (b / "docs" / "old.txt").write_text("old\n")
+        log = open(self.dir / "watch-events.log", "wb")
+        self.addCleanup(log.close)
+        argv = [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "sync",
+            "--config",
+            str(self.config),
+            "--watch",
+            "600",
+            str(b),
+        ]
+        watcher = subprocess.Popen(argv, cwd=str(REPO_ROOT), stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: watcher.poll() is None and watcher.kill())
+        wait_until(lambda: "docs/old.txt" in self.server_map(), 60.0, 0.2, "the first sync")
+        cursor = b / ".surfshard-cursor"
+
+        def synced_since(inode: int) -> bool:
+            try:
+                return cursor.stat().st_ino != inode  # every sync writes it anew
+            except FileNotFoundError:
+                return False
+
+        wait_until(lambda: cursor.exists(), 60.0, 0.1, "the cursor file")
+        idle = cursor.stat().st_ino
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # bounded: three seconds of watching nothing happen
+            self.assertFalse(synced_since(idle), "an idle watch synced again by itself")
+            time.sleep(0.2)
+        (b / "docs" / "new.txt").write_text("new\n")
+        # Well within the long poll's 60 s, after which even a watch blind to
+        # the folder would sync.
+        wait_until(lambda: "docs/new.txt" in self.server_map(), 30.0, 0.2, "the local edit on the server")
+        (b / "docs" / "old.txt").unlink()
+        wait_until(
+            lambda: self.server_map().get("docs/old.txt", [0, []])[1] == ["0"],
+            60.0,
+            0.2,
+            "the deletion on the server",
+        )
+        # The server's changes still arrive by the long poll.
+        (a / "from-a.txt").write_text("a\n")
+        self.sync(a)
+        wait_until(lambda: (b / "from-a.txt").exists(), 60.0, 0.1, "from-a.txt in the watching folder")
+        self.assertIsNone(watcher.poll(), "the watch ended by itself")
+        watcher.send_signal(signal.SIGINT)
+        wait_until(lambda: watcher.poll() is not None, 30.0, 0.1, "the watch to end after SIGINT")
+        self.assertEqual(watcher.returncode, 0, (self.dir / "watch-events.log").read_text(errors="replace"))
+
     def test_a_sync_killed_anywhere_leaves_whole_files_and_the_next_finishes(self) -> None:
         a, b = self.folder("a"), self.folder("b")
         rng = random.Random(3)
