@@ -811,10 +811,21 @@ def _say_repaired(report: dict[str, Any]) -> None:
 # -- parser -------------------------------------------------------------------
 
 
+def _version() -> str:
+    """The installed distribution's version (what a bug report should name)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("surfshard")
+    except PackageNotFoundError:
+        return "(not installed: running from a source tree)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="surfshard", description="SurfShard: sharded, fault-tolerant SurfStore metadata"
     )
+    parser.add_argument("--version", action="version", version=f"surfshard {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

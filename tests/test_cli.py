@@ -239,6 +239,21 @@ class OptionsAnywhereTests(SynchronousTestCase):
         self.assertEqual((args.name, args.version, args.hashes, args.config), ("a,b", 2, ["0"], "c.toml"))
 
 
+class VersionTests(SynchronousTestCase):
+    def test_version_names_the_installed_distribution(self) -> None:
+        import contextlib
+        import io
+        from importlib.metadata import version
+
+        from client.cli import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as exited:
+            main(["--version"])
+        self.assertEqual(exited.exception.code, 0)
+        self.assertEqual(out.getvalue().strip(), f"surfshard {version('surfshard')}")
+
+
 class MemberUsageTests(SynchronousTestCase):
     """``surfshard admin member`` refuses what it cannot do before calling
     anything, with exit status 2 and a line saying why."""
