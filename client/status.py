@@ -130,6 +130,9 @@ def status_table(rows: list[Row], title: str = "", removed: frozenset[str] = fro
         elif role == "leader":
             role = "[bold green]leader[/bold green]"
         shards = status.get("owned_shards")
+        held = _ranges(shards) if isinstance(shards, list) else ""
+        if role == "blockstore" and isinstance(status.get("blocks"), int):
+            held = f"{status['blocks']:,} blocks, {_size(status.get('pack_bytes', 0))}"
         table.add_row(
             name,
             node.address,
@@ -140,10 +143,22 @@ def status_table(rows: list[Row], title: str = "", removed: frozenset[str] = fro
             str(status.get("applied", "")),
             str(status.get("log_size", "")),
             str(status.get("shard_map", "")),
-            _ranges(shards) if isinstance(shards, list) else "",
+            held,
             moving_summary(status.get("moving")),
         )
     return table
+
+
+def _size(nbytes: Any) -> str:
+    """``nbytes`` for a person: 5.1 MB."""
+    if not isinstance(nbytes, int) or nbytes < 0:
+        return "?"
+    value = float(nbytes)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
 
 
 def moving_summary(moving: Any) -> str:

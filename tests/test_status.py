@@ -53,6 +53,12 @@ class StatusTableTests(SynchronousTestCase):
         rendered = text(status_table(rows, removed=frozenset({REMOVED})))
         self.assertIn("removed, still running (follower)", line(rendered, REMOVED))
 
+    def test_a_block_store_says_what_it_holds(self) -> None:
+        store = NodeRef(NodeKind.BLOCKSTORE, 0, 0, "127.0.0.1:7301")
+        held = {"role": "blockstore", "name": "blockstore-0", "blocks": 1234, "pack_bytes": 5_100_000}
+        rendered = text(status_table([(store, held, None)]))
+        self.assertIn("1,234 blocks, 5.1 MB", line(rendered, store.address))
+
     def test_json_marks_removed_replicas(self) -> None:
         entries = status_json(self.rows, frozenset({REMOVED}))
         self.assertEqual([e.get("removed", False) for e in entries], [True, False, False])

@@ -774,7 +774,7 @@ class BlockStoreService(service.Service):
             return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call, *args)
 
         self.table = blockstore_methods(self.store, in_thread)
-        self.table.add("status", lambda: {"role": "blockstore", "name": self.name, "address": self.address})
+        self.table.add("status", self.status)
         self.root = NodeRoot()
         rpc2 = xmlrpc.XMLRPC(allowNone=True)
         rpc2.putSubHandler("surfstore", BlockStoreXMLRPC(self.store, in_thread))
@@ -791,6 +791,10 @@ class BlockStoreService(service.Service):
         self.root.add("cluster", ClusterResource(ClusterView(cluster, self.pool, self.name, self.reactor)))
         self.root.index = PageResource()
         self.listening_port: Any = None
+
+    def status(self) -> dict[str, Any]:
+        """Who this is and what it holds (``BlockStore.usage``)."""
+        return {"role": "blockstore", "name": self.name, "address": self.address, **self.store.usage()}
 
     def _make_rpc_factory(self) -> RpcServerFactory:
         self.rpc_factory = RpcServerFactory(

@@ -247,7 +247,7 @@ th{color:#556;font-weight:600}.leader{color:#0a7d32;font-weight:600}.down{color:
 <div class="card"><table id="map"><thead><tr><th>shard</th><th>hash range</th><th>group</th><th>leader</th></tr></thead><tbody></tbody></table></div>
 <h2>Groups</h2><div id="groups"></div>
 <h2>Block stores</h2>
-<div class="card"><table id="stores"><thead><tr><th>store</th><th>address</th><th>state</th></tr></thead><tbody></tbody></table></div>
+<div class="card"><table id="stores"><thead><tr><th>store</th><th>address</th><th>state</th><th>blocks</th><th>size</th></tr></thead><tbody></tbody></table></div>
 <script>
 "use strict";
 function esc(s){return String(s===null||s===undefined?"-":s).replace(/[&<>"']/g,function(c){return {"&":"&amp;","<":"&lt;",">":"&gt;","\\"":"&quot;","'":"&#39;"}[c];});}
@@ -269,7 +269,9 @@ function draw(c){
     return "<div class=\\"card\\" data-group=\\""+esc(title)+"\\"><b>"+esc(title)+"</b> leader <span class=\\"leader\\">"+esc(g.leader)+"</span>"+
       "<table><thead><tr><th>node</th><th>role</th><th>term</th><th>commit</th><th>applied</th><th>lag</th><th>shards</th><th>moving</th></tr></thead><tbody>"+rows+"</tbody></table></div>";}).join("");
   document.querySelector("#stores tbody").innerHTML=c.nodes.filter(function(n){return n.kind==="blockstore";}).map(function(n){
-    return "<tr>"+cell(n.name)+cell(n.address,"mono")+cell(n.error?"down":"up",n.error?"down":"leader")+"</tr>";}).join("");
+    var st=n.status||{};
+    return "<tr>"+cell(n.name)+cell(n.address,"mono")+cell(n.error?"down":"up",n.error?"down":"leader")+
+      cell(st.blocks===undefined?"-":st.blocks)+cell(st.pack_bytes===undefined?"-":(st.pack_bytes/1e6).toFixed(1)+" MB")+"</tr>";}).join("");
   document.getElementById("err").textContent="";
 }
 function tick(){
