@@ -138,6 +138,7 @@ def restore(
     files: Files,
     *,
     dry_run: bool = False,
+    only: list[str] | None = None,
 ) -> Any:
     """Bring back the content of every live file of ``files`` (see the
     module doc). ``present(hashes)``: a Deferred of ``(the set of those
@@ -145,18 +146,30 @@ def restore(
     report ``surfshard restore`` prints: ``restored``, ``blocks_missing``
     and ``changed_meanwhile`` (names); ``unchanged``, ``left_deleted``
     (alive now, deleted in the backup) and ``not_in_backup`` (counts); and
-    ``unreachable`` (stores)."""
+    ``unreachable`` (stores). ``only``: patterns with a ``.gitignore``'s
+    rules (``photos/``, ``*.jpg``, ``docs/plan.txt``); only the files they
+    match are looked at (``chosen``: how many)."""
     from client.feed import list_all
+    from client.sync import Ignore
+
+    # The patterns read as a .gitignore is (``Ignore``'s rules: a pattern
+    # without ``/`` matches a name at any depth, ``photos/`` a folder and
+    # everything in it, ``!`` takes a name back).
+    within: Callable[[str], bool] = Ignore(only) if only else (lambda _name: True)
+    files = {name: info for name, info in files.items() if within(name)}
 
     now, _cursor = yield list_all(client)
     report: dict[str, Any] = {
         "dry_run": dry_run,
+        "chosen": len(files),
         "restored": [],
         "unchanged": 0,
         "left_deleted": 0,
         "blocks_missing": [],
         "changed_meanwhile": [],
-        "not_in_backup": sum(1 for name, (_v, h) in now.items() if name not in files and not is_tombstone(h)),
+        "not_in_backup": sum(
+            1 for name, (_v, h) in now.items() if name not in files and not is_tombstone(h) and within(name)
+        ),
         "unreachable": [],
     }
     todo: list[tuple[str, int, list[str]]] = []

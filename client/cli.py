@@ -230,7 +230,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     @defer.inlineCallbacks
     def call(client: Any):
         blocks = BlockClient(cluster, client.pool)
-        report = yield restore(client, blocks.present, files, dry_run=args.dry_run)
+        report = yield restore(client, blocks.present, files, dry_run=args.dry_run, only=args.only)
         _emit(args, report, lambda: _say_restored(report, header))
         failed = report["blocks_missing"] or report["changed_meanwhile"] or report["unreachable"]
         return EXIT_FAILED if failed else EXIT_OK
@@ -243,7 +243,8 @@ def _say_restored(report: dict[str, Any], header: dict[str, Any]) -> None:
     for name in report["restored"]:
         print(f"{'would restore' if report['dry_run'] else 'restored'}: {name}")
     print(
-        f"backup of {header.get('taken')}: {verb} {len(report['restored'])} files, "
+        f"backup of {header.get('taken')}, {report['chosen']} files looked at: "
+        f"{verb} {len(report['restored'])} files, "
         f"{report['unchanged']} unchanged; left as they are: {report['not_in_backup']} files the backup "
         f"does not have, {report['left_deleted']} it has as deleted"
         + (" (dry run: nothing written)" if report["dry_run"] else "")
@@ -908,6 +909,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--dry-run", action="store_true", help="say what would be brought back; write nothing")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="only files this pattern matches (.gitignore rules: photos/, *.jpg); may be given again",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
     p = command("certs", cmd_certs, "generate a development CA and a certificate per node and client")
     p.add_argument("--out", required=True, help="directory for ca.pem and NAME.pem/NAME.key")

@@ -131,6 +131,21 @@ class RestoreTests(SynchronousTestCase):
         again = self.successResultOf(backup.restore(self.cluster, self.present, self.backup))
         self.assertEqual(again["restored"], [])
 
+    def test_only_the_files_the_patterns_match(self) -> None:
+        self.cluster.files["docs/a.txt"] = (2, ["0"])
+        self.cluster.files["docs/new.txt"] = (1, [C])
+        self.backup["docs/a.txt"] = (1, [A])
+        self.backup["docs/deep/b.txt"] = (1, [B])
+        report = self.successResultOf(backup.restore(self.cluster, self.present, self.backup, only=["docs/"]))
+        self.assertEqual(sorted(self.cluster.writes), [("docs/a.txt", 3, [A]), ("docs/deep/b.txt", 1, [B])])
+        self.assertEqual((report["chosen"], report["not_in_backup"]), (2, 1))  # docs/new.txt
+        report = self.successResultOf(
+            backup.restore(
+                self.cluster, self.present, self.backup, only=["*.txt", "!edited.txt"], dry_run=True
+            )
+        )
+        self.assertEqual(report["restored"], ["deleted.txt", "missing.txt", "raced.txt"])
+
     def test_a_dry_run_writes_nothing(self) -> None:
         report = self.successResultOf(backup.restore(self.cluster, self.present, self.backup, dry_run=True))
         self.assertEqual(self.cluster.writes, [])
