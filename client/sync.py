@@ -1013,6 +1013,9 @@ class FolderEvents:
         self.wake = wake
         self.changed = threading.Event()
         self.note = ""
+        #: The folder's ignore rules as the last sync read them: a change to
+        #: a name they match (a log an app keeps writing) wakes no one.
+        self.ignore = Ignore()
         self._observer: Any = None
         try:
             from watchdog.events import FileSystemEventHandler
@@ -1035,13 +1038,18 @@ class FolderEvents:
         if event.event_type not in _CHANGE_EVENTS:
             return
         paths = [event.src_path, getattr(event, "dest_path", "")]
-        if any(path and not self._own(os.fsdecode(path)) for path in paths):
+        if any(path and not self._unseen(os.fsdecode(path), event.is_directory) for path in paths):
             self.changed.set()
             self.wake.set()
 
-    def _own(self, path: str) -> bool:
+    def _unseen(self, path: str, is_dir: bool) -> bool:
+        """Whether a change to ``path`` is none of the sync's business: the
+        sync's own writes, or a name the ignore rules match."""
         name = os.path.relpath(path, self.base)
-        return name in _OWN_WRITES or os.path.basename(name).startswith(TMP_PREFIX) or name == "."
+        if name in _OWN_WRITES or os.path.basename(name).startswith(TMP_PREFIX) or name == ".":
+            return True
+        ignore = self.ignore  # replaced whole by the watch's thread: read once
+        return bool(ignore) and ignore(name.replace(os.sep, "/"), is_dir=is_dir)
 
     def settle(self) -> None:
         """Once a change was seen: wait for the folder to be quiet (bounded)."""
@@ -1093,6 +1101,8 @@ def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options
             events.changed.clear()
             started = time.monotonic()
             result = sync_folder(base, cluster, client=client, **options)
+            with contextlib.suppress(IndexFileError):  # the next sync reports it
+                events.ignore = Ignore.of(Path(base))
             changed = (
                 result.uploaded
                 or result.downloaded

@@ -643,6 +643,7 @@ class SyncTests(SyncCluster):
         a, b = self.folder("a"), self.folder("b")
         (b / "docs").mkdir()
         (b / "docs" / "old.txt").write_text("old\n")
+        (b / ".surfshard-ignore").write_text("*.log\n")
         log = open(self.dir / "watch-events.log", "wb")
         self.addCleanup(log.close)
         argv = [
@@ -670,8 +671,12 @@ class SyncTests(SyncCluster):
         wait_until(lambda: cursor.exists(), 60.0, 0.1, "the cursor file")
         idle = cursor.stat().st_ino
         deadline = time.monotonic() + 3.0
+        writes = 0
         while time.monotonic() < deadline:  # bounded: three seconds of watching nothing happen
             self.assertFalse(synced_since(idle), "an idle watch synced again by itself")
+            # An app writing a log the folder ignores wakes no one either.
+            writes += 1
+            (b / "app.log").write_text(f"line {writes}\n")
             time.sleep(0.2)
         (b / "docs" / "new.txt").write_text("new\n")
         # Well within the long poll's 60 s, after which even a watch blind to
