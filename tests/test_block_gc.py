@@ -321,3 +321,47 @@ class AccessTests(SynchronousTestCase):
             method = table.get(name)
             assert method is not None
             self.assertNotIn(Access.ADMIN, method.access, name)
+
+
+class BadInputTests(SynchronousTestCase):
+    """The collection and scrub calls refuse bad arguments with BAD_REQUEST
+    before acting, and the store goes on serving."""
+
+    def test_bad_arguments_are_refused(self) -> None:
+        from twisted.internet.task import Clock as TwistedClock
+
+        from surfshard.testing.simrpc import SimRpcNetwork, resolve
+
+        clock = TwistedClock()
+        store = BlockStore(self.mktemp(), fsync=False, clock=clock.seconds)
+        kept = store.put(b"kept")
+        clock.advance(100)
+        net = SimRpcNetwork(clock, seed=3)
+        net.register("store:1", blockstore_methods(store))
+        pool = net.pool("admin")
+
+        def call(method: str, args: Any) -> tuple[bool, Any]:
+            d = pool.call("store:1", method, args, timeout=5)
+            for _ in range(100):
+                clock.advance(0.01)
+            return resolve(d)
+
+        for method, args in (
+            ("gcsweep", {"hashes": "not a list", "before": 1.0}),
+            ("gcsweep", {"hashes": ["x"], "before": 1.0}),
+            ("gcsweep", {"hashes": [kept] * 10_001, "before": 1.0}),
+            ("gcsweep", {"hashes": [kept], "before": "soon"}),
+            ("gcsweep", {"hashes": [kept], "before": float("nan")}),
+            ("gcsweep", {"hashes": [kept], "before": 1e300}),
+            ("gcsweep", {"hashes": [kept]}),
+            ("gcsweep", {"hashes": [kept], "before": 1.0, "dry_run": "yes"}),
+            ("gcsweep", {"hashes": [kept], "before": 1.0, "extra": 1}),
+            ("scrubblocks", {"after": "zz"}),
+            ("scrubblocks", {"after": 7}),
+            ("gcclock", {"what": 1}),
+        ):
+            ok, error = call(method, args)
+            self.assertFalse(ok, (method, args))
+            self.assertIsInstance(error, errors.BadRequest, (method, args))
+        self.assertEqual(call("getblock", {"hash": kept}), (True, b"kept"))
+        self.assertEqual(store.list(), [kept])
