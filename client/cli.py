@@ -219,18 +219,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
         err_console.print(f"[red]error:[/red] {escape(e.message)}; nothing was restored")
         return EXIT_FAILED
     if not cluster.blockstores:
-        err_console.print(f"[red]error:[/red] {escape(str(cluster.source))} has no \\[blockstores]")
-        return EXIT_USAGE
+        # A SurfStore-style config: its blocks live on stores it does not name.
+        err_console.print(
+            f"[yellow]note:[/yellow] {escape(str(cluster.source))} has no \\[blockstores]: "
+            "the files' blocks are not checked"
+        )
     if header.get("cluster") != cluster.name:
         err_console.print(
             f"[yellow]note:[/yellow] the backup is of cluster {escape(str(header.get('cluster')))!r}, "
             f"restoring into {escape(cluster.name)!r}"
         )
 
+    def unchecked(hashes: list[str]) -> defer.Deferred:
+        return defer.succeed((set(hashes), []))
+
     @defer.inlineCallbacks
     def call(client: Any):
-        blocks = BlockClient(cluster, client.pool)
-        report = yield restore(client, blocks.present, files, dry_run=args.dry_run, only=args.only)
+        present = BlockClient(cluster, client.pool).present if cluster.blockstores else unchecked
+        report = yield restore(client, present, files, dry_run=args.dry_run, only=args.only)
         _emit(args, report, lambda: _say_restored(report, header))
         failed = report["blocks_missing"] or report["changed_meanwhile"] or report["unreachable"]
         return EXIT_FAILED if failed else EXIT_OK
