@@ -635,7 +635,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from client.sync import IndexFileError, TerminalProgress, summary, sync_folder, watch
+    from client.sync import IndexFileError, TerminalProgress, summary, sync_folder
+    from client.watch import watch
 
     if args.dry_run and args.watch:
         err_console.print("usage: surfshard sync: --dry-run plans one sync; it does not go with --watch")

@@ -35,7 +35,7 @@ cannot be followed (the feed was compacted past it, or it is another
 cluster's) makes the sync list everything, as the first one does. The
 cursor is written after the index, so it never claims more than the index
 holds. ``--watch`` waits on the feed (a long poll) and on the operating
-system's news of the folder (``FolderEvents``) between syncs, so a change
+system's news of the folder (``client.watch``) between syncs, so a change
 made elsewhere arrives at once, and one made here goes up at once, rather
 than at the next interval.
 
@@ -83,8 +83,6 @@ import os
 import re
 import socket
 import stat
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -983,148 +981,6 @@ def sync_folder(
     finally:
         if client is None:  # ours: close it
             threads.blockingCallFromThread(reactor, syncing.close)
-
-
-#: Events that mean something in the folder changed (reads, which the scan
-#: itself makes, do not).
-_CHANGE_EVENTS = frozenset({"created", "modified", "deleted", "moved", "closed"})
-#: The sync's own files at the top of the folder, whose writes wake no one
-#: (the ignore rules do: a change to them changes what is synced).
-_OWN_WRITES = frozenset({INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME, PENDING_NAME})
-#: After a change, the watch waits until the folder has been quiet this long
-#: (an editor's save is often several writes), but never longer than
-#: ``SETTLE_MAX`` in all.
-SETTLE_QUIET = 0.2
-SETTLE_MAX = 2.0
-
-
-class FolderEvents:
-    """What changes in a folder, as the operating system reports it
-    (``watchdog``: inotify on Linux, FSEvents on macOS), so a watch syncs a
-    local edit at once instead of at its next interval. Each change sets
-    ``wake`` and ``changed``. The sync's own writes (``_OWN_WRITES``, its
-    temporary files) are not changes; its downloads are, and cost one more
-    sync that finds nothing to do. Where the folder cannot be watched (no
-    inotify watches left, say) ``note`` says so and the watch falls back to
-    its interval."""
-
-    def __init__(self, base: Path, wake: threading.Event) -> None:
-        self.base = str(base)
-        self.wake = wake
-        self.changed = threading.Event()
-        self.note = ""
-        #: The folder's ignore rules as the last sync read them: a change to
-        #: a name they match (a log an app keeps writing) wakes no one.
-        self.ignore = Ignore()
-        self._observer: Any = None
-        try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-
-            events = self
-
-            class Handler(FileSystemEventHandler):
-                def on_any_event(self, event: Any) -> None:
-                    events.seen(event)
-
-            observer = Observer()
-            observer.schedule(Handler(), self.base, recursive=True)
-            observer.start()
-            self._observer = observer
-        except (OSError, ImportError) as e:
-            self.note = f"cannot watch {base} for changes ({e}): looking at it every interval instead"
-
-    def seen(self, event: Any) -> None:
-        if event.event_type not in _CHANGE_EVENTS:
-            return
-        paths = [event.src_path, getattr(event, "dest_path", "")]
-        if any(path and not self._unseen(os.fsdecode(path), event.is_directory) for path in paths):
-            self.changed.set()
-            self.wake.set()
-
-    def _unseen(self, path: str, is_dir: bool) -> bool:
-        """Whether a change to ``path`` is none of the sync's business: the
-        sync's own writes, or a name the ignore rules match."""
-        name = os.path.relpath(path, self.base)
-        if name in _OWN_WRITES or os.path.basename(name).startswith(TMP_PREFIX) or name == ".":
-            return True
-        ignore = self.ignore  # replaced whole by the watch's thread: read once
-        return bool(ignore) and ignore(name.replace(os.sep, "/"), is_dir=is_dir)
-
-    def settle(self) -> None:
-        """Once a change was seen: wait for the folder to be quiet (bounded)."""
-        deadline = time.monotonic() + SETTLE_MAX
-        while self.changed.is_set() and time.monotonic() < deadline:  # bounded by the deadline
-            self.changed.clear()
-            self.changed.wait(SETTLE_QUIET)
-
-    def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-
-
-def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
-    """Sync, then wait for a change: in the folder (``FolderEvents``, at
-    once), on the server (a long poll on the change feed), or ``interval``
-    seconds, whichever comes first; until interrupted."""
-    from client.blocking import _reactor
-    from client.cluster import ClusterClient
-    from client.feed import Cursor, CursorError, wait_for_change
-
-    reactor = _reactor()
-    # One client for every sync and long poll: its connections, leader
-    # guesses and shard map stay warm between syncs.
-    timeout = options.pop("timeout", 60.0)
-    client = threads.blockingCallFromThread(reactor, lambda: ClusterClient(cluster, reactor, timeout=timeout))
-    cursor_path = Path(base) / CURSOR_NAME
-    wake = threading.Event()
-    events = FolderEvents(Path(base), wake)
-    if events.note:
-        print(events.note, file=sys.stderr, flush=True)
-    # One long poll out at a time: a local change wakes the watch while the
-    # poll is still out, and that poll, not a new one, tells of the server.
-    polling = threading.Event()
-
-    def poll(cursor: Any, seconds: float) -> None:  # on the reactor
-        def answered(changed: bool) -> None:
-            polling.clear()
-            if changed:
-                wake.set()
-
-        d = wait_for_change(client, cursor, seconds)
-        d.addCallbacks(answered, lambda _failure: polling.clear())  # an error: the next sync says what
-
-    try:
-        while True:  # stopped by Ctrl-C
-            wake.clear()
-            events.changed.clear()
-            started = time.monotonic()
-            result = sync_folder(base, cluster, client=client, **options)
-            with contextlib.suppress(IndexFileError):  # the next sync reports it
-                events.ignore = Ignore.of(Path(base))
-            changed = (
-                result.uploaded
-                or result.downloaded
-                or result.deleted_local
-                or result.deleted_remote
-                or result.incomplete
-            )
-            if changed:
-                print(f"{time.strftime('%H:%M:%S')} {summary(result)}", file=sys.stderr, flush=True)
-            left = max(0.0, interval - (time.monotonic() - started))
-            try:
-                cursor = Cursor.decode(read_cursor_file(cursor_path)[0], cluster)
-            except (OSError, UnicodeDecodeError, CursorError):
-                cursor = None
-            if cursor is not None and not polling.is_set():
-                polling.set()
-                reactor.callFromThread(poll, cursor, left)
-            wake.wait(left)
-            events.settle()
-    finally:
-        events.stop()
-        threads.blockingCallFromThread(reactor, client.close)
 
 
 class TerminalProgress:

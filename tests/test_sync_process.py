@@ -637,7 +637,7 @@ class SyncTests(SyncCluster):
 
     def test_a_watch_sends_a_local_edit_at_once_and_idles_otherwise(self) -> None:
         """With an interval of 10 minutes, a local edit still goes up at
-        once: the operating system tells the watch (``FolderEvents``). And
+        once: the operating system tells the watch (``client.watch.FolderEvents``). And
         an idle watch stays idle: its own writes (index, cursor, hash cache)
         wake nothing, so no sync runs until something changes."""
         a, b = self.folder("a"), self.folder("b")
