@@ -4,7 +4,7 @@ process, no network: the numbers the floor comparison
 processes sharing two cores.
 
     python3 dev.py bench message_path [--node follower|leader|client] [--messages 20000]
-        [--entries 1,64] [--rounds 5] [--profile] [--tree DIR] [--instructions]
+        [--entries 1,64] [--rounds 5] [--profile] [--phases] [--tree DIR] [--instructions]
 
 A follower as the replica service builds it (``RaftNode`` over
 ``DiskStorage`` with fsync off, ``RpcRaftTransport``, the metadata state
@@ -189,12 +189,14 @@ def measure(count: int, entries: int, profile: bool) -> tuple[float, str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def measure_leader(count: int, writers: int, profile: bool) -> tuple[float, str]:
+def measure_leader(count: int, writers: int, profile: bool, phases: bool = False) -> tuple[float, str]:
     """CPU per write on a leader (raft id 1) serving ``writers`` updatefile
     calls a turn: their frames arrive in one read, the turn proposes them
     (one Raft entry), the AppendEntries are encoded for both followers, and
     both followers' acknowledgements come in; the commit, apply and the
-    replies (written to the client's transport) follow."""
+    replies (written to the client's transport) follow. With ``phases``,
+    the text says how a turn splits between its three reads (a clock read
+    around each: a few tenths of a µs more in all)."""
     from twisted.internet.task import Clock
 
     from raft.types import Message, MessageType
@@ -262,8 +264,35 @@ def measure_leader(count: int, writers: int, profile: bool) -> tuple[float, str]
                 clock.advance(0)
                 client.clear()
 
+        split = [0.0, 0.0, 0.0]
+
+        def run_split(part: list[tuple[bytes, bytes, bytes]]) -> None:
+            now = time.process_time
+            for calls, first, second in part:
+                t0 = now()
+                client_proto.dataReceived(calls)
+                clock.advance(0)
+                t1 = now()
+                peer_proto.dataReceived(first)
+                clock.advance(0)
+                t2 = now()
+                peer_proto.dataReceived(second)
+                clock.advance(0)
+                t3 = now()
+                client.clear()
+                split[0] += t1 - t0
+                split[1] += t2 - t1
+                split[2] += t3 - t2
+
         run(turns[:warm])
-        spent, text = timed(lambda: run(turns[warm:]), profile)
+        spent, text = timed(lambda: (run_split if phases else run)(turns[warm:]), profile)
+        if phases:
+            a, b, c = (x / (count - warm) * 1e6 for x in split)
+            text += (
+                f"per turn: the request's read {a:.1f} us (decode, checks, proposal, both AppendEntries, "
+                f"the log write), the first acknowledgement {b:.1f} us (commit, apply, replies), "
+                f"the second {c:.1f} us\n"
+            )
         if node.status()["applied"] < base + count:
             raise RuntimeError("the leader did not apply every write: the bench is broken")
         node.stopService()
@@ -372,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", default="1,64", help="updates per AppendEntries (default 1,64)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="leader: split a turn between its three reads (request, each ack)",
+    )
     parser.add_argument("--tree", help="also run another checkout (a worktree), interleaved")
     parser.add_argument(
         "--node",
@@ -394,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         entries = int(args.one)
         count = args.count or (args.messages if entries == 1 else max(200, args.messages // entries))
         if args.node in ("leader", "client"):
-            measure_node = measure_leader if args.node == "leader" else measure_client
-            per_write, text = measure_node(count, entries, args.profile)
+            if args.node == "leader":
+                per_write, text = measure_leader(count, entries, args.profile, args.phases)
+            else:
+                per_write, text = measure_client(count, entries, args.profile)
             us = per_write * entries  # per turn, as the follower's figure is per message
         else:
             us, text = measure(count, entries, args.profile)
@@ -416,11 +452,13 @@ def main(argv: list[str] | None = None) -> int:
                 argv1 += ["--one", str(entries), "--messages", str(args.messages), "--node", args.node]
                 if args.profile:
                     argv1.append("--profile")
+                if args.phases:
+                    argv1.append("--phases")
                 done = subprocess.run(argv1, cwd=path, capture_output=True, text=True, check=True)
                 us = float(done.stdout.strip())
                 key = (name, entries)
                 best[key] = min(best.get(key, us), us)
-                if args.profile and done.stderr:
+                if (args.profile or args.phases) and done.stderr:
                     print(f"--- {name}, {entries} update(s) per AppendEntries\n{done.stderr}")
     what = "follower CPU per AppendEntries" if args.node == "follower" else f"{args.node} CPU per turn"
     print(f"{what} (best of {args.rounds} rounds), process_time:")
