@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from rich import filesize
 from rich.table import Table
 from twisted.internet import defer
 
@@ -131,8 +132,12 @@ def status_table(rows: list[Row], title: str = "", removed: frozenset[str] = fro
             role = "[bold green]leader[/bold green]"
         shards = status.get("owned_shards")
         held = _ranges(shards) if isinstance(shards, list) else ""
-        if role == "blockstore" and isinstance(status.get("blocks"), int):
-            held = f"{status['blocks']:,} blocks, {_size(status.get('pack_bytes', 0))}"
+        if (
+            role == "blockstore"
+            and isinstance(status.get("blocks"), int)
+            and isinstance(status.get("pack_bytes"), int)
+        ):
+            held = f"{status['blocks']:,} blocks, {filesize.decimal(status['pack_bytes'])}"
         table.add_row(
             name,
             node.address,
@@ -147,18 +152,6 @@ def status_table(rows: list[Row], title: str = "", removed: frozenset[str] = fro
             moving_summary(status.get("moving")),
         )
     return table
-
-
-def _size(nbytes: Any) -> str:
-    """``nbytes`` for a person: 5.1 MB."""
-    if not isinstance(nbytes, int) or nbytes < 0:
-        return "?"
-    value = float(nbytes)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
 
 
 def moving_summary(moving: Any) -> str:
