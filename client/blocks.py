@@ -327,13 +327,8 @@ class BlockClient:
         # A block whose every copy was bad is gone: say which (a file naming
         # it cannot be read back whole until someone writes that block again).
         bad = sorted({h for row in stores.values() for h in row["corrupt"]})
-        still: set[str] = set()
-        for store in self.ring.stores:
-            if bad and store not in unreachable:
-                try:
-                    still |= yield self.has(store, bad)
-                except errors.SurfShardError:
-                    unreachable.add(store)
+        still, silent = (yield self.present(bad)) if bad else (set(), [])
+        unreachable.update(silent)
         lost = [h for h in bad if h not in still]
         return {"stores": stores, "unreachable": sorted(unreachable), "repair": repaired, "lost": lost}
 

@@ -260,6 +260,18 @@ class BlockStore:
         except FileNotFoundError:
             return None, None
 
+    def _forget(self, block_hash: str) -> None:
+        """Drop a block from the index, its record counted dead in its pack
+        (for ``compact``), or remove its file of the older layout. Under
+        ``_lock``."""
+        where = self._index.pop(block_hash, None)
+        if where is not None:
+            self._dead[where[0]] = self._dead.get(where[0], 0) + _HEAD.size + where[2]
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self._path(block_hash).unlink()
+        self._sorted = None
+
     def _drop_corrupt(self, block_hash: str, where: tuple[int, int, int] | None) -> None:
         """Forget a copy read back corrupt from ``where``: ``has`` then no
         longer claims it, so a repair, or the next writer of the block, puts
@@ -268,9 +280,7 @@ class BlockStore:
         with self._lock:
             if where is not None:
                 if self._index.get(block_hash) == where:
-                    del self._index[block_hash]
-                    self._dead[where[0]] = self._dead.get(where[0], 0) + _HEAD.size + where[2]
-                    self._sorted = None
+                    self._forget(block_hash)
                 return
             legacy = self._path(block_hash)
             with contextlib.suppress(FileNotFoundError):
@@ -512,16 +522,8 @@ class BlockStore:
                     kept.append(h)
                     continue
                 removed.append(h)
-                if dry_run:
-                    continue
-                where = self._index.pop(h, None)
-                if where is not None:
-                    self._dead[where[0]] = self._dead.get(where[0], 0) + _HEAD.size + where[2]
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        self._path(h).unlink()  # the older layout: a file per block
-            if removed and not dry_run:
-                self._sorted = None
+                if not dry_run:
+                    self._forget(h)
         if removed and not dry_run:
             self.stats["collected"] += len(removed)
             self.log.info("collection: dropped {n} blocks no file names", n=len(removed))
@@ -607,7 +609,7 @@ class BlockStore:
                 for _offset, _length, h in live:
                     where = self._index.get(h)
                     if where is not None and where[0] == number:
-                        del self._index[h]
+                        del self._index[h]  # not counted dead: the whole pack goes
                         self._sorted = None
         finally:
             os.close(fd)
