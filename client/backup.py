@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 
+from client.sync import write_atomically
 from surfshard import errors
 from surfshard.keyspace import is_tombstone, validate_filename, validate_hashlist
 
@@ -59,24 +59,14 @@ def write_backup(path: Path, files: Files, *, cluster: str, shards: int, cursor:
         "taken": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "files": len(files),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(header, sort_keys=True) + "\n")
-            for name in sorted(files):
-                version, hashlist = files[name]
-                f.write(json.dumps([name, version, hashlist], ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    def lines() -> Iterator[bytes]:
+        yield (json.dumps(header, sort_keys=True) + "\n").encode("utf-8")
+        for name in sorted(files):
+            version, hashlist = files[name]
+            yield (json.dumps([name, version, hashlist], ensure_ascii=False) + "\n").encode("utf-8")
+
+    write_atomically(path, lines(), durable_name=True)
 
 
 def read_backup(path: Path) -> tuple[dict[str, Any], Files]:

@@ -224,10 +224,16 @@ def read_index(path: Path) -> dict[str, tuple[int, Hashes]]:
 
 def write_index(path: Path, index: dict[str, tuple[int, Hashes]]) -> None:
     lines = [f"{name},{version},{' '.join(hashes)}\n" for name, (version, hashes) in sorted(index.items())]
-    _write_atomically(path, "".join(lines).encode("utf-8"))
+    write_atomically(path, "".join(lines).encode("utf-8"))
 
 
-def _write_atomically(path: Path, data: bytes | Iterator[bytes], *, fsync: bool = True) -> None:
+def write_atomically(
+    path: Path, data: bytes | Iterator[bytes], *, fsync: bool = True, durable_name: bool = False
+) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file
+    beside it (synced with ``fsync``), renamed over it; with
+    ``durable_name`` the folder is synced too, so the rename survives a
+    power cut."""
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
@@ -241,6 +247,12 @@ def _write_atomically(path: Path, data: bytes | Iterator[bytes], *, fsync: bool 
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if durable_name:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 # -- the folder ------------------------------------------------------------------
@@ -466,7 +478,7 @@ class HashCache:
     def save(self) -> None:
         body = {"v": 1, "block_size": self.block_size, "written_ns": time.time_ns(), "files": self.new}
         with contextlib.suppress(OSError):
-            _write_atomically(self.path, cbor2.dumps(body), fsync=False)
+            write_atomically(self.path, cbor2.dumps(body), fsync=False)
 
 
 def scan(
@@ -711,12 +723,12 @@ class Folder:
             # for by name; so they are written down before the cursor moves.
             if self.result.incomplete:
                 pending = "".join(f"{name}\n" for name in sorted(self.result.incomplete))
-                _write_atomically(self.pending_path, pending.encode("utf-8"))
+                write_atomically(self.pending_path, pending.encode("utf-8"))
             else:
                 with contextlib.suppress(FileNotFoundError):
                     self.pending_path.unlink()
             rules = f"ignore {self.ignore.digest}\n" if self.ignore else ""
-            _write_atomically(self.cursor_path, f"{self.cursor.encode()}\n{rules}".encode("ascii"))
+            write_atomically(self.cursor_path, f"{self.cursor.encode()}\n{rules}".encode("ascii"))
         cache.save()
         return self.result
 
@@ -855,7 +867,7 @@ class Folder:
                         continue
                     # Made durable all at once before the index names them
                     # (``run``): one sync for the batch, not one per file.
-                    _write_atomically(path, (got[h] for h in hashes), fsync=False)
+                    write_atomically(path, (got[h] for h in hashes), fsync=False)
                     self.present[name] = hashes
                     self.wrote = True
                     self.result.downloaded.append(name)
