@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
 from client.sync import (
     CURSOR_NAME,
@@ -67,20 +69,11 @@ class FolderEvents:
         self.ignore = Ignore()
         self._observer: Any = None
         try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-
-            events = self
-
-            class Handler(FileSystemEventHandler):
-                def on_any_event(self, event: Any) -> None:
-                    events.seen(event)
-
             observer = Observer()
-            observer.schedule(Handler(), self.base, recursive=True)
+            observer.schedule(_Handler(self), self.base, recursive=True)
             observer.start()
             self._observer = observer
-        except (OSError, ImportError) as e:
+        except OSError as e:  # no inotify watches left, say
             self.note = f"cannot watch {base} for changes ({e}): looking at it every interval instead"
 
     def seen(self, event: Any) -> None:
@@ -111,6 +104,17 @@ class FolderEvents:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
+
+
+class _Handler(FileSystemEventHandler):
+    """watchdog's callback (on its observer's thread) into ``FolderEvents``."""
+
+    def __init__(self, events: FolderEvents) -> None:
+        super().__init__()
+        self.events = events
+
+    def on_any_event(self, event: Any) -> None:
+        self.events.seen(event)
 
 
 def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
