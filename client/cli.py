@@ -211,7 +211,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from client.backup import BackupError, read_backup, restore
     from client.blocks import BlockClient
+    from client.sync import Ignore, IgnorePatternError
 
+    try:
+        Ignore(args.only or ())
+    except IgnorePatternError as e:
+        err_console.print(f"usage: surfshard restore FILE --only PATTERN: {escape(str(e))}")
+        return EXIT_USAGE
     cluster = _load(args)
     try:
         header, files = read_backup(Path(args.file))

@@ -140,6 +140,10 @@ class IndexFileError(Exception):
     """``index.txt`` cannot be read; nothing in the folder was touched."""
 
 
+class IgnorePatternError(ValueError):
+    """A line of ignore rules that is no pattern (``Ignore``)."""
+
+
 @dataclass
 class SyncResult:
     uploaded: list[str] = field(default_factory=list)
@@ -300,7 +304,16 @@ class Ignore:
         lines = [line.strip() for line in patterns]
         #: The rules in order (order matters: a later ``!`` takes back).
         self.rules = [line for line in lines if line and not line.startswith("#")]
-        self._spec = pathspec.GitIgnoreSpec.from_lines(self.rules)
+        try:
+            self._spec = pathspec.GitIgnoreSpec.from_lines(self.rules)
+        except Exception:  # pathspec's own error, or re.error from a [range]
+            for number, line in enumerate(lines, 1):
+                if line and not line.startswith("#"):
+                    try:
+                        pathspec.GitIgnoreSpec.from_lines([line])
+                    except Exception as e:
+                        raise IgnorePatternError(f"line {number}: {line!r} is not a pattern ({e})") from None
+            raise
 
     @classmethod
     def of(cls, base: Path) -> Ignore:
@@ -310,6 +323,8 @@ class Ignore:
             return cls()
         except (OSError, UnicodeDecodeError) as e:
             raise IndexFileError(f"{base / IGNORE_NAME}: cannot read it: {e}") from None
+        except IgnorePatternError as e:
+            raise IndexFileError(f"{base / IGNORE_NAME}: {e}") from None
 
     def __bool__(self) -> bool:
         return bool(self.rules)

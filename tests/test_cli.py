@@ -280,6 +280,7 @@ class MemberUsageTests(SynchronousTestCase):
             (["admin", "member", "add", "1", "nowhere"], "host:port"),
             (["admin", "member", "remove", "1", "zero"], "node's id"),
             (["admin", "member", "remove", "1", "0"], "node's id"),
+            (["restore", "backup.jsonl", "--only", "[z-a]"], "'[z-a]' is not a pattern"),
             # blocks gc: a grace from none to a week, and no hashes
             (["blocks", "gc", "--grace", "-5"], "SECONDS from 0 to 604800"),
             (["blocks", "gc", "--grace", "nan"], "SECONDS from 0 to 604800"),

@@ -240,6 +240,18 @@ class IgnoreTests(SynchronousTestCase):
         self.assertEqual(result.ignored, 2)
         self.assertNotIn("build", entered)
 
+    def test_a_line_that_is_no_pattern_is_named(self) -> None:
+        for bad in ("!", "\\", "[z-a]"):
+            with self.assertRaises(sync.IgnorePatternError) as caught:
+                sync.Ignore(["# fine", "*.log", bad])
+            self.assertIn(f"line 3: {bad!r}", str(caught.exception))
+        base = Path(self.mktemp())
+        base.mkdir()
+        (base / sync.IGNORE_NAME).write_text("*.log\n!\n")
+        with self.assertRaises(sync.IndexFileError) as caught:
+            sync.Ignore.of(base)
+        self.assertIn("line 2", str(caught.exception))
+
     def test_an_unreadable_ignore_file_stops_the_sync_before_anything(self) -> None:
         base = Path(self.mktemp())
         base.mkdir()
