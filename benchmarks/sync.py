@@ -179,7 +179,7 @@ def main() -> int:
             f.seek(4096 * 300)
             f.write(b"edited!")
         _, done = timed([*sync, str(mixed)], cwd=str(ROOT))
-        sent = json.loads(done.stdout)["bytes_up"]
+        sent = json.loads(done.stdout)["bytes_sent"]
         print(f"one-block edit of a 5 MB file: {sent} bytes sent (2 copies of one 4 KiB block = 8,192)")
         _, done = timed([*sync, str(work / "mixed-b")], cwd=str(ROOT))
         taken = json.loads(done.stdout)

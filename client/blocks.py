@@ -81,9 +81,12 @@ class BlockClient:
             cluster.blockstores, max(cluster.block_replicas, 1 if cluster.blockstores else 0)
         )
         self.pool = pool
-        #: Bytes sent to and received from stores (for sync's summary).
+        #: Bytes sent to and received from stores, every copy counted (for
+        #: sync's summary), and the bytes of the blocks sent: each block once
+        #: however many stores took a copy.
         self.sent = 0
         self.received = 0
+        self.stored = 0
         #: Copies that had to land past their placement (a store was down).
         self.misplaced = 0
 
@@ -106,13 +109,15 @@ class BlockClient:
         """Store every block on ``replicas`` stores (checked against its hash
         by each store); only blocks a store lacks are sent. Fails with
         Unavailable if some block found fewer than ``replicas`` stores up.
-        Returns the bytes sent."""
+        Returns the bytes sent, every copy counted; ``stored`` also grows by
+        the bytes of the blocks some store took, each block once."""
         for h, data in blocks.items():
             if block_hash(data) != h:
                 raise errors.BadRequest(f"block given as {h} has hash {block_hash(data)}")
         need = {h: self.ring.replicas for h in blocks}
         walks = {h: self.ring.candidates(h) for h in blocks}
         sent = 0
+        taken: set[str] = set()
         depth = 0
         # Round k asks each block's k-th candidate; a block leaves once it
         # has its copies. Bounded by the number of stores.
@@ -132,7 +137,8 @@ class BlockClient:
                         why=value.getErrorMessage(),
                     )
                     continue
-                sent += value
+                sent += sum(len(blocks[h]) for h in value)
+                taken.update(value)
                 for h in hs:
                     need[h] -= 1
                     if depth >= self.ring.replicas:
@@ -145,6 +151,7 @@ class BlockClient:
                 blocks=short[:10],
             )
         self.sent += sent
+        self.stored += sum(len(blocks[h]) for h in taken)
         return sent
 
     @defer.inlineCallbacks
@@ -161,7 +168,7 @@ class BlockClient:
 
         batches = list(_batches(todo, PUT_BATCH_BLOCKS))
         yield defer.gatherResults([put(b) for b in batches], consumeErrors=True)
-        return sum(len(d) for _, d in todo)
+        return [h for h, _ in todo]
 
     @defer.inlineCallbacks
     def get(self, hashes: Iterable[str]) -> Any:

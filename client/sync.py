@@ -159,7 +159,10 @@ class SyncResult:
     #: store that answers), and why: left as they were, and the next sync
     #: tries them again.
     incomplete: dict[str, str] = field(default_factory=dict)
+    #: Bytes of the blocks sent, each once, and what went over the network
+    #: for them: every store's copy (``block_replicas`` a block).
     bytes_up: int = 0
+    bytes_sent: int = 0
     bytes_down: int = 0
     #: Bytes of downloaded files taken from blocks already in the folder
     #: instead of from the block stores.
@@ -182,6 +185,7 @@ class SyncResult:
             "ignored": self.ignored,
             "incomplete": self.incomplete,
             "bytes_up": self.bytes_up,
+            "bytes_sent": self.bytes_sent,
             "bytes_down": self.bytes_down,
             "bytes_reused": self.bytes_reused,
             "remote_from": self.remote_from,
@@ -918,7 +922,9 @@ class Folder:
                             raise errors.Unavailable(f"{name} changed while it was being synced; sync again")
                         blocks[h] = data
             if blocks:
-                self.result.bytes_up += self._call(self.blocks.put, blocks)
+                stored = self.blocks.stored
+                self.result.bytes_sent += self._call(self.blocks.put, blocks)
+                self.result.bytes_up += self.blocks.stored - stored
             answers = self._call(self._commit_all, [(n, *uploads[n]) for n in batch])
             for name, answer in answers.items():
                 version, hashes = uploads[name]
@@ -1054,7 +1060,9 @@ def summary(result: SyncResult) -> str:
     return (
         f"up {len(result.uploaded)}, down {len(result.downloaded)}, deleted here {len(result.deleted_local)}, "
         f"deleted there {len(result.deleted_remote)}, conflicts {len(result.conflicts)}, "
-        f"{result.bytes_up} bytes up, {result.bytes_down} bytes down"
+        f"{result.bytes_up} bytes up"
+        + (f" ({result.bytes_sent} sent with every copy)" if result.bytes_sent > result.bytes_up else "")
+        + f", {result.bytes_down} bytes down"
         + (f" ({result.bytes_reused} more found here)" if result.bytes_reused else "")
         + (f", {len(result.incomplete)} not synced" if result.incomplete else "")
         + (f", {result.ignored} ignored" if result.ignored else "")

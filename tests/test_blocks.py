@@ -100,6 +100,8 @@ class BlockClientTests(SynchronousTestCase):
         ok, sent = s.run(s.client.put(blocks))
         self.assertTrue(ok, sent)
         self.assertEqual(sent, 2 * sum(len(d) for d in blocks.values()))
+        # Stored counts each block once, however many copies went out.
+        self.assertEqual(s.client.stored, sum(len(d) for d in blocks.values()))
         for b in blocks:
             self.assertEqual(s.holders(b), sorted(s.client.ring.placement(b)))
         ok, got = s.run(s.client.get(list(blocks)))
@@ -107,6 +109,14 @@ class BlockClientTests(SynchronousTestCase):
         # Only what a store lacks is sent again.
         ok, sent = s.run(s.client.put(blocks))
         self.assertEqual((ok, sent), (True, 0))
+        self.assertEqual(s.client.stored, sum(len(d) for d in blocks.values()))
+        # A block one of its stores already holds goes to the other alone:
+        # one copy sent, and the block counted once.
+        data = b"already on one store"
+        s.stores[s.client.ring.placement(h(data))[0]].put(data)
+        ok, sent = s.run(s.client.put({h(data): data}))
+        self.assertEqual((ok, sent), (True, len(data)))
+        self.assertEqual(s.client.stored, sum(len(d) for d in blocks.values()) + len(data))
 
     def test_a_store_down_loses_no_block_and_repair_puts_copies_back(self) -> None:
         s = Stores(self)

@@ -468,7 +468,13 @@ class SyncTests(SyncCluster):
             f.seek(4096 * 100)
             f.write(b"X" * 10)
         edit = self.sync(a)
-        self.assertLess(edit["bytes_up"], 4 * 4096, "a one-block edit sent more than that block's copies")
+        # One block of big.bin and the small file's one block, each once;
+        # over the network, a copy of each to two stores (replicas = 2).
+        self.assertLessEqual(
+            edit["bytes_up"], 4096 + len("changed\n"), "a one-block edit sent more than that block"
+        )
+        self.assertGreater(edit["bytes_up"], 0)
+        self.assertEqual(edit["bytes_sent"], 2 * edit["bytes_up"])
         taken = self.sync(b)
         # The other side fetches that block alone: the rest of big.bin (and
         # of the edited small file) is already in the folder.
