@@ -30,7 +30,9 @@ flight; a turn is one read of replies, whose callbacks make the writers'
 next calls.
 
 Prints CPU µs per frame and per update (``time.process_time``, best of
-``--rounds``) and, with ``--profile``, the functions that take it. These
+``--rounds``) and, with ``--profile``, the functions that take it
+(``MP_SORT=ncalls MP_TOP=200`` in the environment lists them by calls
+instead, the count of Python calls a message costs). These
 are figures for comparing two trees on one machine (``--tree DIR`` runs the
 same measurement against the code of another checkout, a worktree of the
 commit before a change say, interleaved), never assertions. With
@@ -117,7 +119,7 @@ def timed(run: Any, profile: bool) -> tuple[float, str]:
     text = ""
     if profiler is not None:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("MP_SORT", "tottime")).print_stats(int(os.environ.get("MP_TOP", "25")))
         text = out.getvalue()
     return spent, text
 
