@@ -48,6 +48,8 @@ COMPACT_TIMEOUT = 3600.0
 #: Blocks per putblocks call, and such calls in flight per store.
 PUT_BATCH_BLOCKS = 256
 PUTS_IN_FLIGHT = 4
+#: Blocks ``read_file`` holds at once (4 MiB of 4 KiB blocks).
+READ_BATCH_BLOCKS = 1024
 #: ``surfshard blocks gc``'s default grace period: a block written or asked
 #: for this recently is kept even if no file names it yet (an upload of a
 #: large folder names its first blocks only once its files commit).
@@ -181,6 +183,24 @@ class BlockClient:
                 f"{len(lost)} blocks are on no block store that answers", blocks=lost[:10]
             )
         return got
+
+    @defer.inlineCallbacks
+    def read_file(
+        self, hashes: Sequence[str], write: Callable[[bytes], object], batch: int = READ_BATCH_BLOCKS
+    ) -> Any:
+        """Hand the blocks of a file's ``hashes`` to ``write`` in order,
+        fetching ``batch`` blocks at a time (memory bounded by a batch, not
+        by the file); Unavailable, naming the blocks, if some block is on no
+        store that answers (what was written before it stays written: the
+        caller writes to a temporary file). Fires with the bytes written."""
+        written = 0
+        for start in range(0, len(hashes), batch):
+            part = hashes[start : start + batch]
+            got = yield self.get(part)
+            for h in part:
+                write(got[h])
+                written += len(got[h])
+        return written
 
     @defer.inlineCallbacks
     def get_available(self, hashes: Iterable[str]) -> Any:

@@ -20,6 +20,7 @@ from twisted.internet import defer, task
 
 from surfshard import errors
 from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
+from surfshard.keyspace import TOMBSTONE
 
 if TYPE_CHECKING:
     from surfshard.replica.leader_caller import LeaderCaller
@@ -126,6 +127,9 @@ def _with_client(args: argparse.Namespace, call: Callable[[Any], defer.Deferred]
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        return _download(args)
+
     @defer.inlineCallbacks
     def call(client: Any):
         version, hashlist = yield client.getfileinfo(args.name)
@@ -133,6 +137,62 @@ def cmd_get(args: argparse.Namespace) -> int:
             args,
             {"name": args.name, "version": version, "hashlist": hashlist},
             lambda: print(f"{args.name}\tversion {version}\t{' '.join(hashlist) or '(no blocks)'}"),
+        )
+        return EXIT_OK
+
+    return _with_client(args, call)
+
+
+def _download(args: argparse.Namespace) -> int:
+    """``get NAME --output PATH``: the file's content, from its blocks, to
+    PATH (into it when it is a folder) whole or not at all, or to stdout
+    with ``-``."""
+    from client.blocks import BlockClient
+    from client.sync import atomic_file
+
+    cluster = _load(args)
+    if not cluster.blockstores:
+        err_console.print(
+            f"[red]error:[/red] {escape(str(cluster.source))} names no block stores (\\[blockstores]): "
+            "a file's content cannot be read through it"
+        )
+        return EXIT_FAILED
+    to_stdout = args.output == "-"
+    if to_stdout and args.json:
+        err_console.print(
+            "usage: surfshard get NAME --output -: the content goes to stdout, so --json cannot"
+        )
+        return EXIT_USAGE
+    path = Path(args.output)
+    if not to_stdout and path.is_dir():
+        path = path / args.name.rsplit("/", 1)[-1]
+
+    @defer.inlineCallbacks
+    def call(client: Any):
+        version, hashlist = yield client.getfileinfo(args.name)
+        if version == 0:
+            err_console.print(f"[red]error:[/red] no file {escape(args.name)!r} on the cluster")
+            return EXIT_FAILED
+        if hashlist == [TOMBSTONE]:
+            err_console.print(f"[red]error:[/red] {escape(args.name)!r} was deleted (version {version})")
+            return EXIT_FAILED
+        blocks = BlockClient(cluster, client.pool)
+        if to_stdout:
+            out = sys.stdout.buffer
+            size = yield blocks.read_file(hashlist, out.write)
+            out.flush()
+        else:
+            with atomic_file(path) as f:
+                size = yield blocks.read_file(hashlist, f.write)
+        _emit(
+            args,
+            {
+                "name": args.name,
+                "version": version,
+                "bytes": size,
+                "output": args.output if to_stdout else str(path),
+            },
+            lambda: None if to_stdout else print(f"{args.name}\tversion {version}\t{size} bytes to {path}"),
         )
         return EXIT_OK
 
@@ -864,6 +924,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name in ("get", "put"):
             p.add_argument("name", metavar="NAME")
+        if name == "get":
+            p.add_argument(
+                "-o",
+                "--output",
+                metavar="PATH",
+                help="write the file's content to PATH (a file, or a folder to put it in; - for stdout)",
+            )
         if name == "put":
             p.add_argument("version", metavar="VERSION", type=int)
             p.add_argument("hashes", metavar="HASH", nargs="*", help='block hashes; "0" alone deletes')

@@ -88,7 +88,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import cbor2
 import pathspec
@@ -242,11 +242,20 @@ def write_atomically(
     beside it (synced with ``fsync``), renamed over it; with
     ``durable_name`` the folder is synced too, so the rename survives a
     power cut."""
+    with atomic_file(path, fsync=fsync, durable_name=durable_name) as f:
+        for piece in [data] if isinstance(data, bytes) else data:
+            f.write(piece)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, *, fsync: bool = True, durable_name: bool = False) -> Iterator[BinaryIO]:
+    """``write_atomically`` for a writer that produces its data in steps:
+    the file the block writes to is renamed over ``path`` when the block
+    ends, and removed instead if it raises."""
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
-            for piece in [data] if isinstance(data, bytes) else data:
-                f.write(piece)
+            yield f
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

@@ -233,6 +233,29 @@ class BlockClientTests(SynchronousTestCase):
         self.assertIsInstance(error, errors.Unavailable)
         self.assertIn(h(b"never stored"), error.details["blocks"])
 
+    def test_a_file_is_read_in_order_a_batch_at_a_time(self) -> None:
+        s = Stores(self)
+        blocks = self.blocks(7, seed=5)
+        s.run(s.client.put(blocks))
+        order = [*blocks, *list(blocks)[:3]]  # a file may name a block twice
+        asked: list[int] = []
+        get = s.client.get
+        s.client.get = lambda hashes: asked.append(len(hashes)) or get(hashes)  # type: ignore[method-assign]
+        out: list[bytes] = []
+        ok, size = s.run(s.client.read_file(order, out.append, batch=4))
+        self.assertTrue(ok, size)
+        self.assertEqual(b"".join(out), b"".join(blocks[x] for x in order))
+        self.assertEqual(size, len(b"".join(out)))
+        self.assertEqual(asked, [4, 4, 2])
+        # A block no store holds: Unavailable naming it, once the batches
+        # before it were written.
+        out.clear()
+        ok, error = s.run(s.client.read_file([*order[:4], h(b"lost")], out.append, batch=4))
+        self.assertFalse(ok)
+        self.assertIsInstance(error, errors.Unavailable)
+        self.assertEqual(error.details["blocks"], [h(b"lost")])
+        self.assertEqual(len(out), 4)
+
 
 class BlockStoreMapTests(SynchronousTestCase):
     def test_getblockstoremap_over_xmlrpc(self) -> None:

@@ -558,6 +558,51 @@ class SyncTests(SyncCluster):
         )
         self.assertEqual(done.returncode, 0, done.stderr)
 
+    def get(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """``surfshard get ARGS``, its output as bytes (a file's content)."""
+        return subprocess.run(
+            [sys.executable, "-m", "client.cli", "get", "--config", str(self.config), *args],
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            timeout=120,
+        )
+
+    def test_get_output_writes_a_files_content_whole_or_not_at_all(self) -> None:
+        a = self.folder("a")
+        (a / "docs").mkdir()
+        content = os.urandom(3 * 4096 + 17) + bytes(4096 * 3)  # a block repeated, a short last block
+        (a / "docs" / "big.bin").write_bytes(content)
+        (a / "gone.txt").write_text("gone\n")
+        self.sync(a)
+        (a / "gone.txt").unlink()
+        self.sync(a)
+
+        out = self.dir / "out"
+        out.mkdir()
+        done = self.get("docs/big.bin", "--output", str(out / "copy.bin"), "--json")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual((out / "copy.bin").read_bytes(), content)
+        report = json.loads(done.stdout)
+        self.assertEqual((report["version"], report["bytes"]), (1, len(content)))
+        # Into a folder, under the file's own name; and to stdout.
+        self.assertEqual(self.get("docs/big.bin", "-o", str(out)).returncode, 0)
+        self.assertEqual((out / "big.bin").read_bytes(), content)
+        self.assertEqual(self.get("docs/big.bin", "-o", "-").stdout, content)
+
+        # A deleted file, one never written, and one whose blocks no store
+        # holds: exit 1, said why, and nothing left at the path.
+        self.put("ghost.bin", 1, "ab" * 32)
+        for name, why in (
+            ("gone.txt", "was deleted"),
+            ("never.txt", "no file"),
+            ("ghost.bin", "no block store"),
+        ):
+            done = self.get(name, "-o", str(out / "x"))
+            self.assertEqual(done.returncode, 1, (name, done.stderr))
+            self.assertIn(why, done.stderr.decode(), name)
+        self.assertEqual(sorted(p.name for p in out.iterdir()), ["big.bin", "copy.bin"])
+        self.assertEqual(self.get("gone.txt", "-o", "-", "--json").returncode, 2)
+
     def test_a_file_whose_blocks_are_gone_does_not_hold_up_the_others(self) -> None:
         # Metadata naming blocks no store holds (``surfshard put`` with a
         # made-up hash, or blocks lost): every other file still syncs; that
