@@ -177,13 +177,18 @@ def _download(args: argparse.Namespace) -> int:
             err_console.print(f"[red]error:[/red] {escape(args.name)!r} was deleted (version {version})")
             return EXIT_FAILED
         blocks = BlockClient(cluster, client.pool)
-        if to_stdout:
-            out = sys.stdout.buffer
-            size = yield blocks.read_file(hashlist, out.write)
-            out.flush()
-        else:
-            with atomic_file(path) as f:
-                size = yield blocks.read_file(hashlist, f.write)
+        try:
+            if to_stdout:
+                out = sys.stdout.buffer
+                size = yield blocks.read_file(hashlist, out.write)
+                out.flush()
+            else:
+                with atomic_file(path) as f:
+                    size = yield blocks.read_file(hashlist, f.write)
+        except OSError as e:
+            where = "stdout" if to_stdout else str(path)
+            err_console.print(f"[red]error:[/red] cannot write {escape(where)}: {escape(e.strerror or str(e))}")
+            return EXIT_FAILED
         _emit(
             args,
             {
