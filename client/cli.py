@@ -187,7 +187,9 @@ def _download(args: argparse.Namespace) -> int:
                     size = yield blocks.read_file(hashlist, f.write)
         except OSError as e:
             where = "stdout" if to_stdout else str(path)
-            err_console.print(f"[red]error:[/red] cannot write {escape(where)}: {escape(e.strerror or str(e))}")
+            err_console.print(
+                f"[red]error:[/red] cannot write {escape(where)}: {escape(e.strerror or str(e))}"
+            )
             return EXIT_FAILED
         _emit(
             args,
