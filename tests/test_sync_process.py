@@ -600,6 +600,9 @@ class SyncTests(SyncCluster):
             done = self.get(name, "-o", str(out / "x"))
             self.assertEqual(done.returncode, 1, (name, done.stderr))
             self.assertIn(why, done.stderr.decode(), name)
+        done = self.get("docs/big.bin", "-o", str(out / "no-such-folder" / "x"))
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn("cannot write", done.stderr.decode())
         self.assertEqual(sorted(p.name for p in out.iterdir()), ["big.bin", "copy.bin"])
         self.assertEqual(self.get("gone.txt", "-o", "-", "--json").returncode, 2)
 
