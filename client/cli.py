@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from twisted.internet import defer, task
 
+from client.sync import DEFAULT_KEEP_VERSIONS_DAYS, MAX_KEEP_VERSIONS_DAYS
 from surfshard import errors
 from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
 from surfshard.keyspace import TOMBSTONE
@@ -714,8 +716,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.dry_run and args.watch:
         err_console.print("usage: surfshard sync: --dry-run plans one sync; it does not go with --watch")
         return EXIT_USAGE
+    if not (math.isfinite(args.keep_versions) and 0 <= args.keep_versions <= MAX_KEEP_VERSIONS_DAYS):
+        err_console.print(
+            f"usage: surfshard sync --keep-versions DAYS: 0 (keep none) to {MAX_KEEP_VERSIONS_DAYS:.0f}"
+        )
+        return EXIT_USAGE
     cluster = _load(args)
-    options: dict[str, Any] = {"block_size": args.block_size}
+    options: dict[str, Any] = {"block_size": args.block_size, "keep_versions_days": args.keep_versions}
     try:
         if args.watch:
             try:
@@ -964,6 +971,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until Ctrl-C")
     p.add_argument(
         "--dry-run", action="store_true", help="say what a sync would send, fetch and delete; change nothing"
+    )
+    p.add_argument(
+        "--keep-versions",
+        type=float,
+        metavar="DAYS",
+        default=DEFAULT_KEEP_VERSIONS_DAYS,
+        help="keep a file this sync replaces or deletes (a change made elsewhere) in .surfshard-versions "
+        f"for DAYS days (default {DEFAULT_KEEP_VERSIONS_DAYS:.0f}; 0 keeps none)",
     )
     p = command(
         "blocks",

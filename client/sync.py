@@ -59,11 +59,14 @@ so the next sync asks the server for it by name and tries it again (the
 cursor moves on: one file left behind does not make every later sync
 list everything once the feed has moved past it).
 
+What a sync replaces or deletes because of a change made elsewhere is
+kept for a while in ``.surfshard-versions`` (``Versions``).
+
 Names that cannot be synced are reported and skipped: names with ``,``
 (the index's separator), the sync's own files (``index.txt``,
-``.surfshard-cursor``, ``.surfshard-hashes``, ``.surfshard-pending``, at
-the top of the folder),
-names that are not valid UTF-8 or too long, and anything that is not a
+``.surfshard-cursor``, ``.surfshard-hashes``, ``.surfshard-pending``, and
+the folder ``.surfshard-versions``, at the top of the folder), names that
+are not valid UTF-8 or too long, and anything that is not a
 regular file or a folder (symlinks are never followed). A name from the
 server is written only as a plain relative path (no ``..``, no empty or
 ``.`` part) under folders that are real folders here, never through a
@@ -81,6 +84,7 @@ import datetime
 import hashlib
 import os
 import re
+import shutil
 import socket
 import stat
 import time
@@ -117,8 +121,13 @@ PENDING_NAME = ".surfshard-pending"
 MAX_PENDING = 1000
 #: Patterns of names this folder does not sync, one a line (``Ignore``).
 IGNORE_NAME = ".surfshard-ignore"
-#: The sync's own files, never synced.
-OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME, PENDING_NAME, IGNORE_NAME)
+#: Where a file that a sync replaced or deleted, because of a change made
+#: elsewhere, is kept for a while (``Versions``; Syncthing's ``.stversions``).
+VERSIONS_NAME = ".surfshard-versions"
+DEFAULT_KEEP_VERSIONS_DAYS = 30.0
+MAX_KEEP_VERSIONS_DAYS = 3650.0
+#: The sync's own files (and its folder of earlier versions), never synced.
+OWN_FILES = (INDEX_NAME, CURSOR_NAME, HASH_CACHE_NAME, PENDING_NAME, IGNORE_NAME, VERSIONS_NAME)
 DEFAULT_BLOCK_SIZE = 4096
 #: Temporary files of an unfinished write (never synced; removed on start).
 TMP_PREFIX = ".surfshard-tmp-"
@@ -173,6 +182,10 @@ class SyncResult:
     cursor_note: str = ""
     #: Only planned: the lists say what a sync would do, nothing was done.
     dry_run: bool = False
+    #: Where files this sync replaced or deleted were kept (under
+    #: ``VERSIONS_NAME``), and how many kept too long it removed.
+    versions_kept: list[str] = field(default_factory=list)
+    versions_removed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -190,6 +203,8 @@ class SyncResult:
             "bytes_reused": self.bytes_reused,
             "remote_from": self.remote_from,
             "dry_run": self.dry_run,
+            "versions_kept": self.versions_kept,
+            "versions_removed": self.versions_removed,
         }
 
 
@@ -280,6 +295,8 @@ def syncable(name: str) -> str | None:
     parts) cannot be synced, or None."""
     if name in OWN_FILES:
         return "the sync's own file"
+    if name.startswith(VERSIONS_NAME + "/"):
+        return "in the sync's folder of earlier versions"
     if "," in name:
         return "contains ',' (the index's separator)"
     parts = name.split("/")
@@ -640,6 +657,101 @@ def conflict_name(name: str, when: datetime.datetime, host: str, taken: Callable
     return candidate
 
 
+# -- earlier versions ------------------------------------------------------------
+
+#: ``plan~20261207-013300.txt``, ``plan~20261207-013300-2.txt``: when the
+#: file was replaced, in the name (its own times are its content's).
+_VERSION_STAMP = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?(?:\.[^.]*)?$")
+
+
+def version_name(name: str, when: datetime.datetime, taken: Callable[[str], bool]) -> str:
+    """Where ``name`` replaced at ``when`` is kept under ``VERSIONS_NAME``:
+    ``docs/plan.txt`` -> ``docs/plan~20261207-013300.txt``."""
+    folder, slash, leaf = name.rpartition("/")
+    stem, dot, ext = leaf.rpartition(".")
+    if not stem:  # no extension (or a dotfile)
+        stem, dot, ext = leaf, "", ""
+    # Room for the stamp, a number and the extension within a name's
+    # longest: the stem gives way (a character at a time, so never in the
+    # middle of one).
+    room = MAX_PART_BYTES - len(f"~{when:%Y%m%d-%H%M%S}-99{dot}{ext}".encode())
+    while stem and len(stem.encode("utf-8", "surrogateescape")) > room:
+        stem = stem[:-1]
+    base = f"{folder}{slash}{stem}~{when:%Y%m%d-%H%M%S}"
+    candidate = f"{base}{dot}{ext}"
+    n = 2
+    while taken(candidate):  # bounded: each try is a new name
+        candidate = f"{base}-{n}{dot}{ext}"
+        n += 1
+    return candidate
+
+
+class Versions:
+    """A folder's earlier versions: a file that a sync replaces or deletes
+    because of a change made elsewhere is first linked (a hard link: no
+    copy, and no moment without the file under its name, which the next
+    sync would take for a deletion here) into ``VERSIONS_NAME`` and kept
+    ``keep_days`` days, so a deletion or an overwrite made on another
+    machine, by mistake, can be undone from this one. Never synced; with
+    ``keep_days`` 0 nothing is kept (and nothing there is removed)."""
+
+    def __init__(self, base: Path, keep_days: float, now: Callable[[], datetime.datetime]) -> None:
+        self.base = base
+        self.root = base / VERSIONS_NAME
+        self.keep_days = keep_days
+        self.now = now
+
+    def keep(self, name: str) -> str | None:
+        """Keep the regular file ``name`` as it is now; where it was kept,
+        or None (nothing to keep, or keeping is off). OSError if it could
+        not be kept (the folder cannot be made or written)."""
+        if self.keep_days <= 0:
+            return None
+        try:
+            if not stat.S_ISREG(os.lstat(self.base / name).st_mode):
+                return None
+        except FileNotFoundError:
+            return None
+        kept = version_name(name, self.now(), lambda n: os.path.lexists(self.root / n))
+        problem = _make_folders(self.base, f"{VERSIONS_NAME}/{kept}")
+        if problem is not None:
+            raise OSError(f"{VERSIONS_NAME}/{kept}: {problem}")
+        try:
+            os.link(self.base / name, self.root / kept, follow_symlinks=False)
+        except OSError:
+            # A file system without hard links: a copy does the same.
+            shutil.copy2(self.base / name, self.root / kept, follow_symlinks=False)
+        return kept
+
+    def prune(self) -> int:
+        """Remove the versions kept longer than ``keep_days`` (by the time
+        in their names; other files there are left alone), and the folders
+        that leaves empty. How many were removed."""
+        if self.keep_days <= 0 or not self.root.is_dir() or self.root.is_symlink():
+            return 0
+        cutoff = self.now() - datetime.timedelta(days=self.keep_days)
+        removed = 0
+        # Bottom up, so a folder is looked at after its files; symlinks are
+        # not followed, so the walk stays in the folder and ends.
+        for folder, _dirs, files in os.walk(self.root, topdown=False):
+            for leaf in files:
+                stamp = _VERSION_STAMP.search(leaf)
+                if stamp is None:
+                    continue
+                try:
+                    when = datetime.datetime.strptime(stamp.group(1), "%Y%m%d-%H%M%S")
+                except ValueError:
+                    continue
+                if when < cutoff:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(folder, leaf))
+                        removed += 1
+            if folder != str(self.root):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only if empty
+        return removed
+
+
 # -- the sync --------------------------------------------------------------------
 
 
@@ -658,9 +770,11 @@ class Folder:
         progress: Any = None,
         host: str | None = None,
         dry_run: bool = False,
+        keep_versions_days: float = DEFAULT_KEEP_VERSIONS_DAYS,
     ) -> None:
         self.base = base
         self.reactor = reactor
+        self.versions = Versions(base, keep_versions_days, datetime.datetime.now)
         #: Plan only: learn both sides, say what a sync would do, change
         #: nothing here or on the server.
         self.dry_run = dry_run
@@ -741,6 +855,7 @@ class Folder:
                 if n not in index
             }
             self._upload({n: (1, h) for n, h in fresh.items() if n in self.result.conflicts}, index, fresh)
+        self.result.versions_removed = self.versions.prune()
         if index != before:
             if self.wrote:
                 os.sync()  # the files the index is about to name are on disk first
@@ -842,6 +957,25 @@ class Folder:
             self.present[copy] = self.present.pop(name)
         self.result.conflicts.append(copy)
 
+    def _keep_version(self, name: str, version: int) -> bool:
+        """Keep the file ``name`` (about to be replaced or deleted by the
+        server's ``version``) among the earlier versions. False if it could
+        not be kept: then it is left as it is, reported and out of the
+        index, and the next sync tries again, rather than lost."""
+        try:
+            kept = self.versions.keep(name)
+        except OSError as e:
+            self.result.incomplete[name] = (
+                f"version {version} not written: the file here could not be kept in "
+                f"{VERSIONS_NAME} ({e.strerror or e})"
+            )
+            self._tick(name)
+            return False
+        if kept is not None:
+            self.result.versions_kept.append(kept)
+            self.wrote = True  # the link is made durable with the downloads
+        return True
+
     def _download(
         self, downloads: dict[str, tuple[int, Hashes]], index: dict[str, tuple[int, Hashes]]
     ) -> None:
@@ -881,6 +1015,8 @@ class Folder:
                     # Only a file of this folder: not one a symlinked folder
                     # leads to, and never a folder.
                     if _in_folder(self.base, name) and _is_file_or_link(path):
+                        if not self._keep_version(name, version):
+                            continue
                         path.unlink()
                         self.result.deleted_local.append(name)
                         _remove_emptied_folders(self.base, name)
@@ -892,6 +1028,8 @@ class Folder:
                     if problem is not None:
                         self.result.incomplete[name] = f"version {version} not written: {problem}"
                         self._tick(name)
+                        continue
+                    if not self._keep_version(name, version):
                         continue
                     # Made durable all at once before the index names them
                     # (``run``): one sync for the batch, not one per file.
@@ -982,6 +1120,7 @@ def sync_folder(
     host: str | None = None,
     client: ClusterClient | None = None,
     dry_run: bool = False,
+    keep_versions_days: float = DEFAULT_KEEP_VERSIONS_DAYS,
 ) -> SyncResult:
     """One sync of ``base`` against ``cluster`` (a ClusterConfig), blocking;
     with ``dry_run``, only what it would do (``Folder.dry_run``).
@@ -1019,6 +1158,7 @@ def sync_folder(
             progress=progress,
             host=host,
             dry_run=dry_run,
+            keep_versions_days=keep_versions_days,
         ).run()
     finally:
         if client is None:  # ours: close it
@@ -1075,4 +1215,10 @@ def summary(result: SyncResult) -> str:
         + (f" ({result.bytes_reused} more found here)" if result.bytes_reused else "")
         + (f", {len(result.incomplete)} not synced" if result.incomplete else "")
         + (f", {result.ignored} ignored" if result.ignored else "")
+        + (
+            f", {len(result.versions_kept)} earlier version{'' if len(result.versions_kept) == 1 else 's'} "
+            f"kept in {VERSIONS_NAME}"
+            if result.versions_kept
+            else ""
+        )
     )

@@ -27,6 +27,7 @@ from client.sync import (
     INDEX_NAME,
     PENDING_NAME,
     TMP_PREFIX,
+    VERSIONS_NAME,
     Ignore,
     IndexFileError,
     read_cursor_file,
@@ -90,6 +91,8 @@ class FolderEvents:
         name = os.path.relpath(path, self.base)
         if name in _OWN_WRITES or os.path.basename(name).startswith(TMP_PREFIX) or name == ".":
             return True
+        if name.split(os.sep, 1)[0] == VERSIONS_NAME:
+            return True  # the sync keeping what it replaced
         ignore = self.ignore  # replaced whole by the watch's thread: read once
         return bool(ignore) and ignore(name.replace(os.sep, "/"), is_dir=is_dir)
 

@@ -11,7 +11,17 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from client import sync
-from client.sync import MAX_DEPTH, SyncResult, conflict_name, scan, syncable
+from client.sync import (
+    MAX_DEPTH,
+    MAX_PART_BYTES,
+    VERSIONS_NAME,
+    SyncResult,
+    Versions,
+    conflict_name,
+    scan,
+    syncable,
+    version_name,
+)
 
 
 class SyncablePathTests(SynchronousTestCase):
@@ -35,6 +45,8 @@ class SyncablePathTests(SynchronousTestCase):
             ("a/" + "x" * 256, "255 bytes"),
             ("/".join(["d"] * MAX_DEPTH) + "/f", "folders deep"),
             ("a\x00b", "not a valid name"),
+            (".surfshard-versions", "own file"),
+            (".surfshard-versions/plan~20261207-013300.txt", "earlier versions"),
         ):
             problem = syncable(name)
             self.assertIsNotNone(problem, name)
@@ -257,3 +269,99 @@ class IgnoreTests(SynchronousTestCase):
         base.mkdir()
         (base / sync.IGNORE_NAME).write_bytes(b"\xff\xfe not utf-8")
         self.assertRaises(sync.IndexFileError, sync.Ignore.of, base)
+
+
+class VersionsTests(SynchronousTestCase):
+    """What a sync keeps of a file it replaces or deletes (``Versions``)."""
+
+    WHEN = datetime.datetime(2026, 12, 7, 1, 33, 0)
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        (self.base / "docs").mkdir(parents=True)
+        self.now = self.WHEN
+        self.versions = Versions(self.base, 30, lambda: self.now)
+
+    def test_names_carry_the_time_and_never_clash(self) -> None:
+        taken = {"docs/plan~20261207-013300.txt", "docs/plan~20261207-013300-2.txt"}
+        self.assertEqual(version_name("plan.txt", self.WHEN, lambda n: False), "plan~20261207-013300.txt")
+        self.assertEqual(
+            version_name("docs/plan.txt", self.WHEN, taken.__contains__), "docs/plan~20261207-013300-3.txt"
+        )
+        self.assertEqual(
+            version_name("a.b/Makefile", self.WHEN, lambda n: False), "a.b/Makefile~20261207-013300"
+        )
+        self.assertEqual(version_name(".bashrc", self.WHEN, lambda n: False), ".bashrc~20261207-013300")
+        # A name at the longest a file system takes still has room for the
+        # stamp: its stem gives way, a whole character at a time.
+        long = "é" * 120 + "x.txt"
+        kept = version_name(long, self.WHEN, lambda n: False)
+        self.assertLessEqual(len(kept.encode()), MAX_PART_BYTES)
+        self.assertTrue(kept.startswith("é" * 100) and kept.endswith("~20261207-013300.txt"), kept)
+
+    def test_a_kept_file_is_the_same_file_linked_not_copied(self) -> None:
+        plan = self.base / "docs" / "plan.txt"
+        plan.write_text("first\n")
+        kept = self.versions.keep("docs/plan.txt")
+        self.assertEqual(kept, "docs/plan~20261207-013300.txt")
+        copy = self.base / VERSIONS_NAME / "docs" / "plan~20261207-013300.txt"
+        self.assertEqual(os.stat(copy).st_ino, os.stat(plan).st_ino)
+        # The sync then replaces the name (a new file renamed over it): the
+        # kept one is what was there.
+        tmp = self.base / "docs" / "new"
+        tmp.write_text("second\n")
+        os.replace(tmp, plan)
+        self.assertEqual(copy.read_text(), "first\n")
+        # Kept again in the same second: a name of its own.
+        self.assertEqual(self.versions.keep("docs/plan.txt"), "docs/plan~20261207-013300-2.txt")
+
+    def test_nothing_is_kept_of_what_is_no_file_or_when_keeping_is_off(self) -> None:
+        (self.base / "docs" / "plan.txt").write_text("x")
+        os.symlink("plan.txt", self.base / "link")
+        self.assertIsNone(self.versions.keep("link"))
+        self.assertIsNone(self.versions.keep("gone.txt"))
+        self.assertIsNone(Versions(self.base, 0, lambda: self.now).keep("docs/plan.txt"))
+        self.assertFalse((self.base / VERSIONS_NAME).exists())
+
+    def test_a_versions_folder_that_is_a_symlink_is_never_written_through(self) -> None:
+        elsewhere = Path(self.mktemp())
+        elsewhere.mkdir()
+        os.symlink(elsewhere, self.base / VERSIONS_NAME)
+        (self.base / "plan.txt").write_text("x")
+        self.assertRaises(OSError, self.versions.keep, "plan.txt")
+        self.assertEqual(list(elsewhere.iterdir()), [])
+        self.assertEqual(self.versions.prune(), 0)
+
+    def test_versions_older_than_the_days_kept_are_removed_and_nothing_else(self) -> None:
+        root = self.base / VERSIONS_NAME
+        (root / "docs" / "old").mkdir(parents=True)
+        (root / "keepme").mkdir()
+        files = {
+            "docs/old/a~20261101-120000.txt": True,  # 36 days: removed
+            "docs/b~20261107-013259": True,  # 30 days and a second
+            "docs/b~20261107-013301-2": False,  # 29 days 23:59:59
+            "c~20261206-090000.txt": False,
+            "notes.txt": False,  # not a version: left alone
+            "d~20261399-000000.txt": False,  # no such date: left alone
+            "keepme/e~20261107-013300.txt": False,  # exactly 30 days
+        }
+        for name in files:
+            (root / name).write_text(name)
+        self.assertEqual(self.versions.prune(), sum(files.values()))
+        for name, gone in files.items():
+            self.assertEqual((root / name).exists(), not gone, name)
+        self.assertFalse((root / "docs" / "old").exists())  # emptied: removed
+        self.assertTrue(root.is_dir())
+        self.assertEqual(Versions(self.base, 0, lambda: self.now).prune(), 0)
+
+    def test_the_scan_leaves_the_versions_folder_out(self) -> None:
+        self.versions.keep("docs/plan.txt")
+        (self.base / "docs" / "plan.txt").write_text("x")
+        self.versions.keep("docs/plan.txt")
+        (self.base / "docs" / VERSIONS_NAME).mkdir()  # only the top one is the sync's
+        (self.base / "docs" / VERSIONS_NAME / "f").write_text("y")
+        result = SyncResult()
+        self.assertEqual(
+            sorted(scan(self.base, 4096, result)), ["docs/.surfshard-versions/f", "docs/plan.txt"]
+        )
+        self.assertEqual(result.skipped, {})

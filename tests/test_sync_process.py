@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from client.sync import OWN_FILES
+from client.sync import OWN_FILES, VERSIONS_NAME
 from raft.testing.simnet import sim_seeds
 from tests.procs import (
     REPO_ROOT,
@@ -83,14 +84,31 @@ def folder_state(folder: Path) -> dict[str, str]:
 
 def tree_state(folder: Path) -> dict[str, str]:
     """Every regular file under ``folder`` (symlinks not followed) by its
-    path, but the sync's own files at the top."""
+    path, but the sync's own files at the top (its earlier versions among
+    them: ``versions_state``)."""
     out = {}
     for root, _dirs, files in os.walk(folder):
         for name in files:
             path = Path(root) / name
             rel = path.relative_to(folder).as_posix()
-            if not path.is_symlink() and rel not in OWN_FILES:
+            if not path.is_symlink() and rel not in OWN_FILES and not rel.startswith(VERSIONS_NAME + "/"):
                 out[rel] = digest(path)
+    return out
+
+
+def versions_state(folder: Path) -> dict[str, bytes]:
+    """The earlier versions a folder keeps: path under the versions folder
+    with its time stamp taken out (``docs/plan.txt``, ``docs/plan.txt 2``
+    for a second one) -> content."""
+    out: dict[str, bytes] = {}
+    root = folder / VERSIONS_NAME
+    for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        if path.is_file():
+            name = re.sub(r"~\d{8}-\d{6}(?:-\d+)?", "", path.relative_to(root).as_posix())
+            key, n = name, 2
+            while key in out:
+                key, n = f"{name} {n}", n + 1
+            out[key] = path.read_bytes()
     return out
 
 
@@ -605,6 +623,45 @@ class SyncTests(SyncCluster):
         self.assertIn("cannot write", done.stderr.decode())
         self.assertEqual(sorted(p.name for p in out.iterdir()), ["big.bin", "copy.bin"])
         self.assertEqual(self.get("gone.txt", "-o", "-", "--json").returncode, 2)
+
+    def test_what_a_change_made_elsewhere_replaces_or_deletes_is_kept_for_a_while(self) -> None:
+        a, b = self.folder("a"), self.folder("b")
+        (a / "docs").mkdir()
+        (a / "docs" / "plan.txt").write_text("the plan\n")
+        (a / "notes.txt").write_text("notes\n")
+        (a / "same.txt").write_text("same\n")
+        self.sync(a)
+        self.sync(b)
+        # b overwrites one file and deletes another.
+        (b / "docs" / "plan.txt").write_text("a worse plan\n")
+        (b / "notes.txt").unlink()
+        self.sync(b)
+        got = self.sync(a)
+        self.assertEqual(len(got["versions_kept"]), 2, got)
+        self.assertEqual(versions_state(a), {"docs/plan.txt": b"the plan\n", "notes.txt": b"notes\n"})
+        self.assertEqual((a / "docs" / "plan.txt").read_text(), "a worse plan\n")
+        self.assertFalse((a / "notes.txt").exists())
+        # Never synced: not on the server, not in the other folder, and a
+        # sync after finds nothing to do.
+        self.assertEqual(sorted(self.server_map()), ["docs/plan.txt", "notes.txt", "same.txt"])
+        again = self.sync(a)
+        self.assertEqual((again["uploaded"], again["versions_kept"]), (0, []))
+        self.assertEqual(self.sync(b)["downloaded"], 0)
+        self.assertFalse((b / VERSIONS_NAME).exists())
+        # The plan put back from there by hand is an ordinary edit.
+        kept = next((a / VERSIONS_NAME / "docs").iterdir())
+        (a / "docs" / "plan.txt").write_bytes(kept.read_bytes())
+        self.assertEqual(self.sync(a)["uploaded"], 1)
+        self.sync(b)
+        self.assertEqual((b / "docs" / "plan.txt").read_text(), "the plan\n")
+        self.assertEqual(versions_state(b), {"docs/plan.txt": b"a worse plan\n"})
+        # --keep-versions 0 keeps nothing; nonsense is a usage error.
+        (a / "same.txt").write_text("changed\n")
+        self.sync(a)
+        self.assertEqual(self.sync(b, "--keep-versions", "0")["versions_kept"], [])
+        self.assertEqual(versions_state(b), {"docs/plan.txt": b"a worse plan\n"})
+        for bad in ("-1", "nan", "1e9"):
+            self.assertEqual(self.sync(b, "--keep-versions", bad, check=False)["returncode"], 2, bad)
 
     def test_a_file_whose_blocks_are_gone_does_not_hold_up_the_others(self) -> None:
         # Metadata naming blocks no store holds (``surfshard put`` with a
