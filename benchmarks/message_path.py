@@ -119,7 +119,9 @@ def timed(run: Any, profile: bool) -> tuple[float, str]:
     text = ""
     if profiler is not None:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("MP_SORT", "tottime")).print_stats(int(os.environ.get("MP_TOP", "25")))
+        pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("MP_SORT", "tottime")).print_stats(
+            int(os.environ.get("MP_TOP", "25"))
+        )
         text = out.getvalue()
     return spent, text
 
