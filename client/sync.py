@@ -81,6 +81,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import errno
 import hashlib
 import os
 import re
@@ -661,6 +662,8 @@ def conflict_name(name: str, when: datetime.datetime, host: str, taken: Callable
 
 #: ``plan~20261207-013300.txt``, ``plan~20261207-013300-2.txt``: when the
 #: file was replaced, in the name (its own times are its content's).
+#: What ``os.link`` says where hard links cannot be made: a copy instead.
+_NO_HARD_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
 _VERSION_STAMP = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?(?:\.[^.]*)?$")
 
 
@@ -718,8 +721,11 @@ class Versions:
             raise OSError(f"{VERSIONS_NAME}/{kept}: {problem}")
         try:
             os.link(self.base / name, self.root / kept, follow_symlinks=False)
-        except OSError:
-            # A file system without hard links: a copy does the same.
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINK:
+                raise
+            # A file system without hard links (or out of them for this
+            # file): a copy does the same.
             shutil.copy2(self.base / name, self.root / kept, follow_symlinks=False)
         return kept
 

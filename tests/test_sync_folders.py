@@ -5,6 +5,7 @@ writes and deletions that never leave the folder."""
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 from pathlib import Path
 
@@ -314,6 +315,25 @@ class VersionsTests(SynchronousTestCase):
         self.assertEqual(copy.read_text(), "first\n")
         # Kept again in the same second: a name of its own.
         self.assertEqual(self.versions.keep("docs/plan.txt"), "docs/plan~20261207-013300-2.txt")
+
+    def test_without_hard_links_a_copy_is_kept_and_other_errors_are_not_hidden(self) -> None:
+        plan = self.base / "docs" / "plan.txt"
+        plan.write_text("first\n")
+
+        def no_links(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        self.patch(os, "link", no_links)
+        kept = self.versions.keep("docs/plan.txt")
+        copy = self.base / VERSIONS_NAME / str(kept)
+        self.assertEqual(copy.read_text(), "first\n")
+        self.assertNotEqual(os.stat(copy).st_ino, os.stat(plan).st_ino)
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "link", full)
+        self.assertRaises(OSError, self.versions.keep, "docs/plan.txt")
 
     def test_nothing_is_kept_of_what_is_no_file_or_when_keeping_is_off(self) -> None:
         (self.base / "docs" / "plan.txt").write_text("x")
