@@ -8,6 +8,7 @@ Network work runs on the Twisted reactor through ``task.react``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import sys
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from twisted.internet import defer, task
 
-from client.sync import DEFAULT_KEEP_VERSIONS_DAYS, MAX_KEEP_VERSIONS_DAYS
+from client.sync import DEFAULT_KEEP_VERSIONS_DAYS, MAX_KEEP_VERSIONS_DAYS, VERSIONS_NAME
 from surfshard import errors
 from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
 from surfshard.keyspace import TOMBSTONE
@@ -275,6 +276,57 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_client(args, call)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    """A synced folder's earlier versions (``client.sync.Versions``):
+    listed, or one put back. Local only: the next sync sends a restored
+    file as an edit."""
+    from client.sync import Versions
+
+    base = Path(args.basedir)
+    if not base.is_dir():
+        err_console.print(f"[red]error:[/red] {escape(str(base))} is not a folder")
+        return EXIT_FAILED
+    versions = Versions(base, args.keep_versions, datetime.datetime.now)
+    entries = versions.entries(args.name)
+    if not args.restore:
+        _emit(
+            args,
+            [{"name": n, "replaced": when.isoformat(), "kept": k} for n, when, k in entries],
+            lambda: print(
+                "\n".join(f"{n}\t{when:%Y-%m-%d %H:%M:%S}\t{VERSIONS_NAME}/{k}" for n, when, k in entries)
+                or f"no earlier versions kept in {base / VERSIONS_NAME}"
+            ),
+        )
+        return EXIT_OK
+    if args.name is None:
+        err_console.print("usage: surfshard versions BASEDIR NAME --restore [--at YYYYMMDD-HHMMSS]")
+        return EXIT_USAGE
+    if args.at is not None:
+        entries = [e for e in entries if f"{e[1]:%Y%m%d-%H%M%S}" == args.at]
+    if not entries:
+        at = f" replaced at {args.at}" if args.at else ""
+        err_console.print(
+            f"[red]error:[/red] no version of {escape(args.name)!r}{at} is kept in {escape(str(base))}"
+        )
+        return EXIT_FAILED
+    name, when, kept = entries[-1]
+    try:
+        before = versions.restore(name, kept)
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] {escape(str(e.strerror or e))}; nothing was changed")
+        return EXIT_FAILED
+    _emit(
+        args,
+        {"name": name, "restored": kept, "kept": before},
+        lambda: print(
+            f"{name}: put back as it was before {when:%Y-%m-%d %H:%M:%S}"
+            + (f" (what was there is kept as {VERSIONS_NAME}/{before})" if before else "")
+            + "; the next sync sends it"
+        ),
+    )
+    return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -1000,6 +1052,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="BACKUP",
         help="gc: also keep the blocks this backup (surfshard backup) names; may be given again",
+    )
+    p = command(
+        "versions",
+        cmd_versions,
+        "a synced folder's earlier versions (what syncs replaced or deleted): list them, or put one back",
+    )
+    p.add_argument("basedir", metavar="BASEDIR")
+    p.add_argument("name", metavar="NAME", nargs="?", help="only this file's versions")
+    p.add_argument("--restore", action="store_true", help="put NAME's newest kept version (or --at's) back")
+    p.add_argument(
+        "--at", metavar="YYYYMMDD-HHMMSS", help="with --restore: the version replaced at that time"
+    )
+    p.add_argument(
+        "--keep-versions",
+        type=float,
+        metavar="DAYS",
+        default=DEFAULT_KEEP_VERSIONS_DAYS,
+        help="with --restore: keep what is there now as a version too unless 0 (default "
+        f"{DEFAULT_KEEP_VERSIONS_DAYS:.0f})",
     )
     p = command("backup", cmd_backup, "write every file's name, version and blocks to FILE (JSON Lines)")
     p.add_argument("file", metavar="FILE")

@@ -689,6 +689,21 @@ def version_name(name: str, when: datetime.datetime, taken: Callable[[str], bool
     return candidate
 
 
+def parse_version_name(kept: str) -> tuple[str, datetime.datetime] | None:
+    """``version_name`` read back: the file's name and when it was
+    replaced, or None for a name that is no version."""
+    stamp = _VERSION_STAMP.search(kept)
+    if stamp is None:
+        return None
+    try:
+        when = datetime.datetime.strptime(stamp.group(1), "%Y%m%d-%H%M%S")
+    except ValueError:
+        return None
+    tail = stamp.group(0)
+    ext = tail[tail.index(".") :] if "." in tail else ""
+    return kept[: stamp.start()] + ext, when
+
+
 class Versions:
     """A folder's earlier versions: a file that a sync replaces or deletes
     because of a change made elsewhere is first linked (a hard link: no
@@ -729,6 +744,41 @@ class Versions:
             shutil.copy2(self.base / name, self.root / kept, follow_symlinks=False)
         return kept
 
+    def entries(self, name: str | None = None) -> list[tuple[str, datetime.datetime, str]]:
+        """The versions kept, oldest first: ``(file name, when it was
+        replaced, where it is kept under VERSIONS_NAME)``, of ``name`` only
+        if given. Files there that are not versions are left out."""
+        out: list[tuple[str, datetime.datetime, str]] = []
+        if not self.root.is_dir() or self.root.is_symlink():
+            return out
+        for folder, _dirs, files in os.walk(self.root):  # symlinks not followed: bounded
+            for leaf in files:
+                kept = os.path.relpath(os.path.join(folder, leaf), self.root).replace(os.sep, "/")
+                parsed = parse_version_name(kept)
+                if parsed is not None and (name is None or parsed[0] == name):
+                    out.append((parsed[0], parsed[1], kept))
+        out.sort(key=lambda v: (v[1], v[2]))
+        return out
+
+    def restore(self, name: str, kept: str) -> str | None:
+        """Put the version ``kept`` back under ``name``, whole or not at all;
+        what was there first is kept as a version itself, so a restore can
+        be undone the same way. Where that was kept, or None. The next sync
+        sends the restored file as an edit made here."""
+        why = syncable(name)
+        if why is not None:
+            raise OSError(f"{name}: {why}")
+        source = self.root / kept
+        if parse_version_name(kept) is None or not stat.S_ISREG(os.lstat(source).st_mode):
+            raise OSError(f"{VERSIONS_NAME}/{kept} is not a kept version")
+        problem = _make_folders(self.base, name)
+        if problem is not None:
+            raise OSError(f"{name}: {problem}")
+        before = self.keep(name)
+        with open(source, "rb") as f:
+            write_atomically(self.base / name, iter(lambda: f.read(1024 * 1024), b""))
+        return before
+
     def prune(self) -> int:
         """Remove the versions kept longer than ``keep_days`` (by the time
         in their names; other files there are left alone), and the folders
@@ -741,14 +791,8 @@ class Versions:
         # not followed, so the walk stays in the folder and ends.
         for folder, _dirs, files in os.walk(self.root, topdown=False):
             for leaf in files:
-                stamp = _VERSION_STAMP.search(leaf)
-                if stamp is None:
-                    continue
-                try:
-                    when = datetime.datetime.strptime(stamp.group(1), "%Y%m%d-%H%M%S")
-                except ValueError:
-                    continue
-                if when < cutoff:
+                parsed = parse_version_name(leaf)
+                if parsed is not None and parsed[1] < cutoff:
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(folder, leaf))
                         removed += 1
@@ -963,11 +1007,12 @@ class Folder:
             self.present[copy] = self.present.pop(name)
         self.result.conflicts.append(copy)
 
-    def _keep_version(self, name: str, version: int) -> bool:
+    def _keep_version(self, name: str, version: int) -> str | None | bool:
         """Keep the file ``name`` (about to be replaced or deleted by the
-        server's ``version``) among the earlier versions. False if it could
-        not be kept: then it is left as it is, reported and out of the
-        index, and the next sync tries again, rather than lost."""
+        server's ``version``) among the earlier versions: where it was kept,
+        or None if there was nothing to keep. False if it could not be kept:
+        then it is left as it is, reported and out of the index, and the
+        next sync tries again, rather than lost."""
         try:
             kept = self.versions.keep(name)
         except OSError as e:
@@ -980,7 +1025,21 @@ class Folder:
         if kept is not None:
             self.result.versions_kept.append(kept)
             self.wrote = True  # the link is made durable with the downloads
-        return True
+        return kept
+
+    @contextlib.contextmanager
+    def _unkept_if_failing(self, kept: str | None | bool) -> Iterator[None]:
+        """Around the replacement of a file just kept: if it fails, the
+        link goes (it would share the file still in place, so an edit
+        there would change the "earlier" version too)."""
+        try:
+            yield
+        except BaseException:
+            if isinstance(kept, str):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.versions.root / kept)
+                self.result.versions_kept.remove(kept)
+            raise
 
     def _download(
         self, downloads: dict[str, tuple[int, Hashes]], index: dict[str, tuple[int, Hashes]]
@@ -1021,9 +1080,11 @@ class Folder:
                     # Only a file of this folder: not one a symlinked folder
                     # leads to, and never a folder.
                     if _in_folder(self.base, name) and _is_file_or_link(path):
-                        if not self._keep_version(name, version):
+                        kept = self._keep_version(name, version)
+                        if kept is False:
                             continue
-                        path.unlink()
+                        with self._unkept_if_failing(kept):
+                            path.unlink()
                         self.result.deleted_local.append(name)
                         _remove_emptied_folders(self.base, name)
                     self.present.pop(name, None)
@@ -1035,11 +1096,13 @@ class Folder:
                         self.result.incomplete[name] = f"version {version} not written: {problem}"
                         self._tick(name)
                         continue
-                    if not self._keep_version(name, version):
+                    kept = self._keep_version(name, version)
+                    if kept is False:
                         continue
                     # Made durable all at once before the index names them
                     # (``run``): one sync for the batch, not one per file.
-                    write_atomically(path, (got[h] for h in hashes), fsync=False)
+                    with self._unkept_if_failing(kept):
+                        write_atomically(path, (got[h] for h in hashes), fsync=False)
                     self.present[name] = hashes
                     self.wrote = True
                     self.result.downloaded.append(name)

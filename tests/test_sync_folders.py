@@ -19,6 +19,7 @@ from client.sync import (
     SyncResult,
     Versions,
     conflict_name,
+    parse_version_name,
     scan,
     syncable,
     version_name,
@@ -373,6 +374,67 @@ class VersionsTests(SynchronousTestCase):
         self.assertFalse((root / "docs" / "old").exists())  # emptied: removed
         self.assertTrue(root.is_dir())
         self.assertEqual(Versions(self.base, 0, lambda: self.now).prune(), 0)
+
+    def replace(self, name: str, text: str) -> None:
+        """As a sync replaces a file: a new file renamed over it."""
+        tmp = self.base / "new"
+        tmp.write_text(text)
+        os.replace(tmp, self.base / name)
+
+    def test_versions_are_listed_and_one_is_put_back_keeping_what_was_there(self) -> None:
+        plan = self.base / "docs" / "plan.txt"
+        plan.write_text("first\n")
+        self.versions.keep("docs/plan.txt")
+        self.now += datetime.timedelta(minutes=5)
+        self.replace("docs/plan.txt", "second\n")
+        self.versions.keep("docs/plan.txt")
+        self.replace("docs/plan.txt", "third\n")
+        (self.base / VERSIONS_NAME / "stray.txt").write_text("not a version")
+        self.assertEqual(
+            self.versions.entries(),
+            [
+                ("docs/plan.txt", self.WHEN, "docs/plan~20261207-013300.txt"),
+                ("docs/plan.txt", self.WHEN + datetime.timedelta(minutes=5), "docs/plan~20261207-013800.txt"),
+            ],
+        )
+        self.assertEqual(self.versions.entries("other.txt"), [])
+        self.assertEqual(parse_version_name("a.b/Makefile~20261207-013300-2"), ("a.b/Makefile", self.WHEN))
+        self.assertIsNone(parse_version_name("notes.txt"))
+        self.now += datetime.timedelta(minutes=5)
+        before = self.versions.restore("docs/plan.txt", "docs/plan~20261207-013300.txt")
+        self.assertEqual(plan.read_text(), "first\n")
+        self.assertEqual(before, "docs/plan~20261207-014300.txt")
+        self.assertEqual((self.base / VERSIONS_NAME / str(before)).read_text(), "third\n")
+        # A deleted file comes back, folders and all.
+        self.versions.restore("gone/again.txt", "docs/plan~20261207-013800.txt")
+        self.assertEqual((self.base / "gone" / "again.txt").read_text(), "second\n")
+        # Only a kept version, and only to a name a sync may write.
+        for name, kept in (
+            ("docs/plan.txt", "stray.txt"),
+            ("docs/plan.txt", "../docs/plan.txt"),
+            ("index.txt", "docs/plan~20261207-013300.txt"),
+            ("../out.txt", "docs/plan~20261207-013300.txt"),
+        ):
+            self.assertRaises(OSError, self.versions.restore, name, kept)
+        self.assertEqual(plan.read_text(), "first\n")
+        self.assertFalse((self.base.parent / "out.txt").exists())
+
+    def test_a_replacement_that_fails_takes_its_kept_version_back(self) -> None:
+        # Else the link would share the file still in place: an edit made
+        # there later would change the "earlier" version too.
+        folder = sync.Folder(self.base, None, None, None)
+        (self.base / "plan.txt").write_text("old\n")
+        kept = folder._keep_version("plan.txt", 2)
+        self.assertEqual(folder.result.versions_kept, [kept])
+        with self.assertRaises(OSError), folder._unkept_if_failing(kept):
+            raise OSError(28, "No space left on device")
+        self.assertEqual(folder.result.versions_kept, [])
+        self.assertEqual(list((self.base / VERSIONS_NAME).iterdir()), [])
+        self.assertEqual((self.base / "plan.txt").read_text(), "old\n")
+        # A version that could not be kept (False) or nothing to keep (None).
+        for nothing in (False, None):
+            with self.assertRaises(OSError), folder._unkept_if_failing(nothing):
+                raise OSError(28, "No space left on device")
 
     def test_the_scan_leaves_the_versions_folder_out(self) -> None:
         self.versions.keep("docs/plan.txt")

@@ -576,6 +576,16 @@ class SyncTests(SyncCluster):
         )
         self.assertEqual(done.returncode, 0, done.stderr)
 
+    def versions(self, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        """``surfshard versions FOLDER ARGS`` (local: no cluster needed)."""
+        return subprocess.run(
+            [sys.executable, "-m", "client.cli", "versions", str(folder), *args],
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     def get(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         """``surfshard get ARGS``, its output as bytes (a file's content)."""
         return subprocess.run(
@@ -648,13 +658,23 @@ class SyncTests(SyncCluster):
         self.assertEqual((again["uploaded"], again["versions_kept"]), (0, []))
         self.assertEqual(self.sync(b)["downloaded"], 0)
         self.assertFalse((b / VERSIONS_NAME).exists())
-        # The plan put back from there by hand is an ordinary edit.
-        kept = next((a / VERSIONS_NAME / "docs").iterdir())
-        (a / "docs" / "plan.txt").write_bytes(kept.read_bytes())
+        # `surfshard versions` lists them; the plan put back is an ordinary
+        # edit (what it replaced kept in turn).
+        listed = json.loads(self.versions(a, "--json").stdout)
+        self.assertEqual(sorted(v["name"] for v in listed), ["docs/plan.txt", "notes.txt"])
+        done = self.versions(a, "docs/plan.txt", "--restore")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual((a / "docs" / "plan.txt").read_text(), "the plan\n")
+        self.assertEqual(self.versions(a, "nothing.txt", "--restore").returncode, 1)
+        self.assertEqual(self.versions(a, "--restore").returncode, 2)
         self.assertEqual(self.sync(a)["uploaded"], 1)
         self.sync(b)
         self.assertEqual((b / "docs" / "plan.txt").read_text(), "the plan\n")
         self.assertEqual(versions_state(b), {"docs/plan.txt": b"a worse plan\n"})
+        self.assertEqual(
+            versions_state(a),
+            {"docs/plan.txt": b"the plan\n", "docs/plan.txt 2": b"a worse plan\n", "notes.txt": b"notes\n"},
+        )
         # --keep-versions 0 keeps nothing; nonsense is a usage error.
         (a / "same.txt").write_text("changed\n")
         self.sync(a)
