@@ -288,7 +288,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     if not base.is_dir():
         err_console.print(f"[red]error:[/red] {escape(str(base))} is not a folder")
         return EXIT_FAILED
-    versions = Versions(base, args.keep_versions, datetime.datetime.now)
+    versions = Versions(base, 0 if args.no_keep else DEFAULT_KEEP_VERSIONS_DAYS, datetime.datetime.now)
     entries = versions.entries(args.name)
     if not args.restore:
         _emit(
@@ -1065,12 +1065,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--at", metavar="YYYYMMDD-HHMMSS", help="with --restore: the version replaced at that time"
     )
     p.add_argument(
-        "--keep-versions",
-        type=float,
-        metavar="DAYS",
-        default=DEFAULT_KEEP_VERSIONS_DAYS,
-        help="with --restore: keep what is there now as a version too unless 0 (default "
-        f"{DEFAULT_KEEP_VERSIONS_DAYS:.0f})",
+        "--no-keep", action="store_true", help="with --restore: do not keep what is there now as a version"
     )
     p = command("backup", cmd_backup, "write every file's name, version and blocks to FILE (JSON Lines)")
     p.add_argument("file", metavar="FILE")

@@ -418,6 +418,11 @@ class VersionsTests(SynchronousTestCase):
             self.assertRaises(OSError, self.versions.restore, name, kept)
         self.assertEqual(plan.read_text(), "first\n")
         self.assertFalse((self.base.parent / "out.txt").exists())
+        # Keeping off (``versions --restore --no-keep``): put back, nothing kept.
+        count = len(self.versions.entries())
+        self.assertIsNone(Versions(self.base, 0, lambda: self.now).restore("docs/plan.txt", str(before)))
+        self.assertEqual(plan.read_text(), "third\n")
+        self.assertEqual(len(self.versions.entries()), count)
 
     def test_a_replacement_that_fails_takes_its_kept_version_back(self) -> None:
         # Else the link would share the file still in place: an edit made
