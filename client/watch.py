@@ -35,7 +35,7 @@ from client.sync import (
     sync_folder,
 )
 
-__all__ = ["FolderEvents", "watch"]
+__all__ = ["FolderEvents", "ServerPoll", "watch"]
 
 #: Events that mean something in the folder changed (reads, which the scan
 #: itself makes, do not).
@@ -120,6 +120,58 @@ class _Handler(FileSystemEventHandler):
         self.events.seen(event)
 
 
+class ServerPoll:
+    """The watch's long poll on the change feed, one out at a time, on the
+    reactor. A poll that ends with no change (the server holds one at most
+    a minute) is made again at once with the same cursor, so the server is
+    never out of sight for the rest of a long interval; a change sets
+    ``wake``; a poll that fails sets it after ``retry`` seconds, so the
+    next sync says what is wrong and polls anew (not at once: a cluster
+    that is down is not asked in a loop)."""
+
+    #: How long one poll waits on the server at most (``wait_for_change``
+    #: caps it at a minute too).
+    SECONDS = 60.0
+    RETRY = 2.0
+
+    def __init__(self, reactor: Any, wait: Any, wake: threading.Event) -> None:
+        #: ``wait(cursor, seconds)`` -> Deferred firing True on a change past
+        #: ``cursor``, False after ``seconds`` without one.
+        self.reactor = reactor
+        self.wait = wait
+        self.wake = wake
+        #: Set while a poll is out (read by the watch's thread).
+        self.out = threading.Event()
+        self.stopped = False
+
+    def start(self, cursor: Any, seconds: float) -> None:
+        """Poll past ``cursor`` (on the reactor), unless a poll is out."""
+        if self.out.is_set() or self.stopped:
+            return
+        self.out.set()
+        self._poll(cursor, seconds)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def _poll(self, cursor: Any, seconds: float) -> None:
+        def answered(changed: bool) -> None:
+            if changed:
+                self.out.clear()
+                self.wake.set()
+            elif self.stopped:
+                self.out.clear()
+            else:
+                self._poll(cursor, self.SECONDS)  # nothing yet: ask again
+
+        def failed(_failure: Any) -> None:
+            self.out.clear()
+            if not self.stopped:
+                self.reactor.callLater(self.RETRY, self.wake.set)
+
+        self.wait(cursor, seconds).addCallbacks(answered, failed)
+
+
 def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
     """Sync, then wait for a change: in the folder (``FolderEvents``, at
     once), on the server (a long poll on the change feed), or ``interval``
@@ -140,16 +192,7 @@ def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options
         print(events.note, file=sys.stderr, flush=True)
     # One long poll out at a time: a local change wakes the watch while the
     # poll is still out, and that poll, not a new one, tells of the server.
-    polling = threading.Event()
-
-    def poll(cursor: Any, seconds: float) -> None:  # on the reactor
-        def answered(changed: bool) -> None:
-            polling.clear()
-            if changed:
-                wake.set()
-
-        d = wait_for_change(client, cursor, seconds)
-        d.addCallbacks(answered, lambda _failure: polling.clear())  # an error: the next sync says what
+    server = ServerPoll(reactor, lambda cursor, seconds: wait_for_change(client, cursor, seconds), wake)
 
     try:
         while True:  # stopped by Ctrl-C
@@ -173,11 +216,11 @@ def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options
                 cursor = Cursor.decode(read_cursor_file(cursor_path)[0], cluster)
             except (OSError, UnicodeDecodeError, CursorError):
                 cursor = None
-            if cursor is not None and not polling.is_set():
-                polling.set()
-                reactor.callFromThread(poll, cursor, left)
+            if cursor is not None and not server.out.is_set():
+                reactor.callFromThread(server.start, cursor, left)
             wake.wait(left)
             events.settle()
     finally:
+        reactor.callFromThread(server.stop)
         events.stop()
         threads.blockingCallFromThread(reactor, client.close)
