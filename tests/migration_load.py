@@ -3,6 +3,7 @@ for the linearizability checker (run as a subprocess by
 ``tests/test_migration_process.py``, so its reactor is its own).
 
     python tests/migration_load.py --config FILE --seconds S --clients N --files F --out HISTORY.json
+        [--stop-file PATH]
 
 Each client is a ``ClusterClient`` (routing by shard map, following moves);
 it picks a file, then either writes the next version (compare-and-set) or
@@ -43,6 +44,7 @@ def main(reactor: Any, options: argparse.Namespace) -> Any:
     cluster = load_config(options.config)
     ops: list[dict[str, Any]] = []
     stop_at = time.monotonic() + options.seconds
+    stop_file = options.stop_file
     files = [f"load-{i}" for i in range(options.files)]
 
     @defer.inlineCallbacks
@@ -52,7 +54,7 @@ def main(reactor: Any, options: argparse.Namespace) -> Any:
         c = ClusterClient(cluster, reactor, timeout=options.call_timeout)
         last: dict[str, int] = {}
         try:
-            while time.monotonic() < stop_at:
+            while time.monotonic() < stop_at and not (stop_file and os.path.exists(stop_file)):
                 fname = rng.choice(files)
                 op: dict[str, Any] = {"client": name, "name": fname, "call": time.monotonic()}
                 if rng.random() < 0.7:
@@ -133,4 +135,7 @@ if __name__ == "__main__":
     parser.add_argument("--call-timeout", type=float, default=20.0)
     parser.add_argument("--final-timeout", type=float, default=60.0)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--stop-file", help="also stop the writers once this file exists (--seconds stays the bound)"
+    )
     task.react(main, [parser.parse_args()])
