@@ -859,6 +859,11 @@ class SyncTests(SyncCluster):
                         self.assertIn(
                             digest(path), versions[path.name], f"seed={seed}: {path} is half-written"
                         )
+                # What the sync kept of the files it replaced is whole too.
+                kept = folder / VERSIONS_NAME
+                for path in kept.iterdir() if kept.is_dir() else []:
+                    name = re.sub(r"~\d{8}-\d{6}(?:-\d+)?$", "", path.name)
+                    self.assertIn(digest(path), versions[name], f"seed={seed}: kept {path} is not a version")
             self.sync(a)
             self.sync(b)
             state = folder_state(a)
