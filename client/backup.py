@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_backup -*-
 """Backups of the file map, and restoring one: ``surfshard backup`` and
 ``surfshard restore``.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_blocks,tests.test_block_gc -*-
 """Blocks on the cluster's block stores, replicated by placement.
 
 ``BlockClient`` puts each block on the first ``replicas`` stores of its

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sync_folders,tests.test_hash_cache,tests.test_sync_process -*-
 """``surfshard sync BASEDIR``: keep a folder in sync with the cluster, with
 SurfStore's semantics.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_watch,tests.test_sync_process -*-
 """``surfshard sync --watch``: sync, then sleep until something changes.
 
 A watch sleeps on three things at once: the change feed's long poll (a
