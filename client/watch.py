@@ -35,6 +35,7 @@ from client.sync import (
     summary,
     sync_folder,
 )
+from surfshard import errors
 
 __all__ = ["FolderEvents", "ServerPoll", "watch"]
 
@@ -173,10 +174,23 @@ class ServerPoll:
         self.wait(cursor, seconds).addCallbacks(answered, failed)
 
 
+#: A watch whose sync failed tries again after this, doubled with each
+#: failure in a row, up to ``RETRY_MAX`` (or the interval, if shorter).
+RETRY_FIRST = 1.0
+RETRY_MAX = 60.0
+
+
+def retry_pause(failures: int, interval: float) -> float:
+    """How long a watch waits after its ``failures``-th failed sync in a row."""
+    return min(RETRY_FIRST * 2 ** min(failures - 1, 16), RETRY_MAX, max(interval, RETRY_FIRST))
+
+
 def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options: Any) -> None:
     """Sync, then wait for a change: in the folder (``FolderEvents``, at
     once), on the server (a long poll on the change feed), or ``interval``
-    seconds, whichever comes first; until interrupted."""
+    seconds, whichever comes first; until interrupted. A sync the cluster
+    fails (``SurfShardError``) is said and tried again later; a folder that
+    cannot be synced (``IndexFileError``) ends the watch."""
     from client.blocking import _reactor
     from client.cluster import ClusterClient
     from client.feed import Cursor, CursorError, wait_for_change
@@ -195,12 +209,37 @@ def watch(base: str | os.PathLike[str], cluster: Any, interval: float, **options
     # poll is still out, and that poll, not a new one, tells of the server.
     server = ServerPoll(reactor, lambda cursor, seconds: wait_for_change(client, cursor, seconds), wake)
 
+    failures, last_error = 0, ""
     try:
         while True:  # stopped by Ctrl-C
             wake.clear()
             events.changed.clear()
             started = time.monotonic()
-            result = sync_folder(base, cluster, client=client, **options)
+            try:
+                result = sync_folder(base, cluster, client=client, **options)
+            except errors.SurfShardError as e:
+                # The cluster's trouble (stores or a group down, no leader
+                # yet), not the folder's: a watch outlives it, as a daemon
+                # does, and tries again, less often the longer it lasts.
+                failures += 1
+                pause = retry_pause(failures, interval)
+                if str(e) != last_error:  # said once, not at every try
+                    last_error = str(e)
+                    print(
+                        f"{time.strftime('%H:%M:%S')} sync failed: {e}; trying again in {pause:.0f} s, "
+                        "then less often",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                wake.wait(pause)
+                continue
+            if failures:
+                print(
+                    f"{time.strftime('%H:%M:%S')} synced again after {failures} failed tries",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                failures, last_error = 0, ""
             with contextlib.suppress(IndexFileError):  # the next sync reports it
                 events.ignore = Ignore.of(Path(base))
             changed = (

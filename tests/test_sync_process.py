@@ -759,12 +759,32 @@ class SyncTests(SyncCluster):
         # And a local change in it goes up at the next interval.
         (b / "from-b.txt").write_text("up\n")
         wait_until(lambda: "from-b.txt" in self.server_map(), 60.0, 0.5, "from-b.txt on the server")
+        # Every block store down: the watch says its sync failed and goes on
+        # trying (it used to exit at the first failure); back up, the edit
+        # made meanwhile goes up.
+        stores = [node for name, node in self.nodes.items() if name.startswith("store")]
+        for node in stores:
+            node.kill()
+        (b / "while-down.txt").write_text("waited\n")
+        watch_log = self.dir / "watch.log"
+        wait_until(
+            lambda: "sync failed" in watch_log.read_text(errors="replace"),
+            60.0,
+            0.2,
+            "the watch's failed sync",
+        )
+        self.assertIsNone(watcher.poll(), "the watch ended at a failed sync")
+        for node in stores:
+            node.start()
+        wait_until(lambda: "while-down.txt" in self.server_map(), 90.0, 0.5, "while-down.txt on the server")
+        self.assertIn("synced again", watch_log.read_text(errors="replace"))
         self.assertIsNone(watcher.poll(), "the watch ended by itself")
         watcher.send_signal(signal.SIGINT)
         wait_until(lambda: watcher.poll() is not None, 30.0, 0.1, "the watch to end after SIGINT")
         self.assertEqual(watcher.returncode, 0, (self.dir / "watch.log").read_text(errors="replace"))
         self.sync(a)
         self.assertEqual((a / "from-b.txt").read_text(), "up\n")
+        self.assertEqual((a / "while-down.txt").read_text(), "waited\n")
 
     def test_a_watch_sends_a_local_edit_at_once_and_idles_otherwise(self) -> None:
         """With an interval of 10 minutes, a local edit still goes up at

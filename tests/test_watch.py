@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from client.watch import ServerPoll
+from client.watch import RETRY_MAX, ServerPoll, retry_pause
 from surfshard import errors
 
 
@@ -74,3 +74,11 @@ class ServerPollTests(SynchronousTestCase):
         self.polls[-1][2].errback(errors.Unavailable("closed"))
         self.clock.advance(ServerPoll.RETRY)
         self.assertFalse(self.wake.is_set())
+
+
+class RetryTests(SynchronousTestCase):
+    def test_a_failing_watch_tries_less_often_up_to_a_bound(self) -> None:
+        self.assertEqual([retry_pause(k, 600.0) for k in range(1, 9)], [1, 2, 4, 8, 16, 32, 60, 60])
+        self.assertEqual(retry_pause(10_000, 600.0), RETRY_MAX)  # no overflow however long it lasts
+        self.assertEqual([retry_pause(k, 5.0) for k in (1, 3, 9)], [1, 4, 5])  # never past the interval
+        self.assertEqual(retry_pause(1, 0.2), 1.0)  # nor in a loop with a tiny one
