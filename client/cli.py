@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -761,6 +762,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     from client.sync import IndexFileError, TerminalProgress, summary, sync_folder
     from client.watch import watch
@@ -777,10 +782,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"block_size": args.block_size, "keep_versions_days": args.keep_versions}
     try:
         if args.watch:
+            # A service manager stops a watch with SIGTERM: the same clean
+            # end as Ctrl-C (a sync cut short is finished by the next one).
+            previous = signal.signal(signal.SIGTERM, _interrupt)
             try:
                 watch(args.basedir, cluster, args.watch, **options)
             except KeyboardInterrupt:
                 pass  # the way a watch ends: whatever it had synced stays synced
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             return EXIT_OK
         progress = TerminalProgress() if sys.stderr.isatty() and not args.json else None
         try:
