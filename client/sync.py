@@ -646,15 +646,26 @@ def read_local_blocks(
 
 
 def conflict_name(name: str, when: datetime.datetime, host: str, taken: Callable[[str], bool]) -> str:
+    return _name_beside(name, f" (conflicted copy {host} {when:%Y-%m-%d %H%M%S})", " {n}", taken)
+
+
+def _name_beside(name: str, tag: str, numbered: str, taken: Callable[[str], bool]) -> str:
+    """``name`` with ``tag`` after its stem (before the extension), and
+    ``numbered`` (``{n}`` = 2, 3, ...) after that while the name is
+    ``taken``. The stem gives way, a character at a time (so never in the
+    middle of one), where the name would pass a name's longest."""
     folder, slash, leaf = name.rpartition("/")
     stem, dot, ext = leaf.rpartition(".")
     if not stem:  # no extension (or a dotfile)
         stem, dot, ext = leaf, "", ""
-    base = f"{folder}{slash}{stem} (conflicted copy {host} {when:%Y-%m-%d %H%M%S})"
+    room = MAX_PART_BYTES - len(f"{tag}{numbered.format(n=99)}{dot}{ext}".encode())
+    while stem and len(stem.encode("utf-8", "surrogateescape")) > room:
+        stem = stem[:-1]
+    base = f"{folder}{slash}{stem}{tag}"
     candidate = f"{base}{dot}{ext}"
     n = 2
     while taken(candidate):  # bounded: each try is a new name
-        candidate = f"{base} {n}{dot}{ext}"
+        candidate = f"{base}{numbered.format(n=n)}{dot}{ext}"
         n += 1
     return candidate
 
@@ -671,23 +682,7 @@ _VERSION_STAMP = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?(?:\.[^.]*)?$")
 def version_name(name: str, when: datetime.datetime, taken: Callable[[str], bool]) -> str:
     """Where ``name`` replaced at ``when`` is kept under ``VERSIONS_NAME``:
     ``docs/plan.txt`` -> ``docs/plan~20261207-013300.txt``."""
-    folder, slash, leaf = name.rpartition("/")
-    stem, dot, ext = leaf.rpartition(".")
-    if not stem:  # no extension (or a dotfile)
-        stem, dot, ext = leaf, "", ""
-    # Room for the stamp, a number and the extension within a name's
-    # longest: the stem gives way (a character at a time, so never in the
-    # middle of one).
-    room = MAX_PART_BYTES - len(f"~{when:%Y%m%d-%H%M%S}-99{dot}{ext}".encode())
-    while stem and len(stem.encode("utf-8", "surrogateescape")) > room:
-        stem = stem[:-1]
-    base = f"{folder}{slash}{stem}~{when:%Y%m%d-%H%M%S}"
-    candidate = f"{base}{dot}{ext}"
-    n = 2
-    while taken(candidate):  # bounded: each try is a new name
-        candidate = f"{base}-{n}{dot}{ext}"
-        n += 1
-    return candidate
+    return _name_beside(name, f"~{when:%Y%m%d-%H%M%S}", "-{n}", taken)
 
 
 def parse_version_name(kept: str) -> tuple[str, datetime.datetime] | None:
@@ -784,22 +779,16 @@ class Versions:
         """Remove the versions kept longer than ``keep_days`` (by the time
         in their names; other files there are left alone), and the folders
         that leaves empty. How many were removed."""
-        if self.keep_days <= 0 or not self.root.is_dir() or self.root.is_symlink():
+        if self.keep_days <= 0:
             return 0
         cutoff = self.now() - datetime.timedelta(days=self.keep_days)
         removed = 0
-        # Bottom up, so a folder is looked at after its files; symlinks are
-        # not followed, so the walk stays in the folder and ends.
-        for folder, _dirs, files in os.walk(self.root, topdown=False):
-            for leaf in files:
-                parsed = parse_version_name(leaf)
-                if parsed is not None and parsed[1] < cutoff:
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(folder, leaf))
-                        removed += 1
-            if folder != str(self.root):
+        for _name, when, kept in self.entries():
+            if when < cutoff:
                 with contextlib.suppress(OSError):
-                    os.rmdir(folder)  # only if empty
+                    os.unlink(self.root / kept)
+                    removed += 1
+                _remove_emptied_folders(self.root, kept)
         return removed
 
 
