@@ -83,6 +83,7 @@ import collections
 import contextlib
 import datetime
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -997,12 +998,14 @@ class Folder:
             self.present[copy] = self.present.pop(name)
         self.result.conflicts.append(copy)
 
-    def _keep_version(self, name: str, version: int) -> str | None | bool:
-        """Keep the file ``name`` (about to be replaced or deleted by the
-        server's ``version``) among the earlier versions: where it was kept,
-        or None if there was nothing to keep. False if it could not be kept:
-        then it is left as it is, reported and out of the index, and the
-        next sync tries again, rather than lost."""
+    def _replace(self, name: str, version: int, replace: Callable[[], object]) -> bool:
+        """Replace (or delete) the file ``name`` by the server's ``version``
+        with ``replace()``, keeping it among the earlier versions first.
+        False if it could not be kept: then it is left as it is, reported
+        and out of the index, and the next sync tries again, rather than
+        lost. If ``replace()`` fails, the version goes again: its link would
+        share the file still in place, so an edit there would change the
+        "earlier" version too."""
         try:
             kept = self.versions.keep(name)
         except OSError as e:
@@ -1012,24 +1015,17 @@ class Folder:
             )
             self._tick(name)
             return False
+        try:
+            replace()
+        except BaseException:
+            if kept is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.versions.root / kept)
+            raise
         if kept is not None:
             self.result.versions_kept.append(kept)
             self.wrote = True  # the link is made durable with the downloads
-        return kept
-
-    @contextlib.contextmanager
-    def _unkept_if_failing(self, kept: str | None | bool) -> Iterator[None]:
-        """Around the replacement of a file just kept: if it fails, the
-        link goes (it would share the file still in place, so an edit
-        there would change the "earlier" version too)."""
-        try:
-            yield
-        except BaseException:
-            if isinstance(kept, str):
-                with contextlib.suppress(OSError):
-                    os.unlink(self.versions.root / kept)
-                self.result.versions_kept.remove(kept)
-            raise
+        return True
 
     def _download(
         self, downloads: dict[str, tuple[int, Hashes]], index: dict[str, tuple[int, Hashes]]
@@ -1070,11 +1066,8 @@ class Folder:
                     # Only a file of this folder: not one a symlinked folder
                     # leads to, and never a folder.
                     if _in_folder(self.base, name) and _is_file_or_link(path):
-                        kept = self._keep_version(name, version)
-                        if kept is False:
+                        if not self._replace(name, version, path.unlink):
                             continue
-                        with self._unkept_if_failing(kept):
-                            path.unlink()
                         self.result.deleted_local.append(name)
                         _remove_emptied_folders(self.base, name)
                     self.present.pop(name, None)
@@ -1086,13 +1079,11 @@ class Folder:
                         self.result.incomplete[name] = f"version {version} not written: {problem}"
                         self._tick(name)
                         continue
-                    kept = self._keep_version(name, version)
-                    if kept is False:
-                        continue
                     # Made durable all at once before the index names them
                     # (``run``): one sync for the batch, not one per file.
-                    with self._unkept_if_failing(kept):
-                        write_atomically(path, (got[h] for h in hashes), fsync=False)
+                    write = functools.partial(write_atomically, path, (got[h] for h in hashes), fsync=False)
+                    if not self._replace(name, version, write):
+                        continue
                     self.present[name] = hashes
                     self.wrote = True
                     self.result.downloaded.append(name)

@@ -429,17 +429,24 @@ class VersionsTests(SynchronousTestCase):
         # there later would change the "earlier" version too.
         folder = sync.Folder(self.base, None, None, None)
         (self.base / "plan.txt").write_text("old\n")
-        kept = folder._keep_version("plan.txt", 2)
-        self.assertEqual(folder.result.versions_kept, [kept])
-        with self.assertRaises(OSError), folder._unkept_if_failing(kept):
+
+        def full() -> None:
+            self.assertEqual(len(list((self.base / VERSIONS_NAME).iterdir())), 1)  # kept first
             raise OSError(28, "No space left on device")
+
+        self.assertRaises(OSError, folder._replace, "plan.txt", 2, full)
         self.assertEqual(folder.result.versions_kept, [])
         self.assertEqual(list((self.base / VERSIONS_NAME).iterdir()), [])
         self.assertEqual((self.base / "plan.txt").read_text(), "old\n")
-        # A version that could not be kept (False) or nothing to keep (None).
-        for nothing in (False, None):
-            with self.assertRaises(OSError), folder._unkept_if_failing(nothing):
-                raise OSError(28, "No space left on device")
+
+        # Nothing to keep (no file there): the failure still goes through.
+        def nothing_kept_and_full() -> None:
+            raise OSError(28, "No space left on device")
+
+        self.assertRaises(OSError, folder._replace, "gone.txt", 2, nothing_kept_and_full)
+        # And one that succeeds is kept and said.
+        self.assertTrue(folder._replace("plan.txt", 3, lambda: (self.base / "plan.txt").unlink()))
+        self.assertEqual(len(folder.result.versions_kept), 1)
 
     def test_the_scan_leaves_the_versions_folder_out(self) -> None:
         self.versions.keep("docs/plan.txt")

@@ -16,11 +16,11 @@ three block stores, 2 copies of each block, all ``twistd`` processes on
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -30,7 +30,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from client.sync import OWN_FILES, VERSIONS_NAME
+from client.sync import OWN_FILES, VERSIONS_NAME, Versions
 from raft.testing.simnet import sim_seeds
 from tests.procs import (
     REPO_ROOT,
@@ -101,14 +101,11 @@ def versions_state(folder: Path) -> dict[str, bytes]:
     with its time stamp taken out (``docs/plan.txt``, ``docs/plan.txt 2``
     for a second one) -> content."""
     out: dict[str, bytes] = {}
-    root = folder / VERSIONS_NAME
-    for path in sorted(root.rglob("*")) if root.is_dir() else []:
-        if path.is_file():
-            name = re.sub(r"~\d{8}-\d{6}(?:-\d+)?", "", path.relative_to(root).as_posix())
-            key, n = name, 2
-            while key in out:
-                key, n = f"{name} {n}", n + 1
-            out[key] = path.read_bytes()
+    for name, _when, kept in Versions(folder, 0, datetime.datetime.now).entries():
+        key, n = name, 2
+        while key in out:
+            key, n = f"{name} {n}", n + 1
+        out[key] = (folder / VERSIONS_NAME / kept).read_bytes()
     return out
 
 
@@ -881,9 +878,8 @@ class SyncTests(SyncCluster):
                             digest(path), versions[path.name], f"seed={seed}: {path} is half-written"
                         )
                 # What the sync kept of the files it replaced is whole too.
-                kept = folder / VERSIONS_NAME
-                for path in kept.iterdir() if kept.is_dir() else []:
-                    name = re.sub(r"~\d{8}-\d{6}(?:-\d+)?$", "", path.name)
+                for name, _when, kept in Versions(folder, 0, datetime.datetime.now).entries():
+                    path = folder / VERSIONS_NAME / kept
                     self.assertIn(digest(path), versions[name], f"seed={seed}: kept {path} is not a version")
             self.sync(a)
             self.sync(b)
