@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.markup import escape
 from twisted.internet import defer, task
 
-from client.sync import DEFAULT_KEEP_VERSIONS_DAYS, MAX_KEEP_VERSIONS_DAYS, VERSIONS_NAME
 from surfshard import errors
 from surfshard.config import ClusterConfig, ConfigError, NodeKind, default_config_path, load_config, node_name
 from surfshard.keyspace import TOMBSTONE
@@ -283,7 +282,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     """A synced folder's earlier versions (``client.sync.Versions``):
     listed, or one put back. Local only: the next sync sends a restored
     file as an edit."""
-    from client.sync import Versions
+    from client.sync import DEFAULT_KEEP_VERSIONS_DAYS, VERSIONS_NAME, Versions
 
     base = Path(args.basedir)
     if not base.is_dir():
@@ -767,12 +766,21 @@ def _interrupt(_signum: int, _frame: Any) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from client.sync import IndexFileError, TerminalProgress, summary, sync_folder
+    from client.sync import (
+        DEFAULT_KEEP_VERSIONS_DAYS,
+        MAX_KEEP_VERSIONS_DAYS,
+        IndexFileError,
+        TerminalProgress,
+        summary,
+        sync_folder,
+    )
     from client.watch import watch
 
     if args.dry_run and args.watch:
         err_console.print("usage: surfshard sync: --dry-run plans one sync; it does not go with --watch")
         return EXIT_USAGE
+    if args.keep_versions is None:
+        args.keep_versions = DEFAULT_KEEP_VERSIONS_DAYS
     if not (math.isfinite(args.keep_versions) and 0 <= args.keep_versions <= MAX_KEEP_VERSIONS_DAYS):
         err_console.print(
             f"usage: surfshard sync --keep-versions DAYS: 0 (keep none) to {MAX_KEEP_VERSIONS_DAYS:.0f}"
@@ -1038,9 +1046,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-versions",
         type=float,
         metavar="DAYS",
-        default=DEFAULT_KEEP_VERSIONS_DAYS,
+        # None: client.sync's default, read when a sync runs (importing it
+        # here would cost every command its start-up).
         help="keep a file this sync replaces or deletes (a change made elsewhere) in .surfshard-versions "
-        f"for DAYS days (default {DEFAULT_KEEP_VERSIONS_DAYS:.0f}; 0 keeps none)",
+        "for DAYS days (default 30; 0 keeps none)",
     )
     p = command(
         "blocks",

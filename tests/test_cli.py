@@ -239,6 +239,24 @@ class OptionsAnywhereTests(SynchronousTestCase):
         self.assertEqual((args.name, args.version, args.hashes, args.config), ("a,b", 2, ["0"], "c.toml"))
 
 
+class StartUpTests(SynchronousTestCase):
+    def test_the_sync_engine_is_loaded_only_by_the_commands_that_use_it(self) -> None:
+        # Every command builds the whole parser: what it needs must not load
+        # the sync client (a tenth of the start-up when it did).
+        script = "import sys, client.cli; client.cli.build_parser(); print('client.sync' in sys.modules)"
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(done.stdout.strip(), "False", done.stderr)
+
+    def test_the_help_states_the_default_a_sync_uses(self) -> None:
+        from client.cli import build_parser
+        from client.sync import DEFAULT_KEEP_VERSIONS_DAYS
+
+        sync = build_parser()._subparsers._group_actions[0].choices["sync"]  # type: ignore[union-attr]
+        self.assertIn(f"(default {DEFAULT_KEEP_VERSIONS_DAYS:.0f};", " ".join(sync.format_help().split()))
+
+
 class VersionTests(SynchronousTestCase):
     def test_version_names_the_installed_distribution(self) -> None:
         import contextlib
